@@ -1,0 +1,138 @@
+"""The FastAPI application: routers, error rendering, request ids, engine lifecycle."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from embedsvc import __version__
+from embedsvc.api.errors import install_error_handlers
+from embedsvc.api.openai import openai_router
+from embedsvc.api.ops import ops_router
+from embedsvc.api.service import ClientDisconnected, Service
+from embedsvc.api.tei import tei_router
+from embedsvc.engine import EngineSet
+from embedsvc.errors import ErrorKind
+from embedsvc.metrics import Metrics
+from embedsvc.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class RequestMiddleware:
+    """Per-request plumbing in one ASGI hop.
+
+    - Take `x-request-id` from the request (or make one) and echo it on the response.
+    - Read every POST body as JSON whatever its content type says: `curl -d` sends
+      application/x-www-form-urlencoded by default, and a JSON body is what every route
+      takes. A body that is not JSON still gets a 422 that says so.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = ""
+        headers = []
+        for name, value in scope.get("headers", ()):
+            if name == b"x-request-id":
+                rid = value.decode("latin-1")[:128]
+            elif name == b"content-type":
+                continue
+            headers.append((name, value))
+        if scope.get("method") == "POST":
+            headers.append((b"content-type", b"application/json"))
+            scope["headers"] = headers
+        rid = rid or uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = rid
+        header = (b"x-request-id", rid.encode("latin-1"))
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), header]
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
+def create_app(
+    settings: Settings,
+    metrics: Metrics | None = None,
+    *,
+    engines: EngineSet | None = None,
+    loader: Callable[[], EngineSet] | None = None,
+    on_load_failure: Callable[[str], None] | None = None,
+) -> FastAPI:
+    """Build the app around already loaded `engines`, or a `loader` run after start-up.
+
+    With a loader the port opens at once and /health answers 503 until every model is
+    loaded and warmed; if loading fails, `on_load_failure(reason)` is called.
+    """
+    metrics = metrics or Metrics()
+    service = Service(settings, metrics)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loop = asyncio.get_running_loop()
+        load_task: asyncio.Task[Any] | None = None
+        if engines is not None:
+            engines.start(loop)
+            service.engines = engines
+        elif loader is not None:
+
+            async def load() -> None:
+                try:
+                    loaded = await asyncio.to_thread(loader)
+                except Exception as e:
+                    service.load_error = f"model loading failed: {e}"
+                    log.error("%s", service.load_error)
+                    if on_load_failure:
+                        on_load_failure(service.load_error)
+                    return
+                loaded.start(loop)
+                service.engines = loaded
+                log.info("ready: %s", ", ".join(e.name for e in loaded))
+
+            load_task = asyncio.create_task(load())
+        try:
+            yield
+        finally:
+            if load_task is not None:
+                load_task.cancel()
+            if service.engines is not None and engines is None:
+                service.engines.stop()
+
+    app = FastAPI(
+        title="embedsvc",
+        version=__version__,
+        description="Embedding inference: TEI and OpenAI dialects.",
+        lifespan=lifespan,
+    )
+    app.state.service = service
+
+    def on_failure(path: str, kind: ErrorKind) -> None:
+        metrics.failures.labels(path, kind.value).inc()
+
+    install_error_handlers(app, on_failure)
+
+    async def disconnected(request: Request, exc: Exception) -> Response:
+        metrics.failures.labels(request.url.path, "client_disconnected").inc()
+        return Response(status_code=499)  # nobody reads it; the client has gone
+
+    app.add_exception_handler(ClientDisconnected, disconnected)
+    app.include_router(tei_router())
+    app.include_router(openai_router())
+    app.include_router(ops_router())
+    app.add_middleware(RequestMiddleware)
+    return app

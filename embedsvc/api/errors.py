@@ -1,0 +1,150 @@
+"""Render errors in the dialect of the route that was called.
+
+TEI routes:    {"error": "...", "error_type": "Validation|Empty|..."}
+OpenAI routes: {"error": {"message", "type", "param", "code"}}
+FastAPI's own request-parsing errors and unknown routes get the same shapes. A 500 never
+carries exception text; it carries the request id, and the details go to the log.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from embedsvc.errors import STATUS_TABLE, EmbedsvcError, ErrorKind
+
+log = logging.getLogger(__name__)
+
+OPENAI_PREFIXES = ("/v1/", "/embeddings")
+
+
+def is_openai_path(path: str) -> bool:
+    return path.startswith(OPENAI_PREFIXES)
+
+
+def error_response(
+    path: str,
+    kind: ErrorKind,
+    message: str,
+    param: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> Response:
+    r = STATUS_TABLE[kind]
+    body: dict[str, Any]
+    if is_openai_path(path):
+        status = r.openai_status
+        body = {
+            "error": {
+                "message": message,
+                "type": r.openai_type,
+                "param": param,
+                "code": r.openai_code,
+            }
+        }
+    else:
+        status = r.tei_status
+        body = {"error": message, "error_type": r.tei_type}
+    return Response(
+        orjson.dumps(body), status_code=status, media_type="application/json", headers=headers
+    )
+
+
+def request_id(request: Request) -> str:
+    return str(getattr(request.state, "request_id", "") or "")
+
+
+def install_error_handlers(app: FastAPI, on_failure: Any) -> None:
+    """`on_failure(route, kind)` is called for every error answered (for metrics)."""
+
+    async def embedsvc_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, EmbedsvcError)
+        on_failure(request.url.path, exc.kind)
+        message = exc.message
+        if exc.kind is ErrorKind.BACKEND:
+            message = f"{message} (request id {request_id(request)})"
+        headers = {"retry-after": "1"} if exc.kind is ErrorKind.OVERLOADED else None
+        return error_response(request.url.path, exc.kind, message, exc.param, headers)
+
+    async def validation_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        on_failure(request.url.path, ErrorKind.VALIDATION)
+        message, param = describe_validation_errors(exc.errors())
+        return error_response(request.url.path, ErrorKind.VALIDATION, message, param)
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        path = request.url.path
+        if exc.status_code == 404:
+            message = f"no route {request.method} {path}"
+        elif exc.status_code == 405:
+            message = f"method {request.method} is not allowed on {path}"
+        else:
+            message = str(exc.detail)
+        body: dict[str, Any]
+        if is_openai_path(path):
+            body = {
+                "error": {"message": message, "type": "invalid_request_error", "param": None,
+                          "code": None}
+            }  # fmt: skip
+        else:
+            body = {"error": message, "error_type": "Validation"}
+        return Response(
+            orjson.dumps(body),
+            status_code=exc.status_code,
+            media_type="application/json",
+            headers=getattr(exc, "headers", None),
+        )
+
+    async def unexpected_error(request: Request, exc: Exception) -> Response:
+        rid = request_id(request)
+        log.error("request %s on %s failed", rid, request.url.path, exc_info=exc)
+        on_failure(request.url.path, ErrorKind.BACKEND)
+        return error_response(
+            request.url.path,
+            ErrorKind.BACKEND,
+            f"internal error while handling the request (request id {rid})",
+        )
+
+    app.add_exception_handler(EmbedsvcError, embedsvc_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(Exception, unexpected_error)
+
+
+def describe_validation_errors(errors: Any) -> tuple[str, str | None]:
+    """One readable sentence from pydantic's error list; the field path as param."""
+    parts = []
+    param = None
+    for err in list(errors)[:3]:
+        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+        field = ".".join(loc) if loc else "body"
+        param = param or (loc[0] if loc else None)
+        msg = str(err.get("msg", "invalid value"))
+        msg = msg.removeprefix("Value error, ")
+        if err.get("type") == "json_invalid":
+            ctx = err.get("ctx") or {}
+            parts.append(f"request body is not valid JSON ({ctx.get('error', 'parse error')})")
+            continue
+        if err.get("type") == "missing":
+            parts.append(f"{field} is required")
+            continue
+        if "input" in err and err.get("type") != "missing":
+            shown = _short(err["input"])
+            parts.append(f"{field}: {msg} (got {shown})")
+        else:
+            parts.append(f"{field}: {msg}")
+    return "; ".join(parts) or "invalid request", param
+
+
+def _short(value: Any) -> str:
+    try:
+        text = orjson.dumps(value).decode()
+    except TypeError:
+        text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

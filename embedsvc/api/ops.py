@@ -1,0 +1,88 @@
+"""Operations routes: /health, /metrics, /info."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from embedsvc import __version__
+from embedsvc.api.service import Service
+from embedsvc.engine import ModelEngine
+from embedsvc.errors import ErrorKind
+
+
+def model_info(e: ModelEngine) -> dict[str, Any]:
+    spec = e.spec
+    return {
+        "name": spec.name,
+        "model_id": spec.hf_id,
+        "model_sha": spec.revision,
+        "source": spec.source,
+        "path": str(e.model.path),
+        "backend": spec.backend,
+        "device": e.model.backend.device,
+        "model_dtype": e.model.backend.dtype,
+        "pooling": e.model.pooling,
+        "dimension": e.dimension,
+        "max_input_length": e.model.max_seq_length,
+        "prompts": spec.prompts,
+        "query_prompt": spec.query_prompt,
+        "passage_prompt": spec.passage_prompt,
+        "matryoshka_dimensions": list(spec.matryoshka_dims),
+        "matryoshka_layer_norm": spec.matryoshka_layer_norm,
+        "ready": e.ready and e.healthy,
+    }
+
+
+def ops_router() -> APIRouter:
+    router = APIRouter(tags=["Operations"])
+
+    @router.get("/health", summary="200 once every model is loaded and warmed, else 503")
+    async def health(request: Request) -> Response:
+        service: Service = request.app.state.service
+        if service.ready:
+            return Response(b"", status_code=200)
+        from embedsvc.api.errors import error_response
+
+        reason = service.load_error or "models are still loading"
+        if service.engines is not None and not service.engines.ready:
+            reason = "a model is not healthy"
+        return error_response(request.url.path, ErrorKind.UNHEALTHY, reason)
+
+    @router.get("/metrics", summary="Prometheus metrics")
+    async def metrics(request: Request) -> Response:
+        service: Service = request.app.state.service
+        return Response(service.metrics.render(), media_type=service.metrics.content_type)
+
+    @router.get("/info", summary="Server and model information (TEI fields plus all models)")
+    async def info(request: Request) -> Response:
+        service: Service = request.app.state.service
+        s = service.settings
+        engines = service.engine_set()
+        default = engines.default
+        body = {
+            "model_id": default.spec.hf_id,
+            "model_sha": default.spec.revision,
+            "model_dtype": default.model.backend.dtype,
+            "model_type": {"embedding": {"pooling": default.model.pooling}},
+            "prompts": default.spec.prompts,
+            "max_concurrent_requests": s.max_concurrent_inputs,
+            "max_concurrent_inputs": s.max_concurrent_inputs,
+            "max_input_length": default.model.max_seq_length,
+            "max_batch_tokens": s.max_batch_tokens,
+            "max_batch_requests": s.max_batch_size,
+            "max_client_batch_size": s.max_client_batch_size,
+            "auto_truncate": s.auto_truncate,
+            "tokenization_workers": s.tokenization_workers,
+            "version": __version__,
+            "sha": None,
+            "docker_label": None,
+            "default_model": default.name,
+            "models": [model_info(e) for e in engines],
+        }
+        return Response(orjson.dumps(body), media_type="application/json")
+
+    return router

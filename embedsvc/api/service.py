@@ -1,0 +1,61 @@
+"""What the routes share: the loaded engines (once loading finished) and the embed call
+that drops a request's work when its client goes away."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from starlette.requests import Request
+
+from embedsvc.engine import EmbedRequest, EmbedResult, EngineSet, ModelEngine
+from embedsvc.errors import UnhealthyError
+from embedsvc.metrics import Metrics
+from embedsvc.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class ClientDisconnected(Exception):
+    """The client closed the connection before its vectors were ready."""
+
+
+class Service:
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.engines: EngineSet | None = None
+        self.load_error: str | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.engines is not None and self.engines.ready
+
+    def engine_set(self) -> EngineSet:
+        if self.engines is None:
+            raise UnhealthyError(self.load_error or "models are still loading; retry shortly")
+        return self.engines
+
+    async def embed(self, request: Request, engine: ModelEngine, req: EmbedRequest) -> EmbedResult:
+        """Run the job; if the client disconnects first, cancel it so its inputs are skipped."""
+        job = asyncio.ensure_future(engine.embed(req))
+        watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+        try:
+            done, _ = await asyncio.wait({job, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            job.cancel()
+            watcher.cancel()
+            raise
+        if job in done:
+            watcher.cancel()
+            return job.result()
+        job.cancel()
+        log.info("client of request %s disconnected; its inputs are dropped", req.request_id)
+        raise ClientDisconnected()
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return

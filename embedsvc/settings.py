@@ -1,0 +1,136 @@
+"""Server settings: each one defined once, readable as a CLI flag and an EMBEDSVC_* variable.
+
+Precedence: command-line flag > environment variable > default. Nothing here is read at
+import time; `Settings.from_sources(argv_values, environ)` is called once at start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from embedsvc.errors import ConfigError
+
+ENV_PREFIX = "EMBEDSVC_"
+
+
+def _setting(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = _setting("127.0.0.1", "address to bind (0.0.0.0 in containers)")
+    port: int = _setting(8080, "TCP port")
+    models_file: str = _setting(
+        "", "path of models.yaml (default: the models.yaml shipped with embedsvc)"
+    )
+    models: str = _setting(
+        "", "comma-separated served names to load (default: the file's default_models)"
+    )
+    max_batch_tokens: int = _setting(
+        16384, "padded tokens per forward pass (batch size x longest input)"
+    )
+    max_batch_size: int = _setting(128, "inputs per forward pass")
+    max_concurrent_inputs: int = _setting(
+        4096, "inputs admitted at once across requests; more are refused with 429"
+    )
+    max_client_batch_size: int = _setting(
+        2048, "inputs allowed in one request (larger client batches are split internally)"
+    )
+    auto_truncate: bool = _setting(
+        False, "truncate over-long inputs when a request does not say (else 422)"
+    )
+    tokenization_workers: int = _setting(2, "threads that tokenize requests")
+    log_level: str = _setting("info", "debug, info, warning or error")
+
+    @classmethod
+    def fields(cls) -> list[dataclasses.Field[Any]]:
+        return list(dataclasses.fields(cls))
+
+    @staticmethod
+    def env_name(name: str) -> str:
+        return ENV_PREFIX + name.upper()
+
+    @staticmethod
+    def flag_name(name: str) -> str:
+        return "--" + name.replace("_", "-")
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """Add one flag per setting; defaults are None so unset flags fall back to env."""
+        for f in cls.fields():
+            help_text = f"{f.metadata['help']} [env {cls.env_name(f.name)}, default {f.default!r}]"
+            if f.type in ("bool", bool):
+                parser.add_argument(
+                    cls.flag_name(f.name),
+                    dest=f.name,
+                    default=None,
+                    action=argparse.BooleanOptionalAction,
+                    help=help_text,
+                )
+            else:
+                parser.add_argument(
+                    cls.flag_name(f.name), dest=f.name, default=None, help=help_text
+                )
+
+    @classmethod
+    def from_sources(
+        cls, cli: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
+    ) -> Settings:
+        cli = cli or {}
+        environ = environ or {}
+        values: dict[str, Any] = {}
+        for f in cls.fields():
+            raw: Any = cli.get(f.name)
+            origin = cls.flag_name(f.name)
+            if raw is None and cls.env_name(f.name) in environ:
+                raw = environ[cls.env_name(f.name)]
+                origin = cls.env_name(f.name)
+            if raw is None:
+                continue
+            values[f.name] = _convert(raw, f.type, origin)
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        positive = (
+            "max_batch_tokens",
+            "max_batch_size",
+            "max_concurrent_inputs",
+            "max_client_batch_size",
+            "tokenization_workers",
+        )
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port must be 0..65535, got {self.port}")
+        if self.log_level.lower() not in ("debug", "info", "warning", "error"):
+            raise ConfigError(f"log_level must be debug|info|warning|error, got {self.log_level}")
+
+    def model_names(self) -> list[str]:
+        return [m.strip() for m in self.models.split(",") if m.strip()]
+
+
+def _convert(raw: Any, type_name: Any, origin: str) -> Any:
+    if not isinstance(raw, str):
+        return raw
+    kind = type_name if isinstance(type_name, str) else type_name.__name__
+    if kind == "int":
+        try:
+            return int(raw)
+        except ValueError:
+            raise ConfigError(f"{origin} must be an integer, got {raw!r}") from None
+    if kind == "bool":
+        low = raw.strip().lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off", ""):
+            return False
+        raise ConfigError(f"{origin} must be true or false, got {raw!r}")
+    return raw
