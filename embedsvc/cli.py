@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -104,6 +105,10 @@ def serve(settings: Settings) -> int:
     server = uvicorn.Server(config)
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     log.info("embedsvc %s listening on http://%s:%d", __version__, host, settings.port)
+    # uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown so the default handler
+    # kills the process; with these no-op handlers in place, a clean drain exits 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
     server.run()
     if failures:
         print(f"embedsvc: {failures[0]}", file=sys.stderr)

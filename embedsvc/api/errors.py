@@ -122,15 +122,15 @@ def describe_validation_errors(errors: Any) -> tuple[str, str | None]:
     parts = []
     param = None
     for err in list(errors)[:3]:
+        if err.get("type") == "json_invalid":
+            ctx = err.get("ctx") or {}
+            parts.append(f"request body is not valid JSON ({ctx.get('error', 'parse error')})")
+            continue
         loc = [str(x) for x in err.get("loc", ()) if x != "body"]
         field = ".".join(loc) if loc else "body"
         param = param or (loc[0] if loc else None)
         msg = str(err.get("msg", "invalid value"))
         msg = msg.removeprefix("Value error, ")
-        if err.get("type") == "json_invalid":
-            ctx = err.get("ctx") or {}
-            parts.append(f"request body is not valid JSON ({ctx.get('error', 'parse error')})")
-            continue
         if err.get("type") == "missing":
             parts.append(f"{field} is required")
             continue

@@ -1,0 +1,117 @@
+"""Shared fixtures: tiny models, a models.yaml, and real uvicorn servers on loopback."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+
+from embedsvc.api import create_app
+from embedsvc.engine import EngineSet, load_engines
+from embedsvc.metrics import Metrics
+from embedsvc.registry import Registry, load_registry
+from embedsvc.settings import Settings
+from tests.models import MINILM_PATH, build_tiny_bert, write_models_yaml
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("models")
+    bge = build_tiny_bert(root / "tiny-bge", pooling="cls", seed=1, max_seq_length=64)
+    nomic = build_tiny_bert(root / "tiny-nomic", pooling="mean", seed=2, shift_bias=True)
+    write_models_yaml(root / "models.yaml", bge, nomic)
+    return root
+
+
+@pytest.fixture(scope="session")
+def registry(model_dir: Path) -> Registry:
+    return load_registry(model_dir / "models.yaml")
+
+
+@pytest.fixture(scope="session")
+def st_minilm() -> Any:
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(MINILM_PATH), device="cpu", local_files_only=True)
+
+
+@dataclass
+class Server:
+    url: str
+    engines: EngineSet
+    metrics: Metrics
+    settings: Settings
+
+    def client(self, **kw: Any) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=60, **kw)
+
+    def metric(self, name: str, **labels: str) -> float:
+        value = self.metrics.registry.get_sample_value(name, labels)
+        return float(value or 0.0)
+
+
+def free_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+@contextlib.contextmanager
+def run_server(registry: Registry, models: list[str], **overrides: Any) -> Iterator[Server]:
+    """Load `models`, serve them with uvicorn on a free loopback port, stop afterwards."""
+    settings = Settings(**overrides)
+    metrics = Metrics()
+    engines = load_engines(registry.select(models), settings, metrics)
+    app = create_app(settings, metrics, engines=engines)
+    sock = free_socket()
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("test server did not start")
+        time.sleep(0.02)
+    try:
+        yield Server(f"http://127.0.0.1:{port}", engines, metrics, settings)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)
+        engines.stop()
+        sock.close()
+
+
+@pytest.fixture(scope="session")
+def server(registry: Registry) -> Iterator[Server]:
+    """One server with all three test models (MiniLM is the default)."""
+    with run_server(registry, ["all-minilm-l6-v2", "tiny-bge", "tiny-nomic"]) as s:
+        yield s
+
+
+@pytest.fixture()
+def server_factory(registry: Registry) -> Callable[..., Any]:
+    """Start a dedicated server with other settings: `with server_factory(models, **kw)`."""
+
+    def make(models: list[str] | None = None, **overrides: Any) -> Any:
+        return run_server(registry, models or ["all-minilm-l6-v2"], **overrides)
+
+    return make
+
+
+def cosine(a: Any, b: Any) -> float:
+    import numpy as np
+
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))

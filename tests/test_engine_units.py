@@ -1,0 +1,142 @@
+"""Pure engine pieces: batch selection, padding, post-processing, tokenization, settings."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+from tokenizers import Tokenizer
+
+from embedsvc.engine.batcher import BatchQueue, Item, pad, select_batch
+from embedsvc.engine.postprocess import finalize, layer_norm, to_base64
+from embedsvc.engine.tokenize import TextTokenizer
+from embedsvc.errors import ConfigError, ValidationError
+from embedsvc.settings import Settings
+from tests.models import MINILM_PATH
+
+
+def items(lengths: list[int]) -> list[Item]:
+    out = [Item(None, i, [7] * n) for i, n in enumerate(lengths)]
+    for seq, it in enumerate(out):
+        it.seq = seq
+    return out
+
+
+def test_batch_respects_token_budget_and_size_and_keeps_oldest() -> None:
+    rng = random.Random(0)
+    for _ in range(200):
+        pending = items([rng.randint(1, 300) for _ in range(rng.randint(1, 80))])
+        budget, size = rng.choice([512, 2048, 4096]), rng.choice([4, 16, 64])
+        batch = select_batch(pending, budget, size)
+        assert pending[0] in batch  # the oldest input is always served
+        assert len(batch) <= size
+        assert len(batch) == 1 or len(batch) * max(it.length for it in batch) <= budget
+
+
+def test_batch_groups_similar_lengths() -> None:
+    # Oldest is 100 tokens; the queue holds short and long inputs. The batch should take
+    # the inputs nearest to 100, not the ones that arrived next.
+    pending = items([100, 5, 300, 98, 6, 102, 290, 99])
+    batch = select_batch(pending, max_tokens=4 * 102, max_size=64)
+    assert sorted(it.length for it in batch) == [98, 99, 100, 102]
+
+
+def test_everything_fits_takes_all_in_arrival_order() -> None:
+    pending = items([3, 9, 4])
+    assert select_batch(pending, 1000, 10) == pending
+
+
+def test_queue_drains_every_item_exactly_once() -> None:
+    q = BatchQueue(max_batch_tokens=64, max_batch_size=5)
+    its = [Item(None, i, [1] * (1 + i % 13)) for i in range(57)]
+    q.put(its)
+    seen: list[Item] = []
+    while len(q):
+        batch = q.take(timeout=0)
+        assert batch
+        assert len(batch) <= 5 and len(batch) * max(b.length for b in batch) <= 64
+        seen.extend(batch)
+    assert sorted(id(x) for x in seen) == sorted(id(x) for x in its)
+    q.close()
+    assert q.take() is None
+
+
+def test_pad_right_pads_with_mask() -> None:
+    batch = pad([Item(None, 0, [5, 6, 7]), Item(None, 1, [8])], pad_id=0)
+    assert batch.input_ids.tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch.attention_mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch.input_ids.dtype == np.int64
+
+
+def test_finalize_order_layer_norm_truncate_normalize() -> None:
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(3, 16)) * 3 + 1).astype(np.float32)
+    out = finalize(x, dimensions=8, normalize=True, layer_norm_first=True)
+    ln = (x - x.mean(1, keepdims=True)) / np.sqrt(x.var(1, keepdims=True) + 1e-5)
+    expected = ln[:, :8] / np.linalg.norm(ln[:, :8], axis=1, keepdims=True)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+    # Truncating before the layer norm would give something else: the order matters.
+    wrong = layer_norm(x[:, :8])
+    wrong /= np.linalg.norm(wrong, axis=1, keepdims=True)
+    assert not np.allclose(out, wrong, atol=1e-3)
+    assert np.allclose(np.linalg.norm(out, axis=1), 1, atol=1e-6)
+    raw = finalize(x, dimensions=None, normalize=False, layer_norm_first=False)
+    np.testing.assert_array_equal(raw, x)
+
+
+def test_base64_is_little_endian_float32() -> None:
+    import base64
+
+    row = np.array([1.0, -2.5, 3.25], dtype=np.float32)
+    decoded = np.frombuffer(base64.b64decode(to_base64(row)), dtype="<f4")
+    np.testing.assert_array_equal(decoded, row)
+
+
+@pytest.fixture(scope="module")
+def tok() -> TextTokenizer:
+    t = Tokenizer.from_file(str(MINILM_PATH / "tokenizer.json"))
+    t.no_truncation()
+    t.no_padding()
+    return TextTokenizer(t, max_length=16)
+
+
+def test_truncation_keeps_special_tokens(tok: TextTokenizer) -> None:
+    text = " ".join(f"word{i}" for i in range(40))
+    with pytest.raises(ValidationError, match=r"inputs has \d+ tokens .* limit of 16"):
+        tok.encode([text], prefix="", truncate=False, direction="right", param="inputs")
+    right = tok.encode([text], prefix="", truncate=True, direction="right", param="inputs")[0]
+    left = tok.encode([text], prefix="", truncate=True, direction="left", param="inputs")[0]
+    full = tok.encode([text], prefix="", truncate=True, direction="right", param="inputs")
+    assert len(right) == len(left) == 16 == len(full[0])
+    assert right[0] == left[0] == 101 and right[-1] == left[-1] == 102  # [CLS] ... [SEP]
+    assert right[1:3] != left[1:3]
+
+
+def test_prefix_counts_toward_the_limit(tok: TextTokenizer) -> None:
+    text = "one two three four five six seven eight nine ten"  # 12 tokens with specials
+    ids = tok.encode([text], prefix="", truncate=False, direction="right", param="inputs")
+    assert len(ids[0]) == 12
+    with pytest.raises(ValidationError, match="including prompt"):
+        tok.encode([text], prefix="query: a b c d: ", truncate=False, direction="right",
+                   param="inputs")  # fmt: skip
+
+
+def test_token_ids_checked(tok: TextTokenizer) -> None:
+    with pytest.raises(ValidationError, match=r"token id 99999999, outside .*\[0, 30522\)"):
+        tok.check_ids([[101, 99999999]], truncate=False, direction="right", param="input")
+    assert tok.check_ids([list(range(1, 30))], truncate=True, direction="left", param="x") == [
+        list(range(14, 30))
+    ]
+
+
+def test_settings_from_flags_env_and_defaults() -> None:
+    s = Settings.from_sources(
+        {"port": "9000", "auto_truncate": None},
+        {"EMBEDSVC_PORT": "1", "EMBEDSVC_MAX_BATCH_TOKENS": "4096", "EMBEDSVC_AUTO_TRUNCATE": "1"},
+    )
+    assert (s.port, s.max_batch_tokens, s.auto_truncate, s.host) == (9000, 4096, True, "127.0.0.1")
+    with pytest.raises(ConfigError, match="EMBEDSVC_MAX_BATCH_SIZE must be an integer"):
+        Settings.from_sources({}, {"EMBEDSVC_MAX_BATCH_SIZE": "lots"})
+    with pytest.raises(ConfigError, match="max_batch_tokens must be at least 1"):
+        Settings.from_sources({"max_batch_tokens": "0"}, {})
