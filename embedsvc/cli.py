@@ -70,11 +70,6 @@ def serve(settings: Settings) -> int:
     from embedsvc.registry import load_registry
 
     _setup_logging(settings.log_level)
-    if settings.max_client_batch_size > settings.max_concurrent_inputs:
-        raise ConfigError(
-            "max_client_batch_size must not exceed max_concurrent_inputs, or such a request "
-            "could never be admitted"
-        )
     registry = load_registry(settings.models_file or None)
     specs = registry.select(settings.model_names())
     for spec in specs:

@@ -32,14 +32,20 @@ class Settings:
         "", "comma-separated served names to load (default: the file's default_models)"
     )
     max_batch_tokens: int = _setting(
-        16384, "padded tokens per forward pass (batch size x longest input)"
+        0,
+        "padded tokens per forward pass (batch size x longest input); 0 = auto: 16384 on "
+        "CUDA, 2048 on CPU (where larger batches stop paying off)",
     )
     max_batch_size: int = _setting(128, "inputs per forward pass")
     max_concurrent_inputs: int = _setting(
-        4096, "inputs admitted at once across requests; more are refused with 429"
+        4096,
+        "inputs admitted at once across requests; more are refused with 429 (and one "
+        "request may carry at most this many)",
     )
     max_client_batch_size: int = _setting(
-        2048, "inputs allowed in one request (larger client batches are split internally)"
+        256,
+        "inputs of one request queued at a time; larger requests are split into chunks "
+        "of this size so one big client batch cannot monopolize the model",
     )
     auto_truncate: bool = _setting(
         False, "truncate over-long inputs when a request does not say (else 422)"
@@ -98,8 +104,11 @@ class Settings:
         return settings
 
     def validate(self) -> None:
+        if self.max_batch_tokens < 0:
+            raise ConfigError(
+                f"max_batch_tokens must be 0 (auto) or more, got {self.max_batch_tokens}"
+            )
         positive = (
-            "max_batch_tokens",
             "max_batch_size",
             "max_concurrent_inputs",
             "max_client_batch_size",
@@ -112,6 +121,11 @@ class Settings:
             raise ConfigError(f"port must be 0..65535, got {self.port}")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise ConfigError(f"log_level must be debug|info|warning|error, got {self.log_level}")
+
+    def batch_tokens_for(self, device: str) -> int:
+        if self.max_batch_tokens:
+            return self.max_batch_tokens
+        return 16384 if device.startswith("cuda") else 2048
 
     def model_names(self) -> list[str]:
         return [m.strip() for m in self.models.split(",") if m.strip()]

@@ -138,5 +138,9 @@ def test_settings_from_flags_env_and_defaults() -> None:
     assert (s.port, s.max_batch_tokens, s.auto_truncate, s.host) == (9000, 4096, True, "127.0.0.1")
     with pytest.raises(ConfigError, match="EMBEDSVC_MAX_BATCH_SIZE must be an integer"):
         Settings.from_sources({}, {"EMBEDSVC_MAX_BATCH_SIZE": "lots"})
-    with pytest.raises(ConfigError, match="max_batch_tokens must be at least 1"):
-        Settings.from_sources({"max_batch_tokens": "0"}, {})
+    with pytest.raises(ConfigError, match="max_batch_size must be at least 1"):
+        Settings.from_sources({"max_batch_size": "0"}, {})
+    with pytest.raises(ConfigError, match=r"max_batch_tokens must be 0 \(auto\) or more"):
+        Settings.from_sources({"max_batch_tokens": "-1"}, {})
+    auto = Settings()
+    assert (auto.batch_tokens_for("cpu"), auto.batch_tokens_for("cuda:0")) == (2048, 16384)

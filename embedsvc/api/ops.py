@@ -33,6 +33,7 @@ def model_info(e: ModelEngine) -> dict[str, Any]:
         "passage_prompt": spec.passage_prompt,
         "matryoshka_dimensions": list(spec.matryoshka_dims),
         "matryoshka_layer_norm": spec.matryoshka_layer_norm,
+        "max_batch_tokens": e.max_batch_tokens,
         "ready": e.ready and e.healthy,
     }
 
@@ -72,7 +73,7 @@ def ops_router() -> APIRouter:
             "max_concurrent_requests": s.max_concurrent_inputs,
             "max_concurrent_inputs": s.max_concurrent_inputs,
             "max_input_length": default.model.max_seq_length,
-            "max_batch_tokens": s.max_batch_tokens,
+            "max_batch_tokens": default.max_batch_tokens,
             "max_batch_requests": s.max_batch_size,
             "max_client_batch_size": s.max_client_batch_size,
             "auto_truncate": s.auto_truncate,

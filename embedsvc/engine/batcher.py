@@ -27,6 +27,7 @@ class Item:
     index: int
     ids: list[int]
     seq: int = field(default=0)
+    chunk: int = field(default=0)
 
     @property
     def length(self) -> int:
@@ -46,6 +47,7 @@ class BatchQueue:
         return len(self._pending)
 
     def put(self, items: Iterable[Item]) -> None:
+        """Queue items (thread-safe; called from the event loop)."""
         with self._cond:
             for it in items:
                 it.seq = next(self._counter)

@@ -5,15 +5,17 @@ Flow of one request:
   event loop: admit (count inputs, 429 if full) -> tokenize in a thread pool ->
               enqueue items -> await the job's future
   batcher thread: take the next batch from the queue, drop cancelled inputs, pad ->
-              hand it over (one batch is prefetched while the model runs the previous)
-  inference thread: forward pass -> finalize vectors -> deliver to the loop in one call
+              hand it to the compute thread (at most one batch waits while the model
+              runs the previous one)
+  compute thread (shared by all models, see compute.py): forward pass -> finalize
+              vectors -> deliver to the loop in one call
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-import queue
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -21,8 +23,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from embedsvc.backends.base import LoadedModel
+from embedsvc.backends.base import LoadedModel, PaddedBatch
 from embedsvc.engine.batcher import BatchQueue, Item, pad
+from embedsvc.engine.compute import compute_thread
 from embedsvc.engine.postprocess import finalize
 from embedsvc.engine.tokenize import TextTokenizer, TokenInfo
 from embedsvc.errors import (
@@ -30,6 +33,7 @@ from embedsvc.errors import (
     EmbedsvcError,
     EmptyInputError,
     OverloadedError,
+    PayloadTooLargeError,
     UnhealthyError,
     ValidationError,
 )
@@ -77,6 +81,9 @@ class Job:
     layer_norm: bool
     rows: list[np.ndarray | None] = field(default_factory=list)
     remaining: int = 0
+    # Large requests enter the queue chunk by chunk (see ModelEngine._enqueue).
+    chunk_remaining: list[int] = field(default_factory=list)
+    waiting_chunks: list[list[Item]] = field(default_factory=list)
     cancelled: bool = False
     first_start: float = 0.0
     last_end: float = 0.0
@@ -90,8 +97,11 @@ class ModelEngine:
         self.settings = settings
         self.metrics = metrics
         self.tokenizer = TextTokenizer(model.tokenizer, model.max_seq_length)
-        self.queue = BatchQueue(settings.max_batch_tokens, settings.max_batch_size)
-        self._ready_batches: queue.Queue[tuple[list[Item], object] | None] = queue.Queue(1)
+        self.max_batch_tokens = settings.batch_tokens_for(model.backend.device)
+        self.queue = BatchQueue(self.max_batch_tokens, settings.max_batch_size)
+        # One batch running plus one prefetched, per model.
+        self._slots = threading.Semaphore(2)
+        self.compute = compute_thread()
         self._tok_pool = ThreadPoolExecutor(
             settings.tokenization_workers, thread_name_prefix=f"tok-{self.name}"
         )
@@ -108,7 +118,6 @@ class ModelEngine:
         self._loop = loop
         self._threads = [
             threading.Thread(target=self._batch_loop, name=f"batch-{self.name}", daemon=True),
-            threading.Thread(target=self._infer_loop, name=f"infer-{self.name}", daemon=True),
         ]
         for t in self._threads:
             t.start()
@@ -118,7 +127,8 @@ class ModelEngine:
         ids = self.tokenizer.encode(
             ["warm up"], prefix="", truncate=True, direction="right", param="inputs"
         )
-        out = self.model.backend.forward(pad([Item(None, 0, ids[0])], self.model.pad_token_id))
+        batch = pad([Item(None, 0, ids[0])], self.model.pad_token_id)
+        out = self.compute.call(lambda: self.model.backend.forward(batch))
         if out.shape != (1, self.model.backend.dimension):
             raise RuntimeError(f"warm-up returned shape {out.shape}")
         self.ready = True
@@ -126,7 +136,7 @@ class ModelEngine:
 
     def stop(self) -> None:
         self.queue.close()
-        self._ready_batches.put(None)
+        self._slots.release()
         for t in self._threads:
             t.join(timeout=5)
         self._tok_pool.shutdown(wait=False, cancel_futures=True)
@@ -204,10 +214,11 @@ class ModelEngine:
                 "prompt and the text together with /tokenize",
                 param="prompt_name",
             )
-        if req.size > self.settings.max_client_batch_size:
-            raise ValidationError(
-                f"{req.input_param} has {req.size} inputs, more than max_client_batch_size "
-                f"({self.settings.max_client_batch_size}); send fewer per request",
+        if req.size > self.settings.max_concurrent_inputs:
+            raise PayloadTooLargeError(
+                f"{req.input_param} has {req.size} inputs; this server admits at most "
+                f"{self.settings.max_concurrent_inputs} at once (max_concurrent_inputs), so "
+                "send them in several requests",
                 param=req.input_param,
             )
         self.resolve_prompt(req.prompt_name)
@@ -239,8 +250,7 @@ class ModelEngine:
                 rows=[None] * n,
                 remaining=n,
             )
-            self.queue.put(Item(job, i, seq) for i, seq in enumerate(ids))
-            self.metrics.queue_size.labels(self.name).set(len(self.queue))
+            self._enqueue(job, ids)
             await job.future
             t2 = time.perf_counter()
             vectors = np.stack(job.rows)  # type: ignore[arg-type]
@@ -262,6 +272,21 @@ class ModelEngine:
         finally:
             self._inflight -= n
             self.metrics.inflight_inputs.labels(self.name).set(self._inflight)
+
+    def _enqueue(self, job: Job, ids: list[list[int]]) -> None:
+        """Queue the job's inputs. A request larger than max_client_batch_size is split
+        into chunks of that size and at most two chunks are queued at a time: the next one
+        follows when one completes, so other requests' inputs get in between and one big
+        client batch cannot hold the model for its whole duration."""
+        size = self.settings.max_client_batch_size
+        chunks = [
+            [Item(job, i, ids[i], chunk=k) for i in range(start, min(start + size, len(ids)))]
+            for k, start in enumerate(range(0, len(ids), size))
+        ]
+        job.chunk_remaining = [len(c) for c in chunks]
+        job.waiting_chunks = chunks[2:]
+        self.queue.put([it for c in chunks[:2] for it in c])
+        self.metrics.queue_size.labels(self.name).set(len(self.queue))
 
     def _observe(self, r: EmbedResult, n: int) -> None:
         d = self.metrics.duration
@@ -295,40 +320,40 @@ class ModelEngine:
 
     def _batch_loop(self) -> None:
         while True:
+            self._slots.acquire()
             items = self.queue.take()
             if items is None:
                 return
             self.metrics.queue_size.labels(self.name).set(len(self.queue))
             live = [it for it in items if not it.job.cancelled]
             if not live:
+                self._slots.release()
                 continue
-            self._ready_batches.put((live, pad(live, self.model.pad_token_id)))
+            batch = pad(live, self.model.pad_token_id)
+            self.compute.submit(functools.partial(self._run_batch, live, batch))
 
-    def _infer_loop(self) -> None:
-        while True:
-            got = self._ready_batches.get()
-            if got is None:
-                return
-            items, batch = got
+    def _run_batch(self, items: list[Item], batch: PaddedBatch) -> None:
+        """On the compute thread: forward pass, finalize, hand results to the loop."""
+        try:
             if all(it.job.cancelled for it in items):
-                continue
+                return
             start = time.perf_counter()
             try:
-                pooled = self.model.backend.forward(batch)  # type: ignore[arg-type]
+                pooled = self.model.backend.forward(batch)
                 rows = self._finalize(items, pooled)
             except Exception:
                 log.exception("model %s: forward pass of %d inputs failed", self.name, len(items))
                 self._deliver_error(items)
-                continue
+                return
             end = time.perf_counter()
             self.batches_run += 1
             self.metrics.batches.labels(self.name).inc()
             self.metrics.batch_size.labels(self.name).observe(len(items))
-            self.metrics.batch_tokens.labels(self.name).observe(
-                int(batch.shape[0] * batch.shape[1])  # type: ignore[attr-defined]
-            )
+            self.metrics.batch_tokens.labels(self.name).observe(batch.shape[0] * batch.shape[1])
             assert self._loop is not None
-            self._loop.call_soon_threadsafe(_deliver, items, rows, start, end)
+            self._loop.call_soon_threadsafe(self._deliver, items, rows, start, end)
+        finally:
+            self._slots.release()
 
     def _finalize(self, items: list[Item], pooled: np.ndarray) -> list[np.ndarray]:
         groups: dict[tuple[int | None, bool, bool], list[int]] = {}
@@ -342,28 +367,32 @@ class ModelEngine:
                 out[row] = vecs[k]
         return out
 
+    def _deliver(self, items: list[Item], rows: list[np.ndarray], start: float, end: float) -> None:
+        """On the event loop: store each row in its job; finish jobs that are complete."""
+        for it, row in zip(items, rows, strict=True):
+            job: Job = it.job
+            if job.future.done():
+                continue
+            if not job.first_start:
+                job.first_start = start
+            job.last_end = end
+            job.rows[it.index] = row
+            job.remaining -= 1
+            job.chunk_remaining[it.chunk] -= 1
+            if job.chunk_remaining[it.chunk] == 0 and job.waiting_chunks:
+                self.queue.put(job.waiting_chunks.pop(0))
+            if job.remaining == 0:
+                job.future.set_result(None)
+
     def _deliver_error(self, items: list[Item]) -> None:
         jobs = {id(it.job): it.job for it in items}.values()
         assert self._loop is not None
         self._loop.call_soon_threadsafe(_fail, list(jobs))
 
 
-def _deliver(items: list[Item], rows: list[np.ndarray], start: float, end: float) -> None:
-    for it, row in zip(items, rows, strict=True):
-        job: Job = it.job
-        if job.future.done():
-            continue
-        if not job.first_start:
-            job.first_start = start
-        job.last_end = end
-        job.rows[it.index] = row
-        job.remaining -= 1
-        if job.remaining == 0:
-            job.future.set_result(None)
-
-
 def _fail(jobs: list[Job]) -> None:
     for job in jobs:
+        job.cancelled = True  # its other queued inputs are skipped
         if not job.future.done():
             job.future.set_exception(
                 BackendError("the model failed to process this request; see the server log")

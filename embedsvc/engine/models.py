@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 
 from embedsvc.backends.base import load_model
+from embedsvc.engine.compute import compute_thread
 from embedsvc.engine.engine import ModelEngine
 from embedsvc.errors import ConfigError, ModelNotFoundError
 from embedsvc.metrics import Metrics
@@ -60,7 +62,8 @@ def load_engines(specs: list[ModelSpec], settings: Settings, metrics: Metrics) -
     for spec in specs:
         path = resolve_model_dir(spec)
         check_model_dir(spec, path)
-        model = load_model(spec, path)
+        # Load on the compute thread, where every forward pass will run (compute.py).
+        model = compute_thread().call(functools.partial(load_model, spec, path))
         engine = ModelEngine(model, settings, metrics)
         engine.warmup()
         engines.append(engine)
