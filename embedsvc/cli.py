@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
 from collections.abc import Sequence
 
 from embedsvc import __version__
 from embedsvc.errors import ConfigError
+from embedsvc.logs import setup_logging
 from embedsvc.settings import Settings
 
 log = logging.getLogger("embedsvc")
@@ -42,6 +42,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "serve":
+            from embedsvc.server import serve
+
             settings = Settings.from_sources(vars(args), os.environ)
             return serve(settings)
         if args.command == "pull":
@@ -54,68 +56,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 1
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-
-
-def serve(settings: Settings) -> int:
-    import uvicorn
-
-    from embedsvc.api import create_app
-    from embedsvc.engine import load_engines
-    from embedsvc.metrics import Metrics
-    from embedsvc.registry import load_registry
-
-    _setup_logging(settings.log_level)
-    registry = load_registry(settings.models_file or None)
-    specs = registry.select(settings.model_names())
-    for spec in specs:
-        log.info("model %s: %s@%s (source: %s)", spec.name, spec.hf_id, spec.revision, spec.source)
-    metrics = Metrics()
-    failures: list[str] = []
-    server: uvicorn.Server | None = None
-
-    def on_load_failure(reason: str) -> None:
-        failures.append(reason)
-        if server is not None:
-            server.should_exit = True
-
-    app = create_app(
-        settings,
-        metrics,
-        loader=lambda: load_engines(specs, settings, metrics),
-        on_load_failure=on_load_failure,
-    )
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level.lower(),
-        access_log=settings.log_level.lower() == "debug",
-        timeout_graceful_shutdown=30,
-    )
-    server = uvicorn.Server(config)
-    host = f"[{settings.host}]" if ":" in settings.host else settings.host
-    log.info("embedsvc %s listening on http://%s:%d", __version__, host, settings.port)
-    # uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown so the default handler
-    # kills the process; with these no-op handlers in place, a clean drain exits 0.
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: None)
-    server.run()
-    if failures:
-        print(f"embedsvc: {failures[0]}", file=sys.stderr)
-        return 1
-    return 0
-
-
 def pull(args: argparse.Namespace) -> int:
     from embedsvc.model_files import pull_model
     from embedsvc.registry import load_registry
 
-    _setup_logging("info")
+    setup_logging("info")
     registry = load_registry(args.models_file)
     names = [m.strip() for m in (args.models or "").split(",") if m.strip()]
     for spec in registry.select(names):

@@ -51,7 +51,28 @@ class Settings:
         False, "truncate over-long inputs when a request does not say (else 422)"
     )
     tokenization_workers: int = _setting(2, "threads that tokenize requests")
+    max_payload_bytes: int = _setting(2_000_000, "largest request body accepted (413 beyond)")
+    max_input_chars: int = _setting(
+        200_000, "characters allowed in one input text (422 beyond), before tokenization"
+    )
+    max_request_tokens: int = _setting(
+        300_000, "tokens allowed in one request, all inputs together (413 beyond)"
+    )
+    api_key: str = _setting(
+        "",
+        "comma-separated API keys; when set, every route but /health and /metrics needs "
+        "'Authorization: Bearer KEY'",
+    )
+    api_key_file: str = _setting("", "file with one API key per line (adds to --api-key)")
+    auth_health_metrics: bool = _setting(False, "require the API key on /health and /metrics too")
+    cors_origins: str = _setting(
+        "", "comma-separated origins allowed by CORS ('*' for any); empty = CORS off"
+    )
+    drain_timeout: int = _setting(
+        30, "seconds to let in-flight requests finish after SIGTERM before exiting"
+    )
     log_level: str = _setting("info", "debug, info, warning or error")
+    log_format: str = _setting("text", "text or json (one JSON object per line)")
 
     @classmethod
     def fields(cls) -> list[dataclasses.Field[Any]]:
@@ -113,12 +134,19 @@ class Settings:
             "max_concurrent_inputs",
             "max_client_batch_size",
             "tokenization_workers",
+            "max_payload_bytes",
+            "max_input_chars",
+            "max_request_tokens",
         )
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port must be 0..65535, got {self.port}")
+        if self.log_format not in ("text", "json"):
+            raise ConfigError(f"log_format must be text or json, got {self.log_format}")
+        if self.drain_timeout < 0:
+            raise ConfigError(f"drain_timeout must be 0 or more, got {self.drain_timeout}")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise ConfigError(f"log_level must be debug|info|warning|error, got {self.log_level}")
 
@@ -126,6 +154,22 @@ class Settings:
         if self.max_batch_tokens:
             return self.max_batch_tokens
         return 16384 if device.startswith("cuda") else 2048
+
+    def api_keys(self) -> list[str]:
+        """Keys from --api-key and --api-key-file (read once, at start)."""
+        keys = [k.strip() for k in self.api_key.split(",") if k.strip()]
+        if self.api_key_file:
+            try:
+                with open(self.api_key_file, encoding="utf-8") as f:
+                    keys += [ln.strip() for ln in f if ln.strip() and not ln.startswith("#")]
+            except OSError as e:
+                raise ConfigError(f"cannot read api_key_file {self.api_key_file}: {e}") from None
+            if not keys:
+                raise ConfigError(f"api_key_file {self.api_key_file} holds no keys")
+        return keys
+
+    def cors_origin_list(self) -> list[str]:
+        return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
 
     def model_names(self) -> list[str]:
         return [m.strip() for m in self.models.split(",") if m.strip()]

@@ -5,16 +5,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
+from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from embedsvc import __version__
 from embedsvc.api.errors import install_error_handlers
+from embedsvc.api.middleware import RequestMiddleware
 from embedsvc.api.openai import openai_router
 from embedsvc.api.ops import ops_router
 from embedsvc.api.service import ClientDisconnected, Service
@@ -25,45 +25,6 @@ from embedsvc.metrics import Metrics
 from embedsvc.settings import Settings
 
 log = logging.getLogger(__name__)
-
-
-class RequestMiddleware:
-    """Per-request plumbing in one ASGI hop.
-
-    - Take `x-request-id` from the request (or make one) and echo it on the response.
-    - Read every POST body as JSON whatever its content type says: `curl -d` sends
-      application/x-www-form-urlencoded by default, and a JSON body is what every route
-      takes. A body that is not JSON still gets a 422 that says so.
-    """
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        rid = ""
-        headers = []
-        for name, value in scope.get("headers", ()):
-            if name == b"x-request-id":
-                rid = value.decode("latin-1")[:128]
-            elif name == b"content-type":
-                continue
-            headers.append((name, value))
-        if scope.get("method") == "POST":
-            headers.append((b"content-type", b"application/json"))
-            scope["headers"] = headers
-        rid = rid or uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = rid
-        header = (b"x-request-id", rid.encode("latin-1"))
-
-        async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", []), header]
-            await send(message)
-
-        await self.app(scope, receive, send_with_id)
 
 
 def create_app(
@@ -134,5 +95,20 @@ def create_app(
     app.include_router(tei_router())
     app.include_router(openai_router())
     app.include_router(ops_router())
-    app.add_middleware(RequestMiddleware)
+    origins = settings.cors_origin_list()
+    if origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["authorization", "content-type", "x-request-id"],
+            expose_headers=["x-request-id", "x-total-time", "x-compute-tokens"],
+        )
+    app.add_middleware(
+        RequestMiddleware,
+        service=service,
+        api_keys=settings.api_keys(),
+        protect_ops=settings.auth_health_metrics,
+        max_payload_bytes=settings.max_payload_bytes,
+    )
     return app

@@ -50,7 +50,10 @@ def ops_router() -> APIRouter:
 
         reason = service.load_error or "models are still loading"
         if service.engines is not None and not service.engines.ready:
-            reason = "a model is not healthy"
+            sick = [e.name for e in service.engines if not e.healthy]
+            reason = f"model(s) not healthy: {', '.join(sick)}" if sick else reason
+        if service.draining:
+            reason = "shutting down"
         return error_response(request.url.path, ErrorKind.UNHEALTHY, reason)
 
     @router.get("/metrics", summary="Prometheus metrics")
@@ -78,6 +81,10 @@ def ops_router() -> APIRouter:
             "max_client_batch_size": s.max_client_batch_size,
             "auto_truncate": s.auto_truncate,
             "tokenization_workers": s.tokenization_workers,
+            "max_payload_bytes": s.max_payload_bytes,
+            "max_input_chars": s.max_input_chars,
+            "max_request_tokens": s.max_request_tokens,
+            "auth": bool(s.api_key or s.api_key_file),
             "version": __version__,
             "sha": None,
             "docker_label": None,

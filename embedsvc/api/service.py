@@ -26,10 +26,11 @@ class Service:
         self.metrics = metrics
         self.engines: EngineSet | None = None
         self.load_error: str | None = None
+        self.draining = False
 
     @property
     def ready(self) -> bool:
-        return self.engines is not None and self.engines.ready
+        return not self.draining and self.engines is not None and self.engines.ready
 
     def engine_set(self) -> EngineSet:
         if self.engines is None:

@@ -3,6 +3,12 @@
 They return pooled float32 vectors and never see HTTP, prompts or Matryoshka.
 """
 
-from embedsvc.backends.base import Backend, LoadedModel, PaddedBatch, load_model
+from embedsvc.backends.base import (
+    Backend,
+    BackendOutOfMemory,
+    LoadedModel,
+    PaddedBatch,
+    load_model,
+)
 
-__all__ = ["Backend", "LoadedModel", "PaddedBatch", "load_model"]
+__all__ = ["Backend", "BackendOutOfMemory", "LoadedModel", "PaddedBatch", "load_model"]

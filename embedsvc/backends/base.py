@@ -24,6 +24,10 @@ class PaddedBatch:
         return (int(self.input_ids.shape[0]), int(self.input_ids.shape[1]))
 
 
+class BackendOutOfMemory(Exception):
+    """The device ran out of memory for this batch; the engine splits it and retries."""
+
+
 class Backend(Protocol):
     device: str
     dtype: str

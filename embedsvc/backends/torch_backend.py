@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
-from embedsvc.backends.base import LoadedModel, PaddedBatch
+from embedsvc.backends.base import BackendOutOfMemory, LoadedModel, PaddedBatch
 from embedsvc.errors import ConfigError
 from embedsvc.registry import ModelSpec
 
@@ -56,11 +56,17 @@ class TorchBackend:
                 self.device, non_blocking=True
             ),
         }
-        with self._lock, torch.inference_mode():
-            for module in self._modules:
-                features = module(features)
-            out = features["sentence_embedding"]
-            return out.to(torch.float32).cpu().numpy()
+        try:
+            with self._lock, torch.inference_mode():
+                for module in self._modules:
+                    features = module(features)
+                out = features["sentence_embedding"]
+                return out.to(torch.float32).cpu().numpy()
+        except torch.OutOfMemoryError as e:
+            del features
+            if self.device.startswith("cuda"):
+                torch.cuda.empty_cache()
+            raise BackendOutOfMemory(str(e)) from e
 
 
 def load_torch_model(spec: ModelSpec, path: Path) -> LoadedModel:

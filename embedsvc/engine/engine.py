@@ -18,12 +18,13 @@ import functools
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from embedsvc.backends.base import LoadedModel, PaddedBatch
+from embedsvc.backends.base import BackendOutOfMemory, LoadedModel, PaddedBatch
 from embedsvc.engine.batcher import BatchQueue, Item, pad
 from embedsvc.engine.compute import compute_thread
 from embedsvc.engine.postprocess import finalize
@@ -99,8 +100,12 @@ class ModelEngine:
         self.tokenizer = TextTokenizer(model.tokenizer, model.max_seq_length)
         self.max_batch_tokens = settings.batch_tokens_for(model.backend.device)
         self.queue = BatchQueue(self.max_batch_tokens, settings.max_batch_size)
-        # One batch running plus one prefetched, per model.
-        self._slots = threading.Semaphore(2)
+        # Batches handed to the compute thread and not finished. On CUDA a forward pass is
+        # short and runs asynchronously, so one batch is formed and padded while the
+        # previous one runs. On CPU a forward pass takes tens of milliseconds or more, and
+        # a batch formed that early would hold only what was queued when the previous
+        # one started; forming it when the model is free takes what arrived meanwhile.
+        self._slots = threading.Semaphore(2 if model.backend.device.startswith("cuda") else 1)
         self.compute = compute_thread()
         self._tok_pool = ThreadPoolExecutor(
             settings.tokenization_workers, thread_name_prefix=f"tok-{self.name}"
@@ -111,6 +116,8 @@ class ModelEngine:
         self.ready = False
         self.healthy = True
         self.batches_run = 0
+        # Called (from a worker thread) when the engine cannot go on.
+        self.on_fatal: Callable[[str], None] | None = None
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -184,17 +191,26 @@ class ModelEngine:
         direction = req.truncation_direction
         if req.texts is not None:
             prefix = self.resolve_prompt(req.prompt_name)
-            return self.tokenizer.encode(
+            ids = self.tokenizer.encode(
                 req.texts,
                 prefix=prefix,
                 truncate=truncate,
                 direction=direction,
                 param=req.input_param,
             )
-        assert req.token_ids is not None
-        return self.tokenizer.check_ids(
-            req.token_ids, truncate=truncate, direction=direction, param=req.input_param
-        )
+        else:
+            assert req.token_ids is not None
+            ids = self.tokenizer.check_ids(
+                req.token_ids, truncate=truncate, direction=direction, param=req.input_param
+            )
+        total = sum(len(x) for x in ids)
+        if total > self.settings.max_request_tokens:
+            raise PayloadTooLargeError(
+                f"{req.input_param} has {total} tokens in total, more than max_request_tokens "
+                f"({self.settings.max_request_tokens}); send fewer inputs per request",
+                param=req.input_param,
+            )
+        return ids
 
     def validate(self, req: EmbedRequest) -> None:
         """Checks that need no tokenization; raise before anything is admitted."""
@@ -208,6 +224,16 @@ class ModelEngine:
             i = req.texts.index("")
             where = f"{req.input_param}[{i}]" if req.size > 1 else req.input_param
             raise EmptyInputError(f"{where} is an empty string", param=req.input_param)
+        if req.texts is not None:
+            limit = self.settings.max_input_chars
+            long_at = next((i for i, t in enumerate(req.texts) if len(t) > limit), None)
+            if long_at is not None:
+                where = f"{req.input_param}[{long_at}]" if req.size > 1 else req.input_param
+                raise ValidationError(
+                    f"{where} has {len(req.texts[long_at])} characters, more than "
+                    f"max_input_chars ({limit}); split the text",
+                    param=req.input_param,
+                )
         if req.token_ids is not None and req.prompt_name is not None:
             raise ValidationError(
                 "a prompt cannot be applied to token-id input; send text, or tokenize the "
@@ -319,18 +345,38 @@ class ModelEngine:
     # ---- worker threads --------------------------------------------------------------
 
     def _batch_loop(self) -> None:
+        try:
+            while True:
+                self._slots.acquire()
+                items = self.queue.take()
+                if items is None:
+                    return
+                self.metrics.queue_size.labels(self.name).set(len(self.queue))
+                live = [it for it in items if not it.job.cancelled]
+                if not live:
+                    self._slots.release()
+                    continue
+                batch = pad(live, self.model.pad_token_id)
+                self.compute.submit(functools.partial(self._run_batch, live, batch))
+        except BaseException:
+            log.critical("model %s: batcher thread died", self.name, exc_info=True)
+            self._worker_died()
+
+    def _worker_died(self) -> None:
+        """A worker cannot go on: fail everything queued, report unhealthy, tell the owner
+        (the server exits so an orchestrator restarts it). Never a silent hang."""
+        self.healthy = False
+        self.metrics.model_ready.labels(self.name).set(0)
+        pending = []
         while True:
-            self._slots.acquire()
-            items = self.queue.take()
-            if items is None:
-                return
-            self.metrics.queue_size.labels(self.name).set(len(self.queue))
-            live = [it for it in items if not it.job.cancelled]
-            if not live:
-                self._slots.release()
-                continue
-            batch = pad(live, self.model.pad_token_id)
-            self.compute.submit(functools.partial(self._run_batch, live, batch))
+            batch = self.queue.take(timeout=0)
+            if not batch:
+                break
+            pending.extend(batch)
+        if pending and self._loop is not None:
+            self._deliver_error(pending)
+        if self.on_fatal is not None:
+            self.on_fatal(f"model {self.name}: a worker thread died")
 
     def _run_batch(self, items: list[Item], batch: PaddedBatch) -> None:
         """On the compute thread: forward pass, finalize, hand results to the loop."""
@@ -339,21 +385,43 @@ class ModelEngine:
                 return
             start = time.perf_counter()
             try:
-                pooled = self.model.backend.forward(batch)
+                pooled = self._forward(items, batch)
                 rows = self._finalize(items, pooled)
             except Exception:
                 log.exception("model %s: forward pass of %d inputs failed", self.name, len(items))
                 self._deliver_error(items)
                 return
             end = time.perf_counter()
-            self.batches_run += 1
-            self.metrics.batches.labels(self.name).inc()
-            self.metrics.batch_size.labels(self.name).observe(len(items))
-            self.metrics.batch_tokens.labels(self.name).observe(batch.shape[0] * batch.shape[1])
             assert self._loop is not None
             self._loop.call_soon_threadsafe(self._deliver, items, rows, start, end)
+        except BaseException:
+            log.critical("model %s: fatal error in a forward pass", self.name, exc_info=True)
+            self._deliver_error(items)
+            self._worker_died()
         finally:
             self._slots.release()
+
+    def _forward(self, items: list[Item], batch: PaddedBatch) -> np.ndarray:
+        """Forward pass; on out-of-memory, split the batch in halves and retry."""
+        try:
+            pooled = self.model.backend.forward(batch)
+        except BackendOutOfMemory:
+            if len(items) == 1:
+                raise
+            half = len(items) // 2
+            log.warning(
+                "model %s: out of memory on %d inputs x %d tokens; splitting",
+                self.name, len(items), batch.shape[1],
+            )  # fmt: skip
+            parts = [items[:half], items[half:]]
+            return np.concatenate(
+                [self._forward(p, pad(p, self.model.pad_token_id)) for p in parts]
+            )
+        self.batches_run += 1
+        self.metrics.batches.labels(self.name).inc()
+        self.metrics.batch_size.labels(self.name).observe(len(items))
+        self.metrics.batch_tokens.labels(self.name).observe(batch.shape[0] * batch.shape[1])
+        return pooled
 
     def _finalize(self, items: list[Item], pooled: np.ndarray) -> list[np.ndarray]:
         groups: dict[tuple[int | None, bool, bool], list[int]] = {}

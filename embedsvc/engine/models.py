@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+from collections.abc import Callable
 
 from embedsvc.backends.base import load_model
 from embedsvc.engine.compute import compute_thread
@@ -56,8 +57,15 @@ class EngineSet:
             e.stop()
 
 
-def load_engines(specs: list[ModelSpec], settings: Settings, metrics: Metrics) -> EngineSet:
-    """Resolve, check, load and warm each model. Any failure stops start-up."""
+def load_engines(
+    specs: list[ModelSpec],
+    settings: Settings,
+    metrics: Metrics,
+    on_fatal: Callable[[str], None] | None = None,
+) -> EngineSet:
+    """Resolve, check, load and warm each model. Any failure stops start-up.
+
+    `on_fatal(reason)` is called if an engine's worker dies later on."""
     engines = []
     for spec in specs:
         path = resolve_model_dir(spec)
@@ -65,6 +73,7 @@ def load_engines(specs: list[ModelSpec], settings: Settings, metrics: Metrics) -
         # Load on the compute thread, where every forward pass will run (compute.py).
         model = compute_thread().call(functools.partial(load_model, spec, path))
         engine = ModelEngine(model, settings, metrics)
+        engine.on_fatal = on_fatal
         engine.warmup()
         engines.append(engine)
     return EngineSet(engines)

@@ -1,0 +1,141 @@
+"""Per-request plumbing in one pure-ASGI hop, before any routing or parsing.
+
+- Request id: `x-request-id` from the request (or a new one), echoed on the response and
+  attached to log records.
+- Draining: after SIGTERM every route but /health and /metrics answers 503.
+- API keys: `Authorization: Bearer KEY`, compared in constant time against every key.
+- Body size: bodies larger than max_payload_bytes get 413 before they are parsed.
+- Content type: POST bodies are read as JSON whatever the content type says (`curl -d`
+  sends a form type by default); a body that is not JSON still gets a 422 that says so.
+"""
+
+from __future__ import annotations
+
+import hmac
+import uuid
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from embedsvc.api.errors import error_response
+from embedsvc.errors import ErrorKind
+from embedsvc.logs import request_id_var
+
+OPS_PATHS = frozenset({"/health", "/metrics"})
+DOC_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+
+
+class RequestMiddleware:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        service: Any,
+        api_keys: list[str],
+        protect_ops: bool,
+        max_payload_bytes: int,
+    ) -> None:
+        self.app = app
+        self.service = service
+        self.keys = [k.encode() for k in api_keys]
+        self.protect_ops = protect_ops
+        self.max_payload = max_payload_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = ""
+        auth = b""
+        length: int | None = None
+        headers = []
+        for name, value in scope.get("headers", ()):
+            if name == b"x-request-id":
+                rid = value.decode("latin-1")[:128]
+            elif name == b"authorization":
+                auth = value
+            elif name == b"content-length":
+                try:
+                    length = int(value)
+                except ValueError:
+                    length = None
+            elif name == b"content-type":
+                continue
+            headers.append((name, value))
+        rid = rid or uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = rid
+        request_id_var.set(rid)
+        id_header = (b"x-request-id", rid.encode("latin-1"))
+        path: str = scope["path"]
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), id_header]
+            await send(message)
+
+        async def refuse(kind: ErrorKind, message: str) -> None:
+            resp = error_response(path, kind, message)
+            await resp(scope, receive, send_with_id)
+
+        if self.service.draining and path not in OPS_PATHS:
+            await refuse(
+                ErrorKind.UNHEALTHY, "the server is shutting down; retry on another replica"
+            )
+            return
+        needs_key = self.keys and (path not in OPS_PATHS or self.protect_ops)
+        if needs_key and path not in DOC_PATHS and not self._authorized(auth):
+            what = "missing" if not auth else "invalid"
+            await refuse(
+                ErrorKind.UNAUTHORIZED,
+                f"API key {what}: send the header 'Authorization: Bearer <key>'",
+            )
+            return
+        if scope.get("method") != "POST":
+            await self.app(scope, receive, send_with_id)
+            return
+        if length is not None and length > self.max_payload:
+            await refuse(ErrorKind.PAYLOAD_TOO_LARGE, self._too_large(length))
+            return
+        # Read the whole body here (bounded), then replay it to the app.
+        chunks = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_payload:
+                await refuse(ErrorKind.PAYLOAD_TOO_LARGE, self._too_large(None))
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        headers.append((b"content-type", b"application/json"))
+        scope["headers"] = headers
+        await self.app(scope, replay, send_with_id)
+
+    def _authorized(self, header: bytes) -> bool:
+        scheme, _, token = header.partition(b" ")
+        token = token.strip()
+        ok = False
+        for key in self.keys:  # no early exit: same work whichever key matches
+            ok |= hmac.compare_digest(token, key)
+        return ok and scheme.lower() == b"bearer"
+
+    def _too_large(self, length: int | None) -> str:
+        got = f"{length} bytes" if length is not None else "the body"
+        return (
+            f"request body too large: {got} exceeds max_payload_bytes ({self.max_payload}); "
+            "send fewer or shorter inputs per request"
+        )
