@@ -51,8 +51,19 @@ def error_response(
         status = r.tei_status
         body = {"error": message, "error_type": r.tei_type}
     return Response(
-        orjson.dumps(body), status_code=status, media_type="application/json", headers=headers
+        dump_json(body), status_code=status, media_type="application/json", headers=headers
     )
+
+
+def dump_json(body: Any) -> bytes:
+    """orjson, except for text that is not valid UTF-8 (a lone surrogate a client sent,
+    echoed in a message): the standard library escapes it instead of failing."""
+    try:
+        return orjson.dumps(body)
+    except TypeError:
+        import json
+
+        return json.dumps(body).encode()
 
 
 def request_id(request: Request) -> str:
@@ -95,7 +106,7 @@ def install_error_handlers(app: FastAPI, on_failure: Any) -> None:
         else:
             body = {"error": message, "error_type": "Validation"}
         return Response(
-            orjson.dumps(body),
+            dump_json(body),
             status_code=exc.status_code,
             media_type="application/json",
             headers=getattr(exc, "headers", None),

@@ -1,0 +1,219 @@
+"""Hostile and careless clients: every bad input gets a 4xx in its dialect's shape, API
+keys, size limits, schema-driven fuzzing, and a server that survives it all."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import Server
+
+BIG = "x " * 150_000  # 300k characters
+
+# (what it is, TEI body, OpenAI body). Each must get a 4xx on both dialects.
+BAD_INPUTS: list[tuple[str, Any, Any]] = [
+    ("inputs is a number", {"inputs": 42}, {"input": 42}),
+    ("inputs is a float list", {"inputs": [1.5, 2.5]}, {"input": [1.5]}),
+    ("inputs is an object", {"inputs": {"a": 1}}, {"input": {"a": 1}}),
+    ("inputs is a boolean", {"inputs": True}, {"input": False}),
+    ("inputs is null", {"inputs": None}, {"input": None}),
+    ("inputs missing", {"normalize": True}, {"model": "all-minilm-l6-v2"}),
+    ("empty string", {"inputs": ""}, {"input": ""}),
+    ("empty string in list", {"inputs": ["a", ""]}, {"input": ["a", ""]}),
+    ("empty list", {"inputs": []}, {"input": []}),
+    ("empty token list", {"inputs": [[]]}, {"input": [[]]}),
+    ("nested three deep", {"inputs": [[["a"]]]}, {"input": [[[1]]]}),
+    ("mixed strings and ids", {"inputs": ["a", 5]}, {"input": [5, "a"]}),
+    ("null in list", {"inputs": ["a", None]}, {"input": [None]}),
+    ("negative token id", {"inputs": [[101, -5, 102]]}, {"input": [101, -5]}),
+    ("token id beyond vocab", {"inputs": [2**40]}, {"input": [[2**63]]}),
+    ("dimensions as text", {"inputs": "a", "dimensions": "384"},
+     {"input": "a", "dimensions": "384"}),
+    ("dimensions zero", {"inputs": "a", "dimensions": 0}, {"input": "a", "dimensions": 0}),
+    ("dimensions negative", {"inputs": "a", "dimensions": -64},
+     {"input": "a", "dimensions": -64}),
+    ("dimensions huge", {"inputs": "a", "dimensions": 10**12},
+     {"input": "a", "dimensions": 10**12}),
+    ("dimensions float", {"inputs": "a", "dimensions": 64.0},
+     {"input": "a", "dimensions": 64.0}),
+    ("normalize as text", {"inputs": "a", "normalize": "false"},
+     {"input": "a", "truncate": "false"}),
+    ("unknown encoding / direction", {"inputs": "a", "truncation_direction": "Middle"},
+     {"input": "a", "encoding_format": "binary"}),
+    ("unknown model", {"inputs": "a", "model": "gpt-9"}, {"input": "a", "model": "gpt-9"}),
+    ("model as number", {"inputs": "a", "model": 7}, {"input": "a", "model": 7}),
+    ("unknown prompt", {"inputs": "a", "prompt_name": "x"}, {"input": "a", "prompt_name": "x"}),
+    ("lone surrogate in model", {"inputs": "a", "model": "\ud800"},
+     {"input": "a", "model": "\udfff"}),
+    ("enormous string", {"inputs": BIG}, {"input": BIG}),
+    ("too long without truncation", {"inputs": "word " * 1000, "truncate": False},
+     {"input": "word " * 1000, "truncate": False}),
+    ("body is a list", ["a"], ["a"]),
+    ("body is a string", "hello", "hello"),
+]  # fmt: skip
+
+RAW_BAD: list[tuple[str, bytes, dict[str, str]]] = [
+    ("invalid JSON", b'{"inputs": "a",}', {"content-type": "application/json"}),
+    ("truncated JSON", b'{"inputs": ["a"', {"content-type": "application/json"}),
+    ("not JSON at all", b"inputs=hello", {"content-type": "application/x-www-form-urlencoded"}),
+    ("binary body", bytes(range(256)), {"content-type": "application/octet-stream"}),
+    ("empty body", b"", {"content-type": "application/json"}),
+    ("lone surrogate", b'{"inputs": "a \\udc00 b", "input": "a \\udc00 b"}', {}),
+    ("NaN dimension", b'{"inputs": "a", "input": "a", "dimensions": NaN}', {}),
+]
+
+
+def assert_dialect_error(r: httpx.Response, openai: bool) -> None:
+    assert 400 <= r.status_code < 500, (r.status_code, r.text[:300])
+    body = r.json()
+    if openai:
+        assert set(body["error"]) == {"message", "type", "param", "code"}
+        assert body["error"]["message"]
+    else:
+        assert set(body) == {"error", "error_type"} and body["error"]
+
+
+def post(c: httpx.Client, path: str, body: Any) -> httpx.Response:
+    # json.dumps keeps lone surrogates as \\uXXXX escapes, as a careless client would send.
+    return c.post(
+        path, content=json.dumps(body).encode(), headers={"content-type": "application/json"}
+    )
+
+
+@pytest.mark.parametrize(("what", "tei", "oai"), BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_is_a_4xx_in_both_dialects(server: Server, what: str, tei: Any, oai: Any) -> None:
+    with server.client() as c:
+        assert_dialect_error(post(c, "/embed", tei), openai=False)
+        assert_dialect_error(post(c, "/v1/embeddings", oai), openai=True)
+
+
+@pytest.mark.parametrize(("what", "raw", "headers"), RAW_BAD, ids=[b[0] for b in RAW_BAD])
+def test_bad_bodies_are_a_4xx(server: Server, what: str, raw: bytes, headers: dict) -> None:
+    with server.client() as c:
+        paths = [("/embed", False), ("/v1/embeddings", True)]
+        if what != "NaN dimension":  # /tokenize takes no dimensions
+            paths.append(("/tokenize", False))
+        for path, openai in paths:
+            assert_dialect_error(c.post(path, content=raw, headers=headers), openai)
+
+
+def test_nul_characters_are_embedded(server: Server) -> None:
+    with server.client() as c:
+        r = c.post("/embed", json={"inputs": "nul \u0000 in the middle"})
+        assert r.status_code == 200 and len(r.json()[0]) == 384
+
+
+def test_limits(server_factory: Any) -> None:
+    with server_factory(max_payload_bytes=10_000, max_input_chars=500,
+                        max_request_tokens=100) as s, s.client() as c:  # fmt: skip
+        r = c.post("/embed", json={"inputs": "a" * 20_000})
+        assert r.status_code == 413 and "max_payload_bytes (10000)" in r.json()["error"]
+
+        def chunks() -> Any:  # no content-length: the limit still applies
+            yield b'{"inputs": "'
+            for _ in range(30):
+                yield b"b" * 1000
+            yield b'"}'
+
+        r = c.post("/v1/embeddings", content=chunks())
+        assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
+        r = c.post("/embed", json={"inputs": ["ok", "c " * 300]})
+        assert r.status_code == 422 and "inputs[1] has 600 characters" in r.json()["error"]
+        r = c.post("/embed", json={"inputs": ["d e f g h " * 10] * 3})
+        assert r.status_code == 413 and "more than max_request_tokens (100)" in r.json()["error"]
+        info = c.get("/info").json()
+        assert (info["max_payload_bytes"], info["max_input_chars"]) == (10_000, 500)
+        assert c.post("/embed", json={"inputs": "fine"}).status_code == 200
+
+
+def test_api_keys(server_factory: Any, tmp_path: Any) -> None:
+    keyfile = tmp_path / "keys"
+    keyfile.write_text("# team keys\nfile-key-1\n")
+    with server_factory(api_key="k-one,k-two", api_key_file=str(keyfile)) as s:
+        with s.client() as c:
+            r = c.post("/embed", json={"inputs": "a"})
+            assert r.status_code == 401 and r.json() == {
+                "error": "API key missing: send the header 'Authorization: Bearer <key>'",
+                "error_type": "Unauthorized",
+            }
+            r = c.post(
+                "/v1/embeddings", json={"input": "a"}, headers={"authorization": "Bearer no"}
+            )
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+            assert "no" not in r.json()["error"]["message"].split(":")[0]
+            for key in ("k-one", "k-two", "file-key-1"):
+                r = c.post(
+                    "/embed", json={"inputs": "a"}, headers={"authorization": f"Bearer {key}"}
+                )
+                assert r.status_code == 200
+            assert c.get("/info").status_code == 401
+            assert c.get("/v1/models").status_code == 401
+            assert c.get("/health").status_code == 200  # open by default
+            assert c.get("/metrics").status_code == 200
+        import openai
+
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="k-two", max_retries=0)
+        assert len(client.embeddings.create(model="all-minilm-l6-v2", input="x").data) == 1
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=s.url + "/v1", api_key="bad", max_retries=0).models.list()
+    with server_factory(api_key="k", auth_health_metrics=True) as s, s.client() as c:
+        assert c.get("/health").status_code == 401
+        assert c.get("/health", headers={"authorization": "Bearer k"}).status_code == 200
+
+
+def test_cors_is_off_unless_configured(server_factory: Any) -> None:
+    preflight = {"origin": "https://app.example", "access-control-request-method": "POST"}
+    with server_factory() as s, s.client() as c:
+        r = c.options("/embed", headers=preflight)
+        assert "access-control-allow-origin" not in r.headers
+    with server_factory(cors_origins="https://app.example") as s, s.client() as c:
+        r = c.options("/embed", headers=preflight)
+        assert r.headers["access-control-allow-origin"] == "https://app.example"
+
+
+def test_request_id_in_and_out(server: Server) -> None:
+    with server.client() as c:
+        r = c.post("/embed", json={"inputs": "a"}, headers={"x-request-id": "trace-123"})
+        assert r.headers["x-request-id"] == "trace-123"
+        r = c.post("/embed", json={"inputs": ""})
+        assert len(r.headers["x-request-id"]) == 32
+
+
+def test_openapi_fuzz_never_5xx(server: Server) -> None:
+    """schemathesis generates requests from the service's own OpenAPI document; bounded
+    in examples (and so in time), derandomized so a failure reproduces."""
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+
+    schema = schemathesis.openapi.from_url(server.url + "/openapi.json")
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert {op.path for op in operations} >= {"/embed", "/v1/embeddings", "/tokenize"}
+    seen: list[int] = []
+    for op in operations:
+
+        @given(case=op.as_strategy())
+        @settings(
+            max_examples=40,
+            deadline=None,
+            derandomize=True,
+            database=None,
+            suppress_health_check=list(HealthCheck),
+        )
+        def check(case: Any) -> None:
+            response = case.call(base_url=server.url, timeout=30)
+            seen.append(response.status_code)
+            assert response.status_code < 500, (case.path, case.body, response.text[:300])
+            if response.status_code >= 400:
+                body = response.json()
+                if case.path.startswith(("/v1/", "/embeddings")):
+                    assert set(body["error"]) == {"message", "type", "param", "code"}
+                else:
+                    assert set(body) == {"error", "error_type"}
+
+        check()
+    assert len(seen) > 100
+    with server.client() as c:
+        assert c.post("/embed", json={"inputs": "still serving"}).status_code == 200

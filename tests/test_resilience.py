@@ -1,0 +1,201 @@
+"""Overload, faults and shutdown on real server processes and real servers in-process."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from embedsvc.backends import Backend, BackendOutOfMemory, PaddedBatch
+from tests.conftest import free_socket
+
+LONG = "the quick brown fox jumps over the lazy dog " * 25
+
+
+class ServerProcess:
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+        sock = free_socket()
+        self.port = sock.getsockname()[1]
+        sock.close()
+        self.url = f"http://127.0.0.1:{self.port}"
+        full_env = dict(os.environ, HF_HUB_OFFLINE="1", **(env or {}))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "embedsvc", "serve", "--port", str(self.port), *args],
+            env=full_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            assert self.proc.poll() is None, self.proc.communicate()[0]
+            time.sleep(0.1)
+        raise RuntimeError("server did not become healthy")
+
+    def stop(self) -> tuple[int, str]:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        out, _ = self.proc.communicate(timeout=60)
+        return self.proc.returncode, out
+
+
+@pytest.fixture()
+def spawn() -> Iterator[Any]:
+    started: list[ServerProcess] = []
+
+    def make(*args: str, env: dict[str, str] | None = None) -> ServerProcess:
+        p = ServerProcess(*args, env=env)
+        started.append(p)
+        return p
+
+    yield make
+    for p in started:
+        if p.proc.poll() is None:
+            p.proc.kill()
+            p.proc.communicate()
+
+
+async def burst(url: str, bodies: list[dict], deadline: float) -> list[int]:
+    limits = httpx.Limits(max_connections=len(bodies))
+    async with httpx.AsyncClient(base_url=url, timeout=deadline, limits=limits) as c:
+
+        async def one(b: dict) -> int:
+            try:
+                return (await c.post("/embed", json=b)).status_code
+            except httpx.TimeoutException:
+                return -1
+
+        return await asyncio.gather(*(one(b) for b in bodies))
+
+
+def test_overload_burst_on_a_real_process(spawn: Any) -> None:
+    srv = spawn("--max-concurrent-inputs", "16", "--max-batch-size", "8")
+    bodies = [{"inputs": [LONG, "short query"]} for _ in range(80)]  # 160 inputs = 10x
+    t0 = time.monotonic()
+    codes = asyncio.run(burst(srv.url, bodies, deadline=120))
+    elapsed = time.monotonic() - t0
+    assert -1 not in codes, "a request hung past the deadline"
+    assert set(codes) <= {200, 429}
+    assert codes.count(429) > 0 and codes.count(200) > 0
+    r = httpx.post(srv.url + "/v1/embeddings", json={"input": "right after"}, timeout=30)
+    assert r.status_code == 200
+    metrics = httpx.get(srv.url + "/metrics").text
+    assert 'embedsvc_inflight_inputs{model="all-minilm-l6-v2"} 0.0' in metrics
+    code, _ = srv.stop()
+    assert code == 0
+    print(f"burst: {codes.count(200)} ok, {codes.count(429)} refused in {elapsed:.1f}s")
+
+
+def test_sigterm_drains_in_flight_requests(spawn: Any) -> None:
+    srv = spawn("--max-batch-size", "4", "--drain-timeout", "60")
+
+    async def scenario() -> tuple[list[Any], Any]:
+        async with httpx.AsyncClient(base_url=srv.url, timeout=120) as c:
+            inflight = [
+                asyncio.create_task(c.post("/embed", json={"inputs": [LONG] * 4})) for _ in range(6)
+            ]
+            await asyncio.sleep(0.5)  # all six are being served (24 long inputs queued)
+            srv.proc.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.3)
+            try:
+                async with httpx.AsyncClient(base_url=srv.url, timeout=10) as late_client:
+                    late: Any = await late_client.post("/embed", json={"inputs": "late"})
+                    late = late.status_code
+            except httpx.TransportError:
+                late = "refused"
+            return list(await asyncio.gather(*inflight)), late
+
+    responses, late = asyncio.run(scenario())
+    for r in responses:
+        assert r.status_code == 200
+        vecs = np.array(r.json())
+        assert vecs.shape == (4, 384)
+    assert late in (503, "refused")
+    code, out = srv.stop()
+    assert code == 0, out
+    assert "draining in-flight requests" in out
+
+
+def test_json_logs_carry_request_ids_and_no_secrets(spawn: Any) -> None:
+    srv = spawn("--log-format", "json", "--api-key", "s3cret-key",
+                env={"HF_TOKEN": "hf_not_for_logs"})  # fmt: skip
+    h = {"authorization": "Bearer s3cret-key", "x-request-id": "req-42"}
+    assert httpx.post(srv.url + "/embed", json={"inputs": "a"}, headers=h).status_code == 200
+    assert httpx.post(srv.url + "/embed", json={"inputs": "a"},
+                      headers={"authorization": "Bearer wrong-key"}).status_code == 401  # fmt: skip
+    code, out = srv.stop()
+    assert code == 0
+    records = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert records and all({"ts", "level", "logger", "msg"} <= set(r) for r in records)
+    assert any("listening on" in r["msg"] for r in records)
+    assert "s3cret-key" not in out and "wrong-key" not in out and "hf_not_for_logs" not in out
+
+
+class FaultyBackend:
+    """Wraps the real backend to raise on demand. A fake, because a real model cannot be
+    made to run out of memory or kill its worker on request."""
+
+    def __init__(self, inner: Backend, fault: BaseException, when: Any) -> None:
+        self.inner, self.fault, self.when = inner, fault, when
+        self.device, self.dtype, self.dimension = inner.device, inner.dtype, inner.dimension
+        self.shapes: list[tuple[int, int]] = []
+
+    def forward(self, batch: PaddedBatch) -> np.ndarray:
+        self.shapes.append(batch.shape)
+        if self.when(batch):
+            raise self.fault
+        return self.inner.forward(batch)
+
+
+def test_out_of_memory_splits_the_batch(server_factory: Any, st_minilm: Any) -> None:
+    texts = [f"sentence number {i} about the sea" for i in range(8)]
+    with server_factory(max_batch_size=8) as s:
+        engine = s.engines.default
+        fake = FaultyBackend(engine.model.backend, BackendOutOfMemory("CUDA out of memory"),
+                             when=lambda b: b.shape[0] > 2)  # fmt: skip
+        engine.model.backend = fake
+        with s.client() as c:
+            r = c.post("/embed", json={"inputs": texts})
+        assert r.status_code == 200
+        expected = st_minilm.encode(texts, normalize_embeddings=True)
+        np.testing.assert_allclose(np.array(r.json()), expected, atol=1e-4)
+        assert [b for b, _ in fake.shapes] == [8, 4, 2, 2, 4, 2, 2]
+
+
+class WorkerKilled(BaseException):
+    """Something a worker cannot recover from (not an ordinary Exception)."""
+
+
+def test_dead_worker_turns_health_red_and_asks_to_exit(server_factory: Any) -> None:
+    with server_factory() as s:
+        engine = s.engines.default
+        reasons: list[str] = []
+        engine.on_fatal = reasons.append
+        engine.model.backend = FaultyBackend(engine.model.backend, WorkerKilled(),
+                                             when=lambda b: True)  # fmt: skip
+        with s.client() as c:
+            r = c.post("/embed", json={"inputs": "boom"})
+            assert r.status_code == 424 and r.json()["error_type"] == "Backend"
+            deadline = time.monotonic() + 10
+            while not reasons and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert reasons == ["model all-minilm-l6-v2: a worker thread died"]
+            health = c.get("/health")
+            assert health.status_code == 503 and "not healthy" in health.json()["error"]
+            r = c.post("/v1/embeddings", json={"input": "after"})
+            assert r.status_code == 503 and r.json()["error"]["code"] == "service_unavailable"
