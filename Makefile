@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 ARGS ?=
 
-.PHONY: install install-test serve test lint
+.PHONY: install install-test install-bench serve test lint bench
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -18,6 +18,9 @@ install: $(PY)
 install-test: $(PY)
 	$(PIP) install -q -c constraints.txt -e '.[test]'
 
+install-bench: $(PY)
+	$(PIP) install -q -c constraints.txt -e '.[bench]'
+
 serve: install
 	$(VENV)/bin/embedsvc serve $(ARGS)
 
@@ -28,3 +31,6 @@ lint: install-test
 
 test: lint
 	$(VENV)/bin/pytest -q $(ARGS)
+
+bench: install-bench
+	$(PY) bench/throughput.py $(ARGS)

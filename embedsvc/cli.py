@@ -57,6 +57,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def pull(args: argparse.Namespace) -> int:
+    """Download each model at its pinned revision, then load it from disk alone (no
+    network) and run one forward pass, so what `serve` will do is proven here."""
+    from embedsvc.backends import load_model
     from embedsvc.model_files import pull_model
     from embedsvc.registry import load_registry
 
@@ -69,7 +72,20 @@ def pull(args: argparse.Namespace) -> int:
             continue
         local = os.path.join(args.local_dir, spec.name) if args.local_dir else None
         path = pull_model(spec, cache_dir=args.cache_dir, local_dir=local)
-        log.info("model %s: %s@%s ready at %s", spec.name, spec.hf_id, spec.revision[:12], path)
+        model = load_model(spec, path)
+        probe = model.tokenizer.encode("embedsvc pull check").ids
+        import numpy as np
+
+        from embedsvc.backends import PaddedBatch
+
+        ids = np.array([probe], dtype=np.int64)
+        out = model.backend.forward(PaddedBatch(ids, np.ones_like(ids)))
+        log.info(
+            "model %s: %s@%s at %s loads offline (dim %d)",
+            spec.name, spec.hf_id, spec.revision[:12], path, out.shape[1],
+        )  # fmt: skip
+        if local:
+            log.info("serve it with local_dir: %s in models.yaml", local)
     return 0
 
 

@@ -128,9 +128,30 @@ def _needs_remote_code(path: Path) -> str:
 def pull_model(
     spec: ModelSpec, *, cache_dir: str | None = None, local_dir: str | None = None
 ) -> Path:
-    """Download `spec` at its pinned revision: serving files only, safetensors only."""
-    from huggingface_hub import snapshot_download
+    """Download `spec` at its pinned revision: serving files only, safetensors only.
 
+    The repository listing is checked first, so a pickle-only model is refused before
+    anything is downloaded. HF_TOKEN and HF_ENDPOINT are honoured by huggingface_hub.
+    """
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.hf_api import RepoFile
+
+    files = [
+        f.path
+        for f in HfApi().list_repo_tree(spec.hf_id, revision=spec.revision, recursive=True)
+        if isinstance(f, RepoFile)
+    ]
+    top = [f for f in files if "/" not in f]
+    if not any(f.endswith(".safetensors") for f in top):
+        pickles = [f for f in top if f.endswith((".bin", ".pt", ".pth", ".ckpt"))]
+        what = (
+            f"only pickle weights ({', '.join(pickles)})" if pickles else "no safetensors weights"
+        )
+        raise ConfigError(
+            f"model {spec.name}: {spec.hf_id}@{spec.revision[:12]} has {what}; embedsvc serves "
+            "safetensors only, since pickle files can run code when loaded. Pin a revision "
+            "that has model.safetensors"
+        )
     path = snapshot_download(
         repo_id=spec.hf_id,
         revision=spec.revision,

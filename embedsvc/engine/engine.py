@@ -105,7 +105,11 @@ class ModelEngine:
         # previous one runs. On CPU a forward pass takes tens of milliseconds or more, and
         # a batch formed that early would hold only what was queued when the previous
         # one started; forming it when the model is free takes what arrived meanwhile.
-        self._slots = threading.Semaphore(2 if model.backend.device.startswith("cuda") else 1)
+        # On CPU the compute thread also takes the next batch itself as soon as it is free
+        # (a continuation queued behind other models' work), so no thread hand-off sits
+        # between two forward passes while the queue is non-empty.
+        self._prefetch = model.backend.device.startswith("cuda")
+        self._slots = threading.Semaphore(2 if self._prefetch else 1)
         self.compute = compute_thread()
         self._tok_pool = ThreadPoolExecutor(
             settings.tokenization_workers, thread_name_prefix=f"tok-{self.name}"
@@ -379,27 +383,40 @@ class ModelEngine:
             self.on_fatal(f"model {self.name}: a worker thread died")
 
     def _run_batch(self, items: list[Item], batch: PaddedBatch) -> None:
-        """On the compute thread: forward pass, finalize, hand results to the loop."""
+        """On the compute thread: run one batch, then (CPU) go on with the next one."""
         try:
-            if all(it.job.cancelled for it in items):
-                return
-            start = time.perf_counter()
-            try:
-                pooled = self._forward(items, batch)
-                rows = self._finalize(items, pooled)
-            except Exception:
-                log.exception("model %s: forward pass of %d inputs failed", self.name, len(items))
-                self._deliver_error(items)
-                return
-            end = time.perf_counter()
-            assert self._loop is not None
-            self._loop.call_soon_threadsafe(self._deliver, items, rows, start, end)
+            self._execute(items, batch)
         except BaseException:
             log.critical("model %s: fatal error in a forward pass", self.name, exc_info=True)
             self._deliver_error(items)
             self._worker_died()
-        finally:
             self._slots.release()
+            return
+        if not self._prefetch and self.healthy:
+            nxt = self.queue.take(timeout=0)
+            live = [it for it in nxt or [] if not it.job.cancelled]
+            if live:
+                self.metrics.queue_size.labels(self.name).set(len(self.queue))
+                batch = pad(live, self.model.pad_token_id)
+                self.compute.submit(functools.partial(self._run_batch, live, batch))
+                return  # the slot passes on to the continuation
+        self._slots.release()
+
+    def _execute(self, items: list[Item], batch: PaddedBatch) -> None:
+        """Forward pass, finalize, hand the rows to the event loop (or fail the batch)."""
+        if all(it.job.cancelled for it in items):
+            return
+        start = time.perf_counter()
+        try:
+            pooled = self._forward(items, batch)
+            rows = self._finalize(items, pooled)
+        except Exception:
+            log.exception("model %s: forward pass of %d inputs failed", self.name, len(items))
+            self._deliver_error(items)
+            return
+        end = time.perf_counter()
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._deliver, items, rows, start, end)
 
     def _forward(self, items: list[Item], batch: PaddedBatch) -> np.ndarray:
         """Forward pass; on out-of-memory, split the batch in halves and retry."""

@@ -1,0 +1,153 @@
+"""`embedsvc pull` end to end against a local Hub emulation, then serving offline."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.hub_emulator import HubEmulator
+from tests.models import MINILM_PATH
+
+COMMIT = "89abcdef0123456789abcdef0123456789abcdef"
+PICKLE_COMMIT = "fedcba9876543210fedcba9876543210fedcba98"
+
+
+@pytest.fixture()
+def hub(model_dir: Path, tmp_path: Path) -> Iterator[tuple[HubEmulator, str]]:
+    emu = HubEmulator()
+    repo = tmp_path / "repo"
+    shutil.copytree(model_dir / "tiny-bge", repo)
+    # Files a serving pull must skip: pickle weights and an ONNX copy.
+    (repo / "pytorch_model.bin").write_bytes(b"pickle, never to be downloaded")
+    (repo / "onnx").mkdir()
+    (repo / "onnx" / "model.onnx").write_bytes(b"onnx copy")
+    emu.add_folder("org/tiny-bge", COMMIT, repo)
+    pickled = tmp_path / "pickled"
+    shutil.copytree(MINILM_PATH, pickled)
+    (pickled / "model.safetensors").rename(pickled / "pytorch_model.bin")
+    emu.add_folder("org/pickled", PICKLE_COMMIT, pickled)
+    url = emu.start()
+    yield emu, url
+    emu.stop()
+
+
+def models_yaml(tmp_path: Path) -> Path:
+    path = tmp_path / "models.yaml"
+    path.write_text(f"""
+models:
+  - name: tiny-bge
+    hf_id: org/tiny-bge
+    revision: {COMMIT}
+    pooling: cls
+    prompts: {{query: "q: "}}
+    query_prompt: query
+  - name: pickled
+    hf_id: org/pickled
+    revision: {PICKLE_COMMIT}
+""")
+    return path
+
+
+def run(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "embedsvc", *args],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+def base_env(tmp_path: Path, url: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "EMBEDSVC_"))}
+    env.update(HF_ENDPOINT=url, HF_HOME=str(tmp_path / "hf"), HF_TOKEN="hf_test_token",
+               HF_HUB_DISABLE_XET="1")  # fmt: skip
+    return env
+
+
+def test_pull_then_serve_offline(hub: tuple[HubEmulator, str], tmp_path: Path) -> None:
+    emu, url = hub
+    cfg = models_yaml(tmp_path)
+    env = base_env(tmp_path, url)
+    proc = run(["pull", "--models-file", str(cfg), "--models", "tiny-bge"], env)
+    assert proc.returncode == 0, proc.stderr
+    assert "loads offline (dim 32)" in proc.stderr
+    got = emu.downloaded()
+    assert "model.safetensors" in got and "tokenizer.json" in got and "1_Pooling/config.json" in got
+    assert "pytorch_model.bin" not in got and "onnx/model.onnx" not in got
+    model_routes = [r for r in emu.requests if "/tree/" in r[1] or "/resolve/" in r[1]]
+    assert model_routes and all(auth == "Bearer hf_test_token" for _, _, auth in model_routes)
+    snapshot = tmp_path / "hf" / "hub" / "models--org--tiny-bge" / "snapshots" / COMMIT
+    assert (snapshot / "model.safetensors").is_file()
+    assert "hf_test_token" not in proc.stderr + proc.stdout
+
+    # Now serve with the Hub unreachable: only the cache is used.
+    emu.requests.clear()
+    offline = dict(env, HF_HUB_OFFLINE="1", HF_ENDPOINT="http://127.0.0.1:9")
+    from tests.conftest import free_socket
+
+    sock = free_socket()
+    port = sock.getsockname()[1]
+    sock.close()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "embedsvc", "serve", "--models-file", str(cfg), "--models",
+         "tiny-bge", "--port", str(port)],
+        env=offline, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        import time
+
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert server.poll() is None, server.communicate()[0]
+            time.sleep(0.2)
+        r = httpx.post(f"http://127.0.0.1:{port}/embed",
+                       json={"inputs": "hello", "prompt_name": "query"})  # fmt: skip
+        assert r.status_code == 200 and len(r.json()[0]) == 32
+        info = httpx.get(f"http://127.0.0.1:{port}/info").json()
+        assert info["model_sha"] == COMMIT and info["models"][0]["source"] == "hf_cache"
+    finally:
+        server.terminate()
+        server.communicate(timeout=60)
+    assert emu.requests == []  # serving never called the Hub
+
+
+def test_pull_to_local_dir(hub: tuple[HubEmulator, str], tmp_path: Path) -> None:
+    _, url = hub
+    cfg = models_yaml(tmp_path)
+    out = tmp_path / "models"
+    proc = run(["pull", "--models-file", str(cfg), "--models", "tiny-bge", "--local-dir",
+                str(out)], base_env(tmp_path, url))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "tiny-bge" / "model.safetensors").is_file()
+    assert not (out / "tiny-bge" / "pytorch_model.bin").exists()
+
+
+def test_pull_refuses_pickle_only(hub: tuple[HubEmulator, str], tmp_path: Path) -> None:
+    emu, url = hub
+    proc = run(["pull", "--models-file", str(models_yaml(tmp_path)), "--models", "pickled"],
+               base_env(tmp_path, url))  # fmt: skip
+    assert proc.returncode == 2
+    assert "only pickle weights (pytorch_model.bin)" in proc.stderr
+    assert emu.downloaded() == set()  # refused before downloading anything
+
+
+def test_pull_unknown_revision_is_a_clear_error(
+    hub: tuple[HubEmulator, str], tmp_path: Path
+) -> None:
+    _, url = hub
+    cfg = tmp_path / "m.yaml"
+    cfg.write_text("models:\n  - name: gone\n    hf_id: org/tiny-bge\n"
+                   "    revision: 0000000000000000000000000000000000000000\n")  # fmt: skip
+    proc = run(["pull", "--models-file", str(cfg)], base_env(tmp_path, url))
+    assert proc.returncode != 0
+    assert "gone" in proc.stderr or "org/tiny-bge" in proc.stderr
