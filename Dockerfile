@@ -1,0 +1,59 @@
+# embedsvc container image.
+#
+#   GPU (default):  docker build -t embedsvc:gpu .
+#   CPU only:       docker build --build-arg VARIANT=cpu -t embedsvc:cpu .
+#   Models baked in at build time (needs the Hub or HF_ENDPOINT at build time):
+#                   docker build --build-arg PULL_MODELS=bge-small-en-v1.5 -t embedsvc:bge .
+#
+# Run (models from a mounted Hugging Face cache, filled by `embedsvc pull`):
+#   docker run --gpus all -p 8080:8080 -v hf-cache:/data/hf embedsvc:gpu --models bge-small-en-v1.5
+
+ARG VARIANT=gpu
+
+FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04 AS base-gpu
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
+    && rm -rf /var/lib/apt/lists/*
+ENV TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
+
+FROM python:3.12-slim AS base-cpu
+ENV TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+
+# hadolint ignore=DL3006
+FROM base-${VARIANT}
+ENV VIRTUAL_ENV=/opt/embedsvc \
+    PATH=/opt/embedsvc/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+# The torch build for this variant first (CUDA or CPU wheel index); the project's own
+# requirement (torch>=2.4) is then already met, so `pip install .` keeps it.
+RUN python3 -m venv /opt/embedsvc \
+    && pip install --index-url "$TORCH_INDEX_URL" "torch==2.13.0"
+WORKDIR /src
+COPY pyproject.toml README.md models.yaml ./
+COPY embedsvc ./embedsvc
+# embedsvc/models.yaml is a link to the top-level file in the repository; ship a copy.
+# hadolint ignore=DL3013
+RUN rm -f embedsvc/models.yaml && cp models.yaml embedsvc/models.yaml \
+    && pip install ".[onnx]" && rm -rf /src
+
+RUN useradd --uid 10001 --create-home --shell /usr/sbin/nologin embedsvc \
+    && mkdir -p /data/hf && chown embedsvc /data/hf
+ENV HF_HOME=/data/hf \
+    EMBEDSVC_HOST=0.0.0.0 \
+    EMBEDSVC_PORT=8080
+
+ARG PULL_MODELS=""
+USER 10001
+RUN if [ -n "$PULL_MODELS" ]; then embedsvc pull --models "$PULL_MODELS"; fi
+# Serving never downloads: models come from the image, the mounted cache, or local_dir.
+ENV HF_HUB_OFFLINE=1
+VOLUME ["/data/hf"]
+WORKDIR /home/embedsvc
+EXPOSE 8080
+STOPSIGNAL SIGTERM
+HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
+    CMD ["python3", "-c", "import os,urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('EMBEDSVC_PORT', '8080'), timeout=4)"]
+ENTRYPOINT ["embedsvc", "serve"]

