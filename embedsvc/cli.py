@@ -33,6 +33,16 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--cache-dir", default=None, help="Hugging Face cache folder")
     where.add_argument("--local-dir", default=None, help="plain folder (one subfolder per model)")
 
+    export = sub.add_parser("export", help="export a model's transformer to ONNX")
+    export.add_argument("model", help="served name from models.yaml")
+    export.add_argument("--variant", choices=["fp32", "int8", "fp16"], default="fp32")
+    export.add_argument(
+        "--out",
+        default=None,
+        help="folder; the export goes to OUT/VARIANT (default: beside the model)",
+    )
+    export.add_argument("--models-file", default=None, help="path of models.yaml")
+
     models = sub.add_parser("models", help="list the models in models.yaml")
     models.add_argument("--models-file", default=None, help="path of models.yaml")
     return parser
@@ -50,6 +60,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return pull(args)
         if args.command == "models":
             return list_models(args)
+        if args.command == "export":
+            return export(args)
     except ConfigError as e:
         print(f"embedsvc: {e}", file=sys.stderr)
         return 2
@@ -86,6 +98,26 @@ def pull(args: argparse.Namespace) -> int:
         )  # fmt: skip
         if local:
             log.info("serve it with local_dir: %s in models.yaml", local)
+    return 0
+
+
+def export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from embedsvc.export import default_out_dir, export_model
+    from embedsvc.model_files import check_model_dir, resolve_model_dir
+    from embedsvc.registry import load_registry
+
+    setup_logging("info")
+    spec = load_registry(args.models_file).select([args.model])[0]
+    path = resolve_model_dir(spec)
+    check_model_dir(spec, path)
+    default = default_out_dir(spec, path, args.variant)
+    out = Path(args.out) / args.variant if args.out else default
+    done = export_model(spec, path, args.variant, out)
+    print(done)
+    if args.out:
+        log.info("serve it with backend: onnx and onnx_dir: %s in models.yaml", args.out)
     return 0
 
 

@@ -17,7 +17,8 @@ from embedsvc.errors import ConfigError
 
 SHA_RE = re.compile(r"^[0-9a-f]{40}$")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")
-BACKENDS = ("torch",)
+BACKENDS = ("torch", "onnx")
+ONNX_VARIANTS = ("auto", "fp32", "int8", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 POOLINGS = ("cls", "mean", "lasttoken")
@@ -43,6 +44,8 @@ class ModelSpec:
     matryoshka_dims: tuple[int, ...] = ()
     matryoshka_layer_norm: bool = False
     trust_remote_code: bool = False
+    onnx_variant: str = "auto"  # auto: int8 on CPU, fp16 on CUDA
+    onnx_dir: str | None = None  # where `embedsvc export` put the model (default: see export.py)
     description: str = ""
 
     @property
@@ -204,5 +207,9 @@ def _parse_entry(entry: Any, where: str, base_dir: Path) -> ModelSpec:
         matryoshka_dims=tuple(sorted(set(dims), reverse=True)),
         matryoshka_layer_norm=bool(entry.get("matryoshka_layer_norm", False)),
         trust_remote_code=bool(entry.get("trust_remote_code", False)),
+        onnx_variant=choice("onnx_variant", ONNX_VARIANTS, "auto"),
+        onnx_dir=str((base_dir / str(entry["onnx_dir"])).resolve())
+        if entry.get("onnx_dir")
+        else None,
         description=str(entry.get("description", "")),
     )

@@ -56,4 +56,8 @@ def load_model(spec: ModelSpec, path: Path) -> LoadedModel:
         from embedsvc.backends.torch_backend import load_torch_model
 
         return load_torch_model(spec, path)
+    if spec.backend == "onnx":
+        from embedsvc.backends.onnx_backend import load_onnx_model
+
+        return load_onnx_model(spec, path)
     raise ValueError(f"unknown backend {spec.backend}")
