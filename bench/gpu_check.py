@@ -1,0 +1,171 @@
+"""GPU path check and throughput, for a machine with an NVIDIA GPU (not part of the tests).
+
+    bash bench/gpu.sh            # or: python bench/gpu_check.py [--model all-minilm-l6-v2]
+
+1. torch: fp16 vectors vs fp32 (cosine >= 0.999 each), offline throughput of fp32 and
+   fp16 at several batch sizes (the offline limit), and embedsvc's engine on fp16 at
+   saturation (many concurrent jobs through the real batching engine), as a ratio.
+2. onnxruntime CUDA provider (needs onnxruntime-gpu): fp16 export vs torch fp32 parity
+   and throughput through the onnx backend.
+Prints one PASS/FAIL line per check and the ratios last; exits non-zero on a failed check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from workload import rag_mix
+
+from embedsvc.backends import load_model
+from embedsvc.engine import EmbedRequest, EngineSet, ModelEngine
+from embedsvc.metrics import Metrics
+from embedsvc.model_files import resolve_model_dir
+from embedsvc.registry import load_registry
+from embedsvc.settings import Settings
+
+failures: list[str] = []
+
+
+def check(name: str, ok: bool, detail: str) -> None:
+    print(f"{'PASS' if ok else 'FAIL'} {name}: {detail}", flush=True)
+    if not ok:
+        failures.append(name)
+
+
+def cos_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    return (a * b).sum(axis=1)
+
+
+def offline(model, texts: list[str], sizes: list[int]) -> tuple[int, float]:
+    import torch
+
+    best = (0, 0.0)
+    model.encode(texts[:256], batch_size=64)
+    for bs in sizes:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        model.encode(texts, batch_size=bs)
+        torch.cuda.synchronize()
+        rate = len(texts) / (time.perf_counter() - t0)
+        print(f"  offline batch_size={bs:4d}: {rate:9.1f} inputs/s", flush=True)
+        best = max(best, (bs, rate), key=lambda x: x[1])
+    return best
+
+
+async def engine_saturation(engine: ModelEngine, texts: list[str], seconds: float) -> float:
+    done = 0
+    stop = time.perf_counter() + seconds
+
+    async def client(i: int) -> None:
+        nonlocal done
+        k = i
+        while time.perf_counter() < stop:
+            chunk = [texts[(k + j) % len(texts)] for j in range(8)]
+            k += 8
+            await engine.embed(EmbedRequest(texts=chunk, truncate=True))
+            done += len(chunk)
+
+    engine.start(asyncio.get_running_loop())
+    t0 = time.perf_counter()
+    await asyncio.gather(*(client(i * 8) for i in range(64)))
+    return done / (time.perf_counter() - t0)
+
+
+def main() -> int:
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="all-minilm-l6-v2")
+    ap.add_argument("--texts", type=int, default=8192)
+    ap.add_argument("--seconds", type=float, default=20)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("no CUDA device visible to torch")
+        return 2
+    print(f"GPU: {torch.cuda.get_device_name(0)}; torch {torch.__version__}")
+    spec = load_registry().select([args.model])[0]
+    path = resolve_model_dir(spec)
+    texts = rag_mix(args.texts, seed=21)
+    probe = texts[:256]
+
+    fp32 = SentenceTransformer(str(path), device="cuda")
+    fp16 = SentenceTransformer(str(path), device="cuda", model_kwargs={"dtype": torch.float16})
+    ref = fp32.encode(probe, normalize_embeddings=True)
+    half = fp16.encode(probe, normalize_embeddings=True)
+    c = cos_rows(ref, half)
+    check("torch fp16 vs fp32", c.min() >= 0.999, f"cosine min {c.min():.5f} mean {c.mean():.5f}")
+
+    print("offline limit, torch fp32:")
+    _, off32 = offline(fp32, texts, [64, 128, 256, 512])
+    print("offline limit, torch fp16:")
+    best_bs, off16 = offline(fp16, texts, [64, 128, 256, 512, 1024])
+    del fp32, fp16
+    torch.cuda.empty_cache()
+
+    settings = Settings()
+    metrics = Metrics()
+    fp16_spec = dataclasses.replace(spec, device="cuda", dtype="float16")
+    engine = ModelEngine(load_model(fp16_spec, path), settings, metrics)
+    engine.warmup()
+    served = asyncio.run(engine_saturation(engine, texts, args.seconds))
+    EngineSet([engine]).stop()
+    print(f"embedsvc engine, fp16, 64 concurrent 8-input jobs: {served:.1f} inputs/s")
+
+    ort_rate = None
+    try:
+        import onnxruntime as ort
+
+        has_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+    except ImportError:
+        has_cuda = False
+    if has_cuda:
+        from embedsvc.engine.batcher import Item, pad
+        from embedsvc.engine.tokenize import TextTokenizer
+        from embedsvc.export import export_model
+
+        out = Path(tempfile.mkdtemp(prefix="embedsvc-gpu-"))
+        export_model(spec, path, "fp16", out / "fp16")
+        onnx_spec = dataclasses.replace(
+            spec, backend="onnx", device="cuda", onnx_variant="fp16", onnx_dir=str(out)
+        )
+        model = load_model(onnx_spec, path)
+        tok = TextTokenizer(model.tokenizer, model.max_seq_length)
+        ids = tok.encode(probe, prefix="", truncate=True, direction="right", param="x")
+        got = model.backend.forward(pad([Item(None, i, x) for i, x in enumerate(ids)], 0))
+        c = cos_rows(ref, got)
+        providers = model.backend.session.get_providers()  # type: ignore[attr-defined]
+        check("onnxruntime CUDA fp16 vs torch fp32", c.min() >= 0.999,
+              f"cosine min {c.min():.5f}; providers {providers}")  # fmt: skip
+        all_ids = tok.encode(texts, prefix="", truncate=True, direction="right", param="x")
+        order = sorted(range(len(all_ids)), key=lambda i: len(all_ids[i]))
+        t0 = time.perf_counter()
+        for k in range(0, len(order), best_bs):
+            group = [Item(None, 0, all_ids[i]) for i in order[k : k + best_bs]]
+            model.backend.forward(pad(group, 0))
+        ort_rate = len(texts) / (time.perf_counter() - t0)
+        print(f"onnxruntime CUDA fp16, batch {best_bs}: {ort_rate:.1f} inputs/s")
+    else:
+        check("onnxruntime CUDA provider", False, "not available (install embedsvc[onnx-gpu])")
+
+    print()
+    print(f"ratio torch fp16 / fp32 offline        = {off16 / off32:.2f}")
+    print(f"ratio embedsvc engine fp16 / offline   = {served / off16:.2f}")
+    if ort_rate:
+        print(f"ratio onnxruntime fp16 / torch fp16    = {ort_rate / off16:.2f}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
