@@ -15,10 +15,12 @@ FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04 AS base-gpu
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
     && rm -rf /var/lib/apt/lists/*
-ENV TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
+ENV TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 \
+    EMBEDSVC_EXTRAS=onnx-gpu
 
 FROM python:3.12-slim AS base-cpu
-ENV TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ENV TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu \
+    EMBEDSVC_EXTRAS=onnx
 
 # hadolint ignore=DL3006
 FROM base-${VARIANT}
@@ -37,7 +39,7 @@ COPY embedsvc ./embedsvc
 # embedsvc/models.yaml is a link to the top-level file in the repository; ship a copy.
 # hadolint ignore=DL3013
 RUN rm -f embedsvc/models.yaml && cp models.yaml embedsvc/models.yaml \
-    && pip install ".[onnx]" && rm -rf /src
+    && pip install ".[${EMBEDSVC_EXTRAS}]" && rm -rf /src
 
 RUN useradd --uid 10001 --create-home --shell /usr/sbin/nologin embedsvc \
     && mkdir -p /data/hf && chown embedsvc /data/hf
