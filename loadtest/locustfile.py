@@ -41,6 +41,14 @@ class EmbedUser(FastHttpUser):
             return [query(self.rng)], "query"
         return [passage(self.rng) for _ in range(n)], "passage"
 
+    def post(self, path: str, body: dict, n: int) -> None:
+        """POST and record the server's timing headers; non-200 answers count as failures."""
+        with self.client.post(path, json=body, name=f"{path} [{n}]", catch_response=True) as r:
+            if r.status_code == 200:
+                self.record(r, path)
+            else:
+                r.failure(f"{r.status_code}: {r.text[:200]}")
+
     def record(self, response, name: str) -> None:
         for header in TIMING_HEADERS:
             value = response.headers.get(header)
@@ -61,13 +69,7 @@ class TEIUser(EmbedUser):
     @task
     def embed(self) -> None:
         texts, _ = self.inputs()
-        name = f"/embed [{len(texts)}]"
-        body = {"inputs": texts, "truncate": True, "model": MODEL}
-        with self.client.post("/embed", json=body, name=name, catch_response=True) as r:
-            if r.status_code == 200:
-                self.record(r, "/embed")
-            else:
-                r.failure(f"{r.status_code}: {r.text[:200]}")
+        self.post("/embed", {"inputs": texts, "truncate": True, "model": MODEL}, len(texts))
 
 
 class OpenAIUser(EmbedUser):
@@ -76,7 +78,6 @@ class OpenAIUser(EmbedUser):
     @task
     def embeddings(self) -> None:
         texts, kind = self.inputs()
-        name = f"/v1/embeddings [{len(texts)}]"
         body = {
             "input": texts,
             "model": MODEL,
@@ -84,8 +85,4 @@ class OpenAIUser(EmbedUser):
             "truncate": True,
             "encoding_format": "base64",
         }
-        with self.client.post("/v1/embeddings", json=body, name=name, catch_response=True) as r:
-            if r.status_code == 200:
-                self.record(r, "/v1/embeddings")
-            else:
-                r.failure(f"{r.status_code}: {r.text[:200]}")
+        self.post("/v1/embeddings", body, len(texts))
