@@ -89,12 +89,20 @@ def raw_forward_p50(path: str, text: str, n: int) -> float:
 
 
 class Load:
-    def __init__(self, texts: list[str], per_request: int, seed: int = 1) -> None:
+    def __init__(
+        self, texts: list[str], per_request: int, seed: int = 1, openai_model: str | None = None
+    ) -> None:
         self.texts = texts
         self.per_request = per_request
         self.rng = random.Random(seed)
+        self.openai_model = openai_model  # set: OpenAI-dialect bodies for `path`
+        self.path = "/embed"
 
     def body(self) -> dict:
+        if self.openai_model is not None:
+            n = self.per_request
+            texts = self.rng.sample(self.texts, n) if n > 1 else [self.rng.choice(self.texts)]
+            return {"input": texts, "model": self.openai_model}
         # truncate: passages may exceed the model's limit; sentence-transformers (and so
         # the offline limit and the naive server) truncate silently.
         if self.per_request == 1:
@@ -117,7 +125,7 @@ async def closed_loop(url: str, load: Load, concurrency: int, seconds: float) ->
             while time.perf_counter() < stop_at:
                 body = load.body()
                 t0 = time.perf_counter()
-                async with session.post("/embed", json=body) as r:
+                async with session.post(load.path, json=body) as r:
                     await r.read()
                     if r.status != 200:
                         errors += 1
