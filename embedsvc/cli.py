@@ -71,7 +71,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def pull(args: argparse.Namespace) -> int:
     """Download each model at its pinned revision, then load it from disk alone (no
     network) and run one forward pass, so what `serve` will do is proven here."""
-    from embedsvc.backends import load_model
+    import numpy as np
+
+    from embedsvc.backends import PaddedBatch, load_model
     from embedsvc.model_files import pull_model
     from embedsvc.registry import load_registry
 
@@ -85,12 +87,7 @@ def pull(args: argparse.Namespace) -> int:
         local = os.path.join(args.local_dir, spec.name) if args.local_dir else None
         path = pull_model(spec, cache_dir=args.cache_dir, local_dir=local)
         model = load_model(spec, path)
-        probe = model.tokenizer.encode("embedsvc pull check").ids
-        import numpy as np
-
-        from embedsvc.backends import PaddedBatch
-
-        ids = np.array([probe], dtype=np.int64)
+        ids = np.array([model.tokenizer.encode("embedsvc pull check").ids], dtype=np.int64)
         out = model.backend.forward(PaddedBatch(ids, np.ones_like(ids)))
         log.info(
             "model %s: %s@%s at %s loads offline (dim %d)",

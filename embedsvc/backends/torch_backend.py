@@ -7,7 +7,6 @@ this backend stops at pooling (plus any Dense projection the model declares).
 from __future__ import annotations
 
 import logging
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +18,6 @@ from embedsvc.errors import ConfigError
 from embedsvc.registry import ModelSpec
 
 log = logging.getLogger(__name__)
-
-_TORCH_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
 
 
 def resolve_device(device: str) -> str:
@@ -45,7 +42,6 @@ class TorchBackend:
         self.device = device
         self.dtype = dtype
         self.dimension = dimension
-        self._lock = threading.Lock()
 
     def forward(self, batch: PaddedBatch) -> np.ndarray:
         import torch
@@ -57,7 +53,7 @@ class TorchBackend:
             ),
         }
         try:
-            with self._lock, torch.inference_mode():
+            with torch.inference_mode():  # called from the compute thread only
                 for module in self._modules:
                     features = module(features)
                 out = features["sentence_embedding"]
@@ -77,7 +73,7 @@ def load_torch_model(spec: ModelSpec, path: Path) -> LoadedModel:
     dtype = resolve_dtype(spec.dtype, device)
     model_kwargs: dict[str, Any] = {"use_safetensors": True}
     if dtype != "float32":
-        model_kwargs["dtype"] = getattr(torch, _TORCH_DTYPES[dtype])
+        model_kwargs["dtype"] = getattr(torch, dtype)  # float16 | bfloat16
     try:
         st = SentenceTransformer(
             str(path),

@@ -1,14 +1,15 @@
-"""One engine per model: admission, prompts, tokenization, the batch queue, two worker
-threads (batch forming and forward pass), post-processing and delivery.
+"""One engine per model: admission, prompts, tokenization, the batch queue, a batcher
+thread, post-processing and delivery; forward passes run on the shared compute thread.
 
 Flow of one request:
   event loop: admit (count inputs, 429 if full) -> tokenize in a thread pool ->
               enqueue items -> await the job's future
-  batcher thread: take the next batch from the queue, drop cancelled inputs, pad ->
-              hand it to the compute thread (at most one batch waits while the model
-              runs the previous one)
+  batcher thread: when the model is free, take the next batch from the queue, drop
+              cancelled inputs, pad, hand it to the compute thread (on CUDA one more
+              batch is formed while the previous one runs)
   compute thread (shared by all models, see compute.py): forward pass -> finalize
-              vectors -> deliver to the loop in one call
+              vectors -> deliver to the loop in one call; on CPU it then takes the next
+              batch itself while the queue is not empty
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ from embedsvc.engine.postprocess import finalize
 from embedsvc.engine.tokenize import TextTokenizer, TokenInfo
 from embedsvc.errors import (
     BackendError,
-    EmbedsvcError,
     EmptyInputError,
     OverloadedError,
     PayloadTooLargeError,
@@ -119,7 +119,6 @@ class ModelEngine:
         self._inflight = 0
         self.ready = False
         self.healthy = True
-        self.batches_run = 0
         # Called (from a worker thread) when the engine cannot go on.
         self.on_fatal: Callable[[str], None] | None = None
 
@@ -339,13 +338,6 @@ class ModelEngine:
             ),
         )
 
-    def count_tokens(self, texts: list[str], prompt_name: str | None) -> list[int]:
-        prefix = self.resolve_prompt(prompt_name)
-        ids = self.tokenizer.encode(
-            texts, prefix=prefix, truncate=True, direction="right", param="inputs"
-        )
-        return [len(x) for x in ids]
-
     # ---- worker threads --------------------------------------------------------------
 
     def _batch_loop(self) -> None:
@@ -434,7 +426,6 @@ class ModelEngine:
             return np.concatenate(
                 [self._forward(p, pad(p, self.model.pad_token_id)) for p in parts]
             )
-        self.batches_run += 1
         self.metrics.batches.labels(self.name).inc()
         self.metrics.batch_size.labels(self.name).observe(len(items))
         self.metrics.batch_tokens.labels(self.name).observe(batch.shape[0] * batch.shape[1])
@@ -482,6 +473,3 @@ def _fail(jobs: list[Job]) -> None:
             job.future.set_exception(
                 BackendError("the model failed to process this request; see the server log")
             )
-
-
-__all__ = ["EmbedRequest", "EmbedResult", "EmbedsvcError", "ModelEngine"]
