@@ -124,7 +124,9 @@ def export_model(spec: ModelSpec, model_dir: Path, variant: str, out_dir: Path) 
             _export_fp32(spec, model_dir, fp32)
             _fuse_for_ort(fp32)
         if variant == "int8":
-            _quantize_int8(fp32, target)
+            from embedsvc.quantize import quantize_int8
+
+            quantize_int8(fp32, target)
             fp32.unlink()
     meta = {
         "hf_id": spec.hf_id,
@@ -159,34 +161,6 @@ def _fuse_for_ort(path: Path) -> None:
     except Exception:  # an unfused graph is still correct, only slower
         log.warning("could not fuse %s for onnxruntime; keeping the plain graph", path,
                     exc_info=True)  # fmt: skip
-
-
-def _quantize_int8(fp32: Path, target: Path) -> None:
-    """Dynamic int8 quantization of the weight matmuls, per output channel.
-
-    The feed-forward down-projections (weights wider in than out, fed by GELU outputs
-    with large outliers) stay fp32: quantizing them too made short inputs drift (MiniLM,
-    worst cosine vs fp32 over fixed queries and passages: 0.986 with, 0.992 without).
-    """
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    model = onnx.load(str(fp32))
-    weights = {i.name: tuple(i.dims) for i in model.graph.initializer}
-    keep_fp32 = [
-        node.name
-        for node in model.graph.node
-        if node.op_type == "MatMul"
-        and any(len(weights.get(x, ())) == 2 and weights[x][0] > weights[x][1] for x in node.input)
-    ]
-    quantize_dynamic(
-        str(fp32),
-        str(target),
-        weight_type=QuantType.QInt8,
-        per_channel=True,
-        nodes_to_exclude=keep_fp32,
-        extra_options={"MatMulConstBOnly": True},
-    )
 
 
 def _export_fp32(spec: ModelSpec, model_dir: Path, target: Path) -> None:

