@@ -1,17 +1,18 @@
-"""The int8 recipe for CPU: two exact graph rewrites, then dynamic int8 quantization.
+"""The int8 recipe for CPU: two graph rewrites, then dynamic int8 quantization.
 
-Measured on all-MiniLM-L6-v2 (bench/backends.py; README "ONNX"): quantizing every weight
-matmul with one activation scale per tensor is the fastest int8 graph but moves vectors too
-far (worst cosine vs torch 0.976-0.984): a few tokens, [CLS] above all, carry activations
-4-7x larger than the rest and set the scale for the whole batch. So before quantizing:
+Measured on all-MiniLM-L6-v2 (bench/backends.py; docs/benchmarks.md): quantizing every weight
+matmul with one activation scale per tensor is fast but moves vectors too far (worst cosine vs
+torch 0.976-0.984): a few tokens, [CLS] above all, carry activations 4-7x larger than the rest
+and set the quantization step for the whole batch. So before quantizing:
 
-1. `unpack_attention`: onnxruntime's fused `Attention` keeps the packed Q/K/V weight inside
-   an op the quantizer skips; it becomes MatMul + Split + `MultiHeadAttention`, so the
-   Q/K/V projection (a quarter of the matmul work) is quantized too.
-2. `scale_per_token`: each weight matmul computes `((x / r) @ W) * r` with r the largest
-   magnitude of each token's row, so the per-tensor activation scale becomes in effect a
-   per-token one (worst cosine 0.991-0.994 instead of 0.976-0.984, for about a tenth of the
-   int8 graph's time).
+1. `attention_with_padding_mask`: onnxruntime's fused `Attention` gets its packed Q/K/V weight
+   as one initializer and the padding mask as `mask_index` instead of an additive bias, the
+   form the quantizer turns into `QAttention` (int8 Q/K/V projection, fused attention). Kept
+   only when the fp32 graph still gives the same output on a padded probe batch, so a model
+   whose attention bias is more than padding keeps fp32 attention.
+2. `scale_per_token`: every other weight matmul computes `((x / r) @ W) * r` with r the
+   largest magnitude of each token's row, so the per-tensor activation scale becomes in effect
+   a per-token one (worst cosine 0.991-0.995 instead of 0.976-0.984).
 
 Both rewrites leave the fp32 graph's outputs unchanged (tests/test_onnx.py checks this).
 """
@@ -19,12 +20,14 @@ Both rewrites leave the fp32 graph's outputs unchanged (tests/test_onnx.py check
 from __future__ import annotations
 
 import logging
+import tempfile
 from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
 
 _MS = "com.microsoft"
+MASK_INPUT = "attention_mask"
 
 
 def quantize_int8(fp32: Path, target: Path) -> None:
@@ -33,25 +36,47 @@ def quantize_int8(fp32: Path, target: Path) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     model = onnx.load(str(fp32))
-    unpacked = unpack_attention(model)
-    weight_matmuls = scale_per_token(model)
-    prepared = target.with_name(target.stem + ".prepared.onnx")
-    onnx.save(model, str(prepared))
-    try:
+    attention = attention_with_padding_mask(model)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        if attention:
+            onnx.save(model, str(prepared))
+            diff = max_difference(fp32, prepared)
+            if diff > 1e-3:
+                log.warning("int8: attention keeps fp32 (its mask is not only padding: the "
+                            "rewrite moved outputs by %.3g)", diff)  # fmt: skip
+                model, attention = onnx.load(str(fp32)), []
+        matmuls = scale_per_token(model)
+        onnx.save(model, str(prepared))
         quantize_dynamic(
             str(prepared),
             str(target),
             weight_type=QuantType.QInt8,
             per_channel=True,
-            nodes_to_quantize=weight_matmuls,
+            nodes_to_quantize=attention + matmuls,
             extra_options={"MatMulConstBOnly": True},
         )
-    finally:
-        prepared.unlink(missing_ok=True)
     log.info(
-        "int8: %d attention ops unpacked, %d weight matmuls quantized with per-token scaling",
-        unpacked, len(weight_matmuls),
+        "int8: %d attention ops, %d weight matmuls with per-token scaling",
+        len(attention), len(matmuls),
     )  # fmt: skip
+
+
+def max_difference(a: Path, b: Path) -> float:
+    """Largest output difference of two graphs on a padded probe batch (unpadded positions)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    ids = np.random.default_rng(0).integers(100, 1000, (3, 24))
+    mask = np.ones_like(ids)
+    mask[1, 13:] = 0
+    mask[2, 4:] = 0
+    feed = {"input_ids": ids, "attention_mask": mask}
+    out = [
+        ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+        for p in (a, b)
+    ]
+    return float(np.abs(out[0] - out[1])[mask.astype(bool)].max())
 
 
 def _weights(model: Any) -> dict[str, Any]:
@@ -64,91 +89,86 @@ def _attrs(node: Any) -> dict[str, Any]:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
-def unpack_attention(model: Any) -> int:
-    """Attention(x, W, b, attention_bias=m) -> Split(x @ W) -> MultiHeadAttention(q, k, v, b,
-    attention_bias=m), where W is an initializer or a Concat of initializers. Attention ops
-    with a mask index, past state or unequal Q/K/V sizes are left as they are."""
-    import numpy as np
-    from onnx import helper, numpy_helper
+def attention_with_padding_mask(model: Any) -> list[str]:
+    """Rewrite each Attention(x, W, b, attention_bias=...) whose W is an initializer or a
+    Concat of initializers into Attention(x, W', b, mask_index=int32(attention_mask)); return
+    the names of the rewritten nodes. Ops with past state, rotary embedding, unequal Q/K/V
+    sizes or a mask index already are left alone."""
+    from onnx import TensorProto, helper, numpy_helper
 
+    if MASK_INPUT not in {i.name for i in model.graph.input}:
+        return []
     weights = _weights(model)
     producer = {o: n for n in model.graph.node for o in n.output}
-    nodes: list[Any] = []
-    concats: list[Any] = []
-    count = 0
+    mask = f"{MASK_INPUT}/int32"
+    nodes: list[Any] = [
+        helper.make_node("Cast", [MASK_INPUT], [mask], to=TensorProto.INT32, name=f"{mask}/Cast")
+    ]
+    names: list[str] = []
     for i, node in enumerate(model.graph.node):
-        if node.op_type != "Attention" or node.domain != _MS:
-            nodes.append(node)
-            continue
         attrs = _attrs(node)
         inputs = list(node.input) + [""] * (7 - len(node.input))
-        packed, parts = _packed_weight(inputs[1], weights, producer)
+        packed = None
+        if node.op_type == "Attention" and node.domain == _MS:
+            packed = _packed_weight(inputs[1], weights, producer)
         sizes = attrs.get("qkv_hidden_sizes") or []
-        simple = (
-            packed is not None
-            and not inputs[3]  # mask_index
-            and not inputs[4]  # past
-            and not inputs[6]  # past_sequence_length
-            and not attrs.get("unidirectional")
-            and not attrs.get("do_rotary")
-            and (not sizes or len(set(sizes)) == 1)
-            and packed.shape[1] % 3 == 0
-        )
-        if not simple or packed is None:
+        if (
+            packed is None
+            or any(inputs[3:5]) or inputs[6]  # mask_index, past, past_sequence_length
+            or attrs.get("unidirectional") or attrs.get("do_rotary")
+            or len(set(sizes)) > 1
+        ):  # fmt: skip
             nodes.append(node)
             continue
         name = node.name or f"attention_{i}"
-        hidden = packed.shape[1] // 3
-        w_name, split_name, qkv = f"{name}/qkv_weight", f"{name}/qkv_split", f"{name}/qkv"
-        model.graph.initializer.append(numpy_helper.from_array(packed, w_name))
-        model.graph.initializer.append(
-            numpy_helper.from_array(np.array([hidden] * 3, dtype=np.int64), split_name)
-        )
-        q, k, v = (f"{name}/{p}" for p in "qkv")
-        mha_attrs = {k_: attrs[k_] for k_ in ("num_heads", "scale", "mask_filter_value")
-                     if k_ in attrs}  # fmt: skip
-        nodes += [
-            helper.make_node("MatMul", [inputs[0], w_name], [qkv], name=f"{name}/MatMul"),
-            helper.make_node("Split", [qkv, split_name], [q, k, v], axis=-1, name=f"{name}/Split"),
+        model.graph.initializer.append(numpy_helper.from_array(packed, f"{name}/qkv_weight"))
+        kept = {k: v for k, v in attrs.items() if k in ("num_heads", "scale", "mask_filter_value")}
+        nodes.append(
             helper.make_node(
-                "MultiHeadAttention", [q, k, v, inputs[2], "", inputs[5]], list(node.output),
-                name=f"{name}/MultiHeadAttention", domain=_MS, **mha_attrs,
-            ),
-        ]  # fmt: skip
-        concats += parts
-        count += 1
-    if count:
-        outputs = {o.name for o in model.graph.output}
-        used = {x for n in nodes for x in n.input} | outputs
-        unused = [c for c in concats if not set(c.output) & used]
-        nodes = [n for n in nodes if not any(n is c for c in unused)]
-        used = {x for n in nodes for x in n.input} | outputs
-        keep = [w for w in model.graph.initializer if w.name in used]
-        del model.graph.initializer[:]
-        model.graph.initializer.extend(keep)
+                "Attention", [inputs[0], f"{name}/qkv_weight", inputs[2], mask],
+                list(node.output), name=name, domain=_MS, **kept,
+            )
+        )  # fmt: skip
+        names.append(name)
+    if names:
         del model.graph.node[:]
         model.graph.node.extend(nodes)
-    return count
+        _drop_unused(model)
+    return names
 
 
-def _packed_weight(
-    name: str, weights: dict[str, Any], producer: dict[str, Any]
-) -> tuple[Any, list[Any]]:
-    """The packed Q/K/V weight as an array, and the Concat node that built it (if any)."""
+def _drop_unused(model: Any) -> None:
+    """Remove nodes and initializers nothing reads any more (e.g. the old mask and Concats)."""
+    needed = {o.name for o in model.graph.output}
+    keep: list[Any] = []
+    for node in reversed(model.graph.node):
+        if set(node.output) & needed:
+            keep.append(node)
+            needed.update(x for x in node.input if x)
+    keep.reverse()
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+    inits = [w for w in model.graph.initializer if w.name in needed]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(inits)
+
+
+def _packed_weight(name: str, weights: dict[str, Any], producer: dict[str, Any]) -> Any:
+    """The packed Q/K/V weight as an array, from an initializer or a Concat of them."""
     import numpy as np
     from onnx import numpy_helper
 
     if name in weights:
-        return numpy_helper.to_array(weights[name]), []
+        return numpy_helper.to_array(weights[name])
     concat = producer.get(name)
     if concat is None or concat.op_type != "Concat" or _attrs(concat).get("axis") not in (1, -1):
-        return None, []
+        return None
     if not all(x in weights for x in concat.input):
-        return None, []
+        return None
     arrays = [numpy_helper.to_array(weights[x]) for x in concat.input]
     if any(a.ndim != 2 for a in arrays):
-        return None, []
-    return np.concatenate(arrays, axis=1), [concat]
+        return None
+    return np.concatenate(arrays, axis=1)
 
 
 def scale_per_token(model: Any) -> list[str]:

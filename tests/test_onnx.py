@@ -105,37 +105,67 @@ def test_onnx_int8_and_fp16_close_to_torch(onnx_server: Any, st_minilm: Any) -> 
     assert min_cos(embed(onnx_server, "minilm-onnx-fp16"), reference) >= 0.999
 
 
-def test_int8_rewrites_leave_the_fp32_graph_exact(onnx_registry: Registry) -> None:
-    """The int8 recipe rewrites the fp32 graph before quantizing it (packed attention
-    unpacked, per-token scaling around each weight matmul): those rewrites alone must not
-    change the output, and the quantizer must then reach every weight matmul."""
+def test_int8_rewrites_leave_the_fp32_graph_exact(onnx_registry: Registry, tmp_path: Path) -> None:
+    """The int8 recipe rewrites the fp32 graph before quantizing it (attention fed the padding
+    mask, per-token scaling around each weight matmul): those rewrites alone must not change
+    the output, and the quantizer must then reach every weight matmul."""
     import onnx
-    import onnxruntime as ort
 
-    from embedsvc.quantize import scale_per_token, unpack_attention
+    from embedsvc.quantize import attention_with_padding_mask, max_difference, scale_per_token
 
-    exports = Path(str(onnx_registry.models["minilm-onnx-fp32"].onnx_dir))
-    model = onnx.load(str(exports / "fp32" / "model.onnx"))
-    assert unpack_attention(model) == 6  # one per layer
-    assert len(scale_per_token(model)) == 24  # q/k/v, output, up and down in six layers
+    fp32 = Path(str(onnx_registry.models["minilm-onnx-fp32"].onnx_dir)) / "fp32" / "model.onnx"
+    model = onnx.load(str(fp32))
+    assert len(attention_with_padding_mask(model)) == 6  # one per layer
+    assert len(scale_per_token(model)) == 18  # output, up and down projections of six layers
     onnx.checker.check_model(model)
-    ops = [n.op_type for n in model.graph.node]
-    assert "Attention" not in ops and ops.count("MultiHeadAttention") == 6
+    onnx.save(model, str(tmp_path / "rewritten.onnx"))
+    assert max_difference(fp32, tmp_path / "rewritten.onnx") < 1e-4
 
-    ids = np.random.default_rng(3).integers(1000, 20000, (3, 37))
-    mask = np.ones_like(ids)
-    mask[1, 20:] = 0
-    mask[2, 5:] = 0
-    feed = {"input_ids": ids, "attention_mask": mask}
-    before = ort.InferenceSession(str(exports / "fp32" / "model.onnx")).run(None, feed)[0]
-    after = ort.InferenceSession(model.SerializeToString()).run(None, feed)[0]
-    valid = mask.astype(bool)
-    assert np.abs(before - after)[valid].max() < 1e-4
+    int8 = onnx.load(str(fp32.parent.parent / "int8" / "model.onnx"))
+    ops = [n.op_type for n in int8.graph.node]
+    assert ops.count("QAttention") == 6
+    assert ops.count("DynamicQuantizeMatMul") + ops.count("MatMulInteger") == 18
+    assert "MatMul" not in ops and "Attention" not in ops
 
-    int8 = onnx.load(str(exports / "int8" / "model.onnx"))
-    int8_ops = [n.op_type for n in int8.graph.node]
-    assert int8_ops.count("DynamicQuantizeMatMul") + int8_ops.count("MatMulInteger") == 24
-    assert "MatMul" not in int8_ops
+
+def test_int8_keeps_fp32_attention_when_its_bias_is_not_only_padding(
+    onnx_registry: Registry, tmp_path: Path
+) -> None:
+    """An attention bias that depends on more than padding (here: on the token ids) cannot
+    become QAttention's padding mask; the recipe notices on its probe batch and keeps that
+    attention in fp32 instead of changing the model."""
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from embedsvc.quantize import quantize_int8
+
+    fp32 = Path(str(onnx_registry.models["minilm-onnx-fp32"].onnx_dir)) / "fp32" / "model.onnx"
+    model = onnx.load(str(fp32))
+    g = model.graph
+    g.initializer.extend([
+        numpy_helper.from_array(np.array(2, np.int64), "two"),
+        numpy_helper.from_array(np.array([1, 2], np.int64), "axes12"),
+    ])  # fmt: skip
+    extra = [
+        helper.make_node("Mod", ["input_ids", "two"], ["parity"]),
+        helper.make_node("Cast", ["parity"], ["parity_f"], to=onnx.TensorProto.FLOAT),
+        helper.make_node("Unsqueeze", ["parity_f", "axes12"], ["parity_bias"]),
+    ]
+    for node in g.node:
+        if node.op_type == "Attention":
+            extra.append(helper.make_node("Add", [node.input[5], "parity_bias"],
+                                          [node.name + "/biased"]))  # fmt: skip
+            node.input[5] = node.name + "/biased"
+    nodes = list(g.node)
+    first = next(i for i, n in enumerate(nodes) if n.op_type == "Attention")
+    del g.node[:]
+    g.node.extend(nodes[:first] + extra + nodes[first:])
+    onnx.save(model, str(tmp_path / "biased.onnx"))
+    quantize_int8(tmp_path / "biased.onnx", tmp_path / "int8.onnx")
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "int8.onnx")).graph.node]
+    assert ops.count("Attention") == 6 and "QAttention" not in ops
+    assert ops.count("DynamicQuantizeMatMul") + ops.count("MatMulInteger") == 18
 
 
 def test_independent_int8_export_agrees(onnx_server: Any, st_minilm: Any) -> None:
