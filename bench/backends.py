@@ -108,7 +108,9 @@ def matmul_ceiling(k: int, n: int, rows: int = 2048, reps: int = 30) -> float:
     return best[0] / best[1]
 
 
-def profile_ops(model_file: Path, ids: list[list[int]], groups: list[list[int]]) -> None:
+def profile_ops(
+    model_file: Path, ids: list[list[int]], groups: list[list[int]], pad_id: int
+) -> None:
     """Time per operator type over one pass (onnxruntime's profiler), largest first."""
     import collections
     import json
@@ -121,7 +123,7 @@ def profile_ops(model_file: Path, ids: list[list[int]], groups: list[list[int]])
     opts.intra_op_num_threads = os.cpu_count() or 1
     session = ort.InferenceSession(str(model_file), opts, providers=["CPUExecutionProvider"])
     for g in groups:
-        batch = pad([Item(None, i, ids[i]) for i in g], 0)
+        batch = pad([Item(None, i, ids[i]) for i in g], pad_id)
         session.run(None, {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask})
     trace = Path(session.end_profiling())
     spent: collections.Counter[str] = collections.Counter()
@@ -180,7 +182,7 @@ def main() -> None:
     if args.profile:
         print("time per operator type (onnxruntime profiler, one pass):")
         for variant in ("fp32", "int8"):
-            profile_ops(exports / variant / "model.onnx", ids, groups)
+            profile_ops(exports / variant / "model.onnx", ids, groups, torch_model.pad_token_id)
     hidden = torch_model.backend.dimension
     ceiling = matmul_ceiling(hidden, 4 * hidden)
     print(f"this CPU: int8 matmul / fp32 matmul ({hidden}x{4 * hidden}, 2048 rows) = "

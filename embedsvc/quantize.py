@@ -92,8 +92,8 @@ def _attrs(node: Any) -> dict[str, Any]:
 def attention_with_padding_mask(model: Any) -> list[str]:
     """Rewrite each Attention(x, W, b, attention_bias=...) whose W is an initializer or a
     Concat of initializers into Attention(x, W', b, mask_index=int32(attention_mask)); return
-    the names of the rewritten nodes. Ops with past state, rotary embedding, unequal Q/K/V
-    sizes or a mask index already are left alone."""
+    the names of the rewritten nodes. Ops without a bias, with past state, rotary embedding,
+    unequal Q/K/V sizes or a mask index already are left alone."""
     from onnx import TensorProto, helper, numpy_helper
 
     if MASK_INPUT not in {i.name for i in model.graph.input}:
@@ -114,6 +114,7 @@ def attention_with_padding_mask(model: Any) -> list[str]:
         sizes = attrs.get("qkv_hidden_sizes") or []
         if (
             packed is None
+            or not inputs[2]  # QAttention needs the bias
             or any(inputs[3:5]) or inputs[6]  # mask_index, past, past_sequence_length
             or attrs.get("unidirectional") or attrs.get("do_rotary")
             or len(set(sizes)) > 1
