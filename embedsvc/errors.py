@@ -105,3 +105,7 @@ class PayloadTooLargeError(EmbedsvcError):
 
 class ConfigError(Exception):
     """models.yaml or settings are wrong, or a model cannot be loaded. Stops start-up."""
+
+
+class ClientDisconnected(Exception):
+    """The client closed the connection before its vectors were ready (nobody to answer)."""

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
+from embedsvc.api.encode import to_base64
 from embedsvc.engine.batcher import BatchQueue, Item, pad, select_batch
-from embedsvc.engine.postprocess import finalize, layer_norm, to_base64
+from embedsvc.engine.postprocess import finalize, layer_norm
 from embedsvc.engine.tokenize import TextTokenizer
 from embedsvc.errors import ConfigError, ValidationError
 from embedsvc.settings import Settings

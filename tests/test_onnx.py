@@ -184,7 +184,7 @@ def test_independent_int8_export_agrees(onnx_server: Any, st_minilm: Any) -> Non
         {"hf_id": spec.hf_id, "revision": spec.revision, "variant": "int8"}))  # fmt: skip
     theirs = load_model(dataclasses.replace(spec, onnx_dir=str(folder.parent)), MINILM_PATH)
     ours = onnx_server.engines.engines["minilm-onnx-int8"]
-    ids = ours.tokenizer.encode(TEXTS, prefix="", truncate=True, direction="right", param="x")
+    ids = ours.prep.tokenizer.encode(TEXTS, prefix="", truncate=True, direction="right", param="x")
     from embedsvc.engine.batcher import Item, pad
 
     batch = pad([Item(None, i, x) for i, x in enumerate(ids)], 0)

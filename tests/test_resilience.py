@@ -185,7 +185,7 @@ def test_dead_worker_turns_health_red_and_asks_to_exit(server_factory: Any) -> N
     with server_factory() as s:
         engine = s.engines.default
         reasons: list[str] = []
-        engine.on_fatal = reasons.append
+        engine.worker.on_fatal = reasons.append
         engine.model.backend = FaultyBackend(engine.model.backend, WorkerKilled(),
                                              when=lambda b: True)  # fmt: skip
         with s.client() as c:

@@ -17,10 +17,10 @@ from embedsvc.api.errors import install_error_handlers
 from embedsvc.api.middleware import RequestMiddleware
 from embedsvc.api.openai import openai_router
 from embedsvc.api.ops import ops_router
-from embedsvc.api.service import ClientDisconnected, Service
+from embedsvc.api.service import Service
 from embedsvc.api.tei import tei_router
 from embedsvc.engine import EngineSet
-from embedsvc.errors import ErrorKind
+from embedsvc.errors import ClientDisconnected, ErrorKind
 from embedsvc.metrics import Metrics
 from embedsvc.settings import Settings
 
@@ -95,15 +95,6 @@ def create_app(
     app.include_router(tei_router())
     app.include_router(openai_router())
     app.include_router(ops_router())
-    origins = settings.cors_origin_list()
-    if origins:
-        app.add_middleware(
-            CORSMiddleware,
-            allow_origins=origins,
-            allow_methods=["GET", "POST"],
-            allow_headers=["authorization", "content-type", "x-request-id"],
-            expose_headers=["x-request-id", "x-total-time", "x-compute-tokens"],
-        )
     app.add_middleware(
         RequestMiddleware,
         service=service,
@@ -111,4 +102,13 @@ def create_app(
         protect_ops=settings.auth_health_metrics,
         max_payload_bytes=settings.max_payload_bytes,
     )
+    origins = settings.cors_origin_list()
+    if origins:  # outermost: preflights carry no API key, and every answer gets the headers
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["authorization", "content-type", "x-request-id"],
+            expose_headers=["x-request-id", "x-total-time", "x-compute-tokens"],
+        )
     return app

@@ -70,17 +70,30 @@ def request_id(request: Request) -> str:
     return str(getattr(request.state, "request_id", "") or "")
 
 
+def embedsvc_error_response(path: str, exc: EmbedsvcError, rid: str) -> Response:
+    """The response for a typed error, in the dialect of `path`."""
+    message = exc.message
+    if exc.kind is ErrorKind.BACKEND:
+        message = f"{message} (request id {rid})"
+    headers = {"retry-after": "1"} if exc.kind is ErrorKind.OVERLOADED else None
+    return error_response(path, exc.kind, message, exc.param, headers)
+
+
+def internal_error_response(path: str, exc: BaseException, rid: str) -> Response:
+    """A 500/424 that names the request id; the exception goes to the log only."""
+    log.error("request %s on %s failed", rid, path, exc_info=exc)
+    return error_response(
+        path, ErrorKind.BACKEND, f"internal error while handling the request (request id {rid})"
+    )
+
+
 def install_error_handlers(app: FastAPI, on_failure: Any) -> None:
     """`on_failure(route, kind)` is called for every error answered (for metrics)."""
 
     async def embedsvc_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, EmbedsvcError)
         on_failure(request.url.path, exc.kind)
-        message = exc.message
-        if exc.kind is ErrorKind.BACKEND:
-            message = f"{message} (request id {request_id(request)})"
-        headers = {"retry-after": "1"} if exc.kind is ErrorKind.OVERLOADED else None
-        return error_response(request.url.path, exc.kind, message, exc.param, headers)
+        return embedsvc_error_response(request.url.path, exc, request_id(request))
 
     async def validation_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)
@@ -113,14 +126,8 @@ def install_error_handlers(app: FastAPI, on_failure: Any) -> None:
         )
 
     async def unexpected_error(request: Request, exc: Exception) -> Response:
-        rid = request_id(request)
-        log.error("request %s on %s failed", rid, request.url.path, exc_info=exc)
         on_failure(request.url.path, ErrorKind.BACKEND)
-        return error_response(
-            request.url.path,
-            ErrorKind.BACKEND,
-            f"internal error while handling the request (request id {rid})",
-        )
+        return internal_error_response(request.url.path, exc, request_id(request))
 
     app.add_exception_handler(EmbedsvcError, embedsvc_error)
     app.add_exception_handler(RequestValidationError, validation_error)

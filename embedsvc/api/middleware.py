@@ -1,23 +1,28 @@
 """Per-request plumbing in one pure-ASGI hop, before any routing or parsing.
 
-- Request id: `x-request-id` from the request (or a new one), echoed on the response and
-  attached to log records.
+- Request id: `x-request-id` from the request (or a new one: this process's random
+  prefix and a counter), echoed on the response and attached to log records.
 - Draining: after SIGTERM every route but /health and /metrics answers 503.
 - API keys: `Authorization: Bearer KEY`, compared in constant time against every key.
 - Body size: bodies larger than max_payload_bytes get 413 before they are parsed.
 - Content type: POST bodies are read as JSON whatever the content type says (`curl -d`
   sends a form type by default); a body that is not JSON still gets a 422 that says so.
+- The embedding routes take the lean path (fast.py) when their body allows it; every
+  other request, and every body the lean path declines, goes on to the FastAPI app.
 """
 
 from __future__ import annotations
 
 import hmac
-import uuid
+import itertools
+import os
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from embedsvc.api.errors import error_response
+from embedsvc.api.fast import FAST_PATHS, FastEmbed
+from embedsvc.api.service import disconnect_probe
 from embedsvc.errors import ErrorKind
 from embedsvc.logs import request_id_var
 
@@ -40,6 +45,10 @@ class RequestMiddleware:
         self.keys = [k.encode() for k in api_keys]
         self.protect_ops = protect_ops
         self.max_payload = max_payload_bytes
+        self.fast = FastEmbed(service)
+        # Request ids: unique per process (random prefix) and cheap (a counter).
+        self._rid_prefix = os.urandom(8).hex()
+        self._rid_counter = itertools.count(1)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -62,8 +71,10 @@ class RequestMiddleware:
             elif name == b"content-type":
                 continue
             headers.append((name, value))
-        rid = rid or uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = rid
+        rid = rid or f"{self._rid_prefix}{next(self._rid_counter):016x}"  # 32 hex digits
+        state = scope.setdefault("state", {})
+        state["request_id"] = rid
+        probe = state["disconnected"] = disconnect_probe(receive)
         request_id_var.set(rid)
         id_header = (b"x-request-id", rid.encode("latin-1"))
         path: str = scope["path"]
@@ -112,6 +123,8 @@ class RequestMiddleware:
             if not message.get("more_body", False):
                 break
         body = b"".join(chunks)
+        if path in FAST_PATHS and await self.fast.handle(path, body, send_with_id, rid, probe):
+            return
         replayed = False
 
         async def replay() -> Message:

@@ -15,13 +15,13 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 from starlette.responses import Response
 
-from embedsvc.api.inputs import parse_inputs
+from embedsvc.api.encode import openai_embeddings_body, timing_headers
+from embedsvc.api.inputs import INPUTS_SCHEMA, parse_inputs
 from embedsvc.api.service import Service
-from embedsvc.api.tei import INPUTS_SCHEMA
-from embedsvc.api.timing import timing_headers
-from embedsvc.engine import EmbedRequest
-from embedsvc.engine.postprocess import to_base64
+from embedsvc.engine import EmbedRequest, ModelEngine
 from embedsvc.errors import ValidationError
+
+INPUT_TYPES = ("query", "passage", "document")
 
 
 class OpenAIEmbeddingsBody(BaseModel):
@@ -37,6 +37,19 @@ class OpenAIEmbeddingsBody(BaseModel):
     truncate: StrictBool | None = None
 
 
+def openai_prompt(
+    engine: ModelEngine, prompt_name: str | None, input_type: str | None, token_ids: bool
+) -> str | None:
+    """The prompt an OpenAI-dialect request asks for, by `prompt_name` or `input_type`."""
+    if input_type is None:
+        return prompt_name
+    if prompt_name is not None:
+        raise ValidationError("give either input_type or prompt_name, not both", param="input_type")
+    if token_ids:
+        return None  # token ids are taken verbatim
+    return engine.spec.prompt_for_input_type(input_type)
+
+
 def openai_router() -> APIRouter:
     router = APIRouter(tags=["OpenAI"])
     started = int(time.time())
@@ -45,15 +58,7 @@ def openai_router() -> APIRouter:
         service: Service = request.app.state.service
         engine = service.engine_set().get(body.model)
         texts, ids = parse_inputs(body.input, "input")
-        prompt_name = body.prompt_name
-        if body.input_type is not None:
-            if prompt_name is not None:
-                raise ValidationError(
-                    "give either input_type or prompt_name, not both", param="input_type"
-                )
-            prompt_name = engine.spec.prompt_for_input_type(body.input_type)
-            if ids is not None:
-                prompt_name = None  # token ids are taken verbatim
+        prompt_name = openai_prompt(engine, body.prompt_name, body.input_type, ids is not None)
         req = EmbedRequest(
             texts=texts,
             token_ids=ids,
@@ -66,26 +71,10 @@ def openai_router() -> APIRouter:
         )
         result = await service.embed(request, engine, req)
         service.metrics.requests.labels(engine.name, "/v1/embeddings").inc()
-        if body.encoding_format == "base64":
-            data: list[dict[str, Any]] = [
-                {"object": "embedding", "index": i, "embedding": to_base64(row)}
-                for i, row in enumerate(result.vectors)
-            ]
-        else:
-            data = [
-                {"object": "embedding", "index": i, "embedding": row}
-                for i, row in enumerate(result.vectors)
-            ]
-        payload = {
-            "object": "list",
-            "data": data,
-            "model": body.model or engine.name,
-            "usage": {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens},
-        }
         return Response(
-            orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY),
+            openai_embeddings_body(result, body.encoding_format, body.model or engine.name),
             media_type="application/json",
-            headers=timing_headers(result),
+            headers={k.decode(): v.decode() for k, v in timing_headers(result)},
         )
 
     for path in ("/v1/embeddings", "/embeddings"):

@@ -16,26 +16,26 @@ from embedsvc.errors import ErrorKind
 
 
 def model_info(e: ModelEngine) -> dict[str, Any]:
-    spec = e.spec
+    spec, info = e.spec, e.info
     return {
         "name": spec.name,
         "model_id": spec.hf_id,
         "model_sha": spec.revision,
         "source": spec.source,
-        "path": str(e.model.path),
+        "path": info.path,
         "backend": spec.backend,
-        "device": e.model.backend.device,
-        "model_dtype": e.model.backend.dtype,
-        "pooling": e.model.pooling,
-        "dimension": e.dimension,
-        "max_input_length": e.model.max_seq_length,
+        "device": info.device,
+        "model_dtype": info.dtype,
+        "pooling": info.pooling,
+        "dimension": info.dimension,
+        "max_input_length": info.max_seq_length,
         "prompts": spec.prompts,
         "query_prompt": spec.query_prompt,
         "passage_prompt": spec.passage_prompt,
         "matryoshka_dimensions": list(spec.matryoshka_dims),
         "matryoshka_layer_norm": spec.matryoshka_layer_norm,
-        "max_batch_tokens": e.max_batch_tokens,
-        "ready": e.ready and e.healthy,
+        "max_batch_tokens": info.max_batch_tokens,
+        "ready": e.healthy,
     }
 
 
@@ -69,13 +69,13 @@ def ops_router() -> APIRouter:
         body = {
             "model_id": default.spec.hf_id,
             "model_sha": default.spec.revision,
-            "model_dtype": default.model.backend.dtype,
-            "model_type": {"embedding": {"pooling": default.model.pooling}},
+            "model_dtype": default.info.dtype,
+            "model_type": {"embedding": {"pooling": default.info.pooling}},
             "prompts": default.spec.prompts,
             "max_concurrent_requests": s.max_concurrent_inputs,
             "max_concurrent_inputs": s.max_concurrent_inputs,
-            "max_input_length": default.model.max_seq_length,
-            "max_batch_tokens": default.max_batch_tokens,
+            "max_input_length": default.info.max_seq_length,
+            "max_batch_tokens": default.info.max_batch_tokens,
             "max_batch_requests": s.max_batch_size,
             "max_client_batch_size": s.max_client_batch_size,
             "auto_truncate": s.auto_truncate,

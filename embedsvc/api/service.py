@@ -5,19 +5,32 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
+from typing import Any
 
 from starlette.requests import Request
+from starlette.types import Receive
 
 from embedsvc.engine import EmbedRequest, EmbedResult, EngineSet, ModelEngine
-from embedsvc.errors import UnhealthyError
+from embedsvc.errors import ClientDisconnected, UnhealthyError
 from embedsvc.metrics import Metrics
 from embedsvc.settings import Settings
 
 log = logging.getLogger(__name__)
 
+__all__ = ["ClientDisconnected", "Service", "disconnect_probe"]
 
-class ClientDisconnected(Exception):
-    """The client closed the connection before its vectors were ready."""
+
+def disconnect_probe(receive: Receive) -> Callable[[], bool] | None:
+    """A cheap `() -> bool` that says whether the client has closed the connection.
+
+    uvicorn's `receive` is a method of its request cycle, which keeps a `disconnected`
+    flag; reading it costs nothing, so one sweep per process (engine.Frontend) can watch
+    every request without a task each. None for a server without such a flag."""
+    cycle: Any = getattr(receive, "__self__", None)
+    if cycle is None or not isinstance(getattr(cycle, "disconnected", None), bool):
+        return None
+    return lambda: bool(cycle.disconnected)
 
 
 class Service:
@@ -38,7 +51,11 @@ class Service:
         return self.engines
 
     async def embed(self, request: Request, engine: ModelEngine, req: EmbedRequest) -> EmbedResult:
-        """Run the job; if the client disconnects first, cancel it so its inputs are skipped."""
+        """Run the job; if the client disconnects first, its inputs are skipped."""
+        probe = request.scope.get("state", {}).get("disconnected")
+        if probe is not None:
+            return await engine.embed(req, probe)
+        # Another server: watch the connection with a task of its own.
         job = asyncio.ensure_future(engine.embed(req))
         watcher = asyncio.ensure_future(_wait_for_disconnect(request))
         try:

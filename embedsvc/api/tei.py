@@ -9,20 +9,13 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 from starlette.responses import Response
 
-from embedsvc.api.inputs import parse_inputs
+from embedsvc.api.encode import tei_embed_body, timing_headers
+from embedsvc.api.inputs import INPUTS_SCHEMA, parse_inputs
 from embedsvc.api.service import Service
-from embedsvc.api.timing import timing_headers
 from embedsvc.engine import EmbedRequest
 from embedsvc.errors import EmptyInputError, ValidationError
 
-INPUTS_SCHEMA: dict[str, Any] = {
-    "anyOf": [
-        {"type": "string"},
-        {"type": "array", "items": {"type": "string"}},
-        {"type": "array", "items": {"type": "integer"}},
-        {"type": "array", "items": {"type": "array", "items": {"type": "integer"}}},
-    ]
-}
+TRUNCATION_DIRECTIONS = ("Left", "Right", "left", "right")
 
 
 class TEIEmbedBody(BaseModel):
@@ -75,9 +68,9 @@ def tei_router() -> APIRouter:
         result = await service.embed(request, engine, req)
         service.metrics.requests.labels(engine.name, "/embed").inc()
         return Response(
-            orjson.dumps(result.vectors, option=orjson.OPT_SERIALIZE_NUMPY),
+            tei_embed_body(result),
             media_type="application/json",
-            headers=timing_headers(result),
+            headers={k.decode(): v.decode() for k, v in timing_headers(result)},
         )
 
     router.add_api_route(
@@ -116,7 +109,7 @@ def tei_router() -> APIRouter:
         )
         if any(not s for s in seqs):
             raise ValidationError("ids contains an empty list", param="ids")
-        texts = engine.tokenizer.decode(seqs, skip_special_tokens=body.skip_special_tokens)
+        texts = engine.decode(seqs, skip_special_tokens=body.skip_special_tokens)
         return Response(orjson.dumps(texts), media_type="application/json")
 
     return router

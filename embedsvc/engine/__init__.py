@@ -1,6 +1,7 @@
 """Batching, prompts, truncation, Matryoshka and normalization. No HTTP here."""
 
-from embedsvc.engine.engine import EmbedRequest, EmbedResult, ModelEngine
+from embedsvc.engine.engine import ModelEngine
 from embedsvc.engine.models import EngineSet, load_engines
+from embedsvc.engine.types import EmbedRequest, EmbedResult, ModelInfo
 
-__all__ = ["EmbedRequest", "EmbedResult", "EngineSet", "ModelEngine", "load_engines"]
+__all__ = ["EmbedRequest", "EmbedResult", "EngineSet", "ModelEngine", "ModelInfo", "load_engines"]

@@ -1,15 +1,19 @@
-"""The set of loaded models, chosen per request by served name or Hugging Face id."""
+"""The set of served models, chosen per request by served name or Hugging Face id, and
+loading them into this process."""
 
 from __future__ import annotations
 
 import asyncio
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from embedsvc.backends.base import load_model
 from embedsvc.engine.compute import compute_thread
-from embedsvc.engine.engine import ModelEngine
+from embedsvc.engine.core import CoreLink, LocalCore
+from embedsvc.engine.engine import Frontend, ModelEngine
+from embedsvc.engine.types import ModelInfo
+from embedsvc.engine.worker import ModelWorker
 from embedsvc.errors import ConfigError, ModelNotFoundError
 from embedsvc.metrics import Metrics
 from embedsvc.model_files import check_model_dir, resolve_model_dir
@@ -20,14 +24,20 @@ log = logging.getLogger(__name__)
 
 
 class EngineSet:
-    def __init__(self, engines: list[ModelEngine]) -> None:
-        if not engines:
+    """The front end's view of every served model, over one link to the engine core."""
+
+    def __init__(
+        self, infos: list[ModelInfo], link: CoreLink, settings: Settings, metrics: Metrics
+    ) -> None:
+        if not infos:
             raise ConfigError("no models to serve")
+        self.front = Frontend(link, metrics)
+        engines = [ModelEngine(i, settings, self.front) for i in infos]
         self.engines = {e.name: e for e in engines}
         self._aliases = {e.spec.hf_id: e for e in engines}
         self.default = engines[0]
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[ModelEngine]:
         return iter(self.engines.values())
 
     def __len__(self) -> int:
@@ -46,15 +56,35 @@ class EngineSet:
 
     @property
     def ready(self) -> bool:
-        return all(e.ready and e.healthy for e in self.engines.values())
+        return all(e.healthy for e in self.engines.values())
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
-        for e in self.engines.values():
-            e.start(loop)
+        self.front.attach(loop)
 
     def stop(self) -> None:
-        for e in self.engines.values():
-            e.stop()
+        self.front.link.stop()
+
+
+def load_workers(
+    specs: list[ModelSpec],
+    settings: Settings,
+    metrics: Metrics,
+    on_fatal: Callable[[str], None] | None = None,
+) -> dict[str, ModelWorker]:
+    """Resolve, check, load and warm each model. Any failure stops start-up.
+
+    `on_fatal(reason)` is called if a worker dies later on."""
+    workers = {}
+    for spec in specs:
+        path = resolve_model_dir(spec)
+        check_model_dir(spec, path)
+        # Load on the compute thread, where every forward pass will run (compute.py).
+        model = compute_thread().call(functools.partial(load_model, spec, path))
+        worker = ModelWorker(model, settings, metrics)
+        worker.on_fatal = on_fatal
+        worker.warmup()
+        workers[spec.name] = worker
+    return workers
 
 
 def load_engines(
@@ -63,17 +93,7 @@ def load_engines(
     metrics: Metrics,
     on_fatal: Callable[[str], None] | None = None,
 ) -> EngineSet:
-    """Resolve, check, load and warm each model. Any failure stops start-up.
-
-    `on_fatal(reason)` is called if an engine's worker dies later on."""
-    engines = []
-    for spec in specs:
-        path = resolve_model_dir(spec)
-        check_model_dir(spec, path)
-        # Load on the compute thread, where every forward pass will run (compute.py).
-        model = compute_thread().call(functools.partial(load_model, spec, path))
-        engine = ModelEngine(model, settings, metrics)
-        engine.on_fatal = on_fatal
-        engine.warmup()
-        engines.append(engine)
-    return EngineSet(engines)
+    """Load the models into this process, with the front end beside them."""
+    workers = load_workers(specs, settings, metrics, on_fatal)
+    infos = [w.info() for w in workers.values()]
+    return EngineSet(infos, LocalCore(workers), settings, metrics)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-
 import numpy as np
 
 LAYER_NORM_EPS = 1e-5  # torch.nn.functional.layer_norm's default, as the Nomic card uses
@@ -35,8 +33,3 @@ def finalize(
     if normalize:
         x = l2_normalize(x)
     return np.ascontiguousarray(x, dtype=np.float32)
-
-
-def to_base64(row: np.ndarray) -> str:
-    """Standard base64 of little-endian float32 bytes (what the openai client decodes)."""
-    return base64.b64encode(np.ascontiguousarray(row, dtype="<f4").tobytes()).decode("ascii")

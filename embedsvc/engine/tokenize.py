@@ -41,20 +41,41 @@ class TextTokenizer:
     ) -> list[list[int]]:
         """Token ids (with special tokens) of `prefix + text` for each text."""
         full = [prefix + t for t in texts] if prefix else texts
-        encodings = self._tok.encode_batch(full, add_special_tokens=True)
-        ids = [e.ids for e in encodings]
-        too_long = [i for i, x in enumerate(ids) if len(x) > self.max_length]
+        return self.fit(
+            self.encode_full(full), full, truncate=truncate, direction=direction, param=param
+        )
+
+    def encode_full(self, full: list[str]) -> list[list[int]]:
+        """Token ids with special tokens, untruncated: one call for many requests' texts."""
+        return [e.ids for e in self._tok.encode_batch(full, add_special_tokens=True)]
+
+    def fit(
+        self,
+        ids: list[list[int]],
+        full: list[str],
+        *,
+        truncate: bool,
+        direction: str,
+        param: str,
+    ) -> list[list[int]]:
+        """Check one request's encoded texts against the length limit; truncate or refuse.
+
+        Only over-long inputs are encoded again, truncated to leave room for the special
+        tokens, and post-processed, so truncation keeps [CLS]/[SEP] in place."""
+        limit = self.max_length
+        too_long = [i for i, x in enumerate(ids) if len(x) > limit]
         if not too_long:
             return ids
         if not truncate:
             i = too_long[0]
-            where = f"{param}[{i}]" if len(texts) > 1 else param
+            where = f"{param}[{i}]" if len(ids) > 1 else param
             raise ValidationError(
                 f"{where} has {len(ids[i])} tokens (including prompt and special tokens), "
                 f"more than this model's limit of {self.max_length}; shorten it or send "
                 "truncate=true",
                 param=param,
             )
+        ids = list(ids)
         keep = max(self.max_length - self._n_special, 1)
         raw = self._tok.encode_batch([full[i] for i in too_long], add_special_tokens=False)
         for i, enc in zip(too_long, raw, strict=True):

@@ -1,0 +1,59 @@
+"""Response bodies of the embedding routes, built once from the result's array."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+import numpy as np
+import orjson
+
+from embedsvc.engine import EmbedResult
+
+_NUMPY = orjson.OPT_SERIALIZE_NUMPY
+
+
+def to_base64(row: np.ndarray) -> str:
+    """Standard base64 of little-endian float32 bytes (what the openai client decodes)."""
+    return base64.b64encode(np.ascontiguousarray(row, dtype="<f4").data).decode("ascii")
+
+
+def tei_embed_body(result: EmbedResult) -> bytes:
+    return orjson.dumps(result.vectors, option=_NUMPY)
+
+
+def openai_embeddings_body(result: EmbedResult, encoding_format: str, model: str) -> bytes:
+    data: list[dict[str, Any]]
+    if encoding_format == "base64":
+        data = [
+            {"object": "embedding", "index": i, "embedding": to_base64(row)}
+            for i, row in enumerate(result.vectors)
+        ]
+    else:
+        data = [
+            {"object": "embedding", "index": i, "embedding": row}
+            for i, row in enumerate(result.vectors)
+        ]
+    tokens = result.prompt_tokens
+    payload = {
+        "object": "list",
+        "data": data,
+        "model": model,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }
+    return orjson.dumps(payload, option=_NUMPY)
+
+
+def _ms(seconds: float) -> bytes:
+    return b"%.3f" % (seconds * 1000)
+
+
+def timing_headers(r: EmbedResult) -> list[tuple[bytes, bytes]]:
+    """Timing headers on every embedding response (milliseconds, as TEI sends them)."""
+    return [
+        (b"x-total-time", _ms(r.total_time)),
+        (b"x-tokenization-time", _ms(r.tokenization_time)),
+        (b"x-queue-time", _ms(r.queue_time)),
+        (b"x-inference-time", _ms(r.inference_time)),
+        (b"x-compute-tokens", b"%d" % r.prompt_tokens),
+    ]

@@ -1,0 +1,175 @@
+"""The lean path for the embedding routes (/embed, /, /v1/embeddings, /embeddings).
+
+A body in the common shape (text inputs, fields of the right types) is decoded with
+orjson, checked by hand, embedded and answered here, without FastAPI's routing, pydantic
+or a Request object. Anything else (token-id input, a field of the wrong type, a body
+that is not JSON) goes on to the FastAPI routes, whose full validators word the errors:
+the public behaviour is the routes', this only takes a shorter way to it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+from starlette.types import Send
+
+from embedsvc.api.encode import openai_embeddings_body, tei_embed_body, timing_headers
+from embedsvc.api.errors import embedsvc_error_response, internal_error_response
+from embedsvc.api.openai import INPUT_TYPES, openai_prompt
+from embedsvc.api.service import Service
+from embedsvc.api.tei import TRUNCATION_DIRECTIONS
+from embedsvc.engine import EmbedRequest
+from embedsvc.errors import ClientDisconnected, EmbedsvcError, ErrorKind
+
+log = logging.getLogger(__name__)
+
+TEI_PATHS = frozenset({"/embed", "/"})
+OPENAI_PATHS = frozenset({"/v1/embeddings", "/embeddings"})
+FAST_PATHS = TEI_PATHS | OPENAI_PATHS
+
+_JSON = (b"content-type", b"application/json")
+_SCOPE: dict[str, Any] = {"type": "http"}  # what a Response needs to send itself
+
+
+def _texts(value: Any) -> list[str] | None:
+    if type(value) is str:
+        return [value]
+    if type(value) is list and value and all(type(v) is str for v in value):
+        return value
+    return None
+
+
+def _opt(d: dict[str, Any], key: str, kind: type) -> tuple[bool, Any]:
+    """(ok, value) of an optional field that must be `kind` or null when present."""
+    v = d.get(key)
+    return (v is None or type(v) is kind), v
+
+
+def parse_tei(d: dict[str, Any]) -> dict[str, Any] | None:
+    texts = _texts(d.get("inputs"))
+    normalize = d.get("normalize", True)
+    direction = d.get("truncation_direction", "Right")
+    ok1, truncate = _opt(d, "truncate", bool)
+    ok2, prompt_name = _opt(d, "prompt_name", str)
+    ok3, dimensions = _opt(d, "dimensions", int)
+    ok4, model = _opt(d, "model", str)
+    if (
+        texts is None
+        or type(normalize) is not bool
+        or direction not in TRUNCATION_DIRECTIONS
+        or not (ok1 and ok2 and ok3 and ok4)
+        or (dimensions is not None and dimensions <= 0)
+    ):
+        return None
+    return {
+        "texts": texts,
+        "normalize": normalize,
+        "truncate": truncate,
+        "direction": direction.lower(),
+        "prompt_name": prompt_name,
+        "dimensions": dimensions,
+        "model": model,
+    }
+
+
+def parse_openai(d: dict[str, Any]) -> dict[str, Any] | None:
+    texts = _texts(d.get("input"))
+    fmt = d.get("encoding_format", "float")
+    input_type = d.get("input_type")
+    ok1, truncate = _opt(d, "truncate", bool)
+    ok2, prompt_name = _opt(d, "prompt_name", str)
+    ok3, dimensions = _opt(d, "dimensions", int)
+    ok4, model = _opt(d, "model", str)
+    ok5, _ = _opt(d, "user", str)
+    if (
+        texts is None
+        or fmt not in ("float", "base64")
+        or (input_type is not None and input_type not in INPUT_TYPES)
+        or not (ok1 and ok2 and ok3 and ok4 and ok5)
+        or (dimensions is not None and dimensions <= 0)
+    ):
+        return None
+    return {
+        "texts": texts,
+        "format": fmt,
+        "input_type": input_type,
+        "truncate": truncate,
+        "prompt_name": prompt_name,
+        "dimensions": dimensions,
+        "model": model,
+    }
+
+
+class FastEmbed:
+    def __init__(self, service: Service) -> None:
+        self.service = service
+        self.metrics = service.metrics
+
+    async def handle(
+        self,
+        path: str,
+        body: bytes,
+        send: Send,
+        rid: str,
+        disconnected: Callable[[], bool] | None,
+    ) -> bool:
+        """Answer the request if its body is in the common shape; False to pass it on."""
+        try:
+            d = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return False
+        if type(d) is not dict:
+            return False
+        openai = path in OPENAI_PATHS
+        fields = parse_openai(d) if openai else parse_tei(d)
+        if fields is None:
+            return False
+        try:
+            engine = self.service.engine_set().get(fields["model"])
+            if openai:
+                prompt = openai_prompt(engine, fields["prompt_name"], fields["input_type"], False)
+                normalize, direction, param = True, "right", "input"
+            else:
+                prompt = fields["prompt_name"]
+                normalize, direction, param = fields["normalize"], fields["direction"], "inputs"
+            req = EmbedRequest(
+                texts=fields["texts"],
+                prompt_name=prompt,
+                normalize=normalize,
+                truncate=fields["truncate"],
+                truncation_direction=direction,
+                dimensions=fields["dimensions"],
+                input_param=param,
+                request_id=rid,
+            )
+            result = await engine.embed(req, disconnected)
+        except EmbedsvcError as e:
+            self.metrics.failures.labels(path, e.kind.value).inc()
+            await embedsvc_error_response(path, e, rid)(_SCOPE, _no_receive, send)
+            return True
+        except ClientDisconnected:
+            self.metrics.failures.labels(path, "client_disconnected").inc()
+            await send({"type": "http.response.start", "status": 499, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+            return True
+        except Exception as e:
+            self.metrics.failures.labels(path, ErrorKind.BACKEND.value).inc()
+            await internal_error_response(path, e, rid)(_SCOPE, _no_receive, send)
+            return True
+        if openai:
+            out = openai_embeddings_body(result, fields["format"], fields["model"] or engine.name)
+            self.metrics.requests.labels(engine.name, "/v1/embeddings").inc()
+        else:
+            out = tei_embed_body(result)
+            self.metrics.requests.labels(engine.name, "/embed").inc()
+        headers = [_JSON, (b"content-length", b"%d" % len(out)), *timing_headers(result)]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": out})
+        return True
+
+
+async def _no_receive() -> dict[str, Any]:
+    raise RuntimeError("a response does not read the request")

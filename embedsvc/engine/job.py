@@ -1,0 +1,84 @@
+"""Bookkeeping of one admitted request inside the engine core: where its rows go, which
+chunks are queued, and when it is complete."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from embedsvc.engine.batcher import Item
+from embedsvc.engine.types import CoreJob, JobDone
+
+
+@dataclass(eq=False)
+class Job:
+    origin: Hashable  # which front end sent it (results go back there)
+    key: int
+    size: int
+    tokens: int
+    dimensions: int | None
+    normalize: bool
+    layer_norm: bool
+    vectors: np.ndarray | None = None  # allocated when the first row is finalized
+    remaining: int = 0
+    # Large requests enter the queue chunk by chunk: at most two chunks are queued at a
+    # time and the next follows when one completes, so other requests' inputs get in
+    # between and one big client batch cannot hold the model for its whole duration.
+    chunk_remaining: list[int] = field(default_factory=list)
+    waiting_chunks: list[list[Item]] = field(default_factory=list)
+    cancelled: bool = False
+    enqueued: float = 0.0
+    first_start: float = 0.0
+    last_end: float = 0.0
+
+    @classmethod
+    def admit(cls, origin: Hashable, cj: CoreJob, chunk_size: int) -> tuple[Job, list[Item]]:
+        """A job for `cj` and the items to queue now."""
+        n = len(cj.ids)
+        job = cls(
+            origin=origin,
+            key=cj.key,
+            size=n,
+            tokens=sum(len(x) for x in cj.ids),
+            dimensions=cj.dimensions,
+            normalize=cj.normalize,
+            layer_norm=cj.layer_norm,
+            remaining=n,
+            enqueued=time.perf_counter(),
+        )
+        if n <= chunk_size:
+            job.chunk_remaining = [n]
+            return job, [Item(job, i, ids) for i, ids in enumerate(cj.ids)]
+        chunks = [
+            [Item(job, i, cj.ids[i], chunk=k) for i in range(start, min(start + chunk_size, n))]
+            for k, start in enumerate(range(0, n, chunk_size))
+        ]
+        job.chunk_remaining = [len(c) for c in chunks]
+        job.waiting_chunks = chunks[2:]
+        return job, [it for c in chunks[:2] for it in c]
+
+    def store(self, item: Item, row: np.ndarray, start: float, end: float) -> list[Item]:
+        """Keep one finalized row; return the next chunk's items if one is due."""
+        if self.vectors is None:
+            self.vectors = np.empty((self.size, row.shape[0]), dtype=np.float32)
+        self.vectors[item.index] = row
+        if not self.first_start:
+            self.first_start = start
+        self.last_end = end
+        self.remaining -= 1
+        self.chunk_remaining[item.chunk] -= 1
+        if self.chunk_remaining[item.chunk] == 0 and self.waiting_chunks:
+            return self.waiting_chunks.pop(0)
+        return []
+
+    def done(self) -> JobDone:
+        assert self.vectors is not None
+        return JobDone(
+            key=self.key,
+            vectors=self.vectors,
+            queue_time=max(self.first_start - self.enqueued, 0.0),
+            inference_time=max(self.last_end - self.first_start, 0.0),
+        )

@@ -1,0 +1,94 @@
+"""The engine's contract with the API and between processes: plain, picklable data.
+
+`EmbedRequest` is what the API hands over (already parsed, dialect-free), `EmbedResult`
+what it gets back. `ModelInfo` is what a front end needs to know about a served model
+(it may live in another process than the model). `CoreJob`, `JobDone` and `JobFailed`
+travel between the front end and the engine core, in batches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from embedsvc.errors import ErrorKind
+from embedsvc.registry import ModelSpec
+
+
+@dataclass
+class EmbedRequest:
+    texts: list[str] | None = None
+    token_ids: list[list[int]] | None = None
+    prompt_name: str | None = None
+    normalize: bool = True
+    truncate: bool | None = None
+    truncation_direction: str = "right"
+    dimensions: int | None = None
+    input_param: str = "inputs"
+    request_id: str = ""
+
+    @property
+    def size(self) -> int:
+        return len(self.texts if self.texts is not None else self.token_ids or [])
+
+
+@dataclass
+class EmbedResult:
+    vectors: np.ndarray  # float32 [n, d]
+    prompt_tokens: int
+    tokenization_time: float
+    queue_time: float
+    inference_time: float
+    total_time: float
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A loaded model as the front end sees it: its entry, what loading found out, and the
+    tokenizer (as JSON) so a front end in another process tokenizes exactly alike."""
+
+    spec: ModelSpec
+    path: str
+    device: str
+    dtype: str
+    pooling: str
+    dimension: int
+    max_seq_length: int
+    pad_token_id: int
+    max_batch_tokens: int
+    tokenizer_json: str
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def allowed_dimensions(self) -> list[int]:
+        return sorted({self.dimension, *self.spec.matryoshka_dims}, reverse=True)
+
+
+@dataclass
+class CoreJob:
+    """One request's inputs, tokenized, as the engine core queues them."""
+
+    key: int  # unique within the front end that sent it
+    ids: list[list[int]]
+    dimensions: int | None
+    normalize: bool
+    layer_norm: bool
+
+
+@dataclass
+class JobDone:
+    key: int
+    vectors: np.ndarray  # float32 [n, d], finalized
+    queue_time: float
+    inference_time: float
+
+
+@dataclass
+class JobFailed:
+    key: int
+    kind: ErrorKind
+    message: str
+    param: str | None = field(default=None)

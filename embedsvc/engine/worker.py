@@ -1,0 +1,322 @@
+"""The engine core of one model: admission, the batch queue, forward passes, post-processing.
+
+It takes tokenized requests (`CoreJob`s) from any number of front ends and hands
+finished vectors back through a `Sink`, one call per forward pass and front end, never
+per request. It runs on threads of the process that holds the model:
+
+  caller (front end or engine server thread): submit -> admit by input count, queue
+  batcher thread: when the model is free, take the next batch from the queue, drop
+      cancelled inputs, pad, hand it to the compute thread (on CUDA one more batch is
+      formed while the previous one runs)
+  compute thread (shared by all models, see compute.py): forward pass -> finalize vectors
+      -> store rows in their jobs -> sink the complete jobs; on CPU it then takes the next
+      batch itself while the queue is not empty
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Hashable
+
+import numpy as np
+
+from embedsvc.backends.base import BackendOutOfMemory, LoadedModel, PaddedBatch
+from embedsvc.engine.batcher import BatchQueue, Item, pad
+from embedsvc.engine.compute import compute_thread
+from embedsvc.engine.job import Job
+from embedsvc.engine.postprocess import finalize
+from embedsvc.engine.types import CoreJob, JobDone, JobFailed, ModelInfo
+from embedsvc.errors import ConfigError, ErrorKind
+from embedsvc.metrics import Metrics
+from embedsvc.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# (origin, finished jobs, failed jobs); called from the engine's threads.
+Sink = Callable[[Hashable, list[JobDone], list[JobFailed]], None]
+
+BACKEND_FAILED = "the model failed to process this request; see the server log"
+
+
+class ModelWorker:
+    def __init__(self, model: LoadedModel, settings: Settings, metrics: Metrics) -> None:
+        self.model = model
+        self.name = model.spec.name
+        self.settings = settings
+        self.metrics = metrics
+        self.max_batch_tokens = settings.batch_tokens_for(model.backend.device)
+        self.queue = BatchQueue(self.max_batch_tokens, settings.max_batch_size)
+        for d in model.spec.matryoshka_dims:
+            if d > model.backend.dimension:
+                raise ConfigError(
+                    f"model {self.name}: matryoshka dim {d} exceeds the model dimension "
+                    f"{model.backend.dimension}"
+                )
+        # Batches handed to the compute thread and not finished. On CUDA a forward pass is
+        # short and runs asynchronously, so one batch is formed and padded while the
+        # previous one runs. On CPU a forward pass takes tens of milliseconds or more, and
+        # a batch formed that early would hold only what was queued when the previous
+        # one started; forming it when the model is free takes what arrived meanwhile.
+        # On CPU the compute thread also takes the next batch itself as soon as it is free
+        # (a continuation queued behind other models' work), so no thread hand-off sits
+        # between two forward passes while the queue is non-empty.
+        self._prefetch = model.backend.device.startswith("cuda")
+        self._slots = threading.Semaphore(2 if self._prefetch else 1)
+        self.compute = compute_thread()
+        self._lock = threading.Lock()  # guards _jobs and _inflight
+        self._jobs: dict[tuple[Hashable, int], Job] = {}
+        self._inflight = 0
+        self._thread: threading.Thread | None = None
+        self.sink: Sink = lambda origin, done, failed: None
+        self.ready = False
+        self.healthy = True
+        # Called (from a worker thread) when the engine cannot go on.
+        self.on_fatal: Callable[[str], None] | None = None
+
+    # ---- lifecycle -------------------------------------------------------------------
+
+    def info(self) -> ModelInfo:
+        m = self.model
+        return ModelInfo(
+            spec=m.spec,
+            path=str(m.path),
+            device=m.backend.device,
+            dtype=m.backend.dtype,
+            pooling=m.pooling,
+            dimension=m.backend.dimension,
+            max_seq_length=m.max_seq_length,
+            pad_token_id=m.pad_token_id,
+            max_batch_tokens=self.max_batch_tokens,
+            tokenizer_json=m.tokenizer.to_str(),
+        )
+
+    def start(self, sink: Sink) -> None:
+        self.sink = sink
+        self._thread = threading.Thread(target=self._batch_loop, name=f"batch-{self.name}")
+        self._thread.daemon = True
+        self._thread.start()
+
+    def warmup(self) -> None:
+        """Run a forward pass before reporting ready (first-call costs, shape checks)."""
+        ids = self.model.tokenizer.encode("warm up").ids
+        batch = pad([Item(None, 0, ids)], self.model.pad_token_id)
+        out = self.compute.call(lambda: self.model.backend.forward(batch))
+        if out.shape != (1, self.model.backend.dimension):
+            raise RuntimeError(f"warm-up returned shape {out.shape}")
+        self.ready = True
+        self.metrics.model_ready.labels(self.name).set(1)
+
+    def stop(self) -> None:
+        self.queue.close()
+        self._slots.release()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    @property
+    def inflight_inputs(self) -> int:
+        return self._inflight
+
+    # ---- requests (any thread) ---------------------------------------------------------
+
+    def submit(self, origin: Hashable, jobs: list[CoreJob]) -> list[JobFailed]:
+        """Admit and queue `jobs`; return the ones refused (over capacity, unhealthy)."""
+        refused: list[JobFailed] = []
+        queued: list[Item] = []
+        limit = self.settings.max_concurrent_inputs
+        with self._lock:
+            for cj in jobs:
+                n = len(cj.ids)
+                if not self.healthy:
+                    refused.append(
+                        JobFailed(cj.key, ErrorKind.UNHEALTHY, f"model {self.name} is not healthy")
+                    )
+                    continue
+                if self._inflight + n > limit:
+                    refused.append(
+                        JobFailed(
+                            cj.key,
+                            ErrorKind.OVERLOADED,
+                            f"model {self.name} is at capacity ({self._inflight} of {limit} "
+                            "inputs in flight); retry shortly",
+                        )
+                    )
+                    continue
+                job, items = Job.admit(origin, cj, self.settings.max_client_batch_size)
+                self._jobs[(origin, cj.key)] = job
+                self._inflight += n
+                queued.extend(items)
+            inflight = self._inflight
+        if queued:
+            self.queue.put(queued)
+            self.metrics.queue_size.labels(self.name).set(len(self.queue))
+        self.metrics.inflight_inputs.labels(self.name).set(inflight)
+        return refused
+
+    def cancel(self, origin: Hashable, keys: list[int]) -> None:
+        """Drop jobs whose client has gone: their queued inputs are skipped."""
+        with self._lock:
+            for key in keys:
+                job = self._jobs.pop((origin, key), None)
+                if job is not None:
+                    job.cancelled = True
+                    self._inflight -= job.size
+            inflight = self._inflight
+        self.metrics.inflight_inputs.labels(self.name).set(inflight)
+
+    def forget(self, origin: Hashable) -> None:
+        """A front end has gone: drop everything it had in flight."""
+        with self._lock:
+            keys = [k for (o, k) in self._jobs if o == origin]
+        self.cancel(origin, keys)
+
+    # ---- worker threads --------------------------------------------------------------
+
+    def _take_live(self, timeout: float | None) -> list[Item] | None:
+        items = self.queue.take(timeout)
+        if items is None:
+            return None
+        self.metrics.queue_size.labels(self.name).set(len(self.queue))
+        return [it for it in items if not it.job.cancelled]
+
+    def _batch_loop(self) -> None:
+        try:
+            while True:
+                self._slots.acquire()
+                live = self._take_live(None)
+                if live is None:
+                    return
+                if not live:
+                    self._slots.release()
+                    continue
+                batch = pad(live, self.model.pad_token_id)
+                self.compute.submit(functools.partial(self._run_batch, live, batch))
+        except BaseException:
+            log.critical("model %s: batcher thread died", self.name, exc_info=True)
+            self._worker_died()
+
+    def _worker_died(self) -> None:
+        """A worker cannot go on: fail everything admitted, report unhealthy, tell the
+        owner (the server exits so an orchestrator restarts it). Never a silent hang."""
+        self.healthy = False
+        self.metrics.model_ready.labels(self.name).set(0)
+        while self.queue.take(timeout=0):
+            pass
+        with self._lock:
+            jobs = list(self._jobs.values())
+        self._fail(jobs)
+        if self.on_fatal is not None:
+            self.on_fatal(f"model {self.name}: a worker thread died")
+
+    def _run_batch(self, items: list[Item], batch: PaddedBatch) -> None:
+        """On the compute thread: run one batch, then (CPU) go on with the next one."""
+        try:
+            self._execute(items, batch)
+        except BaseException:
+            log.critical("model %s: fatal error in a forward pass", self.name, exc_info=True)
+            self._fail([it.job for it in items])
+            self._worker_died()
+            self._slots.release()
+            return
+        if not self._prefetch and self.healthy:
+            live = self._take_live(0)
+            if live:
+                batch = pad(live, self.model.pad_token_id)
+                self.compute.submit(functools.partial(self._run_batch, live, batch))
+                return  # the slot passes on to the continuation
+        self._slots.release()
+
+    def _execute(self, items: list[Item], batch: PaddedBatch) -> None:
+        """Forward pass, finalize, store rows; sink the complete jobs (or fail the batch)."""
+        if all(it.job.cancelled for it in items):
+            return
+        start = time.perf_counter()
+        try:
+            pooled = self._forward(items, batch)
+            rows = self._finalize(items, pooled)
+        except Exception:
+            log.exception("model %s: forward pass of %d inputs failed", self.name, len(items))
+            self._fail([it.job for it in items])
+            return
+        end = time.perf_counter()
+        done: dict[Hashable, list[JobDone]] = defaultdict(list)
+        more: list[Item] = []
+        with self._lock:
+            for it, row in zip(items, rows, strict=True):
+                job: Job = it.job
+                if job.cancelled:
+                    continue
+                more += job.store(it, row, start, end)
+                if job.remaining == 0:
+                    del self._jobs[(job.origin, job.key)]
+                    self._inflight -= job.size
+                    done[job.origin].append(job.done())
+                    self._observe(job)
+            inflight = self._inflight
+        if more:
+            self.queue.put(more)
+        self.metrics.inflight_inputs.labels(self.name).set(inflight)
+        for origin, finished in done.items():
+            self.sink(origin, finished, [])
+
+    def _observe(self, job: Job) -> None:
+        d = self.metrics.duration
+        d.labels(self.name, "queue").observe(max(job.first_start - job.enqueued, 0.0))
+        d.labels(self.name, "inference").observe(max(job.last_end - job.first_start, 0.0))
+        self.metrics.inputs.labels(self.name).inc(job.size)
+        self.metrics.tokens.labels(self.name).inc(job.tokens)
+
+    def _forward(self, items: list[Item], batch: PaddedBatch) -> np.ndarray:
+        """Forward pass; on out-of-memory, split the batch in halves and retry."""
+        try:
+            pooled = self.model.backend.forward(batch)
+        except BackendOutOfMemory:
+            if len(items) == 1:
+                raise
+            half = len(items) // 2
+            log.warning(
+                "model %s: out of memory on %d inputs x %d tokens; splitting",
+                self.name, len(items), batch.shape[1],
+            )  # fmt: skip
+            parts = [items[:half], items[half:]]
+            return np.concatenate(
+                [self._forward(p, pad(p, self.model.pad_token_id)) for p in parts]
+            )
+        self.metrics.batches.labels(self.name).inc()
+        self.metrics.batch_size.labels(self.name).observe(len(items))
+        self.metrics.batch_tokens.labels(self.name).observe(batch.shape[0] * batch.shape[1])
+        return pooled
+
+    def _finalize(self, items: list[Item], pooled: np.ndarray) -> list[np.ndarray] | np.ndarray:
+        """Rows in the order of `items`, each finalized as its job asks."""
+        keys = [(it.job.dimensions, it.job.normalize, it.job.layer_norm) for it in items]
+        first = keys[0]
+        if all(k == first for k in keys):  # the common case: one kind of request
+            dims, normalize, ln = first
+            return finalize(pooled, dimensions=dims, normalize=normalize, layer_norm_first=ln)
+        groups: dict[tuple[int | None, bool, bool], list[int]] = defaultdict(list)
+        for row, key in enumerate(keys):
+            groups[key].append(row)
+        out: list[np.ndarray] = [pooled[0]] * len(items)
+        for (dims, normalize, ln), rows in groups.items():
+            vecs = finalize(pooled[rows], dimensions=dims, normalize=normalize, layer_norm_first=ln)
+            for k, row in enumerate(rows):
+                out[row] = vecs[k]
+        return out
+
+    def _fail(self, jobs: list[Job]) -> None:
+        failed: dict[Hashable, list[JobFailed]] = defaultdict(list)
+        with self._lock:
+            for job in {id(j): j for j in jobs}.values():
+                if self._jobs.pop((job.origin, job.key), None) is None:
+                    continue  # already finished, failed or cancelled
+                job.cancelled = True  # its other queued inputs are skipped
+                self._inflight -= job.size
+                failed[job.origin].append(JobFailed(job.key, ErrorKind.BACKEND, BACKEND_FAILED))
+            inflight = self._inflight
+        self.metrics.inflight_inputs.labels(self.name).set(inflight)
+        for origin, lst in failed.items():
+            self.sink(origin, [], lst)
