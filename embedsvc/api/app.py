@@ -11,6 +11,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from embedsvc import __version__
 from embedsvc.api.errors import install_error_handlers
@@ -34,7 +35,7 @@ def create_app(
     engines: EngineSet | None = None,
     loader: Callable[[], EngineSet] | None = None,
     on_load_failure: Callable[[str], None] | None = None,
-) -> FastAPI:
+) -> EmbedsvcApp:
     """Build the app around already loaded `engines`, or a `loader` run after start-up.
 
     With a loader the port opens at once and /health answers 503 until every model is
@@ -95,8 +96,10 @@ def create_app(
     app.include_router(tei_router())
     app.include_router(openai_router())
     app.include_router(ops_router())
-    app.add_middleware(
-        RequestMiddleware,
+    # Outside FastAPI's own middleware stack (error pages, telemetry hooks, body limits):
+    # the lean path for the embedding routes pays for none of it.
+    outer: ASGIApp = RequestMiddleware(
+        app,
         service=service,
         api_keys=settings.api_keys(),
         protect_ops=settings.auth_health_metrics,
@@ -104,11 +107,23 @@ def create_app(
     )
     origins = settings.cors_origin_list()
     if origins:  # outermost: preflights carry no API key, and every answer gets the headers
-        app.add_middleware(
-            CORSMiddleware,
+        outer = CORSMiddleware(
+            outer,
             allow_origins=origins,
             allow_methods=["GET", "POST"],
             allow_headers=["authorization", "content-type", "x-request-id"],
             expose_headers=["x-request-id", "x-total-time", "x-compute-tokens"],
         )
-    return app
+    return EmbedsvcApp(app, outer)
+
+
+class EmbedsvcApp:
+    """The ASGI app that uvicorn runs: request plumbing (and CORS) around the FastAPI app."""
+
+    def __init__(self, fastapi_app: FastAPI, asgi: ASGIApp) -> None:
+        self.fastapi = fastapi_app
+        self.state = fastapi_app.state
+        self._asgi = asgi
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._asgi(scope, receive, send)
