@@ -21,16 +21,25 @@ def query(rng: random.Random) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(n)).capitalize() + "?"
 
 
-def passage(rng: random.Random) -> str:
-    # Roughly one token per word for this vocabulary: 100-300 tokens.
-    n = rng.randint(100, 290)
+def passage(rng: random.Random, words: tuple[int, int] = (100, 290)) -> str:
+    # Roughly one token per word for this vocabulary: 100-300 tokens by default.
+    n = rng.randint(*words)
     words = [rng.choice(WORDS) for _ in range(n)]
     for i in range(12, n, 15):
         words[i] += "."
     return " ".join(words).capitalize() + "."
 
 
-def rag_mix(n: int, seed: int = 0, query_share: float = 0.5) -> list[str]:
+def rag_mix(
+    n: int, seed: int = 0, query_share: float = 0.5, passage_words: tuple[int, int] = (100, 290)
+) -> list[str]:
     """`n` texts, about `query_share` of them short queries, the rest passages."""
     rng = random.Random(seed)
-    return [query(rng) if rng.random() < query_share else passage(rng) for _ in range(n)]
+    return [
+        query(rng) if rng.random() < query_share else passage(rng, passage_words) for _ in range(n)
+    ]
+
+
+def queries(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [query(rng) for _ in range(n)]

@@ -3,9 +3,15 @@
 One `Metrics` object per server (its own CollectorRegistry), so several servers can live
 in one process (tests) without clashing. Engine threads only touch thread-safe
 prometheus_client objects.
+
+With several processes (front ends and an engine, see server.py) every process writes
+its values to memory-mapped files in one folder (prometheus_client's multiprocess mode),
+and /metrics, whichever front end answers it, renders the sum over all of them.
 """
 
 from __future__ import annotations
+
+import os
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -14,6 +20,8 @@ from prometheus_client import (
     Gauge,
     Histogram,
     generate_latest,
+    multiprocess,
+    values,
 )
 
 _DURATION_BUCKETS = (
@@ -40,20 +48,27 @@ _TOKEN_BUCKETS = (16, 64, 256, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
 class Metrics:
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self) -> None:
+    def __init__(self, multiprocess_dir: str | None = None) -> None:
+        self.multiprocess_dir = multiprocess_dir
+        if multiprocess_dir:
+            # Values created from here on live in files of this folder (the library reads
+            # the folder from the environment when it creates each value file).
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = multiprocess_dir
+            values.ValueClass = values.MultiProcessValue()
         r = self.registry = CollectorRegistry()
+        # The engine process alone sets these gauges; "live" drops a dead process's values.
         self.model_ready = Gauge(
-            "embedsvc_model_ready", "1 once the model is loaded and warmed", ["model"], registry=r
-        )
+            "embedsvc_model_ready", "1 once the model is loaded and warmed", ["model"],
+            registry=r, multiprocess_mode="livemax",
+        )  # fmt: skip
         self.queue_size = Gauge(
-            "embedsvc_queue_size", "inputs waiting for a forward pass", ["model"], registry=r
-        )
+            "embedsvc_queue_size", "inputs waiting for a forward pass", ["model"],
+            registry=r, multiprocess_mode="livesum",
+        )  # fmt: skip
         self.inflight_inputs = Gauge(
-            "embedsvc_inflight_inputs",
-            "inputs admitted and not yet answered",
-            ["model"],
-            registry=r,
-        )
+            "embedsvc_inflight_inputs", "inputs admitted and not yet answered", ["model"],
+            registry=r, multiprocess_mode="livesum",
+        )  # fmt: skip
         self.batches = Counter("embedsvc_batches", "forward passes run", ["model"], registry=r)
         self.batch_size = Histogram(
             "embedsvc_batch_size", "inputs per forward pass", ["model"],
@@ -83,4 +98,13 @@ class Metrics:
         )
 
     def render(self) -> bytes:
+        if self.multiprocess_dir:
+            merged = CollectorRegistry()
+            multiprocess.MultiProcessCollector(merged, path=self.multiprocess_dir)
+            return generate_latest(merged)
         return generate_latest(self.registry)
+
+    def process_gone(self, pid: int) -> None:
+        """Drop the live gauges of a process that has exited (multiprocess mode)."""
+        if self.multiprocess_dir:
+            multiprocess.mark_process_dead(pid, self.multiprocess_dir)

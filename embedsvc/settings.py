@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +31,13 @@ class Settings:
     )
     models: str = _setting(
         "", "comma-separated served names to load (default: the file's default_models)"
+    )
+    api_workers: int = _setting(
+        0,
+        "front-end processes (HTTP, validation, tokenization, responses) beside one engine "
+        "process that batches and runs the models; 1 = everything in one process; 0 = auto: "
+        "1 when the models run on CPU (they need every core), else one per CPU this process "
+        "may use (affinity and cgroup quota), at most 8",
     )
     max_batch_tokens: int = _setting(
         0,
@@ -129,6 +137,8 @@ class Settings:
             raise ConfigError(
                 f"max_batch_tokens must be 0 (auto) or more, got {self.max_batch_tokens}"
             )
+        if self.api_workers < 0:
+            raise ConfigError(f"api_workers must be 0 (auto) or more, got {self.api_workers}")
         positive = (
             "max_batch_size",
             "max_concurrent_inputs",
@@ -155,6 +165,11 @@ class Settings:
             return self.max_batch_tokens
         return 16384 if device.startswith("cuda") else 2048
 
+    def api_workers_for(self, accelerated: bool) -> int:
+        if self.api_workers:
+            return self.api_workers
+        return min(available_cpus(), 8) if accelerated else 1
+
     def api_keys(self) -> list[str]:
         """Keys from --api-key and --api-key-file (read once, at start)."""
         keys = [k.strip() for k in self.api_key.split(",") if k.strip()]
@@ -173,6 +188,22 @@ class Settings:
 
     def model_names(self) -> list[str]:
         return [m.strip() for m in self.models.split(",") if m.strip()]
+
+
+def available_cpus() -> int:
+    """CPUs this process may use: its affinity mask, capped by a cgroup v2 CPU quota."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    try:
+        with open("/sys/fs/cgroup/cpu.max", encoding="ascii") as f:
+            quota, period = f.read().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, int(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(cpus, 1)
 
 
 def _convert(raw: Any, type_name: Any, origin: str) -> Any:

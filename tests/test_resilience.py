@@ -4,70 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import numpy as np
-import pytest
 
 from embedsvc.backends import Backend, BackendOutOfMemory, PaddedBatch
-from tests.conftest import free_socket
 
 LONG = "the quick brown fox jumps over the lazy dog " * 25
-
-
-class ServerProcess:
-    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
-        sock = free_socket()
-        self.port = sock.getsockname()[1]
-        sock.close()
-        self.url = f"http://127.0.0.1:{self.port}"
-        full_env = dict(os.environ, HF_HUB_OFFLINE="1", **(env or {}))
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "embedsvc", "serve", "--port", str(self.port), *args],
-            env=full_env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            assert self.proc.poll() is None, self.proc.communicate()[0]
-            time.sleep(0.1)
-        raise RuntimeError("server did not become healthy")
-
-    def stop(self) -> tuple[int, str]:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        out, _ = self.proc.communicate(timeout=60)
-        return self.proc.returncode, out
-
-
-@pytest.fixture()
-def spawn() -> Iterator[Any]:
-    started: list[ServerProcess] = []
-
-    def make(*args: str, env: dict[str, str] | None = None) -> ServerProcess:
-        p = ServerProcess(*args, env=env)
-        started.append(p)
-        return p
-
-    yield make
-    for p in started:
-        if p.proc.poll() is None:
-            p.proc.kill()
-            p.proc.communicate()
 
 
 async def burst(url: str, bodies: list[dict], deadline: float) -> list[int]:

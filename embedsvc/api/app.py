@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -33,10 +34,11 @@ def create_app(
     metrics: Metrics | None = None,
     *,
     engines: EngineSet | None = None,
-    loader: Callable[[], EngineSet] | None = None,
+    loader: Callable[[], EngineSet | Awaitable[EngineSet]] | None = None,
     on_load_failure: Callable[[str], None] | None = None,
 ) -> EmbedsvcApp:
-    """Build the app around already loaded `engines`, or a `loader` run after start-up.
+    """Build the app around already loaded `engines`, or a `loader` run after start-up
+    (a function, run on a thread, or a coroutine function, run on the loop).
 
     With a loader the port opens at once and /health answers 503 until every model is
     loaded and warmed; if loading fails, `on_load_failure(reason)` is called.
@@ -55,7 +57,10 @@ def create_app(
 
             async def load() -> None:
                 try:
-                    loaded = await asyncio.to_thread(loader)
+                    if inspect.iscoroutinefunction(loader):
+                        loaded = await loader()
+                    else:
+                        loaded = await asyncio.to_thread(loader)
                 except Exception as e:
                     service.load_error = f"model loading failed: {e}"
                     log.error("%s", service.load_error)

@@ -1,0 +1,145 @@
+"""Several front-end processes beside one engine process (--api-workers 2), on real server
+processes: real clients, a front end killed under load, draining, metrics across processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from tests.conftest import cosine
+
+TEXTS = ["What is the capital of France?", "Paris is the capital of France."]
+LONG = "the quick brown fox jumps over the lazy dog " * 25
+
+
+def frontends(pid: int) -> list[int]:
+    """The front-end processes among a server's children (not multiprocessing helpers)."""
+    out = []
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        cmd = Path(f"/proc/{child}/cmdline").read_bytes()
+        if b"spawn_main" in cmd:
+            out.append(int(child))
+    return sorted(out)
+
+
+def wait_for(cond: Any, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.1)
+
+
+def metric_value(text: str, name: str) -> float:
+    m = re.search(rf"^{re.escape(name)} ([0-9.e+]+)$", text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def test_real_clients_through_several_front_ends(spawn: Any, st_minilm: Any) -> None:
+    import openai
+    from huggingface_hub import InferenceClient
+
+    srv = spawn("--api-workers", "2")
+    assert len(frontends(srv.proc.pid)) == 2
+    client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused")
+    expected = st_minilm.encode(TEXTS, normalize_embeddings=True)
+    for _ in range(4):  # new connections: both front ends get some
+        res = client.embeddings.create(model="all-minilm-l6-v2", input=TEXTS)
+        for d, e in zip(res.data, expected, strict=True):
+            assert cosine(d.embedding, e) >= 0.9999
+    hf = InferenceClient(model=srv.url)
+    got = np.asarray(hf.feature_extraction(TEXTS[0]))
+    assert got.shape == (1, 384) and cosine(got[0], expected[0]) >= 0.9999
+    info = httpx.get(srv.url + "/info").json()
+    assert info["models"][0]["dimension"] == 384 and info["models"][0]["ready"]
+    code, _ = srv.stop()
+    assert code == 0
+
+
+def test_metrics_are_summed_across_front_ends(spawn: Any) -> None:
+    srv = spawn("--api-workers", "2")
+    prefixes = set()
+    for i in range(20):  # a connection each, so the kernel spreads them over both
+        r = httpx.post(srv.url + "/embed", json={"inputs": [f"text {i}", "two"]})
+        assert r.status_code == 200
+        prefixes.add(r.headers["x-request-id"][:16])  # each process has its own prefix
+    assert len(prefixes) == 2, "one front end served every request"
+    text = httpx.get(srv.url + "/metrics").text
+    route = 'embedsvc_requests_total{model="all-minilm-l6-v2",route="/embed"}'
+    assert metric_value(text, route) == 20
+    assert metric_value(text, 'embedsvc_inputs_total{model="all-minilm-l6-v2"}') == 40
+    assert metric_value(text, 'embedsvc_inflight_inputs{model="all-minilm-l6-v2"}') == 0
+    assert metric_value(text, 'embedsvc_model_ready{model="all-minilm-l6-v2"}') == 1
+    srv.stop()
+
+
+def test_front_end_killed_under_load_hangs_nothing_and_is_replaced(spawn: Any) -> None:
+    srv = spawn("--api-workers", "2", "--max-batch-size", "4")
+    before = frontends(srv.proc.pid)
+
+    async def scenario() -> list[Any]:
+        limits = httpx.Limits(max_connections=40)
+        async with httpx.AsyncClient(base_url=srv.url, timeout=60, limits=limits) as c:
+
+            async def one(i: int) -> Any:
+                try:
+                    r = await c.post("/embed", json={"inputs": [LONG, f"query {i}"]})
+                    return r.status_code
+                except httpx.TimeoutException:
+                    return "hung"
+                except httpx.TransportError:
+                    return "reset"  # its front end died: the connection closes, no hang
+
+            tasks = [asyncio.create_task(one(i)) for i in range(40)]
+            await asyncio.sleep(0.5)
+            os.kill(before[0], signal.SIGKILL)
+            return list(await asyncio.gather(*tasks))
+
+    outcomes = asyncio.run(scenario())
+    assert "hung" not in outcomes
+    assert set(outcomes) <= {200, "reset"} and outcomes.count(200) > 0
+    wait_for(lambda: len(frontends(srv.proc.pid)) == 2)
+    assert frontends(srv.proc.pid) != before
+    wait_for(lambda: httpx.get(srv.url + "/health").status_code == 200)
+    for i in range(6):
+        assert httpx.post(srv.url + "/embed", json={"inputs": f"after {i}"}).status_code == 200
+    text = httpx.get(srv.url + "/metrics").text
+    assert metric_value(text, 'embedsvc_inflight_inputs{model="all-minilm-l6-v2"}') == 0
+    code, out = srv.stop()
+    assert code == 0
+    assert "exited with -9" in out
+
+
+def test_sigterm_drains_every_front_end(spawn: Any) -> None:
+    srv = spawn("--api-workers", "2", "--max-batch-size", "4", "--drain-timeout", "60")
+
+    async def scenario() -> tuple[list[Any], Any]:
+        limits = httpx.Limits(max_connections=8)
+        async with httpx.AsyncClient(base_url=srv.url, timeout=120, limits=limits) as c:
+            inflight = [
+                asyncio.create_task(c.post("/embed", json={"inputs": [LONG] * 4})) for _ in range(8)
+            ]
+            await asyncio.sleep(0.5)
+            srv.proc.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.3)
+            try:
+                async with httpx.AsyncClient(base_url=srv.url, timeout=10) as late_client:
+                    late: Any = (await late_client.post("/embed", json={"inputs": "x"})).status_code
+            except httpx.TransportError:
+                late = "refused"
+            return list(await asyncio.gather(*inflight)), late
+
+    responses, late = asyncio.run(scenario())
+    assert [r.status_code for r in responses] == [200] * 8
+    assert all(np.array(r.json()).shape == (4, 384) for r in responses)
+    assert late in (503, "refused")
+    code, out = srv.stop()
+    assert code == 0, out
+    assert "front ends drain their requests" in out
