@@ -6,8 +6,8 @@
 
 In one run, on this machine:
   (1) the bundled MiniLM with single-input requests at 64 connections, RAG mix (passages of
-      30-120 words and short queries) and short queries alone, and 32-input requests,
-      each against the offline limit of the same texts (SentenceTransformer.encode at its
+      30-120 words and short queries) and short queries alone, and 32-input requests at
+      4 connections, each against the offline limit of the same texts (SentenceTransformer.encode at its
       best batch size);
   (2) a near-free model (2-layer, 32-wide BERT) on short queries against a bare ASGI app
       on the same uvicorn stack that parses the same JSON and answers a constant
@@ -133,10 +133,12 @@ def _children_cpu(t: os.times_result) -> float:
     return t.children_user + t.children_system
 
 
-def load_server(url: str, pid: int, bodies: Path, lua: Path, seconds: float, warm: float) -> dict:
-    wrk(url, bodies, lua, warm, 64)
+def load_server(
+    url: str, pid: int, bodies: Path, lua: Path, seconds: float, warm: float, conns: int = 64
+) -> dict:
+    wrk(url, bodies, lua, warm, conns)
     f0, e0 = cpu_seconds(pid)
-    r = wrk(url, bodies, lua, seconds, 64)
+    r = wrk(url, bodies, lua, seconds, conns)
     f1, e1 = cpu_seconds(pid)
     n = max(r["requests"], 1)
     r["front_ms"] = (f1 - f0) / n * 1000
@@ -210,9 +212,9 @@ def main() -> None:
                 show(f"1-input {name}", r)
             if workers == 1:
                 r = results["minilm-mix32-1"] = load_server(
-                    url, proc.pid, files["mix32"], lua, secs, warm
+                    url, proc.pid, files["mix32"], lua, secs, warm, conns=4
                 )
-                show("32-input mix", r, 32)
+                show("32-input mix (4 connections)", r, 32)
                 print("(4) latency, --api-workers 1")
                 one = asyncio.run(closed_loop(url, Load(short, 1), 1, secs))
                 results["c1"] = one

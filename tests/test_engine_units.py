@@ -48,6 +48,22 @@ def test_everything_fits_takes_all_in_arrival_order() -> None:
     assert select_batch(pending, 1000, 10) == pending
 
 
+def test_cheap_passes_keep_padding_out_and_costly_ones_take_everything() -> None:
+    # A CPU-like model (a pass's fixed cost is 30 tokens): the oldest, a 12-token query,
+    # does not carry 100-token passages (each would pad every row to 100).
+    pending = items([12, 100, 11, 98, 13, 102, 12])
+    batch = select_batch(pending, max_tokens=4096, max_size=64, overhead=30)
+    assert sorted(it.length for it in batch) == [11, 12, 12, 13]
+    rest = [it for it in pending if it not in batch]
+    assert sorted(it.length for it in select_batch(rest, 4096, 64, 30)) == [98, 100, 102]
+    # A GPU-like model (fixed cost of thousands of tokens): one pass for all.
+    assert len(select_batch(pending, max_tokens=4096, max_size=64, overhead=2000)) == 7
+    # Limits still hold with a cost model.
+    for overhead in (0.0, 30.0, 2000.0):
+        batch = select_batch(pending, max_tokens=3 * 102, max_size=64, overhead=overhead)
+        assert pending[0] in batch and len(batch) * max(it.length for it in batch) <= 306
+
+
 def test_queue_drains_every_item_exactly_once() -> None:
     q = BatchQueue(max_batch_tokens=64, max_batch_size=5)
     its = [Item(None, i, [1] * (1 + i % 13)) for i in range(57)]

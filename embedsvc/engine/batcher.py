@@ -4,6 +4,13 @@ Continuous batching, no wait timer: whenever the model is ready for more work, t
 batch is formed from whatever is queued. The batch always contains the oldest queued
 input (nothing starves), and is filled with the inputs closest to it in length (less
 padding), within `max_batch_tokens` padded tokens and `max_batch_size` inputs.
+
+A forward pass costs about `overhead + padded tokens` (in token-equivalents; the worker
+measures `overhead` for its model at warm-up). When it is known, an input joins the
+batch only if it raises real tokens per unit of cost: on a CPU, where a pass's fixed
+cost is a handful of tokens, a short query does not ride along with a long passage and
+pay for its padding; on a GPU, where the fixed cost is thousands of tokens, the batch
+takes everything that fits.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ class BatchQueue:
     def __init__(self, max_batch_tokens: int, max_batch_size: int) -> None:
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_size = max_batch_size
+        self.overhead_tokens: float | None = None  # set by the worker once measured
         self._pending: list[Item] = []
         self._cond = threading.Condition()
         self._closed = False
@@ -67,28 +75,35 @@ class BatchQueue:
                     return None
                 if not self._cond.wait(timeout):
                     return []
-            batch = select_batch(self._pending, self.max_batch_tokens, self.max_batch_size)
+            batch = select_batch(
+                self._pending, self.max_batch_tokens, self.max_batch_size, self.overhead_tokens
+            )
             chosen = {id(it) for it in batch}
             self._pending = [it for it in self._pending if id(it) not in chosen]
             return batch
 
 
-def select_batch(pending: list[Item], max_tokens: int, max_size: int) -> list[Item]:
+def select_batch(
+    pending: list[Item], max_tokens: int, max_size: int, overhead: float | None = None
+) -> list[Item]:
     """Choose a batch: the oldest item plus its nearest neighbours in length.
 
-    `pending` is in arrival order. Padded cost of a batch is size x longest length.
+    `pending` is in arrival order. Padded cost of a batch is size x longest length; with
+    `overhead` (a pass's fixed cost in tokens), a neighbour joins only while it raises
+    real tokens / (overhead + padded tokens).
     """
     if not pending:
         return []
     longest = max(it.length for it in pending)
-    if len(pending) <= max_size and len(pending) * longest <= max_tokens:
+    if overhead is None and len(pending) <= max_size and len(pending) * longest <= max_tokens:
         return list(pending)
     ordered = sorted(pending, key=lambda it: (it.length, it.seq))
     oldest = min(pending, key=lambda it: it.seq)
     pos = ordered.index(oldest)
     lo = hi = pos
-    top = oldest.length
+    top = real = oldest.length
     while hi - lo + 1 < max_size:
+        n = hi - lo + 1
         left = ordered[lo - 1] if lo > 0 else None
         right = ordered[hi + 1] if hi + 1 < len(ordered) else None
         # Prefer the neighbour that adds the least padding; ties go to the older one.
@@ -102,14 +117,19 @@ def select_batch(pending: list[Item], max_tokens: int, max_size: int) -> list[It
         added = False
         for _, _, side, it in sorted(cands, key=lambda c: (c[0], c[1])):
             new_top = max(top, it.length)
-            if (hi - lo + 2) * new_top <= max_tokens:
-                if side < 0:
-                    lo -= 1
-                else:
-                    hi += 1
-                top = new_top
-                added = True
-                break
+            if (n + 1) * new_top > max_tokens:
+                continue
+            if overhead is not None and (real + it.length) * (overhead + n * top) < real * (
+                overhead + (n + 1) * new_top
+            ):
+                continue  # it would lower real tokens per unit of cost
+            if side < 0:
+                lo -= 1
+            else:
+                hi += 1
+            top, real = new_top, real + it.length
+            added = True
+            break
         if not added:
             break
     return ordered[lo : hi + 1]

@@ -107,8 +107,35 @@ class ModelWorker:
         out = self.compute.call(lambda: self.model.backend.forward(batch))
         if out.shape != (1, self.model.backend.dimension):
             raise RuntimeError(f"warm-up returned shape {out.shape}")
+        self.queue.overhead_tokens = self.compute.call(self._measure_overhead)
+        log.info(
+            "model %s: a forward pass costs about %.0f tokens' worth besides its tokens",
+            self.name, self.queue.overhead_tokens,
+        )  # fmt: skip
         self.ready = True
         self.metrics.model_ready.labels(self.name).set(1)
+
+    def _measure_overhead(self) -> float:
+        """A pass's fixed cost in tokens: time a 1x8 and an 8x32 batch (best of 3 each),
+        fit time = fixed + per_token x tokens. Padding is worth avoiding when the fixed
+        cost is small (CPU), and not when it is large (GPU)."""
+        small = pad([Item(None, 0, [self.model.pad_token_id] * 8)], self.model.pad_token_id)
+        large = pad(
+            [Item(None, i, [self.model.pad_token_id] * 32) for i in range(8)],
+            self.model.pad_token_id,
+        )
+
+        def best(batch: PaddedBatch) -> float:
+            times = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                self.model.backend.forward(batch)
+                times.append(time.perf_counter() - t0)
+            return min(times)
+
+        t_small, t_large = best(small), best(large)
+        per_token = max(t_large - t_small, 1e-9) / (256 - 8)
+        return float(min(max(t_small / per_token - 8, 0.0), 1e6))
 
     def stop(self) -> None:
         self.queue.close()
