@@ -7,8 +7,8 @@
 In one run, on this machine:
   (1) the bundled MiniLM with single-input requests at 64 connections, RAG mix (passages of
       30-120 words and short queries) and short queries alone, and 32-input requests at
-      4 connections, each against the offline limit of the same texts (SentenceTransformer.encode at its
-      best batch size);
+      4 connections, each against the offline limit of the same texts
+      (SentenceTransformer.encode at its best batch size);
   (2) a near-free model (2-layer, 32-wide BERT) on short queries against a bare ASGI app
       on the same uvicorn stack that parses the same JSON and answers a constant
       384-float vector (bench/bare_app.py): what the HTTP stack alone allows;
