@@ -4,7 +4,9 @@
 
 1. torch: fp16 vectors vs fp32 (cosine >= 0.999 each), offline throughput of fp32 and
    fp16 at several batch sizes (the offline limit), and embedsvc's engine on fp16 at
-   saturation (many concurrent jobs through the real batching engine), as a ratio.
+   saturation (many concurrent jobs through the real front end and batching engine):
+   8-input jobs of the RAG mix, and single short queries (the RAG query path), each as a
+   ratio of the offline limit of the same texts.
 2. onnxruntime CUDA provider (needs onnxruntime-gpu): fp16 export vs torch fp32 parity
    and throughput through the onnx backend.
 Prints one PASS/FAIL line per check and the ratios last; exits non-zero on a failed check.
@@ -23,10 +25,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from workload import rag_mix
+from workload import queries, rag_mix
 
 from embedsvc.backends import load_model
-from embedsvc.engine import EmbedRequest, EngineSet, ModelEngine
+from embedsvc.engine import EmbedRequest, EngineSet, load_engines
 from embedsvc.metrics import Metrics
 from embedsvc.model_files import resolve_model_dir
 from embedsvc.registry import load_registry
@@ -63,22 +65,26 @@ def offline(model, texts: list[str], sizes: list[int]) -> tuple[int, float]:
     return best
 
 
-async def engine_saturation(engine: ModelEngine, texts: list[str], seconds: float) -> float:
+async def engine_saturation(
+    engines: EngineSet, texts: list[str], seconds: float, per_job: int, clients: int
+) -> float:
+    """Inputs/s through the real front end and batching engine (no HTTP)."""
     done = 0
     stop = time.perf_counter() + seconds
+    engine = engines.default
 
     async def client(i: int) -> None:
         nonlocal done
         k = i
         while time.perf_counter() < stop:
-            chunk = [texts[(k + j) % len(texts)] for j in range(8)]
-            k += 8
+            chunk = [texts[(k + j) % len(texts)] for j in range(per_job)]
+            k += per_job
             await engine.embed(EmbedRequest(texts=chunk, truncate=True))
             done += len(chunk)
 
-    engine.start(asyncio.get_running_loop())
+    engines.start(asyncio.get_running_loop())
     t0 = time.perf_counter()
-    await asyncio.gather(*(client(i * 8) for i in range(64)))
+    await asyncio.gather(*(client(i * per_job) for i in range(clients)))
     return done / (time.perf_counter() - t0)
 
 
@@ -98,6 +104,7 @@ def main() -> int:
     spec = load_registry().select([args.model])[0]
     path = resolve_model_dir(spec)
     texts = rag_mix(args.texts, seed=21)
+    short = queries(args.texts, seed=22)
     probe = texts[:256]
 
     fp32 = SentenceTransformer(str(path), device="cuda")
@@ -114,14 +121,20 @@ def main() -> int:
     del fp32, fp16
     torch.cuda.empty_cache()
 
+    print("offline limit, torch fp16, short queries alone:")
+    fp16 = SentenceTransformer(str(path), device="cuda", model_kwargs={"dtype": torch.float16})
+    _, off_short = offline(fp16, short, [64, 128, 256, 512, 1024])
+    del fp16
+    torch.cuda.empty_cache()
+
     settings = Settings()
-    metrics = Metrics()
     fp16_spec = dataclasses.replace(spec, device="cuda", dtype="float16")
-    engine = ModelEngine(load_model(fp16_spec, path), settings, metrics)
-    engine.warmup()
-    served = asyncio.run(engine_saturation(engine, texts, args.seconds))
-    EngineSet([engine]).stop()
+    engines = load_engines([fp16_spec], settings, Metrics())
+    served = asyncio.run(engine_saturation(engines, texts, args.seconds, 8, 64))
     print(f"embedsvc engine, fp16, 64 concurrent 8-input jobs: {served:.1f} inputs/s")
+    single = asyncio.run(engine_saturation(engines, short, args.seconds, 1, 512))
+    print(f"embedsvc engine, fp16, 512 concurrent 1-input short queries: {single:.1f} inputs/s")
+    engines.stop()
 
     ort_rate = None
     try:
@@ -162,6 +175,7 @@ def main() -> int:
     print()
     print(f"ratio torch fp16 / fp32 offline        = {off16 / off32:.2f}")
     print(f"ratio embedsvc engine fp16 / offline   = {served / off16:.2f}")
+    print(f"ratio 1-input short queries / offline  = {single / off_short:.2f}")
     if ort_rate:
         print(f"ratio onnxruntime fp16 / torch fp16    = {ort_rate / off16:.2f}")
     return 1 if failures else 0

@@ -17,25 +17,44 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from embedsvc import __version__
 from embedsvc.errors import ConfigError
-from embedsvc.registry import ModelSpec
 
 log = logging.getLogger(__name__)
 
 VARIANTS = ("fp32", "int8", "fp16")
+
+
+class ExportTarget(Protocol):
+    """What exporting and finding an export need of a model entry (a registry ModelSpec or
+    a backend's BackendSpec)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def hf_id(self) -> str: ...
+    @property
+    def revision(self) -> str: ...
+    @property
+    def onnx_variant(self) -> str: ...
+    @property
+    def onnx_dir(self) -> str | None: ...
+    @property
+    def trust_remote_code(self) -> bool: ...
+
+
 OPSET = 18
 
 
-def resolve_variant(spec: ModelSpec, device: str) -> str:
+def resolve_variant(spec: ExportTarget, device: str) -> str:
     if spec.onnx_variant != "auto":
         return spec.onnx_variant
     return "fp16" if device.startswith("cuda") else "int8"
 
 
-def candidate_dirs(spec: ModelSpec, model_dir: Path, variant: str) -> list[Path]:
+def candidate_dirs(spec: ExportTarget, model_dir: Path, variant: str) -> list[Path]:
     """Where an export of `spec` in `variant` is looked for, in order."""
     if spec.onnx_dir:
         return [Path(spec.onnx_dir) / variant]
@@ -46,7 +65,7 @@ def candidate_dirs(spec: ModelSpec, model_dir: Path, variant: str) -> list[Path]
     ]
 
 
-def default_out_dir(spec: ModelSpec, model_dir: Path, variant: str) -> Path:
+def default_out_dir(spec: ExportTarget, model_dir: Path, variant: str) -> Path:
     """Beside the model when its folder is writable, else the user cache."""
     first, *rest = candidate_dirs(spec, model_dir, variant)
     if spec.onnx_dir or os.access(model_dir, os.W_OK) or not rest:
@@ -54,7 +73,7 @@ def default_out_dir(spec: ModelSpec, model_dir: Path, variant: str) -> Path:
     return rest[0]
 
 
-def find_export(spec: ModelSpec, model_dir: Path, variant: str) -> Path:
+def find_export(spec: ExportTarget, model_dir: Path, variant: str) -> Path:
     """The folder of a matching export, or a ConfigError that says how to make one."""
     for d in candidate_dirs(spec, model_dir, variant):
         if (d / "model.onnx").is_file():
@@ -67,7 +86,7 @@ def find_export(spec: ModelSpec, model_dir: Path, variant: str) -> Path:
     )
 
 
-def _matching(spec: ModelSpec, export_dir: Path, variant: str) -> bool:
+def _matching(spec: ExportTarget, export_dir: Path, variant: str) -> bool:
     try:
         check_export(spec, export_dir, variant)
     except ConfigError:
@@ -75,7 +94,7 @@ def _matching(spec: ModelSpec, export_dir: Path, variant: str) -> bool:
     return (export_dir / "model.onnx").is_file()
 
 
-def check_export(spec: ModelSpec, export_dir: Path, variant: str) -> dict[str, Any]:
+def check_export(spec: ExportTarget, export_dir: Path, variant: str) -> dict[str, Any]:
     meta_path = export_dir / "export.json"
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
@@ -97,7 +116,7 @@ def check_export(spec: ModelSpec, export_dir: Path, variant: str) -> dict[str, A
     return dict(meta)
 
 
-def export_model(spec: ModelSpec, model_dir: Path, variant: str, out_dir: Path) -> Path:
+def export_model(spec: ExportTarget, model_dir: Path, variant: str, out_dir: Path) -> Path:
     """Write `out_dir/model.onnx` and `out_dir/export.json`; return `out_dir`."""
     if variant not in VARIANTS:
         raise ConfigError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
@@ -163,7 +182,7 @@ def _fuse_for_ort(path: Path) -> None:
                     exc_info=True)  # fmt: skip
 
 
-def _export_fp32(spec: ModelSpec, model_dir: Path, target: Path) -> None:
+def _export_fp32(spec: ExportTarget, model_dir: Path, target: Path) -> None:
     import warnings
 
     import torch

@@ -76,6 +76,13 @@ def _quiet_signals() -> None:
         signal.signal(sig, lambda *_: None)
 
 
+def _ignore_signals() -> None:
+    # Once drained, a repeated SIGTERM must not turn a clean exit into a kill: Python
+    # restores the default handlers while it finalizes, but leaves ignored signals alone.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def _uvicorn_config(app: Any, settings: Settings, **kw: Any) -> uvicorn.Config:
     return uvicorn.Config(
         app,
@@ -134,6 +141,7 @@ def _serve_one_process(settings: Settings, specs: list[ModelSpec]) -> int:
     log.info("embedsvc %s listening on http://%s:%d", __version__, host, settings.port)
     _quiet_signals()
     server.run()
+    _ignore_signals()
     if failures:
         print(f"embedsvc: {failures[0]}", file=sys.stderr)
         return 1
@@ -160,6 +168,7 @@ def run_frontend(
     server = DrainingServer(_uvicorn_config(app, settings), app.state.service, os.getppid())
     _quiet_signals()
     server.run(sockets=[sock])
+    _ignore_signals()
 
 
 class Supervisor:
@@ -218,6 +227,7 @@ class Supervisor:
             for p in self.procs:
                 if p is not None and p.is_alive():
                     p.kill()
+            _ignore_signals()
             server.stop()
             sock.close()
             shutil.rmtree(self.rundir, ignore_errors=True)

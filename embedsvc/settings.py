@@ -37,7 +37,7 @@ class Settings:
         "front-end processes (HTTP, validation, tokenization, responses) beside one engine "
         "process that batches and runs the models; 1 = everything in one process; 0 = auto: "
         "1 when the models run on CPU (they need every core), else one per CPU this process "
-        "may use (affinity and cgroup quota), at most 8",
+        "may use (affinity and cgroup quota) but one, at most 8",
     )
     max_batch_tokens: int = _setting(
         0,
@@ -58,7 +58,11 @@ class Settings:
     auto_truncate: bool = _setting(
         False, "truncate over-long inputs when a request does not say (else 422)"
     )
-    tokenization_workers: int = _setting(2, "threads that tokenize requests")
+    tokenization_workers: int = _setting(
+        2,
+        "threads per front-end process that tokenize large requests (small ones are "
+        "tokenized together on the event loop)",
+    )
     max_payload_bytes: int = _setting(2_000_000, "largest request body accepted (413 beyond)")
     max_input_chars: int = _setting(
         200_000, "characters allowed in one input text (422 beyond), before tokenization"
@@ -168,7 +172,8 @@ class Settings:
     def api_workers_for(self, accelerated: bool) -> int:
         if self.api_workers:
             return self.api_workers
-        return min(available_cpus(), 8) if accelerated else 1
+        # One core stays with the engine process, which drives the GPU.
+        return max(1, min(available_cpus() - 1, 8)) if accelerated else 1
 
     def api_keys(self) -> list[str]:
         """Keys from --api-key and --api-key-file (read once, at start)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 
 import numpy as np
@@ -161,3 +162,17 @@ def test_settings_from_flags_env_and_defaults() -> None:
         Settings.from_sources({"max_batch_tokens": "-1"}, {})
     auto = Settings()
     assert (auto.batch_tokens_for("cpu"), auto.batch_tokens_for("cuda:0")) == (2048, 16384)
+
+
+def test_api_workers_auto_and_explicit() -> None:
+    from embedsvc.settings import available_cpus
+
+    cpus = available_cpus()
+    assert 1 <= cpus <= (os.cpu_count() or 1)
+    assert Settings().api_workers_for(accelerated=False) == 1
+    assert Settings().api_workers_for(accelerated=True) == max(1, min(cpus - 1, 8))
+    assert Settings(api_workers=3).api_workers_for(accelerated=False) == 3
+    env = {"EMBEDSVC_API_WORKERS": "2"}
+    assert Settings.from_sources({}, env).api_workers_for(accelerated=False) == 2
+    with pytest.raises(ConfigError, match="api_workers"):
+        Settings.from_sources({"api_workers": "-1"}, {})

@@ -38,11 +38,44 @@ class Backend(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class BackendSpec:
+    """What a backend needs from a models.yaml entry to load it: where and how to run it,
+    and how to find its files. No prompts, no Matryoshka: those are the engine's."""
+
+    name: str
+    hf_id: str
+    revision: str
+    backend: str
+    device: str
+    dtype: str
+    pooling: str | None
+    max_seq_length: int | None
+    trust_remote_code: bool
+    onnx_variant: str
+    onnx_dir: str | None
+
+    @classmethod
+    def of(cls, spec: ModelSpec) -> BackendSpec:
+        return cls(
+            name=spec.name,
+            hf_id=spec.hf_id,
+            revision=spec.revision,
+            backend=spec.backend,
+            device=spec.device,
+            dtype=spec.dtype,
+            pooling=spec.pooling,
+            max_seq_length=spec.max_seq_length,
+            trust_remote_code=spec.trust_remote_code,
+            onnx_variant=spec.onnx_variant,
+            onnx_dir=spec.onnx_dir,
+        )
+
+
 @dataclass
 class LoadedModel:
     """What the engine needs from a loaded model: the backend plus its tokenizer facts."""
 
-    spec: ModelSpec
     path: Path
     backend: Backend
     tokenizer: Tokenizer  # bare fast tokenizer: no padding, no truncation configured
@@ -51,7 +84,8 @@ class LoadedModel:
     pooling: str
 
 
-def load_model(spec: ModelSpec, path: Path) -> LoadedModel:
+def load_model(entry: ModelSpec | BackendSpec, path: Path) -> LoadedModel:
+    spec = entry if isinstance(entry, BackendSpec) else BackendSpec.of(entry)
     if spec.backend == "torch":
         from embedsvc.backends.torch_backend import load_torch_model
 

@@ -16,10 +16,9 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
-from embedsvc.backends.base import LoadedModel, PaddedBatch
+from embedsvc.backends.base import BackendSpec, LoadedModel, PaddedBatch
 from embedsvc.backends.pooling import pool
 from embedsvc.errors import ConfigError
-from embedsvc.registry import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +86,7 @@ def resolve_onnx_device(device: str) -> str:
     return "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
 
 
-def load_onnx_model(spec: ModelSpec, path: Path) -> LoadedModel:
+def load_onnx_model(spec: BackendSpec, path: Path) -> LoadedModel:
     try:
         import onnxruntime  # noqa: F401
     except ImportError:
@@ -117,9 +116,6 @@ def load_onnx_model(spec: ModelSpec, path: Path) -> LoadedModel:
     dimension = int(session.get_outputs()[0].shape[-1])
     tokenizer, pad_id = _tokenizer(path)
     max_len = _max_seq_length(spec, path)
-    for d in spec.matryoshka_dims:
-        if d > dimension:
-            raise ConfigError(f"model {spec.name}: matryoshka dim {d} exceeds {dimension}")
     dtype = {"fp32": "float32", "int8": "int8", "fp16": "float16"}[variant]
     log.info(
         "loaded %s (%s@%s) as ONNX %s from %s on %s: dim=%d pooling=%s max_seq_length=%d",
@@ -127,7 +123,6 @@ def load_onnx_model(spec: ModelSpec, path: Path) -> LoadedModel:
         pooling, max_len,
     )  # fmt: skip
     return LoadedModel(
-        spec=spec,
         path=path,
         backend=OnnxBackend(session, pooling, device, dtype, dimension),
         tokenizer=tokenizer,
@@ -165,7 +160,7 @@ def _tokenizer(path: Path) -> tuple[Tokenizer, int]:
     return tok, int(hf.pad_token_id or 0)
 
 
-def _max_seq_length(spec: ModelSpec, path: Path) -> int:
+def _max_seq_length(spec: BackendSpec, path: Path) -> int:
     limits = [spec.max_seq_length] if spec.max_seq_length else []
     cfg = path / "sentence_bert_config.json"
     if cfg.is_file():

@@ -13,9 +13,8 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
-from embedsvc.backends.base import BackendOutOfMemory, LoadedModel, PaddedBatch
+from embedsvc.backends.base import BackendOutOfMemory, BackendSpec, LoadedModel, PaddedBatch
 from embedsvc.errors import ConfigError
-from embedsvc.registry import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +64,7 @@ class TorchBackend:
             raise BackendOutOfMemory(str(e)) from e
 
 
-def load_torch_model(spec: ModelSpec, path: Path) -> LoadedModel:
+def load_torch_model(spec: BackendSpec, path: Path) -> LoadedModel:
     import torch
     from sentence_transformers import SentenceTransformer
 
@@ -100,11 +99,6 @@ def load_torch_model(spec: ModelSpec, path: Path) -> LoadedModel:
     dimension = get_dim()
     if not dimension:
         raise ConfigError(f"model {spec.name}: cannot tell the embedding dimension")
-    for d in spec.matryoshka_dims:
-        if d > dimension:
-            raise ConfigError(
-                f"model {spec.name}: matryoshka dim {d} exceeds the model dimension {dimension}"
-            )
 
     hf_tokenizer = st.tokenizer
     backend_tokenizer = getattr(hf_tokenizer, "backend_tokenizer", None)
@@ -130,7 +124,6 @@ def load_torch_model(spec: ModelSpec, path: Path) -> LoadedModel:
         max_len,
     )
     return LoadedModel(
-        spec=spec,
         path=path,
         backend=backend,
         tokenizer=tokenizer,
@@ -140,7 +133,7 @@ def load_torch_model(spec: ModelSpec, path: Path) -> LoadedModel:
     )
 
 
-def _max_seq_length(spec: ModelSpec, st: Any) -> int:
+def _max_seq_length(spec: BackendSpec, st: Any) -> int:
     limits = [v for v in (spec.max_seq_length, getattr(st, "max_seq_length", None)) if v]
     if not limits:
         raise ConfigError(f"model {spec.name}: set max_seq_length in models.yaml")

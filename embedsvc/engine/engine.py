@@ -13,10 +13,12 @@ Flow of one request:
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from embedsvc.backends.base import LoadedModel
@@ -80,9 +82,11 @@ class Pending:
 class Frontend:
     """One per process: request keys, delivery of results, the disconnect sweep."""
 
-    def __init__(self, link: CoreLink, metrics: Metrics) -> None:
+    def __init__(self, link: CoreLink, metrics: Metrics, tokenizer_threads: int) -> None:
         self.link = link
         self.metrics = metrics
+        # Large tokenizer jobs run here, off the event loop.
+        self.pool = ThreadPoolExecutor(tokenizer_threads, thread_name_prefix="tokenize")
         self._keys = itertools.count(1)
         self._waiting: dict[int, Pending] = {}
         self._watched: dict[int, Pending] = {}
@@ -247,12 +251,26 @@ class ModelEngine:
         reqs = [p.req for p in batch]
         chars = sum(sum(map(len, r.texts)) for r in reqs if r.texts is not None)
         if chars <= INLINE_TOKENIZE_CHARS:
-            self._send(batch, self.prep.tokenize_many(reqs))
+            try:
+                results = self.prep.tokenize_many(reqs)
+            except Exception as e:  # a tokenizer fault: fail these requests, not the loop
+                self._send(batch, e)
+                return
+            self._send(batch, results)
             return
-        fut = asyncio.get_running_loop().run_in_executor(None, self.prep.tokenize_many, reqs)
-        fut.add_done_callback(lambda f: self._send(batch, f.result()))
+        loop = asyncio.get_running_loop()
+        fut = loop.run_in_executor(self._front.pool, self.prep.tokenize_many, reqs)
+        fut.add_done_callback(lambda f: self._send(batch, f.exception() or f.result()))
 
-    def _send(self, batch: list[Pending], results: list[list[list[int]] | EmbedsvcError]) -> None:
+    def _send(
+        self, batch: list[Pending], results: list[list[list[int]] | EmbedsvcError] | BaseException
+    ) -> None:
+        if isinstance(results, BaseException):
+            log.error("tokenizing %d requests failed", len(batch), exc_info=results)
+            for p in batch:
+                if not p.future.done():
+                    p.future.set_exception(results)
+            return
         now = time.perf_counter()
         sent: list[Pending] = []
         jobs: list[CoreJob] = []
@@ -279,8 +297,14 @@ class ModelEngine:
         self, texts: list[str], prompt_name: str | None, add_special_tokens: bool
     ) -> list[list[TokenInfo]]:
         prefix = self.prep.resolve_prompt(prompt_name)
-        return await asyncio.to_thread(
-            self.prep.tokenizer.tokens, texts, prefix=prefix, add_special_tokens=add_special_tokens
+        return await asyncio.get_running_loop().run_in_executor(
+            self._front.pool,
+            functools.partial(
+                self.prep.tokenizer.tokens,
+                texts,
+                prefix=prefix,
+                add_special_tokens=add_special_tokens,
+            ),
         )
 
     def decode(self, seqs: list[list[int]], skip_special_tokens: bool) -> list[str]:

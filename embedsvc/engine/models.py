@@ -31,7 +31,7 @@ class EngineSet:
     ) -> None:
         if not infos:
             raise ConfigError("no models to serve")
-        self.front = Frontend(link, metrics)
+        self.front = Frontend(link, metrics, settings.tokenization_workers)
         engines = [ModelEngine(i, settings, self.front) for i in infos]
         self.engines = {e.name: e for e in engines}
         self._aliases = {e.spec.hf_id: e for e in engines}
@@ -63,6 +63,7 @@ class EngineSet:
 
     def stop(self) -> None:
         self.front.link.stop()
+        self.front.pool.shutdown(wait=False, cancel_futures=True)
 
 
 def load_workers(
@@ -80,7 +81,7 @@ def load_workers(
         check_model_dir(spec, path)
         # Load on the compute thread, where every forward pass will run (compute.py).
         model = compute_thread().call(functools.partial(load_model, spec, path))
-        worker = ModelWorker(model, settings, metrics)
+        worker = ModelWorker(spec, model, settings, metrics)
         worker.on_fatal = on_fatal
         worker.warmup()
         workers[spec.name] = worker

@@ -32,6 +32,7 @@ from embedsvc.engine.postprocess import finalize
 from embedsvc.engine.types import CoreJob, JobDone, JobFailed, ModelInfo
 from embedsvc.errors import ConfigError, ErrorKind
 from embedsvc.metrics import Metrics
+from embedsvc.registry import ModelSpec
 from embedsvc.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -43,14 +44,17 @@ BACKEND_FAILED = "the model failed to process this request; see the server log"
 
 
 class ModelWorker:
-    def __init__(self, model: LoadedModel, settings: Settings, metrics: Metrics) -> None:
+    def __init__(
+        self, spec: ModelSpec, model: LoadedModel, settings: Settings, metrics: Metrics
+    ) -> None:
+        self.spec = spec
         self.model = model
-        self.name = model.spec.name
+        self.name = spec.name
         self.settings = settings
         self.metrics = metrics
         self.max_batch_tokens = settings.batch_tokens_for(model.backend.device)
         self.queue = BatchQueue(self.max_batch_tokens, settings.max_batch_size)
-        for d in model.spec.matryoshka_dims:
+        for d in spec.matryoshka_dims:
             if d > model.backend.dimension:
                 raise ConfigError(
                     f"model {self.name}: matryoshka dim {d} exceeds the model dimension "
@@ -82,7 +86,7 @@ class ModelWorker:
     def info(self) -> ModelInfo:
         m = self.model
         return ModelInfo(
-            spec=m.spec,
+            spec=self.spec,
             path=str(m.path),
             device=m.backend.device,
             dtype=m.backend.dtype,
