@@ -2,9 +2,11 @@
 
     apt-get install wrk                     # the load generator (Debian/Ubuntu package)
     python bench/frontend.py                # about 6 minutes on 2 cores
-    python bench/frontend.py --duration 20  # steadier
+    python bench/frontend.py --rounds 5     # steadier
 
-In one run, on this machine:
+In one run, on this machine (every server started once; the measurements take turns for
+--rounds rounds, and each ratio is the median of the rounds' ratios, since single passes
+on a shared VM swing by 20-30%):
   (1) the bundled MiniLM with single-input requests at 64 connections, RAG mix (passages of
       30-120 words and short queries) and short queries alone, and 32-input requests at
       4 connections, each against the offline limit of the same texts
@@ -29,24 +31,18 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from throughput import (
-    Load,
-    closed_loop,
-    free_port,
-    model_dir,
-    offline_limit,
-    open_loop,
-    start,
-    stop,
-)
+from throughput import Load, closed_loop, free_port, model_dir, open_loop, start, stop
 from workload import queries, rag_mix
 
 HERE = Path(__file__).resolve().parent
@@ -61,17 +57,22 @@ init = function(args)
 end
 request = function()
   i = i % #bodies + 1
-  return wrk.format("POST", "/embed", {["Content-Type"] = "application/json"}, bodies[i])
+  return wrk.format("POST", nil, {["Content-Type"] = "application/json"}, bodies[i])
 end
 """
 
 
-def write_bodies(folder: Path, name: str, texts: list[str], per_request: int) -> Path:
+def write_bodies(
+    folder: Path, name: str, texts: list[str], per_request: int, openai_model: str = ""
+) -> Path:
+    """One JSON body per line: TEI `/embed` bodies, or OpenAI ones for `openai_model`."""
     path = folder / f"{name}.jsonl"
     with path.open("w") as f:
         for k in range(0, len(texts) - per_request + 1, per_request):
             inputs = texts[k] if per_request == 1 else texts[k : k + per_request]
-            f.write(json.dumps({"inputs": inputs, "truncate": True}) + "\n")
+            body = {"input": inputs, "model": openai_model} if openai_model else {
+                "inputs": inputs, "truncate": True}  # fmt: skip
+            f.write(json.dumps(body) + "\n")
     return path
 
 
@@ -110,8 +111,9 @@ def _stat_cpu(path: str) -> float:
 
 
 def wrk(url: str, bodies: Path, lua: Path, seconds: float, connections: int) -> dict:
+    """`url` is the full URL posted to (its path included)."""
     cmd = ["wrk", "-t1", f"-c{connections}", f"-d{seconds:.0f}s", "--timeout", "30s",
-           "--latency", "-s", str(lua), url + "/embed", "--", str(bodies)]  # fmt: skip
+           "--latency", "-s", str(lua), url, "--", str(bodies)]  # fmt: skip
     t0 = os.times()
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     t1 = os.times()
@@ -136,6 +138,7 @@ def _children_cpu(t: os.times_result) -> float:
 def load_server(
     url: str, pid: int, bodies: Path, lua: Path, seconds: float, warm: float, conns: int = 64
 ) -> dict:
+    """wrk against `url` (a full URL); CPU per request of the server process `pid`."""
     wrk(url, bodies, lua, warm, conns)
     f0, e0 = cpu_seconds(pid)
     r = wrk(url, bodies, lua, seconds, conns)
@@ -152,6 +155,13 @@ def serve(models_file: str, model: str, port: int, workers: int) -> subprocess.P
     if models_file:
         cmd += ["--models-file", models_file]
     return start(cmd, port)
+
+
+def offline_rate(model: Any, texts: list[str], batch_size: int) -> float:
+    """Inputs/s of SentenceTransformer.encode over `texts` (sorted by length inside)."""
+    t0 = time.perf_counter()
+    model.encode(texts, batch_size=batch_size, normalize_embeddings=True)
+    return len(texts) / (time.perf_counter() - t0)
 
 
 def show(label: str, r: dict, per_request: int = 1) -> None:
@@ -176,97 +186,138 @@ def tiny_models_file(folder: Path) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--duration", type=float, default=10.0, help="seconds per load run")
-    ap.add_argument("--texts", type=int, default=2000)
+    ap.add_argument("--duration", type=float, default=8.0, help="seconds per load run")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument(
+        "--infinity",
+        default="",
+        help="an infinity_emb executable (see bench/peer_infinity.py): adds Infinity on the "
+        "same models and queries, both servers in the OpenAI dialect",
+    )
     args = ap.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("bench/frontend.py needs wrk: apt-get install wrk")
-    secs, warm = args.duration, max(2.0, args.duration / 4)
+    from sentence_transformers import SentenceTransformer
+
+    secs = args.duration
     tmp = Path(tempfile.mkdtemp(prefix="embedsvc-bench-"))
     lua = tmp / "bodies.lua"
     lua.write_text(LUA)
-    mix, short = rag_mix(args.texts, seed=5, passage_words=(30, 120)), queries(args.texts, seed=6)
+    mix, short = rag_mix(2000, seed=5, passage_words=(30, 120)), queries(2000, seed=6)
     files = {
         "mix": write_bodies(tmp, "mix", mix, 1),
         "short": write_bodies(tmp, "short", short, 1),
         "mix32": write_bodies(tmp, "mix32", mix, 32),
     }
-    print(f"machine: {os.cpu_count()} CPUs; python {sys.version.split()[0]}; wrk -t1 -c64")
+    print(f"machine: {os.cpu_count()} CPUs; python {sys.version.split()[0]}; wrk -t1 -c64; "
+          f"{args.rounds} rounds of {secs:.0f} s runs")  # fmt: skip
 
-    print("(1) bundled all-MiniLM-L6-v2: offline limit of the same texts")
     path = model_dir("all-minilm-l6-v2")
-    _, off_mix = offline_limit(path, mix, [32, 64, 128])
-    _, off_short = offline_limit(path, short, [32, 64, 128])
+    offline = SentenceTransformer(path, device="cpu", local_files_only=True)
+    offline.encode(short[:64])
+    sizes = {}
+    for name, texts in (("mix", mix[:600]), ("short", short[:1000])):
+        rates = {bs: offline_rate(offline, texts, bs) for bs in (32, 64, 128)}
+        sizes[name] = max(rates, key=lambda bs: rates[bs])
+        print(f"offline batch size for {name}: {sizes[name]} "
+              f"({', '.join(f'{bs}: {r:.0f}/s' for bs, r in rates.items())})")  # fmt: skip
 
-    results: dict[str, dict] = {}
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    for workers in (1, 2):
-        proc = serve("", "all-minilm-l6-v2", port, workers)
-        try:
-            print(f"    embedsvc --api-workers {workers}")
-            for name in ("mix", "short") if workers == 1 else ("short",):
-                r = results[f"minilm-{name}-{workers}"] = load_server(
-                    url, proc.pid, files[name], lua, secs, warm
-                )
-                show(f"1-input {name}", r)
-            if workers == 1:
-                r = results["minilm-mix32-1"] = load_server(
-                    url, proc.pid, files["mix32"], lua, secs, warm, conns=4
-                )
-                show("32-input mix (4 connections)", r, 32)
-                print("(4) latency, --api-workers 1")
-                one = asyncio.run(closed_loop(url, Load(short, 1), 1, secs))
-                results["c1"] = one
-                print(f"  concurrency 1, short queries: p50 {one['p50_ms']:.2f} ms  "
-                      f"p99 {one['p99_ms']:.2f} ms; in the server outside the forward pass "
-                      f"p50 {one['internal_p50_ms']:.2f} ms")  # fmt: skip
-                rate = results["minilm-mix-1"]["rps"] / 2
-                half = asyncio.run(open_loop(url, Load(mix, 1), rate, secs))
-                results["half"] = {"rate": rate, **half}
-                print(f"  RAG mix at half of saturation ({rate:.0f} req/s, open loop): "
-                      f"p50 {half['p50_ms']:.1f} ms  p99 {half['p99_ms']:.1f} ms")  # fmt: skip
-        finally:
-            stop(proc)
-
-    print("(2) near-free model (2-layer, 32-wide BERT), short queries, vs a bare ASGI app")
     tiny = tiny_models_file(tmp)
-    bare = start([sys.executable, str(HERE / "bare_app.py"), str(port)], port)
+    names = ["m1", "m2", "bare", "t1", "t2"] + (["inf_m", "inf_t"] if args.infinity else [])
+    ports = {k: free_port() for k in names}
+    paths = {k: "/embed" for k in names}
+    if args.infinity:
+        os.environ.setdefault("DO_NOT_TRACK", "1")
+        os.environ.setdefault("INFINITY_ANONYMOUS_USAGE_STATS", "0")
+        tiny_dir = str(tmp / "tiny")
+        for key, model, folder in (("m", "all-minilm-l6-v2", path), ("t", "tiny", tiny_dir)):
+            files[f"oa_{key}"] = write_bodies(tmp, f"oa_{key}", short, 1, model)
+            files[f"inf_{key}"] = write_bodies(tmp, f"inf_{key}", short, 1, folder)
+        paths |= {"inf_m": "/embeddings", "inf_t": "/embeddings"}
+    procs = {
+        "m1": serve("", "all-minilm-l6-v2", ports["m1"], 1),
+        "m2": serve("", "all-minilm-l6-v2", ports["m2"], 2),
+        "bare": start(
+            [sys.executable, str(HERE / "bare_app.py"), str(ports["bare"])], ports["bare"]
+        ),
+        "t1": serve(tiny, "tiny", ports["t1"], 1),
+        "t2": serve(tiny, "tiny", ports["t2"], 2),
+    }
+    if args.infinity:
+        for key, folder in (("inf_m", path), ("inf_t", str(tmp / "tiny"))):
+            procs[key] = start([args.infinity, "v2", "--model-id", folder, "--engine", "torch",
+                                "--device", "cpu", "--host", "127.0.0.1", "--port",
+                                str(ports[key])], ports[key])  # fmt: skip
+    url = {k: f"http://127.0.0.1:{p}{paths[k]}" for k, p in ports.items()}
+    runs: dict[str, list[dict]] = defaultdict(list)
+    ratios: dict[str, list[float]] = defaultdict(list)
+
+    def run(key: str, server: str, bodies: str, conns: int = 64) -> dict:
+        r = load_server(url[server], procs[server].pid, files[bodies], lua, secs, 2, conns)
+        runs[key].append(r)
+        return r
+
     try:
-        r = results["bare"] = load_server(url, bare.pid, files["short"], lua, secs, warm)
-        show("bare ASGI app (constant vector)", r)
-    finally:
-        stop(bare)
-    for workers in (1, 2):
-        proc = serve(tiny, "tiny", port, workers)
-        try:
-            r = results[f"tiny-{workers}"] = load_server(
-                url, proc.pid, files["short"], lua, secs, warm
+        for rnd in range(1, args.rounds + 1):
+            print(f"round {rnd}")
+            off_mix = offline_rate(offline, mix[:600], sizes["mix"])
+            off_short = offline_rate(offline, short[:1000], sizes["short"])
+            print(f"  offline limit: RAG mix {off_mix:.1f}/s, short queries {off_short:.1f}/s")
+            r = run("MiniLM 1-input RAG mix", "m1", "mix")
+            ratios["MiniLM 1-input RAG mix / offline"].append(r["rps"] / off_mix)
+            r = run("MiniLM 1-input short", "m1", "short")
+            ratios["MiniLM 1-input short queries / offline"].append(r["rps"] / off_short)
+            r = run("MiniLM 32-input RAG mix", "m1", "mix32", conns=4)
+            ratios["MiniLM 32-input RAG mix (4 connections) / offline"].append(
+                r["rps"] * 32 / off_mix
             )
-            show(f"embedsvc --api-workers {workers}", r)
-        finally:
-            stop(proc)
+            r = run("MiniLM 1-input short, --api-workers 2", "m2", "short")
+            ratios["MiniLM 1-input short, --api-workers 2 / offline"].append(r["rps"] / off_short)
+            bare = run("bare ASGI app", "bare", "short")
+            for w in (1, 2):
+                r = run(f"near-free model, --api-workers {w}", f"t{w}", "short")
+                ratios[f"near-free model, --api-workers {w} / bare ASGI app"].append(
+                    r["rps"] / bare["rps"]
+                )
+            if args.infinity:
+                for key, model in (("m", "MiniLM"), ("t", "near-free model")):
+                    ours = run(f"{model} short, OpenAI dialect", f"{'m' if key == 'm' else 't'}1",
+                               f"oa_{key}")  # fmt: skip
+                    peer = run(f"Infinity, {model} short", f"inf_{key}", f"inf_{key}")
+                    ratios[f"embedsvc / Infinity, {model}, 1-input short queries"].append(
+                        ours["rps"] / peer["rps"]
+                    )
+            for key, rs in runs.items():
+                show(key, rs[-1], 32 if "32-input" in key else 1)
+
+        print("latency (MiniLM, --api-workers 1)")
+        base = url["m1"].removesuffix("/embed")
+        one = asyncio.run(closed_loop(base, Load(short, 1), 1, secs))
+        print(f"  concurrency 1, short queries: p50 {one['p50_ms']:.2f} ms  "
+              f"p99 {one['p99_ms']:.2f} ms; in the server outside the forward pass "
+              f"p50 {one['internal_p50_ms']:.2f} ms")  # fmt: skip
+        rate = statistics.median(r["rps"] for r in runs["MiniLM 1-input RAG mix"]) / 2
+        half = asyncio.run(open_loop(base, Load(mix, 1), rate, secs))
+        print(f"  RAG mix at half of saturation ({rate:.0f} req/s, open loop): "
+              f"p50 {half['p50_ms']:.1f} ms  p99 {half['p99_ms']:.1f} ms")  # fmt: skip
+    finally:
+        for p in procs.values():
+            stop(p)
+        shutil.rmtree(tmp, ignore_errors=True)
 
     print()
-    print("ratios (same run):")
-    mix1, short1 = results["minilm-mix-1"]["rps"], results["minilm-short-1"]["rps"]
-    print(f"  MiniLM 1-input RAG mix       / offline: {mix1:7.1f} / {off_mix:7.1f} = "
-          f"{mix1 / off_mix:.2f}")  # fmt: skip
-    print(f"  MiniLM 1-input short queries / offline: {short1:7.1f} / {off_short:7.1f} = "
-          f"{short1 / off_short:.2f}")  # fmt: skip
-    m32 = results["minilm-mix32-1"]["rps"] * 32
-    print(f"  MiniLM 32-input RAG mix      / offline: {m32:7.1f} / {off_mix:7.1f} = "
-          f"{m32 / off_mix:.2f}")  # fmt: skip
-    s2 = results["minilm-short-2"]["rps"]
-    print(f"  MiniLM short queries, --api-workers 2 / offline: {s2 / off_short:.2f}")
-    b = results["bare"]["rps"]
-    for workers in (1, 2):
-        t = results[f"tiny-{workers}"]["rps"]
-        print(f"  near-free model, --api-workers {workers} / bare ASGI app: {t:7.1f} / {b:7.1f}"
-              f" = {t / b:.2f}")  # fmt: skip
+    print("medians over the rounds:")
+    for key, rs in runs.items():
+        med = {k: statistics.median(r[k] for r in rs) for k in ("rps", "front_ms", "engine_ms")}
+        per = 32 if "32-input" in key else 1
+        print(f"  {key:40s} {med['rps'] * per:9.1f} inputs/s  CPU/request: front end "
+              f"{med['front_ms']:.2f} ms, engine {med['engine_ms']:.2f} ms")  # fmt: skip
+    print("ratios (median of the rounds, each round measured back to back):")
+    for key, vals in ratios.items():
+        print(f"  {key:55s} {statistics.median(vals):.2f}   "
+              f"(rounds: {', '.join(f'{v:.2f}' for v in vals)})")  # fmt: skip
     print(f"  short query at concurrency 1, in-server time outside the forward pass p50: "
-          f"{results['c1']['internal_p50_ms']:.2f} ms")  # fmt: skip
-    shutil.rmtree(tmp, ignore_errors=True)
+          f"{one['internal_p50_ms']:.2f} ms")  # fmt: skip
 
 
 if __name__ == "__main__":

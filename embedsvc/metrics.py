@@ -97,6 +97,11 @@ class Metrics:
             "embedsvc_tokens", "real (unpadded) tokens embedded", ["model"], registry=r
         )
 
+    def for_model(self, model: str) -> ModelMetrics:
+        """The model's labelled series, looked up once (a lookup per request costs more
+        than the update)."""
+        return ModelMetrics(self, model)
+
     def render(self) -> bytes:
         if self.multiprocess_dir:
             merged = CollectorRegistry()
@@ -108,3 +113,21 @@ class Metrics:
         """Drop the live gauges of a process that has exited (multiprocess mode)."""
         if self.multiprocess_dir:
             multiprocess.mark_process_dead(pid, self.multiprocess_dir)
+
+
+class ModelMetrics:
+    """One model's series of the metrics above."""
+
+    def __init__(self, m: Metrics, model: str) -> None:
+        self.ready = m.model_ready.labels(model)
+        self.queue_size = m.queue_size.labels(model)
+        self.inflight = m.inflight_inputs.labels(model)
+        self.batches = m.batches.labels(model)
+        self.batch_size = m.batch_size.labels(model)
+        self.batch_tokens = m.batch_tokens.labels(model)
+        self.inputs = m.inputs.labels(model)
+        self.tokens = m.tokens.labels(model)
+        self.phase = {
+            p: m.duration.labels(model, p) for p in ("tokenization", "queue", "inference", "total")
+        }
+        self.requests = {r: m.requests.labels(model, r) for r in ("/embed", "/v1/embeddings")}

@@ -161,10 +161,10 @@ class FastEmbed:
             return True
         if openai:
             out = openai_embeddings_body(result, fields["format"], fields["model"] or engine.name)
-            self.metrics.requests.labels(engine.name, "/v1/embeddings").inc()
+            engine.metrics.requests["/v1/embeddings"].inc()
         else:
             out = tei_embed_body(result)
-            self.metrics.requests.labels(engine.name, "/embed").inc()
+            engine.metrics.requests["/embed"].inc()
         headers = [_JSON, (b"content-length", b"%d" % len(out)), *timing_headers(result)]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": out})

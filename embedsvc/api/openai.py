@@ -70,7 +70,7 @@ def openai_router() -> APIRouter:
             request_id=getattr(request.state, "request_id", ""),
         )
         result = await service.embed(request, engine, req)
-        service.metrics.requests.labels(engine.name, "/v1/embeddings").inc()
+        engine.metrics.requests["/v1/embeddings"].inc()
         return Response(
             openai_embeddings_body(result, body.encoding_format, body.model or engine.name),
             media_type="application/json",

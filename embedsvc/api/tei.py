@@ -66,7 +66,7 @@ def tei_router() -> APIRouter:
             request_id=getattr(request.state, "request_id", ""),
         )
         result = await service.embed(request, engine, req)
-        service.metrics.requests.labels(engine.name, "/embed").inc()
+        engine.metrics.requests["/embed"].inc()
         return Response(
             tei_embed_body(result),
             media_type="application/json",

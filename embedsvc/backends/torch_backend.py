@@ -42,6 +42,14 @@ class TorchBackend:
         self.dtype = dtype
         self.dimension = dimension
 
+    def cpu_threads(self, n: int | None = None) -> int:
+        """torch's intra-op threads for the calling thread: set to `n` if given; the count."""
+        import torch
+
+        if n is not None:
+            torch.set_num_threads(n)
+        return int(torch.get_num_threads())
+
     def forward(self, batch: PaddedBatch) -> np.ndarray:
         import torch
 

@@ -163,7 +163,7 @@ class ModelEngine:
         self.spec = info.spec
         self.name = info.name
         self.settings = settings
-        self.metrics = front.metrics
+        self.metrics = front.metrics.for_model(info.name)
         self.prep = Preparer(info, settings)
         self._front = front
         self._pending: list[Pending] = []
@@ -237,9 +237,8 @@ class ModelEngine:
         except asyncio.CancelledError:
             self._front.cancel(p)
             raise
-        d = self.metrics.duration
-        d.labels(self.name, "tokenization").observe(result.tokenization_time)
-        d.labels(self.name, "total").observe(result.total_time)
+        self.metrics.phase["tokenization"].observe(result.tokenization_time)
+        self.metrics.phase["total"].observe(result.total_time)
         return result
 
     def _flush(self) -> None:

@@ -85,6 +85,12 @@ def load_workers(
         worker.on_fatal = on_fatal
         worker.warmup()
         workers[spec.name] = worker
+    if all(w.one_thread_enough for w in workers.values()):
+        # No model gains from intra-op threads: run them on one, so the cores stay free
+        # for the front end (forward passes all run on the compute thread).
+        first = next(iter(workers.values())).model.backend
+        compute_thread().call(lambda: first.cpu_threads(1))  # type: ignore[attr-defined]
+        log.info("forward passes run on one CPU thread (the models gain nothing from more)")
     return workers
 
 

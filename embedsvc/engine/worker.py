@@ -51,7 +51,7 @@ class ModelWorker:
         self.model = model
         self.name = spec.name
         self.settings = settings
-        self.metrics = metrics
+        self.m = metrics.for_model(spec.name)
         self.max_batch_tokens = settings.batch_tokens_for(model.backend.device)
         self.queue = BatchQueue(self.max_batch_tokens, settings.max_batch_size)
         for d in spec.matryoshka_dims:
@@ -76,6 +76,7 @@ class ModelWorker:
         self._inflight = 0
         self._thread: threading.Thread | None = None
         self.sink: Sink = lambda origin, done, failed: None
+        self.one_thread_enough = False  # measured at warm-up (torch on CPU threads)
         self.ready = False
         self.healthy = True
         # Called (from a worker thread) when the engine cannot go on.
@@ -117,7 +118,7 @@ class ModelWorker:
             self.name, self.queue.overhead_tokens,
         )  # fmt: skip
         self.ready = True
-        self.metrics.model_ready.labels(self.name).set(1)
+        self.m.ready.set(1)
 
     def _measure_overhead(self) -> float:
         """A pass's fixed cost in tokens: time a 1x8 and an 8x32 batch (best of 3 each),
@@ -139,6 +140,14 @@ class ModelWorker:
 
         t_small, t_large = best(small), best(large)
         per_token = max(t_large - t_small, 1e-9) / (256 - 8)
+        threads = getattr(self.model.backend, "cpu_threads", None)
+        if threads is not None and threads() > 1:
+            # Does the model gain from parallel threads? A tiny one does not, and idle
+            # threads spinning after each op take cores from the event loop.
+            many = threads()
+            threads(1)
+            self.one_thread_enough = best(large) <= 1.2 * t_large
+            threads(many)
         return float(min(max(t_small / per_token - 8, 0.0), 1e6))
 
     def stop(self) -> None:
@@ -183,8 +192,8 @@ class ModelWorker:
             inflight = self._inflight
         if queued:
             self.queue.put(queued)
-            self.metrics.queue_size.labels(self.name).set(len(self.queue))
-        self.metrics.inflight_inputs.labels(self.name).set(inflight)
+            self.m.queue_size.set(len(self.queue))
+        self.m.inflight.set(inflight)
         return refused
 
     def cancel(self, origin: Hashable, keys: list[int]) -> None:
@@ -196,7 +205,7 @@ class ModelWorker:
                     job.cancelled = True
                     self._inflight -= job.size
             inflight = self._inflight
-        self.metrics.inflight_inputs.labels(self.name).set(inflight)
+        self.m.inflight.set(inflight)
 
     def forget(self, origin: Hashable) -> None:
         """A front end has gone: drop everything it had in flight."""
@@ -210,7 +219,7 @@ class ModelWorker:
         items = self.queue.take(timeout)
         if items is None:
             return None
-        self.metrics.queue_size.labels(self.name).set(len(self.queue))
+        self.m.queue_size.set(len(self.queue))
         return [it for it in items if not it.job.cancelled]
 
     def _batch_loop(self) -> None:
@@ -233,7 +242,7 @@ class ModelWorker:
         """A worker cannot go on: fail everything admitted, report unhealthy, tell the
         owner (the server exits so an orchestrator restarts it). Never a silent hang."""
         self.healthy = False
-        self.metrics.model_ready.labels(self.name).set(0)
+        self.m.ready.set(0)
         while self.queue.take(timeout=0):
             pass
         with self._lock:
@@ -289,16 +298,15 @@ class ModelWorker:
             inflight = self._inflight
         if more:
             self.queue.put(more)
-        self.metrics.inflight_inputs.labels(self.name).set(inflight)
+        self.m.inflight.set(inflight)
         for origin, finished in done.items():
             self.sink(origin, finished, [])
 
     def _observe(self, job: Job) -> None:
-        d = self.metrics.duration
-        d.labels(self.name, "queue").observe(max(job.first_start - job.enqueued, 0.0))
-        d.labels(self.name, "inference").observe(max(job.last_end - job.first_start, 0.0))
-        self.metrics.inputs.labels(self.name).inc(job.size)
-        self.metrics.tokens.labels(self.name).inc(job.tokens)
+        self.m.phase["queue"].observe(max(job.first_start - job.enqueued, 0.0))
+        self.m.phase["inference"].observe(max(job.last_end - job.first_start, 0.0))
+        self.m.inputs.inc(job.size)
+        self.m.tokens.inc(job.tokens)
 
     def _forward(self, items: list[Item], batch: PaddedBatch) -> np.ndarray:
         """Forward pass; on out-of-memory, split the batch in halves and retry."""
@@ -316,9 +324,9 @@ class ModelWorker:
             return np.concatenate(
                 [self._forward(p, pad(p, self.model.pad_token_id)) for p in parts]
             )
-        self.metrics.batches.labels(self.name).inc()
-        self.metrics.batch_size.labels(self.name).observe(len(items))
-        self.metrics.batch_tokens.labels(self.name).observe(batch.shape[0] * batch.shape[1])
+        self.m.batches.inc()
+        self.m.batch_size.observe(len(items))
+        self.m.batch_tokens.observe(batch.shape[0] * batch.shape[1])
         return pooled
 
     def _finalize(self, items: list[Item], pooled: np.ndarray) -> list[np.ndarray] | np.ndarray:
@@ -348,6 +356,6 @@ class ModelWorker:
                 self._inflight -= job.size
                 failed[job.origin].append(JobFailed(job.key, ErrorKind.BACKEND, BACKEND_FAILED))
             inflight = self._inflight
-        self.metrics.inflight_inputs.labels(self.name).set(inflight)
+        self.m.inflight.set(inflight)
         for origin, lst in failed.items():
             self.sink(origin, [], lst)
