@@ -252,8 +252,9 @@ def main() -> None:
     runs: dict[str, list[dict]] = defaultdict(list)
     ratios: dict[str, list[float]] = defaultdict(list)
 
-    def run(key: str, server: str, bodies: str, conns: int = 64) -> dict:
-        r = load_server(url[server], procs[server].pid, files[bodies], lua, secs, 2, conns)
+    def run(key: str, server: str, bodies: str, conns: int = 64, path: str = "") -> dict:
+        target = url[server].removesuffix(paths[server]) + path if path else url[server]
+        r = load_server(target, procs[server].pid, files[bodies], lua, secs, 2, conns)
         runs[key].append(r)
         return r
 
@@ -281,8 +282,8 @@ def main() -> None:
                 )
             if args.infinity:
                 for key, model in (("m", "MiniLM"), ("t", "near-free model")):
-                    ours = run(f"{model} short, OpenAI dialect", f"{'m' if key == 'm' else 't'}1",
-                               f"oa_{key}")  # fmt: skip
+                    ours = run(f"{model} short, OpenAI dialect", f"{key}1", f"oa_{key}",
+                               path="/v1/embeddings")  # fmt: skip
                     peer = run(f"Infinity, {model} short", f"inf_{key}", f"inf_{key}")
                     ratios[f"embedsvc / Infinity, {model}, 1-input short queries"].append(
                         ours["rps"] / peer["rps"]
@@ -312,6 +313,9 @@ def main() -> None:
         per = 32 if "32-input" in key else 1
         print(f"  {key:40s} {med['rps'] * per:9.1f} inputs/s  CPU/request: front end "
               f"{med['front_ms']:.2f} ms, engine {med['engine_ms']:.2f} ms")  # fmt: skip
+    failed = [k for k, rs in runs.items() if any(r["errors"] or r["socket_errors"] for r in rs)]
+    if failed:
+        print(f"  RUNS WITH ERRORS (their numbers do not count): {', '.join(failed)}")
     print("ratios (median of the rounds, each round measured back to back):")
     for key, vals in ratios.items():
         print(f"  {key:55s} {statistics.median(vals):.2f}   "

@@ -12,6 +12,7 @@ Two layouts (`--api-workers`):
 
 from __future__ import annotations
 
+import gc
 import logging
 import multiprocessing
 import os
@@ -208,6 +209,7 @@ class Supervisor:
                 self._fatal(reason)
                 return
             server.loaded(workers)
+            gc.freeze()  # see api/app.py: the loaded models stay out of the cyclic collector
             log.info("ready: %s", ", ".join(workers))
 
         threading.Thread(target=load, name="loader", daemon=True).start()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -69,6 +70,10 @@ def create_app(
                     return
                 loaded.start(loop)
                 service.engines = loaded
+                # Everything loaded so far lives as long as the process: keep it out of
+                # the cyclic collector, whose full passes over torch's and transformers'
+                # objects otherwise stall the event loop for a hundred milliseconds or more.
+                gc.freeze()
                 log.info("ready: %s", ", ".join(e.name for e in loaded))
 
             load_task = asyncio.create_task(load())
