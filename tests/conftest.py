@@ -71,12 +71,20 @@ def free_socket() -> socket.socket:
 
 
 @contextlib.contextmanager
-def run_server(registry: Registry, models: list[str], **overrides: Any) -> Iterator[Server]:
-    """Load `models`, serve them with uvicorn on a free loopback port, stop afterwards."""
+def run_server(
+    registry: Registry,
+    models: list[str],
+    wrap: Callable[[Any], Any] | None = None,
+    **overrides: Any,
+) -> Iterator[Server]:
+    """Load `models`, serve them with uvicorn on a free loopback port, stop afterwards.
+    `wrap(app)` may put another ASGI app around embedsvc's."""
     settings = Settings(**overrides)
     metrics = Metrics()
     engines = load_engines(registry.select(models), settings, metrics)
     app = create_app(settings, metrics, engines=engines)
+    if wrap is not None:
+        app = wrap(app)
     sock = free_socket()
     port = sock.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
