@@ -42,65 +42,46 @@ def _texts(value: Any) -> list[str] | None:
     return None
 
 
-def _opt(d: dict[str, Any], key: str, kind: type) -> tuple[bool, Any]:
-    """(ok, value) of an optional field that must be `kind` or null when present."""
-    v = d.get(key)
-    return (v is None or type(v) is kind), v
+# Optional fields both dialects share: each null or of exactly this type.
+_SHARED = (("truncate", bool), ("prompt_name", str), ("dimensions", int), ("model", str))
+
+
+def _shared(d: dict[str, Any], texts_key: str) -> dict[str, Any] | None:
+    texts = _texts(d.get(texts_key))
+    if texts is None:
+        return None
+    out: dict[str, Any] = {"texts": texts}
+    for key, kind in _SHARED:
+        v = out[key] = d.get(key)
+        if v is not None and type(v) is not kind:
+            return None
+    if out["dimensions"] is not None and out["dimensions"] <= 0:
+        return None
+    return out
 
 
 def parse_tei(d: dict[str, Any]) -> dict[str, Any] | None:
-    texts = _texts(d.get("inputs"))
+    fields = _shared(d, "inputs")
     normalize = d.get("normalize", True)
     direction = d.get("truncation_direction", "Right")
-    ok1, truncate = _opt(d, "truncate", bool)
-    ok2, prompt_name = _opt(d, "prompt_name", str)
-    ok3, dimensions = _opt(d, "dimensions", int)
-    ok4, model = _opt(d, "model", str)
-    if (
-        texts is None
-        or type(normalize) is not bool
-        or direction not in TRUNCATION_DIRECTIONS
-        or not (ok1 and ok2 and ok3 and ok4)
-        or (dimensions is not None and dimensions <= 0)
-    ):
+    if fields is None or type(normalize) is not bool or direction not in TRUNCATION_DIRECTIONS:
         return None
-    return {
-        "texts": texts,
-        "normalize": normalize,
-        "truncate": truncate,
-        "direction": direction.lower(),
-        "prompt_name": prompt_name,
-        "dimensions": dimensions,
-        "model": model,
-    }
+    return fields | {"normalize": normalize, "direction": direction.lower()}
 
 
 def parse_openai(d: dict[str, Any]) -> dict[str, Any] | None:
-    texts = _texts(d.get("input"))
+    fields = _shared(d, "input")
     fmt = d.get("encoding_format", "float")
     input_type = d.get("input_type")
-    ok1, truncate = _opt(d, "truncate", bool)
-    ok2, prompt_name = _opt(d, "prompt_name", str)
-    ok3, dimensions = _opt(d, "dimensions", int)
-    ok4, model = _opt(d, "model", str)
-    ok5, _ = _opt(d, "user", str)
+    user = d.get("user")
     if (
-        texts is None
+        fields is None
         or fmt not in ("float", "base64")
         or (input_type is not None and input_type not in INPUT_TYPES)
-        or not (ok1 and ok2 and ok3 and ok4 and ok5)
-        or (dimensions is not None and dimensions <= 0)
+        or (user is not None and type(user) is not str)
     ):
         return None
-    return {
-        "texts": texts,
-        "format": fmt,
-        "input_type": input_type,
-        "truncate": truncate,
-        "prompt_name": prompt_name,
-        "dimensions": dimensions,
-        "model": model,
-    }
+    return fields | {"format": fmt, "input_type": input_type}
 
 
 class FastEmbed:
