@@ -17,7 +17,9 @@ on a shared VM swing by 20-30%):
   (3) --api-workers 1 and 2, with CPU milliseconds per request spent by the front end
       and by the engine (from /proc: with one process, the event loop's thread is the
       front end and every other thread the engine);
-  (4) latency of MiniLM short queries at concurrency 1 (and the time the server spends
+  (4) the same short queries through embedsvc's engine in this process, without HTTP (64
+      concurrent callers): what the engine alone allows;
+  (5) latency of MiniLM short queries at concurrency 1 (and the time the server spends
       outside the forward pass, from its timing headers), and p50/p99 of the RAG mix at
       half of saturation (open loop, Poisson arrivals).
 wrk runs one thread and shares the cores with the server; its own CPU time is printed.
@@ -184,6 +186,34 @@ def tiny_models_file(folder: Path) -> str:
     return str(path)
 
 
+def engine_alone(seconds: float) -> float:
+    """Short queries/s through embedsvc's engine without HTTP, in a fresh process (torch
+    runs slower on a thread other than the one where it first ran, so not in this one)."""
+    out = subprocess.run(
+        [sys.executable, __file__, "--engine-alone", str(seconds)],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    return float(out.strip().splitlines()[-1])
+
+
+def _engine_alone(seconds: float) -> None:
+    from gpu_check import engine_saturation
+
+    from embedsvc.engine import load_engines
+    from embedsvc.metrics import Metrics
+    from embedsvc.registry import load_registry
+    from embedsvc.settings import Settings
+
+    engines = load_engines(load_registry().select(["all-minilm-l6-v2"]), Settings(), Metrics())
+    loop = asyncio.new_event_loop()
+    engines.start(loop)
+    loop.run_until_complete(engine_saturation(engines, queries(300, seed=7), 2, 1, 64))
+    print(
+        loop.run_until_complete(engine_saturation(engines, queries(2000, seed=6), seconds, 1, 64))
+    )
+    engines.stop()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--duration", type=float, default=8.0, help="seconds per load run")
@@ -268,6 +298,12 @@ def main() -> None:
             ratios["MiniLM 1-input RAG mix / offline"].append(r["rps"] / off_mix)
             r = run("MiniLM 1-input short", "m1", "short")
             ratios["MiniLM 1-input short queries / offline"].append(r["rps"] / off_short)
+            rate = engine_alone(secs)
+            print(f"  MiniLM engine alone (no HTTP), 64 concurrent 1-input short queries: "
+                  f"{rate:.1f} inputs/s")  # fmt: skip
+            ratios["MiniLM engine alone (no HTTP), 1-input short / offline"].append(
+                rate / off_short
+            )
             r = run("MiniLM 32-input RAG mix", "m1", "mix32", conns=4)
             ratios["MiniLM 32-input RAG mix (4 connections) / offline"].append(
                 r["rps"] * 32 / off_mix
@@ -325,6 +361,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--engine-alone"]:
+        _engine_alone(float(sys.argv[2]))
+        sys.exit(0)
     start_time = time.time()
     main()
     print(f"({time.time() - start_time:.0f} s)")

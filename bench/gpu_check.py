@@ -68,7 +68,8 @@ def offline(model, texts: list[str], sizes: list[int]) -> tuple[int, float]:
 async def engine_saturation(
     engines: EngineSet, texts: list[str], seconds: float, per_job: int, clients: int
 ) -> float:
-    """Inputs/s through the real front end and batching engine (no HTTP)."""
+    """Inputs/s through the real front end and batching engine (no HTTP); `engines` must
+    have been started on the running loop."""
     done = 0
     stop = time.perf_counter() + seconds
     engine = engines.default
@@ -82,7 +83,6 @@ async def engine_saturation(
             await engine.embed(EmbedRequest(texts=chunk, truncate=True))
             done += len(chunk)
 
-    engines.start(asyncio.get_running_loop())
     t0 = time.perf_counter()
     await asyncio.gather(*(client(i * per_job) for i in range(clients)))
     return done / (time.perf_counter() - t0)
@@ -130,9 +130,11 @@ def main() -> int:
     settings = Settings()
     fp16_spec = dataclasses.replace(spec, device="cuda", dtype="float16")
     engines = load_engines([fp16_spec], settings, Metrics())
-    served = asyncio.run(engine_saturation(engines, texts, args.seconds, 8, 64))
+    loop = asyncio.new_event_loop()
+    engines.start(loop)
+    served = loop.run_until_complete(engine_saturation(engines, texts, args.seconds, 8, 64))
     print(f"embedsvc engine, fp16, 64 concurrent 8-input jobs: {served:.1f} inputs/s")
-    single = asyncio.run(engine_saturation(engines, short, args.seconds, 1, 512))
+    single = loop.run_until_complete(engine_saturation(engines, short, args.seconds, 1, 512))
     print(f"embedsvc engine, fp16, 512 concurrent 1-input short queries: {single:.1f} inputs/s")
     engines.stop()
 

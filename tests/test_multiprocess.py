@@ -46,18 +46,24 @@ def test_real_clients_through_several_front_ends(spawn: Any, st_minilm: Any) -> 
     import openai
     from huggingface_hub import InferenceClient
 
-    srv = spawn("--api-workers", "2")
+    srv = spawn("--api-workers", "2", "--api-key", "k3y", "--max-input-chars", "50")
     assert len(frontends(srv.proc.pid)) == 2
-    client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused")
+    client = openai.OpenAI(base_url=srv.url + "/v1", api_key="k3y")
     expected = st_minilm.encode(TEXTS, normalize_embeddings=True)
     for _ in range(4):  # new connections: both front ends get some
         res = client.embeddings.create(model="all-minilm-l6-v2", input=TEXTS)
         for d, e in zip(res.data, expected, strict=True):
             assert cosine(d.embedding, e) >= 0.9999
-    hf = InferenceClient(model=srv.url)
+    hf = InferenceClient(model=srv.url, token="k3y")
     got = np.asarray(hf.feature_extraction(TEXTS[0]))
     assert got.shape == (1, 384) and cosine(got[0], expected[0]) >= 0.9999
-    info = httpx.get(srv.url + "/info").json()
+    auth = {"authorization": "Bearer k3y"}
+    for _ in range(4):  # keys and limits hold in every front end
+        assert httpx.post(srv.url + "/embed", json={"inputs": "x"}).status_code == 401
+        long = httpx.post(srv.url + "/embed", json={"inputs": "y" * 51}, headers=auth)
+        assert long.status_code == 422 and "max_input_chars" in long.json()["error"]
+    assert httpx.get(srv.url + "/health").status_code == 200
+    info = httpx.get(srv.url + "/info", headers=auth).json()
     assert info["models"][0]["dimension"] == 384 and info["models"][0]["ready"]
     code, _ = srv.stop()
     assert code == 0
