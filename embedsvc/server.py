@@ -32,6 +32,7 @@ from embedsvc import __version__
 from embedsvc.api import create_app
 from embedsvc.api.service import Service
 from embedsvc.engine import EngineSet, load_engines
+from embedsvc.errors import UnhealthyError
 from embedsvc.logs import setup_logging
 from embedsvc.metrics import Metrics
 from embedsvc.registry import ModelSpec, load_registry
@@ -67,6 +68,8 @@ class DrainingServer(uvicorn.Server):
             log.error("the engine process has gone; exiting")
             self.service.draining = True
             self.should_exit = True
+            if self.service.engines is not None:  # nothing will answer what is in flight
+                self.service.engines.front.fail_all(UnhealthyError("the engine process has gone"))
         return await super().on_tick(counter)
 
 

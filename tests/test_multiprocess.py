@@ -153,3 +153,32 @@ def test_sigterm_drains_every_front_end(spawn: Any) -> None:
     code, out = srv.stop()
     assert code == 0, out
     assert "front ends drain their requests" in out
+
+
+def test_engine_process_killed_answers_in_flight_and_front_ends_exit(spawn: Any) -> None:
+    srv = spawn("--api-workers", "2", "--max-batch-size", "4", "--drain-timeout", "60")
+    fronts = frontends(srv.proc.pid)
+
+    async def scenario() -> tuple[list[Any], float]:
+        limits = httpx.Limits(max_connections=16)
+        async with httpx.AsyncClient(base_url=srv.url, timeout=50, limits=limits) as c:
+
+            async def one() -> Any:
+                try:
+                    return (await c.post("/embed", json={"inputs": [LONG] * 8})).status_code
+                except httpx.TimeoutException:
+                    return "hung"
+                except httpx.TransportError:
+                    return "closed"
+
+            tasks = [asyncio.create_task(one()) for _ in range(16)]
+            await asyncio.sleep(0.5)
+            t0 = time.monotonic()
+            srv.proc.kill()  # the engine (and supervisor) dies at once
+            out = list(await asyncio.gather(*tasks))
+            return out, time.monotonic() - t0
+
+    outcomes, took = asyncio.run(scenario())
+    assert "hung" not in outcomes and set(outcomes) <= {200, 503, "closed"}, outcomes
+    assert took < 20, f"in-flight requests waited {took:.0f} s for an engine that was gone"
+    wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in fronts), timeout=30)

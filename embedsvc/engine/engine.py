@@ -141,6 +141,14 @@ class Frontend:
             if not p.future.done():
                 p.future.set_exception(_ERRORS.get(f.kind, BackendError)(f.message, param=f.param))
 
+    def fail_all(self, exc: BaseException) -> None:
+        """The core is gone: answer every request in flight with `exc` now."""
+        waiting, self._waiting = self._waiting, {}
+        self._watched.clear()
+        for p in waiting.values():
+            if not p.future.done():
+                p.future.set_exception(exc)
+
     async def _sweep(self) -> None:
         """Cancel the work of requests whose client hung up, while any are in flight."""
         try:
