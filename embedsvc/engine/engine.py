@@ -292,7 +292,14 @@ class ModelEngine:
             p.tokens = sum(map(len, ids))
             p.t1 = now
             jobs.append(
-                CoreJob(0, ids, req.dimensions, req.normalize, ln and req.dimensions is not None)
+                CoreJob(
+                    0,
+                    ids,
+                    p.tokens,
+                    req.dimensions,
+                    req.normalize,
+                    ln and req.dimensions is not None,
+                )
             )
             sent.append(p)
         if jobs:

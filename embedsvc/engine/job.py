@@ -42,7 +42,7 @@ class Job:
             origin=origin,
             key=cj.key,
             size=n,
-            tokens=sum(len(x) for x in cj.ids),
+            tokens=cj.tokens,
             dimensions=cj.dimensions,
             normalize=cj.normalize,
             layer_norm=cj.layer_norm,

@@ -73,6 +73,7 @@ class CoreJob:
 
     key: int  # unique within the front end that sent it
     ids: list[list[int]]
+    tokens: int  # real tokens in `ids`, counted once by the front end
     dimensions: int | None
     normalize: bool
     layer_norm: bool

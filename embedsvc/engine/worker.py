@@ -123,7 +123,8 @@ class ModelWorker:
     def _measure_overhead(self) -> float:
         """A pass's fixed cost in tokens: time a 1x8 and an 8x32 batch (best of 3 each),
         fit time = fixed + per_token x tokens. Padding is worth avoiding when the fixed
-        cost is small (CPU), and not when it is large (GPU)."""
+        cost is small (CPU), and not when it is large (GPU). Also sets
+        `one_thread_enough` for a torch backend (see below)."""
         small = pad([Item(None, 0, [self.model.pad_token_id] * 8)], self.model.pad_token_id)
         large = pad(
             [Item(None, i, [self.model.pad_token_id] * 32) for i in range(8)],
