@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from embedsvc import __version__
 from embedsvc.errors import ConfigError
@@ -55,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from embedsvc.server import serve
 
             settings = Settings.from_sources(vars(args), os.environ)
-            return serve(settings)
+            exit_now(serve(settings))
         if args.command == "pull":
             return pull(args)
         if args.command == "models":
@@ -66,6 +67,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"embedsvc: {e}", file=sys.stderr)
         return 2
     return 1
+
+
+def exit_now(code: int) -> NoReturn:
+    """End a server process without the interpreter's teardown. Native thread pools
+    (torch, onnxruntime, tokenizers) still running then can abort it ("terminate called
+    without an active exception", exit -6) after a clean drain; everything worth keeping
+    (logs, metrics files, the run folder) is flushed or removed by now."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def pull(args: argparse.Namespace) -> int:

@@ -12,6 +12,7 @@ Two layouts (`--api-workers`):
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import multiprocessing
@@ -34,6 +35,7 @@ from embedsvc.api.service import Service
 from embedsvc.engine import EngineSet, load_engines
 from embedsvc.errors import UnhealthyError
 from embedsvc.logs import setup_logging
+from embedsvc.memory import tune_allocator
 from embedsvc.metrics import Metrics
 from embedsvc.registry import ModelSpec, load_registry
 from embedsvc.settings import Settings
@@ -43,6 +45,8 @@ log = logging.getLogger("embedsvc")
 # A front end that dies this many times within RESTART_WINDOW seconds stops the server.
 MAX_RESTARTS = 5
 RESTART_WINDOW = 60.0
+# After the drain timeout, time for the 503s to be written before uvicorn cancels tasks.
+DRAIN_GRACE = 5
 
 
 class DrainingServer(uvicorn.Server):
@@ -62,6 +66,33 @@ class DrainingServer(uvicorn.Server):
             log.info("signal %d: draining in-flight requests, then exiting", sig)
         self.service.draining = True
         super().handle_exit(sig, frame)  # type: ignore[arg-type]
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        """uvicorn's shutdown (stop accepting, wait for the requests in flight), with the
+        drain timeout kept here: when it passes, every request still waiting for the
+        engine is answered 503 in its dialect and its queued work dropped. uvicorn's own
+        timeout, DRAIN_GRACE seconds later, would cancel the tasks (500s, tracebacks)."""
+        timer = asyncio.get_running_loop().call_later(
+            self.service.settings.drain_timeout, self._drain_expired
+        )
+        try:
+            await super().shutdown(sockets)
+        finally:
+            timer.cancel()
+
+    def _drain_expired(self) -> None:
+        engines = self.service.engines
+        if engines is None:
+            return
+        timeout = self.service.settings.drain_timeout
+        n = engines.front.abandon_all(
+            lambda: UnhealthyError(
+                f"the server is shutting down and its drain timeout ({timeout} s) passed "
+                "before this request finished; retry it (on another replica)"
+            )
+        )
+        if n:
+            log.warning("drain timeout (%d s): %d requests unfinished, answered 503", timeout, n)
 
     async def on_tick(self, counter: int) -> bool:
         if self.parent and counter % 10 == 0 and os.getppid() != self.parent:
@@ -93,7 +124,7 @@ def _uvicorn_config(app: Any, settings: Settings, **kw: Any) -> uvicorn.Config:
         log_config=None,
         log_level=settings.log_level.lower(),
         access_log=settings.log_level.lower() == "debug",
-        timeout_graceful_shutdown=settings.drain_timeout,
+        timeout_graceful_shutdown=settings.drain_timeout + DRAIN_GRACE,
         **kw,
     )
 
@@ -105,6 +136,7 @@ def serve(settings: Settings) -> int:
     for spec in specs:
         log.info("model %s: %s@%s (source: %s)", spec.name, spec.hf_id, spec.revision, spec.source)
     settings.api_keys()  # a missing or empty key file stops start-up here
+    log.info("memory allocator: %s", tune_allocator(settings.malloc))
     workers = settings.api_workers_for(_accelerated(specs))
     if workers > 1:
         return Supervisor(settings, specs, workers).run()
@@ -162,6 +194,7 @@ def run_frontend(
     from embedsvc.engine.remote import RemoteCore
 
     setup_logging(settings.log_level, settings.log_format)
+    tune_allocator(settings.malloc)
     metrics = Metrics(multiprocess_dir=metrics_dir)
 
     async def connect() -> EngineSet:
@@ -173,6 +206,9 @@ def run_frontend(
     _quiet_signals()
     server.run(sockets=[sock])
     _ignore_signals()
+    from embedsvc.cli import exit_now
+
+    exit_now(0)
 
 
 class Supervisor:

@@ -77,6 +77,51 @@ def test_sigterm_drains_in_flight_requests(spawn: Any) -> None:
     assert "draining in-flight requests" in out
 
 
+def test_drain_timeout_answers_503_and_exits_cleanly(spawn: Any) -> None:
+    """SIGTERM with far more queued than the drain timeout allows: what finishes in time
+    gets 200, the rest a 503 in its dialect's shape when the timeout passes (not a
+    cancelled task's 500), and the process exits 0 without a traceback."""
+    srv = spawn("--drain-timeout", "1")
+
+    async def scenario() -> list[httpx.Response]:
+        limits = httpx.Limits(max_connections=40)
+        async with httpx.AsyncClient(base_url=srv.url, timeout=60, limits=limits) as c:
+            tei = [
+                asyncio.create_task(
+                    c.post("/embed", json={"inputs": [f"{LONG} {i} {j}" for j in range(16)]})
+                )
+                for i in range(10)
+            ]
+            openai = [
+                asyncio.create_task(c.post("/v1/embeddings", json={"input": [f"{LONG} {i}"] * 16}))
+                for i in range(10)
+            ]
+            await asyncio.sleep(1.0)  # 320 long inputs queued: tens of seconds of work
+            srv.proc.send_signal(signal.SIGTERM)
+            return list(await asyncio.gather(*tei, *openai))
+
+    t0 = time.monotonic()
+    responses = asyncio.run(scenario())
+    elapsed = time.monotonic() - t0
+    codes = [r.status_code for r in responses]
+    assert set(codes) <= {200, 503}, codes
+    assert codes.count(503) >= 10
+    for r in responses[:10]:
+        if r.status_code == 503:
+            assert r.json()["error_type"] == "Unhealthy"
+            assert "drain timeout (1 s)" in r.json()["error"]
+            assert r.headers["x-request-id"]
+    for r in responses[10:]:
+        if r.status_code == 503:
+            assert r.json()["error"]["code"] == "service_unavailable"
+            assert "drain timeout" in r.json()["error"]["message"]
+    assert elapsed < 20
+    code, out = srv.stop()
+    assert code == 0, out
+    assert "Traceback" not in out and "Cancel" not in out, out
+    assert "answered 503" in out
+
+
 def test_json_logs_carry_request_ids_and_no_secrets(spawn: Any) -> None:
     srv = spawn("--log-format", "json", "--api-key", "s3cret-key",
                 env={"HF_TOKEN": "hf_not_for_logs"})  # fmt: skip

@@ -91,11 +91,17 @@ class Frontend:
         self._waiting: dict[int, Pending] = {}
         self._watched: dict[int, Pending] = {}
         self._sweeper: asyncio.Task[None] | None = None
+        self._abandon: Callable[[], EmbedsvcError] | None = None
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         self.link.attach(loop, self.deliver)
 
     def send(self, model: str, pendings: list[Pending], jobs: list[CoreJob]) -> None:
+        if self._abandon is not None:
+            for p in pendings:
+                if not p.future.done():
+                    p.future.set_exception(self._abandon())
+            return
         for p in pendings:
             p.key = next(self._keys)
             self._waiting[p.key] = p
@@ -148,6 +154,27 @@ class Frontend:
         for p in waiting.values():
             if not p.future.done():
                 p.future.set_exception(exc)
+
+    def abandon_all(self, error: Callable[[], EmbedsvcError]) -> int:
+        """Give up on every request in flight, and on any sent from now on: its queued
+        inputs are dropped in the core and it is answered with `error()` (the drain
+        timeout passed). Returns how many were in flight."""
+        self._abandon = error
+        waiting, self._waiting = self._waiting, {}
+        self._watched.clear()
+        by_model: dict[str, list[int]] = {}
+        for p in waiting.values():
+            by_model.setdefault(p.engine.name, []).append(p.key)
+        for model, keys in by_model.items():
+            self.link.cancel(model, keys)
+        for p in waiting.values():
+            if not p.future.done():
+                log.warning(
+                    "request %s: not finished within the drain timeout; answered 503",
+                    p.req.request_id,
+                )
+                p.future.set_exception(error())
+        return len(waiting)
 
     async def _sweep(self) -> None:
         """Cancel the work of requests whose client hung up, while any are in flight."""
