@@ -10,7 +10,7 @@ import pytest
 from tokenizers import Tokenizer
 
 from embedsvc.api.encode import to_base64
-from embedsvc.engine.batcher import BatchQueue, Item, pad, select_batch
+from embedsvc.engine.batcher import BatchQueue, Item, oldest, pad, select_batch
 from embedsvc.engine.postprocess import finalize, layer_norm
 from embedsvc.engine.tokenize import TextTokenizer
 from embedsvc.errors import ConfigError, ValidationError
@@ -78,6 +78,43 @@ def test_queue_drains_every_item_exactly_once() -> None:
     assert sorted(id(x) for x in seen) == sorted(id(x) for x in its)
     q.close()
     assert q.take() is None
+
+
+def test_oldest_window_counts_items_and_tokens() -> None:
+    pending = items([10, 20, 30, 40, 50])
+    assert oldest(pending, max_items=3, max_tokens=1000) == pending[:3]
+    assert oldest(pending, max_items=10, max_tokens=60) == pending[:3]  # 10 + 20 + 30
+    assert oldest(pending, max_items=10, max_tokens=5) == pending[:1]  # at least one
+    assert oldest(pending, max_items=10, max_tokens=1000) == pending
+
+
+def backlog(policy: str) -> tuple[int, list[int]]:
+    """12 requests of 8 inputs of varied lengths, all queued at once: how many batches
+    the backlog takes, and the batch in which each request's last input leaves."""
+    rng = random.Random(3)
+    q = BatchQueue(max_batch_tokens=256, max_batch_size=4, policy=policy)
+    for request in range(12):
+        q.put([Item(request, i, [1] * rng.randint(4, 60)) for i in range(8)])
+    left = dict.fromkeys(range(12), 8)
+    finished: dict[int, int] = {}
+    batches = 0
+    while len(q):
+        batches += 1
+        for it in q.take(timeout=0) or []:
+            left[it.job] -= 1
+            if left[it.job] == 0:
+                finished[it.job] = batches
+    return batches, [finished[r] for r in range(12)]
+
+
+def test_arrival_policy_finishes_requests_sooner_under_a_backlog() -> None:
+    (n_arrival, arrival), (n_length, length) = backlog("arrival"), backlog("length")
+    assert n_arrival == n_length  # no more passes for it
+    # With "length" each request waits for inputs spread over the whole backlog.
+    assert sorted(arrival)[6] < sorted(length)[6]  # median request
+    assert arrival[0] < length[0]  # the oldest request
+    with pytest.raises(ValueError, match="batch policy"):
+        BatchQueue(256, 4, policy="fastest")
 
 
 def test_pad_right_pads_with_mask() -> None:
