@@ -31,6 +31,7 @@ from embedsvc.engine.job import Job
 from embedsvc.engine.postprocess import finalize
 from embedsvc.engine.types import CoreJob, JobDone, JobFailed, ModelInfo
 from embedsvc.errors import ConfigError, ErrorKind
+from embedsvc.memory import TRIMMER
 from embedsvc.metrics import Metrics
 from embedsvc.registry import ModelSpec
 from embedsvc.settings import Settings
@@ -53,7 +54,9 @@ class ModelWorker:
         self.settings = settings
         self.m = metrics.for_model(spec.name)
         self.max_batch_tokens = settings.batch_tokens_for(model.backend.device)
-        self.queue = BatchQueue(self.max_batch_tokens, settings.max_batch_size)
+        self.queue = BatchQueue(
+            self.max_batch_tokens, settings.max_batch_size, settings.batch_policy
+        )
         for d in spec.matryoshka_dims:
             if d > model.backend.dimension:
                 raise ConfigError(
@@ -270,6 +273,8 @@ class ModelWorker:
             self._worker_died()
             self._slots.release()
             return
+        if TRIMMER.maybe_trim(idle=len(self.queue) == 0):
+            self.m.malloc_trims.inc()
         if not self._prefetch and self.healthy:
             live = self._take_live(0)
             if live:
