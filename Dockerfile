@@ -14,11 +14,16 @@ FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04 AS base-gpu
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
+        libjemalloc2 \
     && rm -rf /var/lib/apt/lists/*
 ENV TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 \
     EMBEDSVC_EXTRAS=onnx-gpu
 
 FROM python:3.12-slim AS base-cpu
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends libjemalloc2 \
+    && rm -rf /var/lib/apt/lists/*
 ENV TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu \
     EMBEDSVC_EXTRAS=onnx
 
@@ -40,6 +45,11 @@ COPY embedsvc ./embedsvc
 # hadolint ignore=DL3013
 RUN rm -f embedsvc/models.yaml && cp models.yaml embedsvc/models.yaml \
     && pip install ".[${EMBEDSVC_EXTRAS}]" && rm -rf /src
+
+# jemalloc keeps resident memory flat under the many tensor shapes continuous batching
+# makes, at full speed (glibc's malloc fragments; see docs/benchmarks.md, "Memory").
+RUN ln -s "/usr/lib/$(uname -m)-linux-gnu/libjemalloc.so.2" /usr/local/lib/libjemalloc.so.2
+ENV LD_PRELOAD=/usr/local/lib/libjemalloc.so.2
 
 RUN useradd --uid 10001 --create-home --shell /usr/sbin/nologin embedsvc \
     && mkdir -p /data/hf && chown embedsvc /data/hf

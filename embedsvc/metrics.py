@@ -12,6 +12,8 @@ and /metrics, whichever front end answers it, renders the sum over all of them.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from pathlib import Path
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -19,10 +21,13 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    ProcessCollector,
     generate_latest,
     multiprocess,
     values,
 )
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 _DURATION_BUCKETS = (
     0.0005,
@@ -97,6 +102,15 @@ class Metrics:
             "embedsvc_tokens", "real (unpadded) tokens embedded", ["model"], registry=r
         )
 
+        self.malloc_trims = Counter(
+            "embedsvc_malloc_trims", "times free heap memory was handed back to the OS",
+            registry=r,
+        )  # fmt: skip
+        # process_* (CPU, resident memory, open files) of the process that answers /metrics,
+        # and the resident memory of the whole server (engine process and front ends).
+        self.process = ProcessCollector(registry=r)
+        r.register(ServerMemoryCollector(os.getpid(), children=False))
+
     def for_model(self, model: str) -> ModelMetrics:
         """The model's labelled series, looked up once (a lookup per request costs more
         than the update)."""
@@ -106,6 +120,9 @@ class Metrics:
         if self.multiprocess_dir:
             merged = CollectorRegistry()
             multiprocess.MultiProcessCollector(merged, path=self.multiprocess_dir)
+            merged.register(self.process)
+            # A front end answers: the server is its parent (the engine) and the siblings.
+            merged.register(ServerMemoryCollector(os.getppid(), children=True))
             return generate_latest(merged)
         return generate_latest(self.registry)
 
@@ -127,7 +144,44 @@ class ModelMetrics:
         self.batch_tokens = m.batch_tokens.labels(model)
         self.inputs = m.inputs.labels(model)
         self.tokens = m.tokens.labels(model)
+        self.malloc_trims = m.malloc_trims
         self.phase = {
             p: m.duration.labels(model, p) for p in ("tokenization", "queue", "inference", "total")
         }
         self.requests = {r: m.requests.labels(model, r) for r in ("/embed", "/v1/embeddings")}
+
+
+class ServerMemoryCollector(Collector):
+    """embedsvc_server_resident_memory_bytes: RSS of process `root` (and its children),
+    read from /proc at scrape time (absent where there is no /proc)."""
+
+    def __init__(self, root: int, children: bool) -> None:
+        self.root = root
+        self.children = children
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        total = rss_bytes(self.root)
+        if total is None:
+            return
+        children: list[str] = []
+        if self.children:
+            try:
+                path = Path(f"/proc/{self.root}/task/{self.root}/children")
+                children = path.read_text().split()
+            except OSError:
+                pass
+        total += sum(rss_bytes(int(c)) or 0 for c in children)
+        yield GaugeMetricFamily(
+            "embedsvc_server_resident_memory_bytes",
+            "resident memory of the server: the engine process and its front-end processes",
+            value=total,
+        )
+
+
+def rss_bytes(pid: int) -> int | None:
+    """Resident memory of `pid` from /proc, or None."""
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None

@@ -13,6 +13,7 @@ from embedsvc.api.errors import error_response
 from embedsvc.api.service import Service
 from embedsvc.engine import ModelEngine
 from embedsvc.errors import ErrorKind
+from embedsvc.memory import allocator
 
 
 def model_info(e: ModelEngine) -> dict[str, Any]:
@@ -70,6 +71,8 @@ def ops_router() -> APIRouter:
             "model_id": default.spec.hf_id,
             "model_sha": default.spec.revision,
             "model_dtype": default.info.dtype,
+            # TEI: the name the OpenAI route answers to (`model`); here the registry name.
+            "served_model_name": default.name,
             "model_type": {"embedding": {"pooling": default.info.pooling}},
             "prompts": default.spec.prompts,
             "max_concurrent_requests": s.max_concurrent_inputs,
@@ -85,6 +88,7 @@ def ops_router() -> APIRouter:
             "max_request_tokens": s.max_request_tokens,
             "auth": bool(s.api_key or s.api_key_file),
             "version": __version__,
+            "allocator": allocator(),
             "sha": None,
             "docker_label": None,
             "default_model": default.name,
