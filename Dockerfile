@@ -35,7 +35,7 @@ ENV VIRTUAL_ENV=/opt/embedsvc \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 # The torch build for this variant first (CUDA or CPU wheel index); the project's own
-# requirement (torch>=2.4) is then already met, so `pip install .` keeps it.
+# requirement (torch>=2.5) is then already met, so `pip install .` keeps it.
 RUN python3 -m venv /opt/embedsvc \
     && pip install --index-url "$TORCH_INDEX_URL" "torch==2.13.0"
 WORKDIR /src

@@ -69,6 +69,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 1
 
 
+def models_file(args: argparse.Namespace) -> str | None:
+    """--models-file, else EMBEDSVC_MODELS_FILE (as for `serve`), else the shipped file."""
+    return args.models_file or os.environ.get("EMBEDSVC_MODELS_FILE") or None
+
+
 def exit_now(code: int) -> NoReturn:
     """End a server process without the interpreter's teardown. Native thread pools
     (torch, onnxruntime, tokenizers) still running then can abort it ("terminate called
@@ -90,8 +95,9 @@ def pull(args: argparse.Namespace) -> int:
     from embedsvc.registry import load_registry
 
     setup_logging("info")
-    registry = load_registry(args.models_file)
-    names = [m.strip() for m in (args.models or "").split(",") if m.strip()]
+    registry = load_registry(models_file(args))
+    chosen = args.models or os.environ.get("EMBEDSVC_MODELS", "")
+    names = [m.strip() for m in chosen.split(",") if m.strip()]
     for spec in registry.select(names):
         if spec.source != "hf_cache":
             log.info("model %s comes from %s; nothing to pull", spec.name, spec.source)
@@ -118,7 +124,7 @@ def export(args: argparse.Namespace) -> int:
     from embedsvc.registry import load_registry
 
     setup_logging("info")
-    spec = load_registry(args.models_file).select([args.model])[0]
+    spec = load_registry(models_file(args)).select([args.model])[0]
     path = resolve_model_dir(spec)
     check_model_dir(spec, path)
     default = default_out_dir(spec, path, args.variant)
@@ -133,7 +139,7 @@ def export(args: argparse.Namespace) -> int:
 def list_models(args: argparse.Namespace) -> int:
     from embedsvc.registry import load_registry
 
-    registry = load_registry(args.models_file)
+    registry = load_registry(models_file(args))
     for spec in registry.models.values():
         default = " (default)" if spec.name in registry.default_models else ""
         print(f"{spec.name:24} {spec.hf_id}@{spec.revision[:12]}  source={spec.source}{default}")

@@ -8,6 +8,7 @@ the cache is filled beforehand by `embedsvc pull` (which calls `pull_model`).
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import os
 from pathlib import Path
@@ -163,3 +164,25 @@ def pull_model(
     result = Path(path)
     check_model_dir(spec, result)
     return result
+
+
+def default_prompt_name(spec: ModelSpec, path: Path) -> str | None:
+    """The prompt applied when a request names none: the entry's `default_prompt_name`
+    (null: none), or else the model folder's (config_sentence_transformers.json, as
+    sentence-transformers reads it) when it is one of the entry's prompts."""
+    if spec.default_prompt_set:
+        return spec.default_prompt_name
+    try:
+        config = json.loads((path / "config_sentence_transformers.json").read_text())
+    except (OSError, ValueError):
+        return None
+    name = config.get("default_prompt_name") if isinstance(config, dict) else None
+    if isinstance(name, str) and name in spec.prompts:
+        return name
+    if name:
+        log.warning(
+            "model %s: the folder's default_prompt_name %r is not one of the prompts in "
+            "models.yaml; no default prompt",
+            spec.name, name,
+        )  # fmt: skip
+    return None

@@ -41,6 +41,10 @@ class ModelSpec:
     prompts: dict[str, str] = field(default_factory=dict)
     query_prompt: str | None = None
     passage_prompt: str | None = None
+    # The prompt for requests that name none. `default_prompt_set` False: the entry does
+    # not say, and the model folder's config_sentence_transformers.json decides.
+    default_prompt_name: str | None = None
+    default_prompt_set: bool = False
     matryoshka_dims: tuple[int, ...] = ()
     matryoshka_layer_norm: bool = False
     trust_remote_code: bool = False
@@ -164,7 +168,7 @@ def _parse_entry(entry: Any, where: str, base_dir: Path) -> ModelSpec:
         isinstance(k, str) and isinstance(v, str) for k, v in prompts.items()
     ):
         raise ConfigError(f"{where}: prompts must map names to prefix strings")
-    for key in ("query_prompt", "passage_prompt"):
+    for key in ("query_prompt", "passage_prompt", "default_prompt_name"):
         v = entry.get(key)
         if v is not None and v not in prompts:
             raise ConfigError(
@@ -204,6 +208,8 @@ def _parse_entry(entry: Any, where: str, base_dir: Path) -> ModelSpec:
         prompts=dict(prompts),
         query_prompt=entry.get("query_prompt"),
         passage_prompt=entry.get("passage_prompt"),
+        default_prompt_name=entry.get("default_prompt_name"),
+        default_prompt_set="default_prompt_name" in entry,
         matryoshka_dims=tuple(sorted(set(dims), reverse=True)),
         matryoshka_layer_norm=bool(entry.get("matryoshka_layer_norm", False)),
         trust_remote_code=bool(entry.get("trust_remote_code", False)),

@@ -42,7 +42,13 @@ class Settings:
     max_batch_tokens: int = _setting(
         0,
         "padded tokens per forward pass (batch size x longest input); 0 = auto: 16384 on "
-        "CUDA, 2048 on CPU (where larger batches stop paying off)",
+        "CUDA, 2048 on CPU (where larger batches stop paying off), at least the model's "
+        "max_seq_length; a value below a model's max_seq_length stops start-up",
+    )
+    threads: int = _setting(
+        0,
+        "CPU threads of a forward pass (torch intra-op, onnxruntime intra-op); 0 = auto: "
+        "the CPUs this process may use (affinity and cgroup quota)",
     )
     max_batch_size: int = _setting(128, "inputs per forward pass")
     batch_policy: str = _setting(
@@ -154,6 +160,8 @@ class Settings:
             raise ConfigError(
                 f"max_batch_tokens must be 0 (auto) or more, got {self.max_batch_tokens}"
             )
+        if self.threads < 0:
+            raise ConfigError(f"threads must be 0 (auto) or more, got {self.threads}")
         if self.api_workers < 0:
             raise ConfigError(f"api_workers must be 0 (auto) or more, got {self.api_workers}")
         positive = (
@@ -185,6 +193,9 @@ class Settings:
         if self.max_batch_tokens:
             return self.max_batch_tokens
         return 16384 if device.startswith("cuda") else 2048
+
+    def cpu_threads(self) -> int:
+        return self.threads or available_cpus()
 
     def api_workers_for(self, accelerated: bool) -> int:
         if self.api_workers:

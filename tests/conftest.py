@@ -106,8 +106,8 @@ def run_server(
 
 @pytest.fixture(scope="session")
 def server(registry: Registry) -> Iterator[Server]:
-    """One server with all three test models (MiniLM is the default)."""
-    with run_server(registry, ["all-minilm-l6-v2", "tiny-bge", "tiny-nomic"]) as s:
+    """One server with all the test models (MiniLM is the default)."""
+    with run_server(registry, ["all-minilm-l6-v2", "tiny-bge", "tiny-nomic", "tiny-e5"]) as s:
         yield s
 
 

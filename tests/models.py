@@ -79,7 +79,8 @@ def build_tiny_bert(
 
 
 def write_models_yaml(path: Path, bge_dir: Path, nomic_dir: Path) -> Path:
-    """A models.yaml with the bundled MiniLM and the two tiny models."""
+    """A models.yaml with the bundled MiniLM and the tiny models (tiny-e5: the tiny-nomic
+    weights with E5's prompts and a default prompt)."""
     rev = "0123456789abcdef0123456789abcdef01234567"
     text = f"""
 default_models: [all-minilm-l6-v2]
@@ -111,6 +112,15 @@ models:
     passage_prompt: search_document
     matryoshka_dims: [32, 16, 8]
     matryoshka_layer_norm: true
+  - name: tiny-e5
+    hf_id: test/tiny-e5
+    revision: {rev}
+    local_dir: {nomic_dir}
+    pooling: mean
+    prompts: {{query: "query: ", passage: "passage: "}}
+    query_prompt: query
+    passage_prompt: passage
+    default_prompt_name: query
 """
     path.write_text(text)
     return path

@@ -155,3 +155,27 @@ def test_metrics_and_timing_headers_move(server_factory: Any) -> None:
         in text
     )
     assert "embedsvc_queue_size" in text and "embedsvc_model_ready" in text
+
+
+def test_unexpected_error_is_a_500_with_request_id_logged_once(
+    server_factory: Any, caplog: Any, monkeypatch: Any
+) -> None:
+    """A bug in a route (injected: nothing else raises there on demand) answers an
+    internal error (TEI's Backend error, 424 on its routes) with the request id in header
+    and body, and its traceback is logged once, not twice."""
+    from embedsvc.engine import ModelEngine
+
+    def broken(*_: Any, **__: Any) -> Any:
+        raise RuntimeError("injected bug: secret internal detail")
+
+    with server_factory() as s, s.client() as c:
+        monkeypatch.setattr(ModelEngine, "decode", broken)
+        caplog.clear()
+        r = c.post("/decode", json={"ids": [101, 102]})
+        assert r.status_code == 424 and r.json()["error_type"] == "Backend", r.text
+        rid = r.headers["x-request-id"]
+        assert rid in r.json()["error"] and "secret" not in r.json()["error"]
+        assert c.post("/embed", json={"inputs": "next one"}).status_code == 200
+    tracebacks = [rec for rec in caplog.records if rec.exc_info]
+    assert len(tracebacks) == 1, [rec.getMessage() for rec in tracebacks]
+    assert rid in tracebacks[0].getMessage()

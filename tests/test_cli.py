@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -102,3 +103,36 @@ def test_models_command_lists_registry() -> None:
     assert proc.returncode == 0
     assert "all-minilm-l6-v2" in proc.stdout and "(default)" in proc.stdout
     assert "nomic-ai/nomic-embed-text-v1.5@e9b6763023c6" in proc.stdout
+
+
+def test_commands_read_the_models_file_from_the_environment(model_dir: Path) -> None:
+    """`models`, `pull` and `export` take EMBEDSVC_MODELS_FILE / EMBEDSVC_MODELS like
+    `serve` does."""
+    e = {**env(), "EMBEDSVC_MODELS_FILE": str(model_dir / "models.yaml")}
+    proc = subprocess.run([*EMBEDSVC, "models"], env=e, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "tiny-e5" in proc.stdout, proc.stderr
+    proc = subprocess.run(
+        [*EMBEDSVC, "pull"], env={**e, "EMBEDSVC_MODELS": "tiny-bge"},
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "model tiny-bge comes from local_dir; nothing to pull" in proc.stderr
+
+
+def test_batch_budget_below_max_seq_length_stops_start() -> None:
+    proc = subprocess.run(
+        [*EMBEDSVC, "serve", "--max-batch-tokens", "100", "--port", "0"],
+        env=env(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert "max_batch_tokens (100) is below its max_seq_length (256)" in proc.stderr
+
+
+def test_threads_setting_reaches_the_served_process(spawn: Any) -> None:
+    srv = spawn("--threads", "1")
+    assert httpx.get(srv.url + "/info").json()["threads"] == 1
+    assert httpx.post(srv.url + "/embed", json={"inputs": "one thread"}).status_code == 200
+    default = spawn()
+    from embedsvc.settings import available_cpus
+
+    assert httpx.get(default.url + "/info").json()["threads"] == available_cpus()

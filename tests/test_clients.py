@@ -57,7 +57,7 @@ def test_openai_client_errors(server: Server) -> None:
         client.embeddings.create(model="tiny-nomic", input="x", dimensions=5)
     assert "allowed: 32, 16, 8" in dims.value.message
     models = client.models.list()
-    assert {m.id for m in models.data} == {"all-minilm-l6-v2", "tiny-bge", "tiny-nomic"}
+    assert {m.id for m in models.data} == {"all-minilm-l6-v2", "tiny-bge", "tiny-nomic", "tiny-e5"}
 
 
 def test_huggingface_inference_client(server: Server, st_minilm: Any) -> None:

@@ -180,9 +180,37 @@ def test_prefix_counts_toward_the_limit(tok: TextTokenizer) -> None:
 def test_token_ids_checked(tok: TextTokenizer) -> None:
     with pytest.raises(ValidationError, match=r"token id 99999999, outside .*\[0, 30522\)"):
         tok.check_ids([[101, 99999999]], truncate=False, direction="right", param="input")
-    assert tok.check_ids([list(range(1, 30))], truncate=True, direction="left", param="x") == [
-        list(range(14, 30))
-    ]
+    # Without special ids at the ends, the ids are cut as they are.
+    assert tok.check_ids([list(range(1000, 1029))], truncate=True, direction="left",
+                         param="x") == [list(range(1013, 1029))]  # fmt: skip
+
+
+def test_left_truncation_keeps_the_prompt(tok: TextTokenizer) -> None:
+    text = " ".join(f"word{i}" for i in range(40))
+    # "query", ":" (the ids between [CLS] and the text "x" + [SEP])
+    prompt = tok.encode(["x"], prefix="query: ", truncate=False, direction="right",
+                        param="inputs")[0][1:-2]  # fmt: skip
+    tail = tok.encode([text], prefix="", truncate=True, direction="left", param="inputs")[0]
+    got = tok.encode([text], prefix="query: ", truncate=True, direction="left", param="inputs")[0]
+    assert len(got) == 16
+    # [CLS] + prompt + the text's last tokens + [SEP]
+    assert got == [101, *prompt, *tail[1 + len(prompt) : -1], 102]
+    # Right truncation kept the prompt already: it is the start.
+    right = tok.encode([text], prefix="query: ", truncate=True, direction="right", param="x")[0]
+    assert right[1 : 1 + len(prompt)] == prompt and right[-1] == 102
+
+
+@pytest.mark.parametrize("direction", ["right", "left"])
+def test_truncated_token_ids_keep_special_tokens_like_text(
+    tok: TextTokenizer, direction: str
+) -> None:
+    text = " ".join(f"word{i}" for i in range(40))
+    ids = tok.encode_full([text])  # as /tokenize gives them: untruncated, with specials
+    assert len(ids[0]) > 16 and ids[0][0] == 101 and ids[0][-1] == 102
+    from_ids = tok.check_ids(ids, truncate=True, direction=direction, param="inputs")
+    from_text = tok.encode([text], prefix="", truncate=True, direction=direction, param="inputs")
+    assert from_ids == from_text
+    assert from_ids[0][0] == 101 and from_ids[0][-1] == 102 and len(from_ids[0]) == 16
 
 
 def test_settings_from_flags_env_and_defaults() -> None:

@@ -174,6 +174,30 @@ def test_cors_is_off_unless_configured(server_factory: Any) -> None:
         assert r.headers["access-control-allow-origin"] == "https://app.example"
 
 
+def test_cors_with_an_api_key_works_for_browsers(server_factory: Any) -> None:
+    """A browser's preflight carries no key: it is answered by CORS, not refused 401; the
+    middleware's own refusals (401, 413) carry the CORS headers so the page can read them."""
+    origin = "https://app.example"
+    preflight = {"origin": origin, "access-control-request-method": "POST",
+                 "access-control-request-headers": "authorization,content-type"}  # fmt: skip
+    with (
+        server_factory(cors_origins=origin, api_key="k", max_payload_bytes=1000) as s,
+        s.client() as c,
+    ):
+        r = c.options("/v1/embeddings", headers=preflight)
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == origin
+        assert "authorization" in r.headers["access-control-allow-headers"].lower()
+        r = c.post("/v1/embeddings", json={"input": "a"}, headers={"origin": origin})
+        assert r.status_code == 401 and r.headers["access-control-allow-origin"] == origin
+        r = c.post("/embed", json={"inputs": "a" * 2000},
+                   headers={"origin": origin, "authorization": "Bearer k"})  # fmt: skip
+        assert r.status_code == 413 and r.headers["access-control-allow-origin"] == origin
+        r = c.post("/embed", json={"inputs": "a"},
+                   headers={"origin": origin, "authorization": "Bearer k"})  # fmt: skip
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == origin
+        assert "x-request-id" in r.headers["access-control-expose-headers"]
+
+
 def test_request_id_in_and_out(server: Server) -> None:
     with server.client() as c:
         r = c.post("/embed", json={"inputs": "a"}, headers={"x-request-id": "trace-123"})
@@ -217,3 +241,27 @@ def test_openapi_fuzz_never_5xx(server: Server) -> None:
     assert len(seen) > 100
     with server.client() as c:
         assert c.post("/embed", json={"inputs": "still serving"}).status_code == 200
+
+
+def test_a_refused_large_body_still_gets_its_answer(server_factory: Any) -> None:
+    """urllib writes the whole body before it reads: if the server answered and closed
+    while it was writing, it saw a broken pipe instead of the 413 (or the 401)."""
+    import urllib.error
+    import urllib.request
+
+    body = json.dumps({"inputs": "word " * 600_000}).encode()  # 3 MB
+    assert len(body) > 2_000_000  # max_payload_bytes' default
+
+    def post(url: str) -> int:
+        req = urllib.request.Request(url + "/embed", data=body,
+                                     headers={"content-type": "application/json"})  # fmt: skip
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return int(r.status)
+        except urllib.error.HTTPError as e:
+            return int(e.code)
+
+    with server_factory() as s:
+        assert [post(s.url) for _ in range(10)] == [413] * 10
+    with server_factory(api_key="k") as s:
+        assert [post(s.url) for _ in range(10)] == [401] * 10

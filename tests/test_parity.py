@@ -87,6 +87,64 @@ def test_token_ids_equal_text(server: Server) -> None:
     assert_same(one, embed_tei(server, inputs=TEXTS[0]), 0.99999)
 
 
+def test_left_truncation_keeps_prompt_and_special_tokens(server: Server) -> None:
+    """CLS-pooled BGE: a Left-truncated query keeps [CLS] + the instruction + the text's
+    tail + [SEP]; ids from /tokenize truncated Left keep [CLS] and [SEP] too."""
+    long_text = " ".join(f"term{i} of the passage" for i in range(120))
+    with server.client() as c:
+        prompt_ids = c.post("/tokenize", json={"inputs": "x", "model": "tiny-bge",
+                                               "prompt_name": "query"}).json()[0]  # fmt: skip
+        text_ids = c.post("/tokenize", json={"inputs": long_text, "model": "tiny-bge"}).json()[0]
+        limit = c.get("/info").json()["models"]
+    limit = next(m for m in limit if m["name"] == "tiny-bge")["max_input_length"]
+    prompt = [t["id"] for t in prompt_ids[1:-2]]  # between [CLS] and "x" [SEP]
+    ids = [t["id"] for t in text_ids]
+    assert len(ids) > limit
+    tail = ids[1:-1][-(limit - 2 - len(prompt)) :]
+    expected = [ids[0], *prompt, *tail, ids[-1]]
+    got = embed_tei(server, inputs=long_text, model="tiny-bge", prompt_name="query",
+                    truncate=True, truncation_direction="Left")  # fmt: skip
+    assert_same(got, embed_tei(server, inputs=[expected], model="tiny-bge"), 0.99999)
+    # Token ids truncated Left equal the text truncated Left (no prompt): [CLS] survives.
+    from_ids = embed_tei(server, inputs=[ids], model="tiny-bge", truncate=True,
+                         truncation_direction="Left")  # fmt: skip
+    from_text = embed_tei(server, inputs=long_text, model="tiny-bge", truncate=True,
+                          truncation_direction="Left")  # fmt: skip
+    assert_same(from_ids, from_text, 0.99999)
+
+
+def test_default_prompt_applies_when_a_request_names_none(server: Server, model_dir: Any) -> None:
+    """tiny-e5 (default_prompt_name: query, as E5's card advises): OpenAI clients, which
+    never send input_type, and TEI requests without prompt_name get the query prefix;
+    input_type / prompt_name still choose."""
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(str(model_dir / "tiny-nomic"), device="cpu", local_files_only=True)
+    query = st.encode(TEXTS, prompt="query: ", normalize_embeddings=True)
+    passage = st.encode(TEXTS, prompt="passage: ", normalize_embeddings=True)
+    plain = st.encode(TEXTS, normalize_embeddings=True)
+    assert min(cosine(a, b) for a, b in zip(query, plain, strict=True)) < 0.999
+    assert_same(embed_tei(server, inputs=TEXTS, model="tiny-e5"), query)
+    assert_same(embed_tei(server, inputs=TEXTS, model="tiny-e5", prompt_name="passage"), passage)
+    got, payload = embed_openai(server, input=TEXTS, model="tiny-e5")
+    assert_same(got, query)
+    assert payload["usage"]["prompt_tokens"] == sum(
+        len(st.tokenizer("query: " + t)["input_ids"]) for t in TEXTS
+    )
+    got, _ = embed_openai(server, input=TEXTS, model="tiny-e5", input_type="passage")
+    assert_same(got, passage)
+    # /tokenize applies it too, so its ids embed like the text.
+    with server.client() as c:
+        toks = c.post("/tokenize", json={"inputs": TEXTS[0], "model": "tiny-e5"}).json()[0]
+        info = c.get("/info").json()
+    assert [t["text"] for t in toks[1:3]] == ["query", ":"]
+    assert next(m for m in info["models"] if m["name"] == "tiny-e5")["default_prompt_name"] == (
+        "query"
+    )
+    # A model without a default (BGE passages) is unchanged: no prompt.
+    assert next(m for m in info["models"] if m["name"] == "tiny-bge")["default_prompt_name"] is None
+
+
 def test_prompts_match_sentence_transformers(server: Server, model_dir: Any) -> None:
     from sentence_transformers import SentenceTransformer
 
@@ -108,7 +166,7 @@ def test_prompts_match_sentence_transformers(server: Server, model_dir: Any) -> 
     assert_same(embed_tei(server, inputs=queries, model="tiny-bge"), without)
 
 
-@pytest.mark.parametrize("dims", [32, 16, 8])
+@pytest.mark.parametrize("dims", [16, 8])
 def test_matryoshka_matches_sentence_transformers_plus_layer_norm(
     server: Server, model_dir: Any, dims: int
 ) -> None:
@@ -137,6 +195,18 @@ def test_no_dimensions_equals_plain_sentence_transformers(server: Server, model_
     expected = st.encode(TEXTS, prompt="search_query: ", normalize_embeddings=True)
     got = embed_tei(server, inputs=TEXTS, model="tiny-nomic", prompt_name="search_query")
     assert_same(got, expected)
+
+
+def test_full_dimensions_equal_no_dimensions(server: Server) -> None:
+    """Asking for the model's full size is not a truncation: no layer norm, the same vector
+    as omitting `dimensions`, so clients configured either way agree."""
+    body = {"inputs": TEXTS, "model": "tiny-nomic", "prompt_name": "search_query"}
+    np.testing.assert_allclose(
+        embed_tei(server, **body, dimensions=32), embed_tei(server, **body), atol=1e-6
+    )
+    full, _ = embed_openai(server, input=TEXTS, model="tiny-nomic", dimensions=32)
+    plain, _ = embed_openai(server, input=TEXTS, model="tiny-nomic")
+    np.testing.assert_allclose(full, plain, atol=1e-6)
 
 
 def test_normalize_false_returns_pooled_vectors(server: Server, st_minilm: Any) -> None:

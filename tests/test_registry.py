@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -147,3 +148,45 @@ def test_hf_cache_miss_says_how_to_pull(tmp_path: Path, monkeypatch: pytest.Monk
     spec = parse({k: v for k, v in GOOD.items() if k != "local_dir"}).models["m"]
     with pytest.raises(ConfigError, match="embedsvc pull --models m"):
         resolve_model_dir(spec)
+
+
+def test_default_prompt_from_the_entry_or_the_model_folder(tmp_path: Path) -> None:
+    import json
+
+    from embedsvc.model_files import default_prompt_name
+
+    def spec(extra: str) -> Any:
+        text = f"""
+models:
+  - name: m
+    hf_id: org/m
+    revision: {"a" * 40}
+    prompts: {{query: "query: ", passage: "passage: "}}
+{extra}
+"""
+        (tmp_path / "models.yaml").write_text(text)
+        return load_registry(tmp_path / "models.yaml").models["m"]
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    assert default_prompt_name(spec(""), folder) is None  # no config file: none
+    (folder / "config_sentence_transformers.json").write_text(
+        json.dumps({"prompts": {"query": "query: "}, "default_prompt_name": "query"})
+    )
+    assert default_prompt_name(spec(""), folder) == "query"  # the folder's, as ST reads it
+    assert default_prompt_name(spec("    default_prompt_name: passage"), folder) == "passage"
+    assert default_prompt_name(spec("    default_prompt_name: null"), folder) is None
+    with pytest.raises(ConfigError, match="default_prompt_name 'doc' is not one of the prompts"):
+        spec("    default_prompt_name: doc")
+    (folder / "config_sentence_transformers.json").write_text(
+        json.dumps({"default_prompt_name": "classification"})
+    )
+    assert default_prompt_name(spec(""), folder) is None  # not a prompt of the entry
+
+
+def test_shipped_e5_entries_default_to_the_query_prompt() -> None:
+    reg = load_registry()
+    for name in ("e5-small-v2", "e5-base-v2", "e5-large-v2", "multilingual-e5-large"):
+        assert reg.models[name].default_prompt_name == "query"
+        assert reg.models[name].default_prompt_set
+    assert not reg.models["bge-small-en-v1.5"].default_prompt_set

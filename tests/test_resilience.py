@@ -190,3 +190,33 @@ def test_dead_worker_turns_health_red_and_asks_to_exit(server_factory: Any) -> N
             assert health.status_code == 503 and "not healthy" in health.json()["error"]
             r = c.post("/v1/embeddings", json={"input": "after"})
             assert r.status_code == 503 and r.json()["error"]["code"] == "service_unavailable"
+
+
+def test_forward_passes_failing_in_a_row_turn_health_red(server_factory: Any) -> None:
+    """A device that fails every forward pass (a sticky CUDA error, injected: a real model
+    cannot be made to fail on demand) turns /health 503 after MAX_FAILED_BATCHES passes
+    in a row, and asks the server to exit; a lone failure between successes does not."""
+    from embedsvc.engine.worker import MAX_FAILED_BATCHES
+
+    with server_factory(max_batch_size=1) as s:
+        engine = s.engines.default
+        reasons: list[str] = []
+        engine.worker.on_fatal = reasons.append
+        healthy = engine.model.backend
+        engine.model.backend = FaultyBackend(healthy, RuntimeError("CUDA error: sticky"),
+                                             when=lambda b: True)  # fmt: skip
+        with s.client() as c:
+            for _ in range(MAX_FAILED_BATCHES - 1):
+                assert c.post("/embed", json={"inputs": "x"}).status_code == 424
+            assert c.get("/health").status_code == 200  # not yet
+            engine.model.backend = healthy  # one success resets the count
+            assert c.post("/embed", json={"inputs": "ok"}).status_code == 200
+            engine.model.backend = FaultyBackend(healthy, RuntimeError("CUDA error: sticky"),
+                                                 when=lambda b: True)  # fmt: skip
+            for _ in range(MAX_FAILED_BATCHES):
+                assert c.post("/embed", json={"inputs": "x"}).status_code == 424
+            assert c.get("/health").status_code == 503
+            assert reasons == [
+                f"model all-minilm-l6-v2: {MAX_FAILED_BATCHES} forward passes in a row failed"
+            ]
+            assert c.post("/embed", json={"inputs": "after"}).status_code == 503

@@ -4,7 +4,9 @@
   prefix and a counter), echoed on the response and attached to log records.
 - Draining: after SIGTERM every route but /health and /metrics answers 503.
 - API keys: `Authorization: Bearer KEY`, compared in constant time against every key.
-- Body size: bodies larger than max_payload_bytes get 413 before they are parsed.
+- Body size: bodies larger than max_payload_bytes get 413 before they are parsed. A body
+  refused (401, 413, 503) is read and dropped first, within bounds, so the client that
+  is still sending it reads the answer instead of a broken pipe.
 - Content type: POST bodies are read as JSON whatever the content type says (`curl -d`
   sends a form type by default); a body that is not JSON still gets a 422 that says so.
 - The embedding routes take the lean path (fast.py) when their body allows it; every
@@ -13,6 +15,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import itertools
 import os
@@ -20,7 +23,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from embedsvc.api.errors import error_response
+from embedsvc.api.errors import error_response, internal_error_response
 from embedsvc.api.fast import FAST_PATHS, FastEmbed
 from embedsvc.api.service import disconnect_probe
 from embedsvc.errors import ErrorKind
@@ -28,6 +31,9 @@ from embedsvc.logs import request_id_var
 
 OPS_PATHS = frozenset({"/health", "/metrics"})
 DOC_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+# A refused request's body is read and dropped up to this many bytes and seconds.
+DISCARD_BYTES = 64 * 1024 * 1024
+DISCARD_SECONDS = 5.0
 
 
 class RequestMiddleware:
@@ -79,13 +85,37 @@ class RequestMiddleware:
         id_header = (b"x-request-id", rid.encode("latin-1"))
         path: str = scope["path"]
 
+        started = False
+
         async def send_with_id(message: Message) -> None:
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 message["headers"] = [*message.get("headers", []), id_header]
             await send(message)
 
+        async def call_app(receive: Receive) -> None:
+            """The FastAPI app. Its error middleware answers an unexpected exception with
+            a 500 (request id in header and body, traceback logged once by the handler),
+            then raises it again for the server to log: that second traceback stops here."""
+            try:
+                await self.app(scope, receive, send_with_id)
+            except Exception as e:
+                if not started:
+                    resp = internal_error_response(path, e, rid)
+                    await resp(scope, receive, send_with_id)
+
+        body_read = scope.get("method") not in ("POST", "PUT", "PATCH")
+
         async def refuse(kind: ErrorKind, message: str) -> None:
-            resp = error_response(path, kind, message)
+            """Answer before the app runs. A client still writing its body reads no answer
+            if the socket closes under it (a broken pipe instead of the 401 or 413), so
+            the rest of the body is read and dropped first, within bounds, as nginx's
+            lingering close does; past them the connection closes after the answer."""
+            headers = None
+            if not body_read and not await self._discard_body(receive):
+                headers = {"connection": "close"}
+            resp = error_response(path, kind, message, headers=headers)
             await resp(scope, receive, send_with_id)
 
         if self.service.draining and path not in OPS_PATHS:
@@ -102,7 +132,7 @@ class RequestMiddleware:
             )
             return
         if scope.get("method") != "POST":
-            await self.app(scope, receive, send_with_id)
+            await call_app(receive)
             return
         if length is not None and length > self.max_payload:
             await refuse(ErrorKind.PAYLOAD_TOO_LARGE, self._too_large(length))
@@ -122,6 +152,7 @@ class RequestMiddleware:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
+        body_read = True
         body = b"".join(chunks)
         if path in FAST_PATHS and await self.fast.handle(path, body, send_with_id, rid, probe):
             return
@@ -136,7 +167,25 @@ class RequestMiddleware:
 
         headers.append((b"content-type", b"application/json"))
         scope["headers"] = headers
-        await self.app(scope, replay, send_with_id)
+        await call_app(replay)
+
+    async def _discard_body(self, receive: Receive) -> bool:
+        """Read and drop the request body: True once it is all read, False past
+        DISCARD_BYTES or DISCARD_SECONDS (or if the client hung up)."""
+        dropped = 0
+        deadline = asyncio.get_running_loop().time() + DISCARD_SECONDS
+        while dropped <= DISCARD_BYTES:
+            left = deadline - asyncio.get_running_loop().time()
+            try:
+                message = await asyncio.wait_for(receive(), max(left, 0.0))
+            except asyncio.TimeoutError:
+                return False
+            if message["type"] == "http.disconnect":
+                return False
+            dropped += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                return True
+        return False
 
     def _authorized(self, header: bytes) -> bool:
         scheme, _, token = header.partition(b" ")

@@ -18,7 +18,7 @@ from starlette.responses import Response
 from embedsvc.api.encode import openai_embeddings_body, timing_headers
 from embedsvc.api.inputs import INPUTS_SCHEMA, parse_inputs
 from embedsvc.api.service import Service
-from embedsvc.engine import EmbedRequest, ModelEngine
+from embedsvc.engine import NO_PROMPT, EmbedRequest, ModelEngine
 from embedsvc.errors import ValidationError
 
 INPUT_TYPES = ("query", "passage", "document")
@@ -47,7 +47,8 @@ def openai_prompt(
         raise ValidationError("give either input_type or prompt_name, not both", param="input_type")
     if token_ids:
         return None  # token ids are taken verbatim
-    return engine.spec.prompt_for_input_type(input_type)
+    # A model without a prompt for this input type gets none, not its default prompt.
+    return engine.spec.prompt_for_input_type(input_type) or NO_PROMPT
 
 
 def openai_router() -> APIRouter:

@@ -54,9 +54,10 @@ class BackendSpec:
     trust_remote_code: bool
     onnx_variant: str
     onnx_dir: str | None
+    threads: int = 0  # CPU threads for a forward pass; 0: the library's default
 
     @classmethod
-    def of(cls, spec: ModelSpec) -> BackendSpec:
+    def of(cls, spec: ModelSpec, threads: int = 0) -> BackendSpec:
         return cls(
             name=spec.name,
             hf_id=spec.hf_id,
@@ -69,6 +70,7 @@ class BackendSpec:
             trust_remote_code=spec.trust_remote_code,
             onnx_variant=spec.onnx_variant,
             onnx_dir=spec.onnx_dir,
+            threads=threads,
         )
 
 
@@ -84,8 +86,10 @@ class LoadedModel:
     pooling: str
 
 
-def load_model(entry: ModelSpec | BackendSpec, path: Path) -> LoadedModel:
-    spec = entry if isinstance(entry, BackendSpec) else BackendSpec.of(entry)
+def load_model(entry: ModelSpec | BackendSpec, path: Path, threads: int = 0) -> LoadedModel:
+    """Load the model in `path` on the calling thread (torch's thread count is per
+    thread: call it on the thread that will run the forward passes)."""
+    spec = entry if isinstance(entry, BackendSpec) else BackendSpec.of(entry, threads)
     if spec.backend == "torch":
         from embedsvc.backends.torch_backend import load_torch_model
 

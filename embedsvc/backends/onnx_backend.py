@@ -54,12 +54,12 @@ class OnnxBackend:
         return pool(hidden, batch.attention_mask, self.pooling)
 
 
-def make_session(model_file: Path, device: str) -> tuple[Any, str]:
+def make_session(model_file: Path, device: str, threads: int = 0) -> tuple[Any, str]:
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.intra_op_num_threads = os.cpu_count() or 1
+    opts.intra_op_num_threads = threads or os.cpu_count() or 1
     opts.inter_op_num_threads = 1
     available = ort.get_available_providers()
     if device == "cuda":
@@ -112,7 +112,7 @@ def load_onnx_model(spec: BackendSpec, path: Path) -> LoadedModel:
             f"model {spec.name}: models.yaml says pooling {spec.pooling!r} but the model folder "
             f"declares {pooling!r}; fix the entry or the folder"
         )
-    session, provider = make_session(export_dir / "model.onnx", device)
+    session, provider = make_session(export_dir / "model.onnx", device, spec.threads)
     dimension = int(session.get_outputs()[0].shape[-1])
     tokenizer, pad_id = _tokenizer(path)
     max_len = _max_seq_length(spec, path)

@@ -141,6 +141,8 @@ def load_torch_model(spec: BackendSpec, path: Path) -> LoadedModel:
 
     device = resolve_device(spec.device)
     dtype = resolve_dtype(spec.dtype, device)
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
     model_kwargs: dict[str, Any] = {"use_safetensors": True}
     if dtype != "float32":
         model_kwargs["dtype"] = getattr(torch, dtype)  # float16 | bfloat16

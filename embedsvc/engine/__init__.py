@@ -2,6 +2,14 @@
 
 from embedsvc.engine.engine import ModelEngine
 from embedsvc.engine.models import EngineSet, load_engines
-from embedsvc.engine.types import EmbedRequest, EmbedResult, ModelInfo
+from embedsvc.engine.types import NO_PROMPT, EmbedRequest, EmbedResult, ModelInfo
 
-__all__ = ["EmbedRequest", "EmbedResult", "EngineSet", "ModelEngine", "ModelInfo", "load_engines"]
+__all__ = [
+    "NO_PROMPT",
+    "EmbedRequest",
+    "EmbedResult",
+    "EngineSet",
+    "ModelEngine",
+    "ModelInfo",
+    "load_engines",
+]

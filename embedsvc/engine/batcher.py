@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import itertools
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,6 +61,10 @@ class BatchQueue:
         self.max_batch_size = max_batch_size
         self.policy = policy
         self.overhead_tokens: float | None = None  # set by the worker once measured
+        # Called with the queue's length after every change, under the queue's lock, so
+        # the last value written is the length now (a gauge set from several threads
+        # outside it could stick at a stale value).
+        self.on_size: Callable[[int], None] = lambda n: None
         self._pending: list[Item] = []
         self._cond = threading.Condition()
         self._closed = False
@@ -75,6 +79,7 @@ class BatchQueue:
             for it in items:
                 it.seq = next(self._counter)
                 self._pending.append(it)
+            self.on_size(len(self._pending))
             self._cond.notify()
 
     def close(self) -> None:
@@ -98,6 +103,7 @@ class BatchQueue:
             )
             chosen = {id(it) for it in batch}
             self._pending = [it for it in self._pending if id(it) not in chosen]
+            self.on_size(len(self._pending))
             return batch
 
 

@@ -308,7 +308,9 @@ class ModelEngine:
         now = time.perf_counter()
         sent: list[Pending] = []
         jobs: list[CoreJob] = []
+        # Nomic's layer norm belongs to truncation: the full size equals no `dimensions`.
         ln = self.spec.matryoshka_layer_norm
+        full = self.info.dimension
         for p, ids in zip(batch, results, strict=True):
             if p.future.done():
                 continue  # cancelled while it was tokenized
@@ -325,7 +327,7 @@ class ModelEngine:
                     p.tokens,
                     req.dimensions,
                     req.normalize,
-                    ln and req.dimensions is not None,
+                    ln and req.dimensions is not None and req.dimensions < full,
                 )
             )
             sent.append(p)

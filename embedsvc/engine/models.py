@@ -80,7 +80,9 @@ def load_workers(
         path = resolve_model_dir(spec)
         check_model_dir(spec, path)
         # Load on the compute thread, where every forward pass will run (compute.py).
-        model = compute_thread().call(functools.partial(load_model, spec, path))
+        model = compute_thread().call(
+            functools.partial(load_model, spec, path, settings.cpu_threads())
+        )
         worker = ModelWorker(spec, model, settings, metrics)
         worker.on_fatal = on_fatal
         worker.warmup()

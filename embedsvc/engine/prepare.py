@@ -6,7 +6,7 @@ from __future__ import annotations
 from tokenizers import Tokenizer
 
 from embedsvc.engine.tokenize import TextTokenizer
-from embedsvc.engine.types import EmbedRequest, ModelInfo
+from embedsvc.engine.types import NO_PROMPT, EmbedRequest, ModelInfo
 from embedsvc.errors import (
     EmbedsvcError,
     EmptyInputError,
@@ -28,7 +28,12 @@ class Preparer:
         self.tokenizer = TextTokenizer(tok, info.max_seq_length)
 
     def resolve_prompt(self, prompt_name: str | None, param: str = "prompt_name") -> str:
+        """The prefix for `prompt_name`: None means the model's default prompt (if it
+        has one), NO_PROMPT ("") none at all."""
         if prompt_name is None:
+            default = self.info.default_prompt_name
+            return self.spec.prompts[default] if default else ""
+        if prompt_name == NO_PROMPT:
             return ""
         prompts = self.spec.prompts
         if prompt_name not in prompts:
@@ -70,7 +75,7 @@ class Preparer:
                     f"({limit}); split the text",
                     param=req.input_param,
                 )
-        elif req.prompt_name is not None:
+        elif req.prompt_name:
             raise ValidationError(
                 "a prompt cannot be applied to token-id input; send text, or tokenize the "
                 "prompt and the text together with /tokenize",
@@ -111,7 +116,12 @@ class Preparer:
         direction = req.truncation_direction
         if req.texts is not None:
             ids = self.tokenizer.fit(
-                ids, full, truncate=truncate, direction=direction, param=req.input_param
+                ids,
+                full,
+                prefix=self.resolve_prompt(req.prompt_name),
+                truncate=truncate,
+                direction=direction,
+                param=req.input_param,
             )
         else:
             assert req.token_ids is not None

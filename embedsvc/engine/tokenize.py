@@ -7,9 +7,10 @@ the special tokens, and post-processed, so truncation keeps [CLS]/[SEP] in place
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
-from tokenizers import Tokenizer
+from tokenizers import Encoding, Tokenizer
 
 from embedsvc.errors import ValidationError
 
@@ -29,6 +30,9 @@ class TextTokenizer:
         self.max_length = max_length
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
         self._n_special = tokenizer.num_special_tokens_to_add(False)
+        self._special_ids = {
+            i for i, tok in tokenizer.get_added_tokens_decoder().items() if tok.special
+        }
 
     def encode(
         self,
@@ -42,7 +46,12 @@ class TextTokenizer:
         """Token ids (with special tokens) of `prefix + text` for each text."""
         full = [prefix + t for t in texts] if prefix else texts
         return self.fit(
-            self.encode_full(full), full, truncate=truncate, direction=direction, param=param
+            self.encode_full(full),
+            full,
+            prefix=prefix,
+            truncate=truncate,
+            direction=direction,
+            param=param,
         )
 
     def encode_full(self, full: list[str]) -> list[list[int]]:
@@ -54,14 +63,17 @@ class TextTokenizer:
         ids: list[list[int]],
         full: list[str],
         *,
+        prefix: str = "",
         truncate: bool,
         direction: str,
         param: str,
     ) -> list[list[int]]:
-        """Check one request's encoded texts against the length limit; truncate or refuse.
+        """Check one request's encoded texts (`full` = `prefix` + text) against the length
+        limit; truncate or refuse.
 
         Only over-long inputs are encoded again, truncated to leave room for the special
-        tokens, and post-processed, so truncation keeps [CLS]/[SEP] in place."""
+        tokens, and post-processed, so truncation keeps [CLS]/[SEP] in place. Truncating
+        from the left keeps the prompt too: [CLS] + prompt + the text's tail + [SEP]."""
         limit = self.max_length
         too_long = [i for i, x in enumerate(ids) if len(x) > limit]
         if not too_long:
@@ -79,7 +91,10 @@ class TextTokenizer:
         keep = max(self.max_length - self._n_special, 1)
         raw = self._tok.encode_batch([full[i] for i in too_long], add_special_tokens=False)
         for i, enc in zip(too_long, raw, strict=True):
-            enc.truncate(keep, direction=direction)
+            if direction == "left" and prefix:
+                enc = _keep_prompt(enc, len(prefix), keep)
+            else:
+                enc.truncate(keep, direction=direction)
             ids[i] = self._tok.post_process(enc, add_special_tokens=True).ids
         return ids
 
@@ -106,9 +121,19 @@ class TextTokenizer:
                         f"{self.max_length}; shorten it or send truncate=true",
                         param=param,
                     )
-                seq = seq[: self.max_length] if direction == "right" else seq[-self.max_length :]
+                seq = self._truncate_ids(seq, direction)
             out.append(list(seq))
         return out
+
+    def _truncate_ids(self, seq: list[int], direction: str) -> list[int]:
+        """Cut the interior, keep a leading and a trailing special id ([CLS] ... [SEP],
+        <s> ... </s>) where the sequence has them: the same ids the text path gives."""
+        lead = 1 if seq[0] in self._special_ids else 0
+        trail = 1 if seq[-1] in self._special_ids else 0
+        room = max(self.max_length - lead - trail, 1)
+        body = seq[lead : len(seq) - trail]
+        body = body[:room] if direction == "right" else body[-room:]
+        return seq[:lead] + body + seq[len(seq) - trail :]
 
     def tokens(
         self, texts: list[str], *, prefix: str, add_special_tokens: bool
@@ -144,3 +169,17 @@ class TextTokenizer:
                     param="ids",
                 )
         return self._tok.decode_batch(seqs, skip_special_tokens=skip_special_tokens)
+
+
+def _keep_prompt(enc: Encoding, prefix_chars: int, keep: int) -> Encoding:
+    """`enc` (prompt + text, no special tokens) cut to `keep` tokens from the left without
+    cutting the prompt: its tokens (those starting inside the prefix) and then the text's
+    last tokens. A prompt that fills the budget on its own is cut like any text."""
+    n_prompt = sum(1 for start, _ in enc.offsets if start < prefix_chars)
+    if n_prompt >= keep:
+        enc.truncate(keep, direction="left")
+        return enc
+    head, tail = copy.deepcopy(enc), enc
+    head.truncate(n_prompt, direction="right")
+    tail.truncate(keep - n_prompt, direction="left")
+    return Encoding.merge([head, tail], growing_offsets=False)

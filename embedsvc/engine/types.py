@@ -15,6 +15,9 @@ import numpy as np
 from embedsvc.errors import ErrorKind
 from embedsvc.registry import ModelSpec
 
+# `prompt_name` NO_PROMPT: no prompt, not even the model's default; None: the default.
+NO_PROMPT = ""
+
 
 @dataclass
 class EmbedRequest:
@@ -58,6 +61,7 @@ class ModelInfo:
     pad_token_id: int
     max_batch_tokens: int
     tokenizer_json: str
+    default_prompt_name: str | None = None
 
     @property
     def name(self) -> str:

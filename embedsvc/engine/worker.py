@@ -21,6 +21,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Hashable
+from pathlib import Path
 
 import numpy as np
 
@@ -33,6 +34,7 @@ from embedsvc.engine.types import CoreJob, JobDone, JobFailed, ModelInfo
 from embedsvc.errors import ConfigError, ErrorKind
 from embedsvc.memory import TRIMMER
 from embedsvc.metrics import Metrics
+from embedsvc.model_files import default_prompt_name
 from embedsvc.registry import ModelSpec
 from embedsvc.settings import Settings
 
@@ -42,6 +44,9 @@ log = logging.getLogger(__name__)
 Sink = Callable[[Hashable, list[JobDone], list[JobFailed]], None]
 
 BACKEND_FAILED = "the model failed to process this request; see the server log"
+# This many failed forward passes in a row, and none succeeding between them, turn the
+# worker unhealthy (/health 503) and ask the server to exit.
+MAX_FAILED_BATCHES = 5
 
 
 class ModelWorker:
@@ -54,9 +59,20 @@ class ModelWorker:
         self.settings = settings
         self.m = metrics.for_model(spec.name)
         self.max_batch_tokens = settings.batch_tokens_for(model.backend.device)
+        if self.max_batch_tokens < model.max_seq_length:
+            if settings.max_batch_tokens:
+                raise ConfigError(
+                    f"model {self.name}: max_batch_tokens ({settings.max_batch_tokens}) is "
+                    f"below its max_seq_length ({model.max_seq_length}): one input of the "
+                    "longest allowed length would not fit a batch; raise --max-batch-tokens "
+                    "or lower max_seq_length in models.yaml"
+                )
+            # auto: room for one input of the longest allowed length
+            self.max_batch_tokens = model.max_seq_length
         self.queue = BatchQueue(
             self.max_batch_tokens, settings.max_batch_size, settings.batch_policy
         )
+        self.queue.on_size = self.m.queue_size.set
         for d in spec.matryoshka_dims:
             if d > model.backend.dimension:
                 raise ConfigError(
@@ -82,6 +98,7 @@ class ModelWorker:
         self.one_thread_enough = False  # measured at warm-up (torch on CPU threads)
         self.ready = False
         self.healthy = True
+        self._failed_in_a_row = 0
         # Called (from a worker thread) when the engine cannot go on.
         self.on_fatal: Callable[[str], None] | None = None
 
@@ -100,6 +117,7 @@ class ModelWorker:
             pad_token_id=m.pad_token_id,
             max_batch_tokens=self.max_batch_tokens,
             tokenizer_json=m.tokenizer.to_str(),
+            default_prompt_name=default_prompt_name(self.spec, Path(m.path)),
         )
 
     def start(self, sink: Sink) -> None:
@@ -204,7 +222,6 @@ class ModelWorker:
             inflight = self._inflight
         if queued:
             self.queue.put(queued)
-            self.m.queue_size.set(len(self.queue))
         self.m.inflight.set(inflight)
         return refused
 
@@ -231,7 +248,6 @@ class ModelWorker:
         items = self.queue.take(timeout)
         if items is None:
             return None
-        self.m.queue_size.set(len(self.queue))
         return [it for it in items if not it.job.cancelled]
 
     def _batch_loop(self) -> None:
@@ -250,7 +266,7 @@ class ModelWorker:
             log.critical("model %s: batcher thread died", self.name, exc_info=True)
             self._worker_died()
 
-    def _worker_died(self) -> None:
+    def _worker_died(self, reason: str = "a worker thread died") -> None:
         """A worker cannot go on: fail everything admitted, report unhealthy, tell the
         owner (the server exits so an orchestrator restarts it). Never a silent hang."""
         self.healthy = False
@@ -261,7 +277,7 @@ class ModelWorker:
             jobs = list(self._jobs.values())
         self._fail(jobs)
         if self.on_fatal is not None:
-            self.on_fatal(f"model {self.name}: a worker thread died")
+            self.on_fatal(f"model {self.name}: {reason}")
 
     def _run_batch(self, items: list[Item], batch: PaddedBatch) -> None:
         """On the compute thread: run one batch, then (CPU) go on with the next one."""
@@ -294,7 +310,17 @@ class ModelWorker:
         except Exception:
             log.exception("model %s: forward pass of %d inputs failed", self.name, len(items))
             self._fail([it.job for it in items])
+            self._failed_in_a_row += 1
+            if self._failed_in_a_row >= MAX_FAILED_BATCHES and self.healthy:
+                # Inputs are validated before they are queued, so this is the device or
+                # the backend (a sticky CUDA error, say), not a request: stop pretending.
+                log.critical(
+                    "model %s: %d forward passes in a row failed; reporting unhealthy",
+                    self.name, self._failed_in_a_row,
+                )  # fmt: skip
+                self._worker_died(f"{self._failed_in_a_row} forward passes in a row failed")
             return
+        self._failed_in_a_row = 0
         end = time.perf_counter()
         done: dict[Hashable, list[JobDone]] = defaultdict(list)
         more: list[Item] = []
