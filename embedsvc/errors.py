@@ -59,10 +59,13 @@ class EmbedsvcError(Exception):
 
     kind: ErrorKind = ErrorKind.VALIDATION
 
-    def __init__(self, message: str, *, param: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, param: str | None = None, retry_after: int | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
+        self.retry_after = retry_after  # seconds, for 429 and 503 answers
 
 
 class ValidationError(EmbedsvcError):

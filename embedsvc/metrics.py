@@ -74,6 +74,22 @@ class Metrics:
             "embedsvc_inflight_inputs", "inputs admitted and not yet answered", ["model"],
             registry=r, multiprocess_mode="livesum",
         )  # fmt: skip
+        self.service_rate = Gauge(
+            "embedsvc_service_rate_tokens_per_second",
+            "moving estimate of real tokens a second the model's forward passes get through",
+            ["model"], registry=r, multiprocess_mode="livemax",
+        )  # fmt: skip
+        self.wait_estimate = Gauge(
+            "embedsvc_queue_time_estimate_seconds",
+            "estimated wait of a request admitted now: tokens queued ahead / service rate",
+            ["model"], registry=r, multiprocess_mode="livemax",
+        )  # fmt: skip
+        self.refusals = Counter(
+            "embedsvc_refusals",
+            "requests refused (429) by admission: capacity (inputs in flight), queue_time "
+            "(estimated wait over the limit), deadline (dropped after waiting past it)",
+            ["model", "reason"], registry=r,
+        )  # fmt: skip
         self.batches = Counter("embedsvc_batches", "forward passes run", ["model"], registry=r)
         self.batch_size = Histogram(
             "embedsvc_batch_size", "inputs per forward pass", ["model"],
@@ -145,6 +161,11 @@ class ModelMetrics:
         self.inputs = m.inputs.labels(model)
         self.tokens = m.tokens.labels(model)
         self.malloc_trims = m.malloc_trims
+        self.rate = m.service_rate.labels(model)
+        self.wait_estimate = m.wait_estimate.labels(model)
+        self.refusals = {
+            r: m.refusals.labels(model, r) for r in ("capacity", "queue_time", "deadline")
+        }
         self.phase = {
             p: m.duration.labels(model, p) for p in ("tokenization", "queue", "inference", "total")
         }

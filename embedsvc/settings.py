@@ -63,6 +63,13 @@ class Settings:
         "inputs admitted at once across requests; more are refused with 429 (and one "
         "request may carry at most this many)",
     )
+    max_queue_time: float = _setting(
+        5.0,
+        "seconds a request may wait for its vectors: one whose estimated wait (tokens "
+        "queued ahead and its own, at the model's measured rate) is longer gets 429 at "
+        "once, with Retry-After; one still queued past it is dropped with 429. A client "
+        "may ask for less with the header x-request-timeout. 0 = no limit",
+    )
     max_client_batch_size: int = _setting(
         256,
         "inputs of one request queued at a time; larger requests are split into chunks "
@@ -160,6 +167,8 @@ class Settings:
             raise ConfigError(
                 f"max_batch_tokens must be 0 (auto) or more, got {self.max_batch_tokens}"
             )
+        if not self.max_queue_time >= 0:
+            raise ConfigError(f"max_queue_time must be 0 or more, got {self.max_queue_time}")
         if self.threads < 0:
             raise ConfigError(f"threads must be 0 (auto) or more, got {self.threads}")
         if self.api_workers < 0:
@@ -248,6 +257,11 @@ def _convert(raw: Any, type_name: Any, origin: str) -> Any:
             return int(raw)
         except ValueError:
             raise ConfigError(f"{origin} must be an integer, got {raw!r}") from None
+    if kind == "float":
+        try:
+            return float(raw)
+        except ValueError:
+            raise ConfigError(f"{origin} must be a number, got {raw!r}") from None
     if kind == "bool":
         low = raw.strip().lower()
         if low in ("1", "true", "yes", "on"):

@@ -241,3 +241,22 @@ def test_api_workers_auto_and_explicit() -> None:
     assert Settings.from_sources({}, env).api_workers_for(accelerated=False) == 2
     with pytest.raises(ConfigError, match="api_workers"):
         Settings.from_sources({"api_workers": "-1"}, {})
+
+
+def test_rate_estimate_moves_with_passes_and_gives_retry_after() -> None:
+    from embedsvc.engine.admission import RateEstimate, retry_after
+
+    est = RateEstimate(1000.0)
+    assert est.wait(1000, 1000) == pytest.approx(2.0)
+    for _ in range(200):  # the model turns out slower: 100 tokens/s
+        est.update(100, 1.0)
+    assert est.rate == pytest.approx(100, rel=0.01)
+    assert retry_after(12.2, 5.0) == 8 and retry_after(5.1, 5.0) == 1
+
+
+def test_queue_counts_its_tokens() -> None:
+    q = BatchQueue(max_batch_tokens=64, max_batch_size=2)
+    q.put([Item(None, i, [1] * n) for i, n in enumerate([3, 5, 7])])
+    assert q.tokens == 15
+    taken = q.take(timeout=0)
+    assert taken and q.tokens == 15 - sum(it.length for it in taken)

@@ -81,7 +81,7 @@ def test_drain_timeout_answers_503_and_exits_cleanly(spawn: Any) -> None:
     """SIGTERM with far more queued than the drain timeout allows: what finishes in time
     gets 200, the rest a 503 in its dialect's shape when the timeout passes (not a
     cancelled task's 500), and the process exits 0 without a traceback."""
-    srv = spawn("--drain-timeout", "1")
+    srv = spawn("--drain-timeout", "1", "--max-queue-time", "0")  # admit it all
 
     async def scenario() -> list[httpx.Response]:
         limits = httpx.Limits(max_connections=40)
@@ -220,3 +220,71 @@ def test_forward_passes_failing_in_a_row_turn_health_red(server_factory: Any) ->
                 f"model all-minilm-l6-v2: {MAX_FAILED_BATCHES} forward passes in a row failed"
             ]
             assert c.post("/embed", json={"inputs": "after"}).status_code == 503
+
+
+def test_admission_by_time_refuses_at_once_and_drops_late_work(server_factory: Any) -> None:
+    """With a backlog of long passages queued, a request whose estimated wait exceeds its
+    limit (here the client's x-request-timeout) gets 429 with Retry-After at once (it
+    arrives while the backlog is still running), counted by reason; a request admitted on
+    a wrong estimate that then waits past its deadline is dropped with 429 before its
+    forward pass; and the service answers normally afterwards."""
+    from embedsvc.engine.admission import RateEstimate
+
+    with server_factory(max_batch_size=4) as s:
+        worker = s.engines.default.worker
+
+        async def scenario() -> tuple[Any, Any, Any, Any]:
+            async with httpx.AsyncClient(base_url=s.url, timeout=120) as c:
+                backlog = asyncio.create_task(
+                    c.post("/embed", json={"inputs": [f"{LONG} {i}" for i in range(48)]})
+                )
+                while worker.tokens_ahead == 0:  # the backlog is queued
+                    await asyncio.sleep(0.01)
+                quick = await c.post(
+                    "/v1/embeddings", json={"input": "a query"},
+                    headers={"x-request-timeout": "0.01"},
+                )  # fmt: skip
+                backlog_done_first = backlog.done()
+                # An estimate that is far too optimistic admits a request the backlog
+                # then keeps waiting past its 0.05 s deadline.
+                worker.rate = RateEstimate(1e12)
+                late = await c.post(
+                    "/embed", json={"inputs": "late query"}, headers={"x-request-timeout": "0.05"}
+                )
+                return quick, backlog_done_first, late, await backlog
+
+        quick, backlog_done_first, late, backlog = asyncio.run(scenario())
+        assert quick.status_code == 429, quick.text
+        assert not backlog_done_first
+        assert int(quick.headers["retry-after"]) >= 1
+        err = quick.json()["error"]
+        assert err["code"] == "rate_limit_exceeded" and "limit of 0.01 s" in err["message"]
+        assert late.status_code == 429, late.text
+        assert "could not answer this request within its limit of 0.05 s" in late.json()["error"]
+        assert backlog.status_code == 200 and len(backlog.json()) == 48
+        with s.client() as c:
+            assert c.post("/embed", json={"inputs": "right after"}).status_code == 200
+            text = c.get("/metrics").text
+            bad = c.post("/embed", json={"inputs": "x"}, headers={"x-request-timeout": "soon"})
+            assert bad.status_code == 422 and "x-request-timeout" in bad.json()["error"]
+        for reason in ("queue_time", "deadline"):
+            line = f'embedsvc_refusals_total{{model="all-minilm-l6-v2",reason="{reason}"}}'
+            assert f"{line} 1.0" in text, reason
+        info = httpx.get(s.url + "/info").json()
+        assert info["max_queue_time"] == 5.0 and info["models"][0]["queue_time_estimate"] == 0
+
+
+def test_burst_answers_200_or_429_under_a_queue_time_limit(spawn: Any) -> None:
+    """A burst far beyond what the model serves within --max-queue-time: every request
+    is answered 200 or 429 (none hangs), and the server serves normally right after."""
+    srv = spawn("--max-queue-time", "2")
+    bodies = [{"inputs": [f"{LONG} {i} {j}" for j in range(16)]} for i in range(40)]
+    codes = asyncio.run(burst(srv.url, bodies, deadline=120))
+    assert -1 not in codes, "a request hung past the deadline"
+    assert set(codes) <= {200, 429} and codes.count(429) > 0 and codes.count(200) > 0
+    r = httpx.post(srv.url + "/v1/embeddings", json={"input": "right after"}, timeout=30)
+    assert r.status_code == 200
+    metrics = httpx.get(srv.url + "/metrics").text
+    assert 'reason="queue_time"' in metrics
+    code, _ = srv.stop()
+    assert code == 0

@@ -75,7 +75,9 @@ def embedsvc_error_response(path: str, exc: EmbedsvcError, rid: str) -> Response
     message = exc.message
     if exc.kind is ErrorKind.BACKEND:
         message = f"{message} (request id {rid})"
-    headers = {"retry-after": "1"} if exc.kind is ErrorKind.OVERLOADED else None
+    headers = None
+    if exc.kind is ErrorKind.OVERLOADED or exc.retry_after:
+        headers = {"retry-after": str(exc.retry_after or 1)}
     return error_response(path, exc.kind, message, exc.param, headers)
 
 

@@ -96,6 +96,7 @@ class FastEmbed:
         send: Send,
         rid: str,
         disconnected: Callable[[], bool] | None,
+        timeout: float | None = None,
     ) -> bool:
         """Answer the request if its body is in the common shape; False to pass it on."""
         try:
@@ -125,6 +126,7 @@ class FastEmbed:
                 dimensions=fields["dimensions"],
                 input_param=param,
                 request_id=rid,
+                timeout=timeout,
             )
             result = await engine.embed(req, disconnected)
         except EmbedsvcError as e:

@@ -4,6 +4,8 @@
   prefix and a counter), echoed on the response and attached to log records.
 - Draining: after SIGTERM every route but /health and /metrics answers 503.
 - API keys: `Authorization: Bearer KEY`, compared in constant time against every key.
+- Deadlines: `x-request-timeout: SECONDS` shortens the time the request may wait for its
+  vectors (never past --max-queue-time); see engine/admission.py.
 - Body size: bodies larger than max_payload_bytes get 413 before they are parsed. A body
   refused (401, 413, 503) is read and dropped first, within bounds, so the client that
   is still sending it reads the answer instead of a broken pipe.
@@ -62,6 +64,7 @@ class RequestMiddleware:
             return
         rid = ""
         auth = b""
+        timeout_header = b""
         length: int | None = None
         headers = []
         for name, value in scope.get("headers", ()):
@@ -69,6 +72,8 @@ class RequestMiddleware:
                 rid = value.decode("latin-1")[:128]
             elif name == b"authorization":
                 auth = value
+            elif name == b"x-request-timeout":
+                timeout_header = value
             elif name == b"content-length":
                 try:
                     length = int(value)
@@ -131,6 +136,17 @@ class RequestMiddleware:
                 f"API key {what}: send the header 'Authorization: Bearer <key>'",
             )
             return
+        timeout = None
+        if timeout_header:
+            timeout = _seconds(timeout_header)
+            if timeout is None:
+                await refuse(
+                    ErrorKind.VALIDATION,
+                    f"x-request-timeout must be a positive number of seconds, got "
+                    f"{timeout_header.decode('latin-1')[:40]!r}",
+                )
+                return
+            state["request_timeout"] = timeout
         if scope.get("method") != "POST":
             await call_app(receive)
             return
@@ -154,7 +170,9 @@ class RequestMiddleware:
                 break
         body_read = True
         body = b"".join(chunks)
-        if path in FAST_PATHS and await self.fast.handle(path, body, send_with_id, rid, probe):
+        if path in FAST_PATHS and await self.fast.handle(
+            path, body, send_with_id, rid, probe, timeout
+        ):
             return
         replayed = False
 
@@ -201,3 +219,12 @@ class RequestMiddleware:
             f"request body too large: {got} exceeds max_payload_bytes ({self.max_payload}); "
             "send fewer or shorter inputs per request"
         )
+
+
+def _seconds(value: bytes) -> float | None:
+    """A positive, finite number of seconds from a header, or None."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None
+    return seconds if 0 < seconds < float("inf") else None

@@ -69,6 +69,7 @@ def openai_router() -> APIRouter:
             dimensions=body.dimensions,
             input_param="input",
             request_id=getattr(request.state, "request_id", ""),
+            timeout=getattr(request.state, "request_timeout", None),
         )
         result = await service.embed(request, engine, req)
         engine.metrics.requests["/v1/embeddings"].inc()

@@ -37,6 +37,7 @@ def model_info(e: ModelEngine) -> dict[str, Any]:
         "matryoshka_dimensions": list(spec.matryoshka_dims),
         "matryoshka_layer_norm": spec.matryoshka_layer_norm,
         "max_batch_tokens": info.max_batch_tokens,
+        "queue_time_estimate": round(e.queue_time_estimate(), 3),
         "ready": e.healthy,
     }
 
@@ -79,6 +80,7 @@ def ops_router() -> APIRouter:
             "default_prompt_name": default.info.default_prompt_name,
             "max_concurrent_requests": s.max_concurrent_inputs,
             "max_concurrent_inputs": s.max_concurrent_inputs,
+            "max_queue_time": s.max_queue_time,
             "max_input_length": default.info.max_seq_length,
             "max_batch_tokens": default.info.max_batch_tokens,
             "max_batch_requests": s.max_batch_size,

@@ -64,6 +64,7 @@ def tei_router() -> APIRouter:
             dimensions=body.dimensions,
             input_param="inputs",
             request_id=getattr(request.state, "request_id", ""),
+            timeout=getattr(request.state, "request_timeout", None),
         )
         result = await service.embed(request, engine, req)
         engine.metrics.requests["/embed"].inc()

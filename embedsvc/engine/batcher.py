@@ -66,6 +66,7 @@ class BatchQueue:
         # outside it could stick at a stale value).
         self.on_size: Callable[[int], None] = lambda n: None
         self._pending: list[Item] = []
+        self.tokens = 0  # real tokens of the queued items
         self._cond = threading.Condition()
         self._closed = False
         self._counter = itertools.count()
@@ -79,6 +80,7 @@ class BatchQueue:
             for it in items:
                 it.seq = next(self._counter)
                 self._pending.append(it)
+                self.tokens += it.length
             self.on_size(len(self._pending))
             self._cond.notify()
 
@@ -103,6 +105,7 @@ class BatchQueue:
             )
             chosen = {id(it) for it in batch}
             self._pending = [it for it in self._pending if id(it) not in chosen]
+            self.tokens -= sum(it.length for it in batch)
             self.on_size(len(self._pending))
             return batch
 

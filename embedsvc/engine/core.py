@@ -32,6 +32,11 @@ class CoreLink(Protocol):
 
     def healthy(self, model: str) -> bool: ...
 
+    def estimate_wait(self, model: str, tokens: int, ahead: int = 0) -> float:
+        """Seconds a request of `tokens` would wait if sent now, behind what the core
+        has queued and `ahead` more tokens (admission.py); for a remote core, from its
+        last report."""
+
     def stop(self) -> None: ...
 
 
@@ -68,6 +73,9 @@ class LocalCore:
     def healthy(self, model: str) -> bool:
         w = self.workers[model]
         return w.ready and w.healthy
+
+    def estimate_wait(self, model: str, tokens: int, ahead: int = 0) -> float:
+        return self.workers[model].estimate_wait(tokens, ahead)
 
     def stop(self) -> None:
         for w in self.workers.values():

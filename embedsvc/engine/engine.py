@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from embedsvc.backends.base import LoadedModel
+from embedsvc.engine.admission import retry_after
 from embedsvc.engine.core import CoreLink, LocalCore
 from embedsvc.engine.prepare import Preparer
 from embedsvc.engine.tokenize import TokenInfo
@@ -77,6 +78,7 @@ class Pending:
     key: int = 0
     tokens: int = 0
     t1: float = 0.0
+    estimate: int = 0  # tokens expected, counted in ModelEngine._unsent until sent
 
 
 class Frontend:
@@ -145,7 +147,8 @@ class Frontend:
                 continue
             watched.pop(f.key, None)
             if not p.future.done():
-                p.future.set_exception(_ERRORS.get(f.kind, BackendError)(f.message, param=f.param))
+                error = _ERRORS.get(f.kind, BackendError)
+                p.future.set_exception(error(f.message, param=f.param, retry_after=f.retry_after))
 
     def fail_all(self, exc: BaseException) -> None:
         """The core is gone: answer every request in flight with `exc` now."""
@@ -203,6 +206,9 @@ class ModelEngine:
         self._front = front
         self._pending: list[Pending] = []
         self._flush_scheduled = False
+        self._tokens_per_char = 0.3  # English in WordPiece: about 3-4 characters a token
+        self._unsent_tokens = 0  # estimated tokens of requests not yet sent to the core
+        self._unsent_inputs = 0
 
     # ---- info ------------------------------------------------------------------------
 
@@ -220,6 +226,10 @@ class ModelEngine:
     @property
     def inflight_inputs(self) -> int:
         return self._front.link.inflight(self.name)
+
+    def queue_time_estimate(self) -> float:
+        """Seconds the tokens admitted now would take the model to get through."""
+        return self._front.link.estimate_wait(self.name, 0)
 
     @property
     def worker(self) -> ModelWorker:
@@ -254,15 +264,35 @@ class ModelEngine:
     ) -> EmbedResult:
         """Embed one request. `disconnected()` says whether its client has gone."""
         self.validate(req)
+        # The core decides admission; these checks, on the core's last figures and an
+        # estimate of the tokens, refuse before tokenizing: a 429 costs next to nothing.
         limit = self.settings.max_concurrent_inputs
-        inflight = self.inflight_inputs
-        if inflight + req.size > limit:  # the core decides too; this spares tokenizing
+        inflight = self.inflight_inputs + self._unsent_inputs
+        if inflight + req.size > limit:
+            self.metrics.refusals["capacity"].inc()
             raise OverloadedError(
                 f"model {self.name} is at capacity ({inflight} of {limit} inputs in "
-                "flight); retry shortly"
+                "flight); retry shortly",
+                retry_after=1,
             )
+        max_wait = self.max_wait(req)
+        estimate = self._estimate_tokens(req)
+        if max_wait > 0:
+            # Requests taken here and not yet tokenized and sent count as queued ahead:
+            # a burst that arrives at once is decided at once, not after tokenizing it.
+            wait = self._front.link.estimate_wait(self.name, estimate, self._unsent_tokens)
+            if wait > max_wait:
+                self.metrics.refusals["queue_time"].inc()
+                raise OverloadedError(
+                    f"model {self.name} would answer this request in about {wait:.1f} s, "
+                    f"more than its limit of {max_wait:g} s; retry later or elsewhere",
+                    retry_after=retry_after(wait, max_wait),
+                )
         loop = asyncio.get_running_loop()
         p = Pending(self, req, loop.create_future(), time.perf_counter(), disconnected)
+        p.estimate = estimate
+        self._unsent_tokens += estimate
+        self._unsent_inputs += req.size
         self._pending.append(p)
         if not self._flush_scheduled:
             self._flush_scheduled = True
@@ -276,9 +306,24 @@ class ModelEngine:
         self.metrics.phase["total"].observe(result.total_time)
         return result
 
+    def max_wait(self, req: EmbedRequest) -> float:
+        """Seconds this request may wait: --max-queue-time, or the client's shorter
+        x-request-timeout; 0 for no limit."""
+        server = self.settings.max_queue_time
+        if req.timeout is None:
+            return server
+        return min(server, req.timeout) if server > 0 else req.timeout
+
+    def _estimate_tokens(self, req: EmbedRequest) -> int:
+        if req.token_ids is not None:
+            return sum(map(len, req.token_ids))
+        assert req.texts is not None
+        return int(sum(map(len, req.texts)) * self._tokens_per_char) + 2 * len(req.texts)
+
     def _flush(self) -> None:
         self._flush_scheduled = False
         batch, self._pending = self._pending, []
+        self._settle([p for p in batch if p.future.done()])
         batch = [p for p in batch if not p.future.done()]
         if not batch:
             return
@@ -296,9 +341,16 @@ class ModelEngine:
         fut = loop.run_in_executor(self._front.pool, self.prep.tokenize_many, reqs)
         fut.add_done_callback(lambda f: self._send(batch, f.exception() or f.result()))
 
+    def _settle(self, batch: list[Pending]) -> None:
+        """These requests leave the front end's unsent count."""
+        for p in batch:
+            self._unsent_tokens -= p.estimate
+            self._unsent_inputs -= p.req.size
+
     def _send(
         self, batch: list[Pending], results: list[list[list[int]] | EmbedsvcError] | BaseException
     ) -> None:
+        self._settle(batch)
         if isinstance(results, BaseException):
             log.error("tokenizing %d requests failed", len(batch), exc_info=results)
             for p in batch:
@@ -308,6 +360,7 @@ class ModelEngine:
         now = time.perf_counter()
         sent: list[Pending] = []
         jobs: list[CoreJob] = []
+        chars = tokens = 0
         # Nomic's layer norm belongs to truncation: the full size equals no `dimensions`.
         ln = self.spec.matryoshka_layer_norm
         full = self.info.dimension
@@ -320,6 +373,9 @@ class ModelEngine:
             req = p.req
             p.tokens = sum(map(len, ids))
             p.t1 = now
+            if req.texts is not None:
+                chars += sum(map(len, req.texts))
+                tokens += p.tokens - 2 * len(ids)
             jobs.append(
                 CoreJob(
                     0,
@@ -328,9 +384,12 @@ class ModelEngine:
                     req.dimensions,
                     req.normalize,
                     ln and req.dimensions is not None and req.dimensions < full,
+                    self.max_wait(req),
                 )
             )
             sent.append(p)
+        if chars:  # tokens per character of recent texts, for _estimate_tokens
+            self._tokens_per_char = 0.9 * self._tokens_per_char + 0.1 * max(tokens, 0) / chars
         if jobs:
             self._front.send(self.name, sent, jobs)
 

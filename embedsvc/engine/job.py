@@ -3,6 +3,7 @@ chunks are queued, and when it is complete."""
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Hashable
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ class Job:
     waiting_chunks: list[list[Item]] = field(default_factory=list)
     cancelled: bool = False
     enqueued: float = 0.0
+    deadline: float = math.inf  # perf_counter time past which it is dropped
     first_start: float = 0.0
     last_end: float = 0.0
 
@@ -49,6 +51,8 @@ class Job:
             remaining=n,
             enqueued=time.perf_counter(),
         )
+        if cj.max_wait > 0:
+            job.deadline = job.enqueued + cj.max_wait
         if n <= chunk_size:
             job.chunk_remaining = [n]
             return job, [Item(job, i, ids) for i, ids in enumerate(cj.ids)]
@@ -73,6 +77,11 @@ class Job:
         if self.chunk_remaining[item.chunk] == 0 and self.waiting_chunks:
             return self.waiting_chunks.pop(0)
         return []
+
+    @property
+    def waiting_tokens(self) -> int:
+        """Tokens of the chunks not queued yet."""
+        return sum(it.length for chunk in self.waiting_chunks for it in chunk)
 
     def done(self) -> JobDone:
         assert self.vectors is not None

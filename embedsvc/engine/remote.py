@@ -8,7 +8,8 @@ identity of its own. One message per batch each way, never one per request:
                        ("submit", model, [CoreJob...])  one per tokenizer flush
                        ("cancel", model, [key...])      clients that hung up
   engine -> front end: ("infos", [ModelInfo...] | "error text")
-                       ("results", [JobDone...], [JobFailed...], {model: (inflight, healthy)})
+                       ("results", [JobDone...], [JobFailed...],
+                        {model: (inflight, healthy, tokens ahead, tokens/s)})
                                                         one per forward pass and front end
 
 Payloads are pickles (protocol 5: numpy arrays travel as raw bytes). The ipc socket lives
@@ -33,6 +34,9 @@ from embedsvc.engine.worker import ModelWorker
 from embedsvc.errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+# The status of a model the engine has not reported: nothing in flight, not healthy.
+_GONE = (0, False, 0, 1.0)
 
 _RESULTS = "inproc://embedsvc-results"
 
@@ -99,8 +103,11 @@ class EngineServer:
     def _send_control(self, msg: tuple[Any, ...]) -> None:
         self._pusher().send_multipart([b"", _dumps(msg)])
 
-    def _status(self) -> dict[str, tuple[int, bool]]:
-        return {n: (w.inflight_inputs, w.ready and w.healthy) for n, w in self.workers.items()}
+    def _status(self) -> dict[str, tuple[int, bool, int, float]]:
+        return {
+            n: (w.inflight_inputs, w.ready and w.healthy, w.tokens_ahead, w.rate.rate)
+            for n, w in self.workers.items()
+        }
 
     def _sink(self, origin: Hashable, done: list[JobDone], failed: list[JobFailed]) -> None:
         assert isinstance(origin, bytes)
@@ -162,7 +169,8 @@ class RemoteCore:
         self.sock.setsockopt(zmq.IDENTITY, identity)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.connect(address)
-        self._status: dict[str, tuple[int, bool]] = {}
+        self._status: dict[str, tuple[int, bool, int, float]] = {}
+        self._sent: dict[str, int] = {}  # tokens submitted since the last report
         self._reader: asyncio.Task[None] | None = None
 
     async def hello(self) -> list[ModelInfo]:
@@ -172,7 +180,7 @@ class RemoteCore:
         assert kind == "infos"
         if isinstance(infos, str):
             raise ConfigError(infos)
-        self._status = {i.name: (0, True) for i in infos}
+        self._status = {i.name: (0, True, 0, 1.0) for i in infos}
         return list(infos)
 
     def attach(self, loop: asyncio.AbstractEventLoop, deliver: Deliver) -> None:
@@ -184,6 +192,7 @@ class RemoteCore:
             if msg[0] == "results":
                 _, done, failed, status = msg
                 self._status = status
+                self._sent.clear()
                 deliver(done, failed)
 
     def _send(self, msg: tuple[Any, ...]) -> None:
@@ -192,16 +201,23 @@ class RemoteCore:
         fut.add_done_callback(_log_failure)
 
     def submit(self, model: str, jobs: list[CoreJob]) -> None:
+        # Counted as queued until the engine's next report includes them.
+        self._sent[model] = self._sent.get(model, 0) + sum(j.tokens for j in jobs)
         self._send(("submit", model, jobs))
 
     def cancel(self, model: str, keys: list[int]) -> None:
         self._send(("cancel", model, keys))
 
     def inflight(self, model: str) -> int:
-        return self._status.get(model, (0, False))[0]
+        return self._status.get(model, _GONE)[0]
 
     def healthy(self, model: str) -> bool:
-        return self._status.get(model, (0, False))[1]
+        return self._status.get(model, _GONE)[1]
+
+    def estimate_wait(self, model: str, tokens: int, ahead: int = 0) -> float:
+        _, _, queued, rate = self._status.get(model, _GONE)
+        ahead += queued + self._sent.get(model, 0)
+        return (ahead + tokens) / rate if ahead > 0 else 0.0
 
     def stop(self) -> None:
         if self._reader is not None:

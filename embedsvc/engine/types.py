@@ -30,6 +30,7 @@ class EmbedRequest:
     dimensions: int | None = None
     input_param: str = "inputs"
     request_id: str = ""
+    timeout: float | None = None  # seconds the client will wait (x-request-timeout)
 
     @property
     def size(self) -> int:
@@ -81,6 +82,7 @@ class CoreJob:
     dimensions: int | None
     normalize: bool
     layer_norm: bool
+    max_wait: float = 0.0  # seconds it may wait for its vectors; 0: no limit
 
 
 @dataclass
@@ -97,3 +99,4 @@ class JobFailed:
     kind: ErrorKind
     message: str
     param: str | None = field(default=None)
+    retry_after: int | None = field(default=None)

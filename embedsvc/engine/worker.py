@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from embedsvc.backends.base import BackendOutOfMemory, LoadedModel, PaddedBatch
+from embedsvc.engine.admission import RateEstimate, retry_after
 from embedsvc.engine.batcher import BatchQueue, Item, pad
 from embedsvc.engine.compute import compute_thread
 from embedsvc.engine.job import Job
@@ -99,6 +100,9 @@ class ModelWorker:
         self.ready = False
         self.healthy = True
         self._failed_in_a_row = 0
+        # Admission by time (admission.py): the rate is re-seeded at warm-up.
+        self.rate = RateEstimate(1000.0)
+        self._waiting_tokens = 0  # tokens of admitted jobs' chunks not queued yet
         # Called (from a worker thread) when the engine cannot go on.
         self.on_fatal: Callable[[str], None] | None = None
 
@@ -161,6 +165,7 @@ class ModelWorker:
             return min(times)
 
         t_small, t_large = best(small), best(large)
+        self.rate = RateEstimate(256 / max(t_large, 1e-9))
         per_token = max(t_large - t_small, 1e-9) / (256 - 8)
         threads = getattr(self.model.backend, "cpu_threads", None)
         if threads is not None and threads() > 1:
@@ -190,6 +195,18 @@ class ModelWorker:
     def inflight_inputs(self) -> int:
         return self._inflight
 
+    @property
+    def tokens_ahead(self) -> int:
+        """Real tokens admitted and not yet in a forward pass."""
+        return self.queue.tokens + self._waiting_tokens
+
+    def estimate_wait(self, tokens: int, ahead: int = 0) -> float:
+        """Seconds a request of `tokens` would wait for its vectors if admitted now,
+        behind what is queued here and `ahead` more; 0 when nothing is ahead (a request
+        alone is always admitted)."""
+        ahead += self.tokens_ahead
+        return self.rate.wait(ahead, tokens) if ahead > 0 else 0.0
+
     # ---- requests (any thread) ---------------------------------------------------------
 
     def submit(self, origin: Hashable, jobs: list[CoreJob]) -> list[JobFailed]:
@@ -198,6 +215,7 @@ class ModelWorker:
         queued: list[Item] = []
         limit = self.settings.max_concurrent_inputs
         with self._lock:
+            ahead = self.tokens_ahead
             for cj in jobs:
                 n = len(cj.ids)
                 if not self.healthy:
@@ -206,24 +224,44 @@ class ModelWorker:
                     )
                     continue
                 if self._inflight + n > limit:
+                    self.m.refusals["capacity"].inc()
                     refused.append(
                         JobFailed(
                             cj.key,
                             ErrorKind.OVERLOADED,
                             f"model {self.name} is at capacity ({self._inflight} of {limit} "
                             "inputs in flight); retry shortly",
+                            retry_after=1,
                         )
                     )
                     continue
+                if cj.max_wait > 0 and ahead > 0:
+                    wait = self.rate.wait(ahead, cj.tokens)
+                    if wait > cj.max_wait:
+                        self.m.refusals["queue_time"].inc()
+                        refused.append(self._too_long(cj, ahead, wait))
+                        continue
                 job, items = Job.admit(origin, cj, self.settings.max_client_batch_size)
                 self._jobs[(origin, cj.key)] = job
                 self._inflight += n
+                self._waiting_tokens += job.waiting_tokens
+                ahead += cj.tokens
                 queued.extend(items)
             inflight = self._inflight
         if queued:
             self.queue.put(queued)
         self.m.inflight.set(inflight)
         return refused
+
+    def _too_long(self, cj: CoreJob, ahead: int, wait: float) -> JobFailed:
+        return JobFailed(
+            cj.key,
+            ErrorKind.OVERLOADED,
+            f"model {self.name} would answer this request in about {wait:.1f} s ({ahead} "
+            f"tokens queued ahead, about {self.rate.rate:.0f} tokens/s), more than its "
+            f"limit of {cj.max_wait:g} s; retry later or elsewhere",
+            retry_after=retry_after(wait, cj.max_wait),
+        )
 
     def cancel(self, origin: Hashable, keys: list[int]) -> None:
         """Drop jobs whose client has gone: their queued inputs are skipped."""
@@ -233,6 +271,7 @@ class ModelWorker:
                 if job is not None:
                     job.cancelled = True
                     self._inflight -= job.size
+                    self._drop_waiting(job)
             inflight = self._inflight
         self.m.inflight.set(inflight)
 
@@ -245,10 +284,46 @@ class ModelWorker:
     # ---- worker threads --------------------------------------------------------------
 
     def _take_live(self, timeout: float | None) -> list[Item] | None:
+        """The next batch without the inputs of cancelled jobs; jobs past their deadline
+        are failed here (429), before a forward pass is spent on them."""
         items = self.queue.take(timeout)
         if items is None:
             return None
+        now = time.perf_counter()
+        late = {id(it.job): it.job for it in items if it.job.deadline < now}
+        if late:
+            self._expire(list(late.values()))
         return [it for it in items if not it.job.cancelled]
+
+    def _expire(self, jobs: list[Job]) -> None:
+        failed: dict[Hashable, list[JobFailed]] = defaultdict(list)
+        with self._lock:
+            for job in jobs:
+                if self._jobs.pop((job.origin, job.key), None) is None:
+                    continue
+                job.cancelled = True
+                self._inflight -= job.size
+                self._drop_waiting(job)
+                self.m.refusals["deadline"].inc()
+                limit = job.deadline - job.enqueued
+                failed[job.origin].append(
+                    JobFailed(
+                        job.key,
+                        ErrorKind.OVERLOADED,
+                        f"model {self.name} could not answer this request within its limit "
+                        f"of {limit:g} s (the model is overloaded); retry later or elsewhere",
+                        retry_after=max(1, round(limit)),
+                    )
+                )
+            inflight = self._inflight
+        self.m.inflight.set(inflight)
+        for origin, lst in failed.items():
+            self.sink(origin, [], lst)
+
+    def _drop_waiting(self, job: Job) -> None:
+        """A job ends early: its chunks not yet queued never will be (under _lock)."""
+        self._waiting_tokens -= job.waiting_tokens
+        job.waiting_chunks = []
 
     def _batch_loop(self) -> None:
         try:
@@ -322,6 +397,7 @@ class ModelWorker:
             return
         self._failed_in_a_row = 0
         end = time.perf_counter()
+        self.rate.update(sum(it.length for it in items), end - start)
         done: dict[Hashable, list[JobDone]] = defaultdict(list)
         more: list[Item] = []
         with self._lock:
@@ -336,9 +412,12 @@ class ModelWorker:
                     done[job.origin].append(job.done())
                     self._observe(job)
             inflight = self._inflight
+            self._waiting_tokens -= sum(it.length for it in more)
         if more:
             self.queue.put(more)
         self.m.inflight.set(inflight)
+        self.m.rate.set(self.rate.rate)
+        self.m.wait_estimate.set(self.tokens_ahead / self.rate.rate)
         for origin, finished in done.items():
             self.sink(origin, finished, [])
 
@@ -394,6 +473,7 @@ class ModelWorker:
                     continue  # already finished, failed or cancelled
                 job.cancelled = True  # its other queued inputs are skipped
                 self._inflight -= job.size
+                self._drop_waiting(job)
                 failed[job.origin].append(JobFailed(job.key, ErrorKind.BACKEND, BACKEND_FAILED))
             inflight = self._inflight
         self.m.inflight.set(inflight)
