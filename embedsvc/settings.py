@@ -67,7 +67,7 @@ class Settings:
         5.0,
         "seconds a request may wait for its vectors: one whose estimated wait (tokens "
         "queued ahead and its own, at the model's measured rate) is longer gets 429 at "
-        "once, with Retry-After; one still queued past it is dropped with 429. A client "
+        "once, with Retry-After; one not started by then is dropped with 429. A client "
         "may ask for less with the header x-request-timeout. 0 = no limit",
     )
     max_client_batch_size: int = _setting(

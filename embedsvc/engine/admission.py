@@ -5,9 +5,10 @@ tokens (real tokens per second of forward passes: padding and a pass's fixed cos
 it, for the traffic of the moment), seeded at warm-up. A request's wait is then the
 tokens queued ahead of it plus its own, over that rate. A request whose wait would pass
 its limit (`--max-queue-time`, or the client's shorter `x-request-timeout`) is refused at
-once with 429 and a Retry-After from the estimate; one that waited past its deadline
-anyway (the estimate was low) is dropped before its forward pass. This is what Triton's
-queue policy and vLLM's queued-token limit do. The input-count limit stays as a backstop.
+once with 429 and a Retry-After from the estimate; one still waiting for its first
+forward pass at its deadline (the estimate was low) is dropped before that pass. This is
+what Triton's queue policy and vLLM's queued-token limit do. The input-count limit stays
+as a backstop.
 """
 
 from __future__ import annotations

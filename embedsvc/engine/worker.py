@@ -100,6 +100,7 @@ class ModelWorker:
         self.ready = False
         self.healthy = True
         self._failed_in_a_row = 0
+        self._dead = False
         # Admission by time (admission.py): the rate is re-seeded at warm-up.
         self.rate = RateEstimate(1000.0)
         self._waiting_tokens = 0  # tokens of admitted jobs' chunks not queued yet
@@ -284,13 +285,17 @@ class ModelWorker:
     # ---- worker threads --------------------------------------------------------------
 
     def _take_live(self, timeout: float | None) -> list[Item] | None:
-        """The next batch without the inputs of cancelled jobs; jobs past their deadline
-        are failed here (429), before a forward pass is spent on them."""
+        """The next batch without the inputs of cancelled jobs. Jobs still waiting for
+        their first forward pass at their deadline are failed here (429) before one is
+        spent on them; a job already started runs to the end (a big request admitted
+        alone may take longer than the limit by itself)."""
         items = self.queue.take(timeout)
         if items is None:
             return None
         now = time.perf_counter()
-        late = {id(it.job): it.job for it in items if it.job.deadline < now}
+        late = {
+            id(it.job): it.job for it in items if it.job.deadline < now and not it.job.first_start
+        }
         if late:
             self._expire(list(late.values()))
         return [it for it in items if not it.job.cancelled]
@@ -344,8 +349,13 @@ class ModelWorker:
     def _worker_died(self, reason: str = "a worker thread died") -> None:
         """A worker cannot go on: fail everything admitted, report unhealthy, tell the
         owner (the server exits so an orchestrator restarts it). Never a silent hang."""
+        with self._lock:
+            if self._dead:
+                return
+            self._dead = True
         self.healthy = False
         self.m.ready.set(0)
+        self.queue.close()  # the batcher thread ends; submits are refused (unhealthy)
         while self.queue.take(timeout=0):
             pass
         with self._lock:
@@ -355,23 +365,22 @@ class ModelWorker:
             self.on_fatal(f"model {self.name}: {reason}")
 
     def _run_batch(self, items: list[Item], batch: PaddedBatch) -> None:
-        """On the compute thread: run one batch, then (CPU) go on with the next one."""
+        """On the compute thread: run one batch, then (CPU) go on with the next one. A
+        failure anywhere here, including while forming the next batch (whose inputs are
+        then out of the queue), fails every admitted job: nothing is left waiting."""
         try:
             self._execute(items, batch)
+            if TRIMMER.maybe_trim(idle=len(self.queue) == 0):
+                self.m.malloc_trims.inc()
+            if not self._prefetch and self.healthy:
+                live = self._take_live(0)
+                if live:
+                    batch = pad(live, self.model.pad_token_id)
+                    self.compute.submit(functools.partial(self._run_batch, live, batch))
+                    return  # the slot passes on to the continuation
         except BaseException:
-            log.critical("model %s: fatal error in a forward pass", self.name, exc_info=True)
-            self._fail([it.job for it in items])
+            log.critical("model %s: fatal error on the compute thread", self.name, exc_info=True)
             self._worker_died()
-            self._slots.release()
-            return
-        if TRIMMER.maybe_trim(idle=len(self.queue) == 0):
-            self.m.malloc_trims.inc()
-        if not self._prefetch and self.healthy:
-            live = self._take_live(0)
-            if live:
-                batch = pad(live, self.model.pad_token_id)
-                self.compute.submit(functools.partial(self._run_batch, live, batch))
-                return  # the slot passes on to the continuation
         self._slots.release()
 
     def _execute(self, items: list[Item], batch: PaddedBatch) -> None:
