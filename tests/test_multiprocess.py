@@ -91,7 +91,7 @@ def test_metrics_are_summed_across_front_ends(spawn: Any) -> None:
 
 
 def test_front_end_killed_under_load_hangs_nothing_and_is_replaced(spawn: Any) -> None:
-    srv = spawn("--api-workers", "2", "--max-batch-size", "4")
+    srv = spawn("--api-workers", "2", "--max-batch-size", "4", "--max-queue-time", "0")
     before = frontends(srv.proc.pid)
 
     async def scenario() -> list[Any]:
@@ -128,7 +128,8 @@ def test_front_end_killed_under_load_hangs_nothing_and_is_replaced(spawn: Any) -
 
 
 def test_sigterm_drains_every_front_end(spawn: Any) -> None:
-    srv = spawn("--api-workers", "2", "--max-batch-size", "4", "--drain-timeout", "60")
+    srv = spawn("--api-workers", "2", "--max-batch-size", "4", "--drain-timeout", "60",
+                "--max-queue-time", "0")  # fmt: skip
 
     async def scenario() -> tuple[list[Any], Any]:
         limits = httpx.Limits(max_connections=8)
@@ -156,7 +157,8 @@ def test_sigterm_drains_every_front_end(spawn: Any) -> None:
 
 
 def test_engine_process_killed_answers_in_flight_and_front_ends_exit(spawn: Any) -> None:
-    srv = spawn("--api-workers", "2", "--max-batch-size", "4", "--drain-timeout", "60")
+    srv = spawn("--api-workers", "2", "--max-batch-size", "4", "--drain-timeout", "60",
+                "--max-queue-time", "0")  # fmt: skip
     fronts = frontends(srv.proc.pid)
 
     async def scenario() -> tuple[list[Any], float]:
@@ -182,3 +184,25 @@ def test_engine_process_killed_answers_in_flight_and_front_ends_exit(spawn: Any)
     assert "hung" not in outcomes and set(outcomes) <= {200, 503, "closed"}, outcomes
     assert took < 20, f"in-flight requests waited {took:.0f} s for an engine that was gone"
     wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in fronts), timeout=30)
+
+
+def test_admission_by_time_across_front_ends(spawn: Any) -> None:
+    """The front ends decide on the engine's reported rate and backlog: a burst beyond
+    --max-queue-time gets 200s and 429s (with Retry-After), none hangs."""
+    srv = spawn("--api-workers", "2", "--max-queue-time", "1")
+
+    async def scenario() -> list[httpx.Response]:
+        limits = httpx.Limits(max_connections=30)
+        async with httpx.AsyncClient(base_url=srv.url, timeout=60, limits=limits) as c:
+            return list(await asyncio.gather(*(
+                c.post("/embed", json={"inputs": [f"{LONG} {i} {j}" for j in range(16)]})
+                for i in range(30)
+            )))  # fmt: skip
+
+    responses = asyncio.run(scenario())
+    codes = [r.status_code for r in responses]
+    assert set(codes) <= {200, 429} and 200 in codes and 429 in codes, codes
+    assert all(int(r.headers["retry-after"]) >= 1 for r in responses if r.status_code == 429)
+    assert httpx.post(srv.url + "/embed", json={"inputs": "after"}).status_code == 200
+    code, _ = srv.stop()
+    assert code == 0

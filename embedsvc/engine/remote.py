@@ -36,7 +36,7 @@ from embedsvc.errors import ConfigError
 log = logging.getLogger(__name__)
 
 # The status of a model the engine has not reported: nothing in flight, not healthy.
-_GONE = (0, False, 0, 1.0)
+_GONE = (0, False, 0, 0.0)
 
 _RESULTS = "inproc://embedsvc-results"
 
@@ -180,7 +180,8 @@ class RemoteCore:
         assert kind == "infos"
         if isinstance(infos, str):
             raise ConfigError(infos)
-        self._status = {i.name: (0, True, 0, 1.0) for i in infos}
+        # Until the engine's first report: its rate as measured at warm-up.
+        self._status = {i.name: (0, True, 0, i.tokens_per_second) for i in infos}
         return list(infos)
 
     def attach(self, loop: asyncio.AbstractEventLoop, deliver: Deliver) -> None:
@@ -217,7 +218,7 @@ class RemoteCore:
     def estimate_wait(self, model: str, tokens: int, ahead: int = 0) -> float:
         _, _, queued, rate = self._status.get(model, _GONE)
         ahead += queued + self._sent.get(model, 0)
-        return (ahead + tokens) / rate if ahead > 0 else 0.0
+        return (ahead + tokens) / rate if ahead > 0 and rate > 0 else 0.0
 
     def stop(self) -> None:
         if self._reader is not None:

@@ -63,6 +63,7 @@ class ModelInfo:
     max_batch_tokens: int
     tokenizer_json: str
     default_prompt_name: str | None = None
+    tokens_per_second: float = 0.0  # the admission estimate's rate when loaded (0: unknown)
 
     @property
     def name(self) -> str:

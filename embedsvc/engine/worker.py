@@ -123,6 +123,7 @@ class ModelWorker:
             max_batch_tokens=self.max_batch_tokens,
             tokenizer_json=m.tokenizer.to_str(),
             default_prompt_name=default_prompt_name(self.spec, Path(m.path)),
+            tokens_per_second=self.rate.rate,
         )
 
     def start(self, sink: Sink) -> None:
