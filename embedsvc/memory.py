@@ -11,7 +11,7 @@ single-input RAG-mix traffic), where one fixed shape stayed flat. See docs/bench
 `--malloc system`), `Trimmer.maybe_trim()` then hands free pages inside the heap back to
 the OS (`malloc_trim`) when the queue has drained, at most once a second, and at least
 every 30 s under steady load. A fixed mmap threshold (every block of 128 KiB or 1 MiB
-and more mapped apart) also kept memory flat but cost 20-30% of throughput in page
+and more mapped apart) also kept memory down but cost 15-30% of throughput in page
 faults, so it is not used. jemalloc (LD_PRELOAD, as the Docker image does) keeps memory
 flat at full speed; with it, or another preloaded allocator, nothing here is changed.
 """
@@ -19,13 +19,10 @@ flat at full speed; with it, or another preloaded allocator, nothing here is cha
 from __future__ import annotations
 
 import ctypes
-import logging
 import os
 import platform
 import threading
 import time
-
-log = logging.getLogger(__name__)
 
 _state: dict[str, str] = {"allocator": "unknown"}
 _libc: ctypes.CDLL | None = None
@@ -77,7 +74,6 @@ class Trimmer:
         self.max_interval = max_interval
         self._last = time.monotonic()
         self._lock = threading.Lock()
-        self.trims = 0
 
     def maybe_trim(self, idle: bool) -> bool:
         if _libc is None:
@@ -89,7 +85,6 @@ class Trimmer:
         try:
             self._last = now
             _libc.malloc_trim(0)
-            self.trims += 1
         finally:
             self._lock.release()
         return True
