@@ -17,7 +17,7 @@ RUN apt-get update \
         libjemalloc2 \
     && rm -rf /var/lib/apt/lists/*
 ENV TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 \
-    EMBEDSVC_EXTRAS=onnx-gpu
+    EMBEDSVC_EXTRAS=onnx-gpu,cl100k
 
 FROM python:3.12-slim AS base-cpu
 # hadolint ignore=DL3008
@@ -25,7 +25,7 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends libjemalloc2 \
     && rm -rf /var/lib/apt/lists/*
 ENV TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu \
-    EMBEDSVC_EXTRAS=onnx
+    EMBEDSVC_EXTRAS=onnx,cl100k
 
 # hadolint ignore=DL3006
 FROM base-${VARIANT}

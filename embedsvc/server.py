@@ -31,6 +31,7 @@ import uvicorn
 
 from embedsvc import __version__
 from embedsvc.api import create_app
+from embedsvc.api.cl100k import Cl100kDecoder
 from embedsvc.api.service import Service
 from embedsvc.engine import EngineSet, load_engines
 from embedsvc.errors import UnhealthyError
@@ -136,6 +137,8 @@ def serve(settings: Settings) -> int:
     for spec in specs:
         log.info("model %s: %s@%s (source: %s)", spec.name, spec.hf_id, spec.revision, spec.source)
     settings.api_keys()  # a missing or empty key file stops start-up here
+    if settings.openai_token_ids == "cl100k":
+        Cl100kDecoder.load()  # missing tiktoken or ranks stop start-up here, not in a worker
     log.info("memory allocator: %s", tune_allocator(settings.malloc))
     workers = settings.api_workers_for(_accelerated(specs))
     if workers > 1:

@@ -83,6 +83,13 @@ class Settings:
         "threads per front-end process that tokenize large requests (small ones are "
         "tokenized together on the event loop)",
     )
+    openai_token_ids: str = _setting(
+        "model",
+        "how token ids sent to /v1/embeddings are read: model = ids of the served model's "
+        "own vocabulary (as /tokenize returns them); cl100k = OpenAI's cl100k_base ids, as "
+        "LangChain's OpenAIEmbeddings sends by default: decoded with tiktoken, then embedded "
+        "like that text (needs pip install 'embedsvc[cl100k]')",
+    )
     max_payload_bytes: int = _setting(2_000_000, "largest request body accepted (413 beyond)")
     max_input_chars: int = _setting(
         200_000, "characters allowed in one input text (422 beyond), before tokenization"
@@ -191,6 +198,10 @@ class Settings:
             raise ConfigError(f"log_format must be text or json, got {self.log_format}")
         if self.batch_policy not in ("arrival", "length"):
             raise ConfigError(f"batch_policy must be arrival|length, got {self.batch_policy!r}")
+        if self.openai_token_ids not in ("model", "cl100k"):
+            raise ConfigError(
+                f"openai_token_ids must be model|cl100k, got {self.openai_token_ids!r}"
+            )
         if self.malloc not in ("auto", "system"):
             raise ConfigError(f"malloc must be auto|system, got {self.malloc!r}")
         if self.drain_timeout < 0:

@@ -32,7 +32,8 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("models")
     bge = build_tiny_bert(root / "tiny-bge", pooling="cls", seed=1, max_seq_length=64)
     nomic = build_tiny_bert(root / "tiny-nomic", pooling="mean", seed=2, shift_bias=True)
-    write_models_yaml(root / "models.yaml", bge, nomic)
+    big = build_tiny_bert(root / "tiny-bigvocab", pooling="mean", seed=3, extra_vocab=100_000)
+    write_models_yaml(root / "models.yaml", bge, nomic, big)
     return root
 
 

@@ -25,15 +25,23 @@ BGE_QUERY = "Represent this sentence for searching relevant passages: "
 
 
 def build_tiny_bert(
-    out: Path, *, pooling: str, seed: int, max_seq_length: int = 128, shift_bias: bool = False
+    out: Path,
+    *,
+    pooling: str,
+    seed: int,
+    max_seq_length: int = 128,
+    shift_bias: bool = False,
+    extra_vocab: int = 0,
 ) -> Path:
-    """A 2-layer, 32-wide BERT saved as a sentence-transformers folder."""
+    """A 2-layer, 32-wide BERT saved as a sentence-transformers folder. `extra_vocab`
+    appends that many word pieces to MiniLM's 30,522 (a large vocabulary, like XLM-R's,
+    in which most ids a client might send are in range)."""
     import torch
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(seed)
     config = BertConfig(
-        vocab_size=30522,
+        vocab_size=30522 + extra_vocab,
         hidden_size=32,
         num_hidden_layers=2,
         num_attention_heads=2,
@@ -54,6 +62,8 @@ def build_tiny_bert(
     model.save_pretrained(str(out), safe_serialization=True)
     for name in TOKENIZER_FILES:
         shutil.copy(MINILM_PATH / name, out / name)
+    if extra_vocab:
+        _extend_vocab(out, extra_vocab)
     st = "sentence_transformers.models."
     modules = [
         {"idx": 0, "name": "0", "path": "", "type": st + "Transformer"},
@@ -78,9 +88,21 @@ def build_tiny_bert(
     return out
 
 
-def write_models_yaml(path: Path, bge_dir: Path, nomic_dir: Path) -> Path:
+def _extend_vocab(folder: Path, n: int) -> None:
+    """Append `n` made-up word pieces to the copied tokenizer files (ids 30522 and up)."""
+    tokenizer = json.loads((folder / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    pieces = [f"xq{i:06d}" for i in range(n)]
+    for piece in pieces:
+        vocab[piece] = len(vocab)
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
+    with open(folder / "vocab.txt", "a") as f:
+        f.writelines(piece + "\n" for piece in pieces)
+
+
+def write_models_yaml(path: Path, bge_dir: Path, nomic_dir: Path, big_dir: Path) -> Path:
     """A models.yaml with the bundled MiniLM and the tiny models (tiny-e5: the tiny-nomic
-    weights with E5's prompts and a default prompt)."""
+    weights with E5's prompts and a default prompt; tiny-bigvocab: 130k ids)."""
     rev = "0123456789abcdef0123456789abcdef01234567"
     text = f"""
 default_models: [all-minilm-l6-v2]
@@ -121,6 +143,11 @@ models:
     query_prompt: query
     passage_prompt: passage
     default_prompt_name: query
+  - name: tiny-bigvocab
+    hf_id: test/tiny-bigvocab
+    revision: {rev}
+    local_dir: {big_dir}
+    pooling: mean
 """
     path.write_text(text)
     return path

@@ -59,6 +59,9 @@ def openai_router() -> APIRouter:
         service: Service = request.app.state.service
         engine = service.engine_set().get(body.model)
         texts, ids = parse_inputs(body.input, "input")
+        if ids is not None and service.cl100k is not None:
+            # OpenAI's ids: embedded exactly as the text they encode (prompt included).
+            texts, ids = service.cl100k.decode(ids, "input"), None
         prompt_name = openai_prompt(engine, body.prompt_name, body.input_type, ids is not None)
         req = EmbedRequest(
             texts=texts,

@@ -89,6 +89,7 @@ def ops_router() -> APIRouter:
             "tokenization_workers": s.tokenization_workers,
             "threads": s.cpu_threads(),
             "max_payload_bytes": s.max_payload_bytes,
+            "openai_token_ids": s.openai_token_ids,
             "max_input_chars": s.max_input_chars,
             "max_request_tokens": s.max_request_tokens,
             "auth": bool(s.api_key or s.api_key_file),

@@ -11,6 +11,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.types import Receive
 
+from embedsvc.api.cl100k import Cl100kDecoder
 from embedsvc.engine import EmbedRequest, EmbedResult, EngineSet, ModelEngine
 from embedsvc.errors import ClientDisconnected, UnhealthyError
 from embedsvc.metrics import Metrics
@@ -40,6 +41,8 @@ class Service:
         self.engines: EngineSet | None = None
         self.load_error: str | None = None
         self.draining = False
+        # OpenAI-route token ids read as cl100k_base (--openai-token-ids cl100k).
+        self.cl100k = Cl100kDecoder.load() if settings.openai_token_ids == "cl100k" else None
 
     @property
     def ready(self) -> bool:
