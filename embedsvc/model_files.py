@@ -114,14 +114,16 @@ def _needs_remote_code(path: Path) -> str:
     """The custom classes config.json names, when transformers has no built-in class for it."""
     import json
 
-    from transformers import CONFIG_MAPPING
-
     try:
         cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return ""
     auto = cfg.get("auto_map")
-    if not isinstance(auto, dict) or cfg.get("model_type") in CONFIG_MAPPING:
+    if not isinstance(auto, dict):
+        return ""
+    from transformers import CONFIG_MAPPING  # only then: importing it takes half a second
+
+    if cfg.get("model_type") in CONFIG_MAPPING:
         return ""
     return ", ".join(sorted(str(v) for v in auto.values()))
 

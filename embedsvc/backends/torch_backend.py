@@ -1,4 +1,5 @@
-"""torch backend: sentence-transformers modules, minus the final Normalize.
+"""torch backend: a BERT-family encoder and pooling in plain torch (backends/bert.py)
+when the model folder is one, else sentence-transformers' modules minus the final Normalize.
 
 The engine owns normalization (and Nomic's layer norm, and Matryoshka truncation), so
 this backend stops at pooling (plus any Dense projection the model declares).
@@ -6,14 +7,17 @@ this backend stops at pooling (plus any Dense projection the model declares).
 
 from __future__ import annotations
 
+import json
 import logging
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tokenizers import Tokenizer
 
+from embedsvc.backends import bert
 from embedsvc.backends.base import BackendOutOfMemory, BackendSpec, LoadedModel, PaddedBatch
 from embedsvc.errors import ConfigError
 
@@ -37,14 +41,18 @@ def resolve_dtype(dtype: str, device: str) -> str:
 
 
 class TorchBackend:
-    def __init__(self, modules: Any, device: str, dtype: str, dimension: int) -> None:
-        self._modules = modules
+    """`encoder` maps (input_ids, attention_mask) to token states; `head` (callables on
+    sentence-transformers' feature dicts) pools them. With no encoder, `head` is the whole
+    model, run from the ids."""
+
+    def __init__(
+        self, encoder: Any, head: list[Any], device: str, dtype: str, dimension: int
+    ) -> None:
+        self._encoder = encoder
+        self._head = head
         self.device = device
         self.dtype = dtype
         self.dimension = dimension
-        # The transformer as a TorchScript trace, when it gives the same token states:
-        # the same kernels without a few milliseconds of Python per forward pass.
-        self._traced: Any = _trace_transformer(modules, device)
 
     def cpu_threads(self, n: int | None = None) -> int:
         """torch's intra-op threads for the calling thread: set to `n` if given; the count."""
@@ -65,12 +73,10 @@ class TorchBackend:
         }
         try:
             with torch.inference_mode():  # called from the compute thread only
-                modules = self._modules
-                if self._traced is not None:
+                if self._encoder is not None:
                     ids, mask = features["input_ids"], features["attention_mask"]
-                    features["token_embeddings"] = self._traced(ids, mask)
-                    modules = modules[1:]
-                for module in modules:
+                    features["token_embeddings"] = self._encoder(ids, mask)
+                for module in self._head:
                     features = module(features)
                 out = features["sentence_embedding"]
                 return out.to(torch.float32).cpu().numpy()
@@ -81,11 +87,10 @@ class TorchBackend:
             raise BackendOutOfMemory(str(e)) from e
 
 
-def _trace_transformer(modules: Any, device: str) -> Any:
-    """A trace of the Hugging Face model in the first (sentence-transformers Transformer)
-    module, or None. Kept only if it matches the eager model within rounding on padded
-    batches of shapes other than the one traced (a trace fixes Python control flow, so a
-    model whose code branches on its inputs is caught here and runs eagerly)."""
+def _hf_transformer(modules: Any) -> Any:
+    """The Hugging Face model in the first (sentence-transformers Transformer) module as
+    a module of (input_ids, attention_mask) -> token states, or None when that module
+    does more than call it."""
     import torch
 
     first = modules[0]
@@ -109,6 +114,17 @@ def _trace_transformer(modules: Any, device: str) -> Any:
                 "last_hidden_state"
             ]
 
+    return Hidden(first.model).eval()
+
+
+def _trace(eager: Any, device: str) -> Any:
+    """A TorchScript trace of `eager` ((ids, mask) -> token states): the same kernels
+    without a few milliseconds of Python per forward pass. Kept only if it matches the
+    eager module within rounding on padded batches of shapes other than the one traced (a
+    trace fixes Python control flow, so a model whose code branches on its inputs is
+    caught here); else None."""
+    import torch
+
     def probe(rows: int, cols: int, padded: bool) -> tuple[Any, Any]:
         g = torch.Generator().manual_seed(rows * cols)
         ids = torch.randint(1000, 2000, (rows, cols), generator=g)
@@ -117,7 +133,6 @@ def _trace_transformer(modules: Any, device: str) -> Any:
             mask[0, cols // 2 :] = 0
         return ids.to(device), mask.to(device)
 
-    eager = Hidden(first.model).eval()
     try:
         with torch.inference_mode(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tracer warnings: the probes below decide
@@ -135,14 +150,110 @@ def _trace_transformer(modules: Any, device: str) -> Any:
     return traced
 
 
+@dataclass
+class _Parts:
+    encoder: Any
+    head: list[Any]
+    pooling: str
+    dimension: int
+    tokenizer: Tokenizer
+    pad_token_id: int | None
+    max_seq_length: int | None
+    via: str
+
+
 def load_torch_model(spec: BackendSpec, path: Path) -> LoadedModel:
     import torch
-    from sentence_transformers import SentenceTransformer
 
     device = resolve_device(spec.device)
     dtype = resolve_dtype(spec.dtype, device)
     if spec.threads:
         torch.set_num_threads(spec.threads)
+    parts = None
+    lean = None if spec.trust_remote_code else bert.plan(path)
+    if lean is not None:
+        try:
+            parts = _load_lean(lean, path, device, dtype)
+        except ValueError as e:  # weights named otherwise: the library knows more layouts
+            log.info("model %s: %s; loading it with sentence-transformers", spec.name, e)
+    if parts is None:
+        parts = _load_sentence_transformers(spec, path, device, dtype)
+    if spec.pooling and parts.pooling != spec.pooling:
+        raise ConfigError(
+            f"model {spec.name}: models.yaml says pooling {spec.pooling!r} but the model folder "
+            f"declares {parts.pooling!r}; fix the entry or the folder"
+        )
+    limits = [v for v in (spec.max_seq_length, parts.max_seq_length) if v]
+    if not limits:
+        raise ConfigError(f"model {spec.name}: set max_seq_length in models.yaml")
+    max_len = int(min(limits))
+    parts.tokenizer.no_padding()
+    parts.tokenizer.no_truncation()
+    backend = TorchBackend(parts.encoder, parts.head, device, dtype, parts.dimension)
+    log.info(
+        "loaded %s (%s@%s) from %s on %s/%s with %s: dim=%d pooling=%s max_seq_length=%d",
+        spec.name,
+        spec.hf_id,
+        spec.revision[:12],
+        path,
+        device,
+        dtype,
+        parts.via,
+        parts.dimension,
+        parts.pooling,
+        max_len,
+    )
+    return LoadedModel(
+        path=path,
+        backend=backend,
+        tokenizer=parts.tokenizer,
+        max_seq_length=max_len,
+        pad_token_id=parts.pad_token_id or 0,
+        pooling=parts.pooling,
+    )
+
+
+def _load_lean(p: bert.Plan, path: Path, device: str, dtype: str) -> _Parts:
+    """A BERT-family folder with torch alone (see backends/bert.py)."""
+    encoder = bert.build(p, device, dtype)
+    mode = p.pooling
+
+    def pool(features: dict[str, Any]) -> dict[str, Any]:
+        states, mask = features["token_embeddings"], features["attention_mask"]
+        features["sentence_embedding"] = bert.pool(states, mask, mode)
+        return features
+
+    tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+    return _Parts(
+        encoder=_trace(encoder, device) or encoder,
+        head=[pool],
+        pooling=mode,
+        dimension=p.dimension,
+        tokenizer=tokenizer,
+        pad_token_id=_pad_token_id(path, tokenizer, p.config),
+        max_seq_length=p.max_seq_length,
+        via="torch",
+    )
+
+
+def _pad_token_id(path: Path, tokenizer: Tokenizer, config: dict[str, Any]) -> int | None:
+    """The tokenizer's pad token as its configuration names it, else config.json's."""
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        try:
+            pad = json.loads((path / name).read_text(encoding="utf-8")).get("pad_token")
+        except (OSError, ValueError, AttributeError):
+            continue
+        pad = pad.get("content") if isinstance(pad, dict) else pad
+        if isinstance(pad, str) and tokenizer.token_to_id(pad) is not None:
+            return tokenizer.token_to_id(pad)
+    pad_id = config.get("pad_token_id")
+    return int(pad_id) if isinstance(pad_id, int) else None
+
+
+def _load_sentence_transformers(spec: BackendSpec, path: Path, device: str, dtype: str) -> _Parts:
+    import torch
+    from sentence_transformers import SentenceTransformer
+
     model_kwargs: dict[str, Any] = {"use_safetensors": True}
     if dtype != "float32":
         model_kwargs["dtype"] = getattr(torch, dtype)  # float16 | bfloat16
@@ -163,11 +274,6 @@ def load_torch_model(spec: BackendSpec, path: Path) -> LoadedModel:
     if not pooling_modules:
         raise ConfigError(f"model {spec.name}: {path} declares no pooling module")
     pooling = str(getattr(pooling_modules[0], "pooling_mode", "unknown"))
-    if spec.pooling and pooling != spec.pooling:
-        raise ConfigError(
-            f"model {spec.name}: models.yaml says pooling {spec.pooling!r} but the model folder "
-            f"declares {pooling!r}; fix the entry or the folder"
-        )
     get_dim = getattr(st, "get_embedding_dimension", None) or st.get_sentence_embedding_dimension
     dimension = get_dim()
     if not dimension:
@@ -177,37 +283,16 @@ def load_torch_model(spec: BackendSpec, path: Path) -> LoadedModel:
     backend_tokenizer = getattr(hf_tokenizer, "backend_tokenizer", None)
     if backend_tokenizer is None:
         raise ConfigError(f"model {spec.name}: needs a fast tokenizer (tokenizer.json)")
-    tokenizer = Tokenizer.from_str(backend_tokenizer.to_str())
-    tokenizer.no_padding()
-    tokenizer.no_truncation()
     pad_id = hf_tokenizer.pad_token_id
-    max_len = _max_seq_length(spec, st)
-
-    backend = TorchBackend(modules, device=device, dtype=dtype, dimension=int(dimension))
-    log.info(
-        "loaded %s (%s@%s) from %s on %s/%s: dim=%d pooling=%s max_seq_length=%d",
-        spec.name,
-        spec.hf_id,
-        spec.revision[:12],
-        path,
-        device,
-        dtype,
-        dimension,
-        pooling,
-        max_len,
-    )
-    return LoadedModel(
-        path=path,
-        backend=backend,
-        tokenizer=tokenizer,
-        max_seq_length=max_len,
-        pad_token_id=int(pad_id) if pad_id is not None else 0,
+    hidden = _hf_transformer(modules)
+    traced = _trace(hidden, device) if hidden is not None else None
+    return _Parts(
+        encoder=traced,
+        head=modules[1:] if traced is not None else modules,
         pooling=pooling,
+        dimension=int(dimension),
+        tokenizer=Tokenizer.from_str(backend_tokenizer.to_str()),
+        pad_token_id=int(pad_id) if pad_id is not None else None,
+        max_seq_length=getattr(st, "max_seq_length", None),
+        via="sentence-transformers",
     )
-
-
-def _max_seq_length(spec: BackendSpec, st: Any) -> int:
-    limits = [v for v in (spec.max_seq_length, getattr(st, "max_seq_length", None)) if v]
-    if not limits:
-        raise ConfigError(f"model {spec.name}: set max_seq_length in models.yaml")
-    return int(min(limits))

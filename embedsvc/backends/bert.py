@@ -1,0 +1,254 @@
+"""A BERT / XLM-RoBERTa encoder and sentence-transformers pooling in plain torch.
+
+Most embedding models (MiniLM, BGE, E5, multilingual-E5, bge-m3) are a BERT-family encoder
+followed by pooling. Loading them through sentence-transformers imports transformers'
+model zoo, scikit-learn and more: seconds of start-up before the first forward pass. This
+module computes the same function with torch alone, from the folder's config.json and
+safetensors weights (the same parameter names, loaded strictly), so a replica is ready in
+a fraction of that.
+
+`plan(folder)` says whether a model folder is one this module computes exactly: a
+Transformer module of a supported architecture, then Pooling by cls / mean / lasttoken,
+then an optional Normalize (which the engine applies itself). Anything else — Dense
+layers, custom code, other architectures, extra tokenizer or model arguments — returns
+None and the caller loads the model through sentence-transformers. The tests compare
+both paths.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ARCHITECTURES = ("bert", "xlm-roberta", "roberta")
+ACTIVATIONS = ("gelu", "relu", "gelu_new", "gelu_pytorch_tanh")
+POOLING_FLAGS = {
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_lasttoken": "lasttoken",
+}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What loading a folder without sentence-transformers needs."""
+
+    config: dict[str, Any]
+    weights: list[Path]
+    pooling: str
+    max_seq_length: int | None
+    dimension: int
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def plan(folder: Path) -> Plan | None:
+    """A Plan when `folder` holds a model this module computes exactly, else None."""
+    modules = _read_json(folder / "modules.json")
+    if not isinstance(modules, list) or not modules:
+        return None
+    kinds = [str(m.get("type", "")).rsplit(".", 1)[-1] for m in modules]
+    if kinds not in (["Transformer", "Pooling"], ["Transformer", "Pooling", "Normalize"]):
+        return None
+    if modules[0].get("path", "") != "":
+        return None
+    config = _read_json(folder / "config.json")
+    if not isinstance(config, dict) or config.get("model_type") not in ARCHITECTURES:
+        return None
+    if config.get("auto_map") or config.get("position_embedding_type", "absolute") != "absolute":
+        return None
+    if config.get("hidden_act", "gelu") not in ACTIVATIONS or config.get("is_decoder"):
+        return None
+    sbert = _read_json(folder / "sentence_bert_config.json") or {}
+    if not isinstance(sbert, dict) or set(sbert) - {"max_seq_length", "do_lower_case"}:
+        return None  # model_args, tokenizer_args, config_args: leave them to the library
+    if sbert.get("do_lower_case") and not _tokenizer_lowercases(folder):
+        return None  # sentence-transformers lower-cases the text itself for such a model
+    pooling_cfg = _read_json(folder / str(modules[1].get("path", "")) / "config.json")
+    if not isinstance(pooling_cfg, dict) or not pooling_cfg.get("include_prompt", True):
+        return None
+    on = [k for k, v in pooling_cfg.items() if k.startswith("pooling_mode") and v]
+    if len(on) != 1 or on[0] not in POOLING_FLAGS:
+        return None
+    dimension = pooling_cfg.get("word_embedding_dimension")
+    if not isinstance(dimension, int) or dimension != config.get("hidden_size"):
+        return None
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights or not (folder / "tokenizer.json").is_file():
+        return None
+    return Plan(
+        config=config,
+        weights=weights,
+        pooling=POOLING_FLAGS[on[0]],
+        max_seq_length=sbert.get("max_seq_length"),
+        dimension=int(dimension),
+    )
+
+
+def _tokenizer_lowercases(folder: Path) -> bool:
+    """Whether tokenizer.json's normalizer lower-cases (BGE's uncased BERT tokenizer: then
+    sentence-transformers' do_lower_case changes nothing)."""
+    tokenizer = _read_json(folder / "tokenizer.json")
+    norm = tokenizer.get("normalizer") if isinstance(tokenizer, dict) else None
+    steps = (norm.get("normalizers") or [norm]) if isinstance(norm, dict) else []
+    return any(
+        isinstance(n, dict)
+        and (
+            n.get("type") == "Lowercase"
+            or (n.get("type") == "BertNormalizer" and n.get("lowercase"))
+        )
+        for n in steps
+    )
+
+
+def build(p: Plan, device: str, dtype: str) -> Any:
+    """The encoder with its weights, in eval mode, on `device` in `dtype`; raises
+    ValueError when the weights do not match the architecture exactly."""
+    import torch
+    from safetensors.torch import load_file
+
+    state: dict[str, Any] = {}
+    for f in p.weights:
+        state.update(load_file(str(f)))
+    prefixes = {k.split(".", 1)[0] for k in state}
+    for prefix in ("bert", "roberta", "model"):
+        if prefix in prefixes and "embeddings" not in prefixes:
+            state = {k.split(".", 1)[1]: v for k, v in state.items() if k.startswith(prefix + ".")}
+    state = {k: v for k, v in state.items() if not k.startswith("pooler.")}
+    state.pop("embeddings.position_ids", None)
+    state.pop("embeddings.token_type_ids", None)
+    model = _encoder_class()(p.config)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"weights do not match: missing {missing[:3]}, extra {unexpected[:3]}")
+    return model.to(device=device, dtype=getattr(torch, dtype)).eval()
+
+
+_ENCODER: Any = None
+
+
+def _encoder_class() -> Any:
+    """The torch module classes, defined on first use (torch is imported lazily)."""
+    global _ENCODER
+    if _ENCODER is not None:
+        return _ENCODER
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    def activation(name: str) -> Any:
+        if name == "relu":
+            return F.relu
+        if name == "gelu":
+            return F.gelu
+        return lambda x: F.gelu(x, approximate="tanh")
+
+    class Embeddings(nn.Module):
+        def __init__(self, c: dict[str, Any]) -> None:
+            super().__init__()
+            h = c["hidden_size"]
+            self.word_embeddings = nn.Embedding(c["vocab_size"], h)
+            self.position_embeddings = nn.Embedding(c["max_position_embeddings"], h)
+            self.token_type_embeddings = nn.Embedding(c.get("type_vocab_size", 2), h)
+            self.LayerNorm = nn.LayerNorm(h, eps=c.get("layer_norm_eps", 1e-12))
+            # RoBERTa family: positions count real tokens from padding_idx + 1.
+            self.roberta = c["model_type"] != "bert"
+            self.pad = int(c.get("pad_token_id") or 0)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            if self.roberta:
+                real = (ids != self.pad).long()
+                positions = torch.cumsum(real, dim=1) * real + self.pad
+            else:
+                positions = torch.arange(ids.shape[1], device=ids.device)[None, :]
+            x = self.word_embeddings(ids) + self.position_embeddings(positions)
+            x = x + self.token_type_embeddings.weight[0]
+            return self.LayerNorm(x)
+
+    class SelfAttention(nn.Module):
+        def __init__(self, h: int) -> None:
+            super().__init__()
+            self.query = nn.Linear(h, h)
+            self.key = nn.Linear(h, h)
+            self.value = nn.Linear(h, h)
+
+    class Dense(nn.Module):
+        def __init__(self, n_in: int, n_out: int, eps: float | None) -> None:
+            super().__init__()
+            self.dense = nn.Linear(n_in, n_out)
+            if eps is not None:
+                self.LayerNorm = nn.LayerNorm(n_out, eps=eps)
+
+    class Attention(nn.Module):
+        def __init__(self, h: int, eps: float) -> None:
+            super().__init__()
+            self.self = SelfAttention(h)
+            self.output = Dense(h, h, eps)
+
+    class Layer(nn.Module):
+        def __init__(self, c: dict[str, Any]) -> None:
+            super().__init__()
+            h, eps = c["hidden_size"], c.get("layer_norm_eps", 1e-12)
+            self.heads = c["num_attention_heads"]
+            self.attention = Attention(h, eps)
+            self.intermediate = Dense(h, c["intermediate_size"], None)
+            self.output = Dense(c["intermediate_size"], h, eps)
+            self.act = activation(c.get("hidden_act", "gelu"))
+
+        def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            b, s, h = x.shape
+            sa = self.attention.self
+
+            def heads(t: torch.Tensor) -> torch.Tensor:
+                return t.view(b, s, self.heads, h // self.heads).transpose(1, 2)
+
+            q, k, v = heads(sa.query(x)), heads(sa.key(x)), heads(sa.value(x))
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            a = a.transpose(1, 2).reshape(b, s, h)
+            out = self.attention.output
+            x = out.LayerNorm(out.dense(a) + x)
+            y = self.output.dense(self.act(self.intermediate.dense(x)))
+            return self.output.LayerNorm(y + x)
+
+    class Encoder(nn.Module):
+        def __init__(self, c: dict[str, Any]) -> None:
+            super().__init__()
+            self.layer = nn.ModuleList(Layer(c) for _ in range(c["num_hidden_layers"]))
+
+    class BertEncoder(nn.Module):
+        """input_ids, attention_mask [batch, seq] -> token states [batch, seq, hidden]."""
+
+        def __init__(self, c: dict[str, Any]) -> None:
+            super().__init__()
+            self.embeddings = Embeddings(c)
+            self.encoder = Encoder(c)
+
+        def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            x = self.embeddings(ids)
+            keep = mask.bool()[:, None, None, :]  # keys a query may attend to
+            for layer in self.encoder.layer:
+                x = layer(x, keep)
+            return x
+
+    _ENCODER = BertEncoder
+    return _ENCODER
+
+
+def pool(states: Any, mask: Any, mode: str) -> Any:
+    """sentence-transformers' Pooling for one mode, on torch tensors (right padding)."""
+    import torch
+
+    if mode == "cls":
+        return states[:, 0]
+    if mode == "mean":
+        m = mask.unsqueeze(-1).to(states.dtype)
+        return (states * m).sum(1) / torch.clamp(m.sum(1), min=1e-9)
+    last = mask.sum(1) - 1  # lasttoken
+    return states[torch.arange(states.shape[0], device=states.device), last]

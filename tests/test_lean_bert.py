@@ -1,0 +1,140 @@
+"""The torch backend's own BERT-family encoder (backends/bert.py) against transformers and
+sentence-transformers, and the fallback to sentence-transformers for everything else."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from embedsvc.backends import bert
+from embedsvc.backends.base import BackendSpec, PaddedBatch
+from embedsvc.backends.torch_backend import load_torch_model
+from tests.models import MINILM_PATH
+
+TEXTS = [
+    "hello",
+    "A much longer sentence about the capital of France, Paris, and the Seine.",
+    "Ünïcode, 数字 and punctuation!",
+]
+
+
+def spec(name: str, **kw: object) -> BackendSpec:
+    base: dict[str, object] = dict(
+        name=name, hf_id="test/" + name, revision="0" * 40, backend="torch", device="cpu",
+        dtype="float32", pooling=None, max_seq_length=None, trust_remote_code=False,
+        onnx_variant="", onnx_dir=None,
+    )  # fmt: skip
+    base.update(kw)
+    return BackendSpec(**base)  # type: ignore[arg-type]
+
+
+def forward(folder: Path, texts: list[str], **kw: object) -> np.ndarray:
+    """Vectors before normalization, as the engine receives them."""
+    loaded = load_torch_model(spec(folder.name, **kw), folder)
+    enc = [loaded.tokenizer.encode(t) for t in texts]
+    width = max(len(e.ids) for e in enc)
+    ids = np.full((len(enc), width), loaded.pad_token_id, dtype=np.int64)
+    mask = np.zeros((len(enc), width), dtype=np.int64)
+    for i, e in enumerate(enc):
+        ids[i, : len(e.ids)] = e.ids
+        mask[i, : len(e.ids)] = 1
+    return loaded.backend.forward(PaddedBatch(ids, mask))
+
+
+def reference(folder: Path, texts: list[str]) -> np.ndarray:
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(str(folder), device="cpu", local_files_only=True)
+    modules = [m for m in st if type(m).__name__ != "Normalize"]
+    features = st.tokenize(texts)
+    with torch.no_grad():
+        for m in modules:
+            features = m(features)
+    return features["sentence_embedding"].numpy()
+
+
+@pytest.mark.parametrize("name", ["minilm", "tiny-bge", "tiny-nomic", "tiny-bigvocab"])
+def test_own_encoder_equals_sentence_transformers(name: str, model_dir: Path) -> None:
+    folder = MINILM_PATH if name == "minilm" else model_dir / name
+    assert bert.plan(folder) is not None
+    got = forward(folder, TEXTS)
+    np.testing.assert_allclose(got, reference(folder, TEXTS), atol=2e-5, rtol=1e-4)
+
+
+def test_xlm_roberta_positions_and_padding(tmp_path: Path) -> None:
+    """XLM-R counts positions from padding_idx + 1 and pads with id 1: compared with
+    transformers' XLMRobertaModel on a right-padded batch."""
+    from transformers import XLMRobertaConfig, XLMRobertaModel
+
+    torch.manual_seed(4)
+    config = XLMRobertaConfig(
+        vocab_size=500, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=64, type_vocab_size=1,
+        initializer_range=0.5, pad_token_id=1,
+    )  # fmt: skip
+    model = XLMRobertaModel(config, add_pooling_layer=False).eval()
+    model.save_pretrained(str(tmp_path), safe_serialization=True)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    p = bert.Plan(cfg, sorted(tmp_path.glob("*.safetensors")), "mean", 64, 32)
+    ours = bert.build(p, "cpu", "float32")
+    ids = torch.tensor([[0, 57, 99, 431, 2], [0, 8, 2, 1, 1]])
+    mask = (ids != 1).long()
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        got = ours(ids, mask)
+    real = mask.bool()
+    torch.testing.assert_close(got[real], expected[real], atol=2e-5, rtol=1e-4)
+
+
+def test_other_models_load_with_sentence_transformers(model_dir: Path, tmp_path: Path) -> None:
+    """A Dense layer after pooling (or custom code, or options the encoder does not know)
+    is outside the plan: the model loads through sentence-transformers, vectors unchanged."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.models import Dense
+
+    st = SentenceTransformer(str(model_dir / "tiny-bge"), device="cpu", local_files_only=True)
+    torch.manual_seed(5)
+    dense = SentenceTransformer(modules=[*st, Dense(32, 16)], device="cpu")
+    folder = tmp_path / "with-dense"
+    dense.save(str(folder), safe_serialization=True)
+    assert bert.plan(folder) is None
+    got = forward(folder, TEXTS)
+    assert got.shape == (3, 16)
+    np.testing.assert_allclose(got, reference(folder, TEXTS), atol=2e-5, rtol=1e-4)
+    # do_lower_case: nothing to do when the tokenizer lower-cases anyway (BGE); on a cased
+    # tokenizer sentence-transformers lower-cases the text itself, so it loads the model.
+    lower = tmp_path / "lower"
+    shutil.copytree(model_dir / "tiny-bge", lower)
+    config = {"max_seq_length": 64, "do_lower_case": True}
+    (lower / "sentence_bert_config.json").write_text(json.dumps(config))
+    assert bert.plan(lower) is not None
+    tokenizer = json.loads((lower / "tokenizer.json").read_text())
+    tokenizer["normalizer"]["lowercase"] = False
+    (lower / "tokenizer.json").write_text(json.dumps(tokenizer))
+    assert bert.plan(lower) is None
+
+
+def test_bert_models_start_without_transformers(model_dir: Path) -> None:
+    """Start-up: serving MiniLM and the tiny BERTs imports neither transformers nor
+    sentence-transformers (seconds of imports)."""
+    code = (
+        "import sys\n"
+        "from embedsvc.registry import load_registry\n"
+        "from embedsvc.settings import Settings\n"
+        "from embedsvc.metrics import Metrics\n"
+        "from embedsvc.engine import load_engines\n"
+        f"r = load_registry({str(model_dir / 'models.yaml')!r})\n"
+        "e = load_engines(r.select(['all-minilm-l6-v2', 'tiny-bge']), Settings(), Metrics())\n"
+        "print(sorted(m for m in ('transformers', 'sentence_transformers') if m in sys.modules))\n"
+        "e.stop()\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"
