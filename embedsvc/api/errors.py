@@ -35,24 +35,21 @@ def error_response(
     param: str | None = None,
     headers: dict[str, str] | None = None,
 ) -> Response:
-    r = STATUS_TABLE[kind]
-    body: dict[str, Any]
-    if is_openai_path(path):
-        status = r.openai_status
-        body = {
-            "error": {
-                "message": message,
-                "type": r.openai_type,
-                "param": param,
-                "code": r.openai_code,
-            }
-        }
-    else:
-        status = r.tei_status
-        body = {"error": message, "error_type": r.tei_type}
+    status, body = error_body(is_openai_path(path), kind, message, param)
     return Response(
         dump_json(body), status_code=status, media_type="application/json", headers=headers
     )
+
+
+def error_body(
+    openai: bool, kind: ErrorKind, message: str, param: str | None = None
+) -> tuple[int, dict[str, Any]]:
+    """Status and body of an error in the OpenAI or the TEI dialect."""
+    r = STATUS_TABLE[kind]
+    if openai:
+        error = {"message": message, "type": r.openai_type, "param": param, "code": r.openai_code}
+        return r.openai_status, {"error": error}
+    return r.tei_status, {"error": message, "error_type": r.tei_type}
 
 
 def dump_json(body: Any) -> bytes:

@@ -51,26 +51,40 @@ def openai_prompt(
     return engine.spec.prompt_for_input_type(input_type) or NO_PROMPT
 
 
+def openai_request(
+    service: Service, body: OpenAIEmbeddingsBody, request_id: str, timeout: float | None
+) -> tuple[ModelEngine, EmbedRequest]:
+    """The engine and the request a validated body asks for (also used by
+    `embedsvc embed --format openai-batch`, so batch lines read exactly like requests)."""
+    engine = service.engine_set().get(body.model)
+    texts, ids = parse_inputs(body.input, "input")
+    if ids is not None and service.cl100k is not None:
+        # OpenAI's ids: embedded exactly as the text they encode (prompt included).
+        texts, ids = service.cl100k.decode(ids, "input"), None
+    prompt_name = openai_prompt(engine, body.prompt_name, body.input_type, ids is not None)
+    req = EmbedRequest(
+        texts=texts,
+        token_ids=ids,
+        prompt_name=prompt_name,
+        normalize=True,
+        truncate=body.truncate,
+        dimensions=body.dimensions,
+        input_param="input",
+        request_id=request_id,
+        timeout=timeout,
+    )
+    return engine, req
+
+
 def openai_router() -> APIRouter:
     router = APIRouter(tags=["OpenAI"])
     started = int(time.time())
 
     async def embeddings(body: OpenAIEmbeddingsBody, request: Request) -> Response:
         service: Service = request.app.state.service
-        engine = service.engine_set().get(body.model)
-        texts, ids = parse_inputs(body.input, "input")
-        if ids is not None and service.cl100k is not None:
-            # OpenAI's ids: embedded exactly as the text they encode (prompt included).
-            texts, ids = service.cl100k.decode(ids, "input"), None
-        prompt_name = openai_prompt(engine, body.prompt_name, body.input_type, ids is not None)
-        req = EmbedRequest(
-            texts=texts,
-            token_ids=ids,
-            prompt_name=prompt_name,
-            normalize=True,
-            truncate=body.truncate,
-            dimensions=body.dimensions,
-            input_param="input",
+        engine, req = openai_request(
+            service,
+            body,
             request_id=getattr(request.state, "request_id", ""),
             timeout=getattr(request.state, "request_timeout", None),
         )

@@ -19,7 +19,7 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from embedsvc.backends.base import LoadedModel
 from embedsvc.engine.admission import retry_after
@@ -77,6 +77,7 @@ class Pending:
     disconnected: Callable[[], bool] | None
     key: int = 0
     tokens: int = 0
+    lengths: list[int] = field(default_factory=list)  # tokens per input
     t1: float = 0.0
     estimate: int = 0  # tokens expected, counted in ModelEngine._unsent until sent
 
@@ -139,6 +140,7 @@ class Frontend:
                     queue_time=d.queue_time,
                     inference_time=d.inference_time,
                     total_time=now - p.t0,
+                    input_tokens=p.lengths,
                 )
             )
         for f in failed:
@@ -371,7 +373,8 @@ class ModelEngine:
                 p.future.set_exception(ids)
                 continue
             req = p.req
-            p.tokens = sum(map(len, ids))
+            p.lengths = list(map(len, ids))
+            p.tokens = sum(p.lengths)
             p.t1 = now
             if req.texts is not None:
                 chars += sum(map(len, req.texts))

@@ -45,6 +45,7 @@ class EmbedResult:
     queue_time: float
     inference_time: float
     total_time: float
+    input_tokens: list[int] = field(default_factory=list)  # per input, as embedded
 
 
 @dataclass(frozen=True)
