@@ -1,4 +1,4 @@
-"""Command line: `embedsvc serve`, `embedsvc pull`, `embedsvc models`."""
+"""Command line: `embedsvc serve`, `embed`, `pull`, `export`, `models`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from embedsvc import __version__
 from embedsvc.errors import ConfigError
@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("--models-file", default=None, help="path of models.yaml")
 
+    add_embed_parser(sub)
+
     models = sub.add_parser("models", help="list the models in models.yaml")
     models.add_argument("--models-file", default=None, help="path of models.yaml")
     return parser
@@ -63,6 +65,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return list_models(args)
         if args.command == "export":
             return export(args)
+        if args.command == "embed":
+            return embed(args)
     except ConfigError as e:
         print(f"embedsvc: {e}", file=sys.stderr)
         return 2
@@ -134,6 +138,84 @@ def export(args: argparse.Namespace) -> int:
     if args.out:
         log.info("serve it with backend: onnx and onnx_dir: %s in models.yaml", args.out)
     return 0
+
+
+def add_embed_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "embed",
+        help="embed a whole dataset into Parquet shards (resumable)",
+        description="Embed every row of INPUT with a served model, through the same engine "
+        "as the server, into Parquet shards under --output. Rerunning the same command "
+        "continues where the last run stopped.",
+    )
+    p.add_argument("input", help="a file or folder (JSONL, Parquet, CSV, Arrow), a dataset "
+                   "saved with datasets.save_to_disk, or a Hugging Face dataset id")  # fmt: skip
+    p.add_argument("--output", required=True, help="output folder")
+    p.add_argument("--model", default=None, help="served name (default: the default model)")
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--id-column", default="id", help="kept as the id of each vector "
+                   "(default id; the row number when the input has no such column)")  # fmt: skip
+    prompt = p.add_mutually_exclusive_group()
+    prompt.add_argument("--input-type", choices=["query", "passage", "document"], default=None)
+    prompt.add_argument("--prompt-name", default=None)
+    p.add_argument("--dimensions", type=int, default=None, help="Matryoshka size")
+    p.add_argument("--dtype", choices=["float32", "float16"], default="float32")
+    p.add_argument(
+        "--truncate",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="cut over-long texts to the model's limit (default) or fail the row",
+    )
+    formats = ["auto", "jsonl", "parquet", "csv", "arrow", "hf", "openai-batch"]
+    p.add_argument("--format", default="auto", choices=formats)
+    p.add_argument("--split", default=None, help="dataset split")
+    p.add_argument("--revision", default=None, help="dataset commit on the Hub (required there)")
+    p.add_argument("--streaming", action="store_true", help="stream a Hub dataset")
+    p.add_argument("--on-error", choices=["skip", "fail"], default="skip",
+                   help="a bad row: write it to errors.jsonl and go on, or stop")  # fmt: skip
+    p.add_argument("--shard-rows", type=int, default=100_000, help="rows per Parquet shard")
+    p.add_argument("--overwrite", action="store_true", help="start over in --output")
+    p.add_argument("--models-file", default=None, help="path of models.yaml")
+    p.add_argument("--log-level", default="info")
+
+
+def embed(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    setup_logging(args.log_level)
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError:
+        raise ConfigError("embedsvc embed needs pyarrow: pip install 'embedsvc[bulk]'") from None
+    if args.format == "openai-batch":
+        from embedsvc.bulk.openai_batch import run_batch_file
+
+        return run_batch_file(
+            Path(args.input), Path(args.output), models_file(args), args.model, args.overwrite
+        )
+    from embedsvc.bulk.job import Options, run
+
+    opts = Options(
+        input=args.input,
+        output=Path(args.output),
+        model=args.model,
+        text_column=args.text_column,
+        id_column=args.id_column or None,
+        input_type=args.input_type,
+        prompt_name=args.prompt_name,
+        dimensions=args.dimensions,
+        dtype=args.dtype,
+        truncate=args.truncate,
+        format=args.format,
+        split=args.split,
+        revision=args.revision,
+        streaming=args.streaming,
+        on_error=args.on_error,
+        shard_rows=args.shard_rows,
+        overwrite=args.overwrite,
+        models_file=models_file(args),
+    )
+    return run(opts)
 
 
 def list_models(args: argparse.Namespace) -> int:

@@ -1,0 +1,340 @@
+"""`embedsvc embed`: a dataset through the server's own engine, into Parquet shards.
+
+No HTTP: the rows go through the same engine as requests do — prompts, truncation,
+tokenization, length-sorted batching, forward passes, Matryoshka and normalization — so a
+row's vector equals what `/embed` returns for its text. Requests of CHUNK rows are kept in
+flight (WINDOW of them), which lets the engine tokenize on its threads ahead of the model and
+sort queued inputs by length (`batch_policy: length`); results come back in order and are
+written by a background thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from embedsvc.bulk.output import (
+    ERRORS,
+    MANIFEST,
+    Manifest,
+    OutputWriter,
+    open_output,
+    write_atomic,
+)
+from embedsvc.bulk.progress import Progress
+from embedsvc.bulk.sources import MISSING, BadRow, Source, open_source
+from embedsvc.engine import EmbedRequest, EngineSet, ModelEngine, load_engines
+from embedsvc.errors import ConfigError, EmbedsvcError
+from embedsvc.metrics import Metrics
+from embedsvc.registry import load_registry
+from embedsvc.settings import Settings
+
+log = logging.getLogger("embedsvc.embed")
+
+CHUNK = 256  # rows per engine request
+WINDOW = 16  # requests in flight: the engine sorts about CHUNK * WINDOW queued rows by length
+EXIT_ROWS_FAILED = 1
+EXIT_STOPPED = 3
+
+
+@dataclass
+class Options:
+    input: str
+    output: Path
+    model: str | None = None
+    text_column: str = "text"
+    id_column: str | None = "id"
+    input_type: str | None = None
+    prompt_name: str | None = None
+    dimensions: int | None = None
+    dtype: str = "float32"
+    truncate: bool = True
+    format: str = "auto"
+    split: str | None = None
+    revision: str | None = None
+    streaming: bool = False
+    on_error: str = "skip"
+    shard_rows: int = 100_000
+    overwrite: bool = False
+    models_file: str | None = None
+
+
+class StopJob(Exception):
+    """--on-error fail: a row failed."""
+
+
+def engine_settings(extra_inputs: int = 0) -> Settings:
+    """The server's settings for a job that queues everything it reads: no time limit,
+    batches by length, room for the whole window."""
+    env = {k: v for k, v in os.environ.items() if k.startswith("EMBEDSVC_")}
+    env.setdefault("EMBEDSVC_MAX_QUEUE_TIME", "0")
+    env.setdefault("EMBEDSVC_BATCH_POLICY", "length")
+    env.setdefault("EMBEDSVC_MAX_CONCURRENT_INPUTS", str(CHUNK * WINDOW * 2 + extra_inputs))
+    env.setdefault("EMBEDSVC_MAX_CLIENT_BATCH_SIZE", str(CHUNK))
+    return Settings.from_sources({}, env)
+
+
+def load(models_file: str | None, names: list[str], settings: Settings) -> EngineSet:
+    registry = load_registry(models_file or os.environ.get("EMBEDSVC_MODELS_FILE") or None)
+    return load_engines(registry.select(names), settings, Metrics())
+
+
+def resolve_prompt_name(engine: ModelEngine, opts: Options) -> str | None:
+    if opts.input_type and opts.prompt_name:
+        raise ConfigError("give either --input-type or --prompt-name, not both")
+    if opts.input_type:
+        from embedsvc.engine import NO_PROMPT
+
+        return engine.spec.prompt_for_input_type(opts.input_type) or NO_PROMPT
+    return opts.prompt_name
+
+
+def run(opts: Options) -> int:
+    if opts.dtype not in ("float32", "float16"):
+        raise ConfigError(f"--dtype must be float32 or float16, got {opts.dtype!r}")
+    if opts.on_error not in ("skip", "fail"):
+        raise ConfigError(f"--on-error must be skip or fail, got {opts.on_error!r}")
+    if opts.shard_rows < 1:
+        raise ConfigError("--shard-rows must be at least 1")
+    source = open_source(
+        opts.input, opts.format, split=opts.split, revision=opts.revision, streaming=opts.streaming
+    )
+    engines = load(opts.models_file, [opts.model] if opts.model else [], engine_settings())
+    try:
+        engine = engines.default
+        prompt_name = resolve_prompt_name(engine, opts)
+        prompt = engine.resolve_prompt(prompt_name)
+        engine.check_dimensions(opts.dimensions)
+        job = {
+            "model": engine.name,
+            "hf_id": engine.spec.hf_id,
+            "revision": engine.spec.revision,
+            "prompt": prompt,
+            "dimensions": opts.dimensions or engine.dimension,
+            "normalized": True,
+            "dtype": opts.dtype,
+            "truncate": opts.truncate,
+            "text_column": opts.text_column,
+            "id_column": opts.id_column,
+            "shard_rows": opts.shard_rows,
+            "input": source.description,
+            "input_fingerprint": source.fingerprint,
+        }
+        manifest = open_output(opts.output, job, opts.overwrite)
+        if manifest.complete:
+            log.info("%s is complete already: %s", opts.output, manifest.summary)
+            return EXIT_ROWS_FAILED if manifest.summary.get("failed") else 0
+        return asyncio.run(_run(engines, engine, source, opts, prompt_name, manifest))
+    finally:
+        engines.stop()
+
+
+def _chunks(
+    source: Source, opts: Options, done: set[int]
+) -> Iterator[tuple[int, int, list[Any], list[Any]]]:
+    """(shard, first row, ids, texts) of up to CHUNK rows, none across a shard's end,
+    skipping the shards already written."""
+    columns = [opts.text_column] + ([opts.id_column] if opts.id_column else [])
+    row = 0
+    for block in source.batches(columns):
+        n = len(next(iter(block.values()))) if block else 0
+        texts = block.get(opts.text_column) or [MISSING] * n
+        ids = block.get(opts.id_column or "")
+        if ids is None or any(i is MISSING or i is None for i in ids):
+            ids = [
+                row + k if ids is None or ids[k] is MISSING or ids[k] is None else ids[k]
+                for k in range(n)
+            ]
+        i = 0
+        while i < n:
+            shard = (row + i) // opts.shard_rows
+            end = min(n, i + CHUNK, (shard + 1) * opts.shard_rows - row)
+            if shard not in done:
+                yield shard, row + i, ids[i:end], texts[i:end]
+            i = end
+        row += n
+
+
+def bad_text(text: Any, column: str) -> str | None:
+    if isinstance(text, BadRow):
+        return str(text)
+    if text is MISSING:
+        return f"the row has no {column!r}"
+    if text is None:
+        return f"{column} is null"
+    if not isinstance(text, str):
+        return f"{column} is {type(text).__name__}, not text"
+    if not text.strip():
+        return f"{column} is empty"
+    return None
+
+
+@dataclass
+class Chunk:
+    """Up to CHUNK consecutive input rows of one shard, embedded."""
+
+    shard: int
+    first_row: int
+    input_rows: int
+    ids: list[Any]  # of the rows that embedded, in input order
+    vectors: np.ndarray
+    tokens: list[int]
+    errors: list[bytes]  # errors.jsonl lines of the rows that did not
+
+
+class ChunkEmbedder:
+    """Rows to a Chunk through one engine: bad rows become error lines, the rest one
+    request (or, when one of them fails it, a request each, to find the bad ones)."""
+
+    def __init__(self, engine: ModelEngine, opts: Options, prompt_name: str | None) -> None:
+        self.engine = engine
+        self.opts = opts
+        self.prompt_name = prompt_name
+        self.dim = opts.dimensions or engine.dimension
+
+    def _request(self, texts: list[str]) -> EmbedRequest:
+        return EmbedRequest(
+            texts=texts,
+            prompt_name=self.prompt_name,
+            truncate=self.opts.truncate,
+            dimensions=self.opts.dimensions,
+            input_param=self.opts.text_column,
+        )
+
+    async def embed(self, shard: int, first_row: int, ids: list[Any], texts: list[Any]) -> Chunk:
+        ok_ids, ok_rows, ok_texts, errors = [], [], [], []
+        for k, (row_id, text) in enumerate(zip(ids, texts, strict=True)):
+            reason = bad_text(text, self.opts.text_column)
+            if reason is None:
+                ok_ids.append(row_id)
+                ok_rows.append(first_row + k)
+                ok_texts.append(text)
+            else:
+                errors.append(error_line(row_id, first_row + k, reason))
+        chunk = Chunk(shard, first_row, len(ids), [], np.zeros((0, self.dim), np.float32), [], [])
+        if ok_texts:
+            try:
+                r = await self.engine.embed(self._request(ok_texts))
+                chunk.ids, chunk.vectors, chunk.tokens = ok_ids, r.vectors, r.input_tokens
+            except EmbedsvcError as e:
+                if len(ok_texts) == 1:
+                    errors.append(error_line(ok_ids[0], ok_rows[0], e.message))
+                else:
+                    await self._one_by_one(chunk, ok_ids, ok_rows, ok_texts, errors)
+        chunk.errors = sorted(errors, key=lambda line: json.loads(line)["row"])
+        return chunk
+
+    async def _one_by_one(
+        self, chunk: Chunk, ids: list[Any], rows: list[int], texts: list[str], errors: list[bytes]
+    ) -> None:
+        vectors = []
+        for row_id, row, text in zip(ids, rows, texts, strict=True):
+            try:
+                r = await self.engine.embed(self._request([text]))
+            except EmbedsvcError as e:
+                errors.append(error_line(row_id, row, e.message))
+                continue
+            chunk.ids.append(row_id)
+            vectors.append(r.vectors[0])
+            chunk.tokens.append(r.input_tokens[0])
+        chunk.vectors = np.array(vectors, np.float32).reshape(-1, self.dim)
+
+
+async def _run(
+    engines: EngineSet,
+    engine: ModelEngine,
+    source: Source,
+    opts: Options,
+    prompt_name: str | None,
+    manifest: Manifest,
+) -> int:
+    loop = asyncio.get_running_loop()
+    engines.start(loop)
+    embedder = ChunkEmbedder(engine, opts, prompt_name)
+    writer = OutputWriter(opts.output, manifest, opts.shard_rows, embedder.dim, opts.dtype)
+    background = ThreadPoolExecutor(1, thread_name_prefix="shard-writer")
+    progress = Progress(_total_rows(source), sum(s["input_rows"] for s in manifest.shards))
+    t0 = time.monotonic()
+    inflight: deque[asyncio.Task[Chunk]] = deque()
+    last_write: Any = None
+
+    async def settle_one() -> None:
+        nonlocal last_write
+        chunk = await inflight.popleft()
+        if chunk.errors and opts.on_error == "fail":
+            raise StopJob(json.loads(chunk.errors[0])["error"])
+        progress.advance(chunk.input_rows, sum(chunk.tokens), len(chunk.errors))
+        last_write = loop.run_in_executor(background, writer.add, chunk)
+
+    code = 0
+    try:
+        for shard, first_row, ids, texts in _chunks(source, opts, manifest.done()):
+            inflight.append(asyncio.ensure_future(embedder.embed(shard, first_row, ids, texts)))
+            if len(inflight) >= WINDOW:
+                await settle_one()
+        while inflight:
+            await settle_one()
+        if last_write is not None:
+            await last_write
+        await loop.run_in_executor(background, writer.finish)
+    except StopJob as e:
+        for task in inflight:
+            task.cancel()
+        if last_write is not None:
+            await last_write  # the shard in progress stays uncommitted: a rerun redoes it
+        log.error("stopped (--on-error fail): %s", e)
+        code = EXIT_STOPPED
+    finally:
+        progress.close()
+        background.shutdown(wait=True)
+        writer.close()
+    if code == EXIT_STOPPED:
+        return code
+    return finish(opts.output, manifest, progress, time.monotonic() - t0)
+
+
+def finish(out: Path, manifest: Manifest, progress: Progress, elapsed: float) -> int:
+    """Mark the job complete, log the summary, and give the exit code."""
+    shards = manifest.shards
+    rows = sum(s["rows"] for s in shards)
+    failed = sum(s["failed"] for s in shards)
+    tokens = sum(s["tokens"] for s in shards)
+    size = sum(s.get("bytes", 0) for s in shards)
+    rows_s, tokens_s = progress.rates()
+    manifest.complete = True
+    manifest.summary = {
+        "rows": rows,
+        "failed": failed,
+        "tokens": tokens,
+        "this_run_seconds": round(elapsed, 3),
+        "this_run_rows_per_second": round(rows_s, 1),
+        "this_run_tokens_per_second": round(tokens_s, 1),
+        "output_bytes": size,
+    }
+    write_atomic(out / MANIFEST, manifest.to_json())
+    log.info(
+        "done: %s rows embedded, %s failed (see %s), %s tokens in %.1f s this run "
+        "(%.0f rows/s, %.0f tokens/s); output %s in %d shards, %.1f MB",
+        f"{rows:,}", f"{failed:,}", out / ERRORS, f"{tokens:,}", elapsed, rows_s, tokens_s,
+        out, len([s for s in shards if s.get("file")]), size / 1e6,
+    )  # fmt: skip
+    return EXIT_ROWS_FAILED if failed else 0
+
+
+def error_line(row_id: Any, row: int, message: str) -> bytes:
+    return (json.dumps({"id": row_id, "row": row, "error": message}, default=str) + "\n").encode()
+
+
+def _total_rows(source: Source) -> int | None:
+    return source.description.get("rows")
