@@ -2,6 +2,8 @@
 #
 #   GPU (default):  docker build -t embedsvc:gpu .
 #   CPU only:       docker build --build-arg VARIANT=cpu -t embedsvc:cpu .
+#   With `embedsvc embed` and Ray (a KubeRay image, deploy/ray/rayjob.yaml):
+#                   docker build --build-arg EXTRAS=bulk,ray -t embedsvc:bulk .
 #   Models baked in at build time (needs the Hub or HF_ENDPOINT at build time):
 #                   docker build --build-arg PULL_MODELS=bge-small-en-v1.5 -t embedsvc:bge .
 #
@@ -29,6 +31,8 @@ ENV TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu \
 
 # hadolint ignore=DL3006
 FROM base-${VARIANT}
+# More extras of embedsvc, comma-separated (bulk, ray); the server needs none of them.
+ARG EXTRAS=""
 ENV VIRTUAL_ENV=/opt/embedsvc \
     PATH=/opt/embedsvc/bin:$PATH \
     PYTHONUNBUFFERED=1 \
@@ -44,7 +48,7 @@ COPY embedsvc ./embedsvc
 # embedsvc/models.yaml is a link to the top-level file in the repository; ship a copy.
 # hadolint ignore=DL3013
 RUN rm -f embedsvc/models.yaml && cp models.yaml embedsvc/models.yaml \
-    && pip install ".[${EMBEDSVC_EXTRAS}]" && rm -rf /src
+    && pip install ".[${EMBEDSVC_EXTRAS}${EXTRAS:+,${EXTRAS}}]" && rm -rf /src
 
 # jemalloc keeps resident memory flat under the many tensor shapes continuous batching
 # makes, at full speed (glibc's malloc fragments; see docs/benchmarks.md, "Memory").

@@ -176,6 +176,10 @@ def add_embed_parser(sub: Any) -> None:
     p.add_argument("--shard-rows", type=int, default=100_000, help="rows per Parquet shard")
     p.add_argument("--overwrite", action="store_true", help="start over in --output")
     p.add_argument("--models-file", default=None, help="path of models.yaml")
+    ray_help = "run on a Ray cluster: ADDRESS, else RAY_ADDRESS, else a local one"
+    p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS", help=ray_help)
+    p.add_argument("--num-actors", type=int, default=0,
+                   help="model replicas on Ray (default: one per GPU, else one)")  # fmt: skip
     p.add_argument("--log-level", default="info")
 
 
@@ -215,7 +219,7 @@ def embed(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         models_file=models_file(args),
     )
-    return run(opts)
+    return run(opts, args.ray, args.num_actors)
 
 
 def list_models(args: argparse.Namespace) -> int:

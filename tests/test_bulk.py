@@ -290,3 +290,46 @@ def test_hub_dataset_needs_a_pinned_revision(
 ) -> None:
     assert embed(model_dir, "someone/corpus", "--output", str(tmp_path / "o")) == 2
     assert "--revision" in capsys.readouterr().err
+
+
+def test_ray_run_equals_the_single_machine_run(model_dir: Path, tmp_path: Path) -> None:
+    """`--ray` on a local Ray cluster (2 CPUs, one actor each), killed after a shard and
+    rerun: the same shards, manifest and vectors as a run on one machine."""
+    pytest.importorskip("ray")
+    rows: list[Any] = corpus(700, seed=11)
+    rows[10]["text"] = None
+    src = write_jsonl(tmp_path / "in.jsonl", rows)
+    args = ["--model", "tiny-bge", "--shard-rows", "200"]
+    assert embed(model_dir, str(src), "--output", str(tmp_path / "one"), *args) == 1
+    out = tmp_path / "ray"
+    models = str(model_dir / "models.yaml")
+    cmd = [sys.executable, "-m", "embedsvc", "embed", str(src), "--output", str(out), *args,
+           "--models-file", models, "--ray", "--num-actors", "2"]  # fmt: skip
+    env = dict(os.environ, HF_HUB_OFFLINE="1", RAY_ADDRESS="", RAY_USAGE_STATS_ENABLED="0")
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr[-3000:]
+    one = json.loads((tmp_path / "one" / "_manifest.json").read_text())
+    ray = json.loads((out / "_manifest.json").read_text())
+    assert ray["job"] == one["job"]
+    strip = ("sha256", "bytes")
+    assert [{k: v for k, v in s.items() if k not in strip} for s in ray["shards"]] == [
+        {k: v for k, v in s.items() if k not in strip} for s in one["shards"]
+    ]
+    assert (out / "_errors.jsonl").read_text() == (tmp_path / "one" / "_errors.jsonl").read_text()
+    a, b = read_output(out), read_output(tmp_path / "one")
+    assert a.column("id").to_pylist() == b.column("id").to_pylist()
+    np.testing.assert_allclose(np.array(a.column("embedding").to_pylist()),
+                               np.array(b.column("embedding").to_pylist()), atol=1e-5)  # fmt: skip
+    assert a.column("n_tokens").to_pylist() == b.column("n_tokens").to_pylist()
+    # Resume on Ray: drop the last two shards from the manifest, as a kill would leave it.
+    ray["shards"] = ray["shards"][:2]
+    ray["complete"] = False
+    ray["errors_bytes"] = len((out / "_errors.jsonl").read_bytes())
+    (out / "_manifest.json").write_text(json.dumps(ray))
+    (out / "part-00003.parquet").unlink()
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr[-3000:]
+    again = read_output(out)
+    assert again.column("id").to_pylist() == b.column("id").to_pylist()
+    final = json.loads((out / "_manifest.json").read_text())
+    assert [s["index"] for s in final["shards"]] == [0, 1, 2, 3]

@@ -87,3 +87,26 @@ def test_kustomization_and_deployment_agree_with_the_service() -> None:
 
     exported = {m.name for m in Metrics().registry.collect()}
     assert metric in exported
+
+
+def test_rayjob_runs_embedsvc_embed_on_ray() -> None:
+    """deploy/ray/rayjob.yaml: a KubeRay RayJob whose entrypoint is a valid `embedsvc embed
+    --ray` command, with the same image and data volume on every pod."""
+    import shlex
+
+    from embedsvc.cli import build_parser
+
+    job = yaml.safe_load((ROOT / "deploy" / "ray" / "rayjob.yaml").read_text())
+    assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
+    argv = shlex.split(job["spec"]["entrypoint"])
+    assert argv[0] == "embedsvc"
+    args = build_parser().parse_args(argv[1:])
+    assert args.command == "embed" and args.ray == "" and args.output.startswith("/data/")
+    cluster = job["spec"]["rayClusterSpec"]
+    pods = [cluster["headGroupSpec"]["template"]["spec"]] + [
+        g["template"]["spec"] for g in cluster["workerGroupSpecs"]
+    ]
+    assert len({c["image"] for p in pods for c in p["containers"]}) == 1
+    for p in pods:
+        assert p["volumes"][0]["persistentVolumeClaim"]["claimName"] == "embedsvc-data"
+        assert {"name": "data", "mountPath": "/data"} in p["containers"][0]["volumeMounts"]

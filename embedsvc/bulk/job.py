@@ -74,10 +74,12 @@ class StopJob(Exception):
     """--on-error fail: a row failed."""
 
 
-def engine_settings(extra_inputs: int = 0) -> Settings:
+def engine_settings(extra_inputs: int = 0, threads: int = 0) -> Settings:
     """The server's settings for a job that queues everything it reads: no time limit,
     batches by length, room for the whole window."""
     env = {k: v for k, v in os.environ.items() if k.startswith("EMBEDSVC_")}
+    if threads:
+        env["EMBEDSVC_THREADS"] = str(threads)
     env.setdefault("EMBEDSVC_MAX_QUEUE_TIME", "0")
     env.setdefault("EMBEDSVC_BATCH_POLICY", "length")
     env.setdefault("EMBEDSVC_MAX_CONCURRENT_INPUTS", str(CHUNK * WINDOW * 2 + extra_inputs))
@@ -100,13 +102,40 @@ def resolve_prompt_name(engine: ModelEngine, opts: Options) -> str | None:
     return opts.prompt_name
 
 
-def run(opts: Options) -> int:
+def describe_job(
+    engine: ModelEngine, opts: Options, description: dict[str, Any], fingerprint: str
+) -> dict[str, Any]:
+    """What the manifest records about the job, and compares on a rerun."""
+    engine.check_dimensions(opts.dimensions)
+    return {
+        "model": engine.name,
+        "hf_id": engine.spec.hf_id,
+        "revision": engine.spec.revision,
+        "prompt": engine.resolve_prompt(resolve_prompt_name(engine, opts)),
+        "dimensions": opts.dimensions or engine.dimension,
+        "normalized": True,
+        "dtype": opts.dtype,
+        "truncate": opts.truncate,
+        "text_column": opts.text_column,
+        "id_column": opts.id_column,
+        "shard_rows": opts.shard_rows,
+        "input": description,
+        "input_fingerprint": fingerprint,
+    }
+
+
+def run(opts: Options, ray: str | None = None, num_actors: int = 0) -> int:
+    """Run the job here, or on a Ray cluster when `ray` is an address ("" = local)."""
     if opts.dtype not in ("float32", "float16"):
         raise ConfigError(f"--dtype must be float32 or float16, got {opts.dtype!r}")
     if opts.on_error not in ("skip", "fail"):
         raise ConfigError(f"--on-error must be skip or fail, got {opts.on_error!r}")
     if opts.shard_rows < 1:
         raise ConfigError("--shard-rows must be at least 1")
+    if ray is not None:
+        from embedsvc.bulk.ray_job import run_ray
+
+        return run_ray(opts, ray, num_actors)
     source = open_source(
         opts.input, opts.format, split=opts.split, revision=opts.revision, streaming=opts.streaming
     )
@@ -114,23 +143,7 @@ def run(opts: Options) -> int:
     try:
         engine = engines.default
         prompt_name = resolve_prompt_name(engine, opts)
-        prompt = engine.resolve_prompt(prompt_name)
-        engine.check_dimensions(opts.dimensions)
-        job = {
-            "model": engine.name,
-            "hf_id": engine.spec.hf_id,
-            "revision": engine.spec.revision,
-            "prompt": prompt,
-            "dimensions": opts.dimensions or engine.dimension,
-            "normalized": True,
-            "dtype": opts.dtype,
-            "truncate": opts.truncate,
-            "text_column": opts.text_column,
-            "id_column": opts.id_column,
-            "shard_rows": opts.shard_rows,
-            "input": source.description,
-            "input_fingerprint": source.fingerprint,
-        }
+        job = describe_job(engine, opts, source.description, source.fingerprint)
         manifest = open_output(opts.output, job, opts.overwrite)
         if manifest.complete:
             log.info("%s is complete already: %s", opts.output, manifest.summary)
@@ -140,7 +153,7 @@ def run(opts: Options) -> int:
         engines.stop()
 
 
-def _chunks(
+def chunks(
     source: Source, opts: Options, done: set[int]
 ) -> Iterator[tuple[int, int, list[Any], list[Any]]]:
     """(shard, first row, ids, texts) of up to CHUNK rows, none across a shard's end,
@@ -279,7 +292,7 @@ async def _run(
 
     code = 0
     try:
-        for shard, first_row, ids, texts in _chunks(source, opts, manifest.done()):
+        for shard, first_row, ids, texts in chunks(source, opts, manifest.done()):
             inflight.append(asyncio.ensure_future(embedder.embed(shard, first_row, ids, texts)))
             if len(inflight) >= WINDOW:
                 await settle_one()
