@@ -169,7 +169,8 @@ class ModelMetrics:
         self.phase = {
             p: m.duration.labels(model, p) for p in ("tokenization", "queue", "inference", "total")
         }
-        self.requests = {r: m.requests.labels(model, r) for r in ("/embed", "/v1/embeddings")}
+        routes = ("/embed", "/v1/embeddings", "/similarity")
+        self.requests = {r: m.requests.labels(model, r) for r in routes}
 
 
 class ServerMemoryCollector(Collector):

@@ -1,4 +1,4 @@
-"""TEI dialect: POST /embed (and /), /tokenize, /decode."""
+"""TEI dialect: POST /embed (and /), /similarity, /tokenize, /decode."""
 
 from __future__ import annotations
 
@@ -7,9 +7,11 @@ from typing import Any, Literal
 import orjson
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import ValidationError as PydanticValidationError
 from starlette.responses import Response
 
 from embedsvc.api.encode import tei_embed_body, timing_headers
+from embedsvc.api.errors import describe_validation_errors
 from embedsvc.api.inputs import INPUTS_SCHEMA, parse_inputs
 from embedsvc.api.service import Service
 from embedsvc.engine import EmbedRequest
@@ -27,6 +29,33 @@ class TEIEmbedBody(BaseModel):
     truncation_direction: Literal["Left", "Right", "left", "right"] = "Right"
     prompt_name: StrictStr | None = None
     dimensions: StrictInt | None = Field(default=None, gt=0)
+    model: StrictStr | None = None
+    parameters: Any = Field(default=None, description="similarity parameters (POST / only)")
+
+
+class SimilarityInputs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    source_sentence: StrictStr
+    sentences: list[StrictStr]
+
+
+class SimilarityParameters(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    truncate: StrictBool | None = None
+    truncation_direction: Literal["Left", "Right", "left", "right"] = "Right"
+    prompt_name: StrictStr | None = None
+
+
+class TEISimilarityBody(BaseModel):
+    """TEI's /similarity (and the Hugging Face Inference API's sentence-similarity task,
+    which `huggingface_hub.InferenceClient.sentence_similarity` posts to the base URL)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    inputs: SimilarityInputs
+    parameters: SimilarityParameters | None = None
     model: StrictStr | None = None
 
 
@@ -78,9 +107,56 @@ def tei_router() -> APIRouter:
         "/embed", embed, methods=["POST"], summary="Embed inputs (TEI)",
         response_class=Response,
     )  # fmt: skip
+
+    async def similarity(body: TEISimilarityBody, request: Request) -> Response:
+        """Cosine similarity of `source_sentence` to each of `sentences`."""
+        service: Service = request.app.state.service
+        engine = service.engine_set().get(body.model)
+        params = body.parameters or SimilarityParameters()
+        sentences = body.inputs.sentences
+        if not sentences:
+            raise EmptyInputError("inputs.sentences is empty", param="inputs.sentences")
+        texts = [body.inputs.source_sentence, *sentences]
+        parse_inputs(texts, "inputs")
+        req = EmbedRequest(
+            texts=texts,
+            prompt_name=params.prompt_name,
+            truncate=params.truncate,
+            truncation_direction=params.truncation_direction.lower(),
+            input_param="inputs",
+            request_id=getattr(request.state, "request_id", ""),
+            timeout=getattr(request.state, "request_timeout", None),
+        )
+        result = await service.embed(request, engine, req)
+        engine.metrics.requests["/similarity"].inc()
+        scores = result.vectors[1:] @ result.vectors[0]  # normalized: dot = cosine
+        return Response(
+            orjson.dumps(scores.astype(float).tolist()),
+            media_type="application/json",
+            headers={k.decode(): v.decode() for k, v in timing_headers(result)},
+        )
+
+    async def root(body: TEIEmbedBody, request: Request) -> Response:
+        """/embed, or /similarity when `inputs` is {source_sentence, sentences}: the two
+        tasks the Hugging Face Inference API posts to a model's base URL."""
+        if isinstance(body.inputs, dict):
+            raw = {"inputs": body.inputs, "parameters": body.parameters, "model": body.model}
+            try:
+                sim = TEISimilarityBody.model_validate(raw)
+            except PydanticValidationError as e:
+                message, param = describe_validation_errors(e.errors())
+                raise ValidationError(message, param=param) from None
+            return await similarity(sim, request)
+        return await embed(body, request)
+
     router.add_api_route(
-        "/", embed, methods=["POST"], summary="Alias of /embed", response_class=Response,
-        include_in_schema=True, name="embed_root",
+        "/similarity", similarity, methods=["POST"], response_class=Response,
+        summary="Similarity of a sentence to others (TEI)",
+    )  # fmt: skip
+    router.add_api_route(
+        "/", root, methods=["POST"], response_class=Response, include_in_schema=True,
+        summary="Alias of /embed; /similarity for {source_sentence, sentences}",
+        name="embed_root",
     )  # fmt: skip
 
     @router.post("/tokenize", summary="Tokenize inputs (TEI)")
