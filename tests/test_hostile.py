@@ -42,7 +42,7 @@ BAD_INPUTS: list[tuple[str, Any, Any]] = [
     ("normalize as text", {"inputs": "a", "normalize": "false"},
      {"input": "a", "truncate": "false"}),
     ("unknown encoding / direction", {"inputs": "a", "truncation_direction": "Middle"},
-     {"input": "a", "encoding_format": "binary"}),
+     {"input": "a", "encoding_format": "int4"}),
     ("unknown model", {"inputs": "a", "model": "gpt-9"}, {"input": "a", "model": "gpt-9"}),
     ("model as number", {"inputs": "a", "model": 7}, {"input": "a", "model": 7}),
     ("unknown prompt", {"inputs": "a", "prompt_name": "x"}, {"input": "a", "prompt_name": "x"}),

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import orjson
 
+from embedsvc.api.precision import INTEGER_FORMATS, Calibration, quantize
 from embedsvc.engine import EmbedResult
 
 _NUMPY = orjson.OPT_SERIALIZE_NUMPY
@@ -18,13 +19,28 @@ def to_base64(row: np.ndarray) -> str:
     return base64.b64encode(np.ascontiguousarray(row, dtype="<f4").data).decode("ascii")
 
 
-def tei_embed_body(result: EmbedResult) -> bytes:
-    return orjson.dumps(result.vectors, option=_NUMPY)
+def tei_embed_body(
+    result: EmbedResult, encoding_format: str = "float", calibration: Calibration | None = None
+) -> bytes:
+    vectors = result.vectors
+    if encoding_format in INTEGER_FORMATS:
+        vectors = quantize(vectors, encoding_format, calibration or {})
+    return orjson.dumps(vectors, option=_NUMPY)
 
 
-def openai_embeddings_body(result: EmbedResult, encoding_format: str, model: str) -> bytes:
+def openai_embeddings_body(
+    result: EmbedResult,
+    encoding_format: str,
+    model: str,
+    calibration: Calibration | None = None,
+) -> bytes:
     data: list[dict[str, Any]]
-    if encoding_format == "base64":
+    if encoding_format in INTEGER_FORMATS:
+        data = [
+            {"object": "embedding", "index": i, "embedding": row}
+            for i, row in enumerate(quantize(result.vectors, encoding_format, calibration or {}))
+        ]
+    elif encoding_format == "base64":
         data = [
             {"object": "embedding", "index": i, "embedding": to_base64(row)}
             for i, row in enumerate(result.vectors)

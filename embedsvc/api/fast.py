@@ -66,6 +66,8 @@ def parse_tei(d: dict[str, Any]) -> dict[str, Any] | None:
     direction = d.get("truncation_direction", "Right")
     if fields is None or type(normalize) is not bool or direction not in TRUNCATION_DIRECTIONS:
         return None
+    if d.get("encoding_format", "float") != "float":
+        return None  # integer output: the route
     return fields | {"normalize": normalize, "direction": direction.lower()}
 
 

@@ -29,7 +29,7 @@ class OpenAIEmbeddingsBody(BaseModel):
 
     input: Any = Field(json_schema_extra=INPUTS_SCHEMA)
     model: StrictStr | None = None
-    encoding_format: Literal["float", "base64"] = "float"
+    encoding_format: Literal["float", "base64", "int8", "uint8", "binary", "ubinary"] = "float"
     dimensions: StrictInt | None = Field(default=None, gt=0)
     user: StrictStr | None = None
     input_type: Literal["query", "passage", "document"] | None = None
@@ -90,8 +90,9 @@ def openai_router() -> APIRouter:
         )
         result = await service.embed(request, engine, req)
         engine.metrics.requests["/v1/embeddings"].inc()
+        name = body.model or engine.name
         return Response(
-            openai_embeddings_body(result, body.encoding_format, body.model or engine.name),
+            openai_embeddings_body(result, body.encoding_format, name, engine.info.calibration),
             media_type="application/json",
             headers={k.decode(): v.decode() for k, v in timing_headers(result)},
         )

@@ -12,6 +12,7 @@ from embedsvc import __version__
 from embedsvc.api.errors import error_response
 from embedsvc.api.service import Service
 from embedsvc.engine import ModelEngine
+from embedsvc.engine.calibration import TEXTS as CALIBRATION_TEXTS
 from embedsvc.errors import ErrorKind
 from embedsvc.memory import allocator
 
@@ -39,6 +40,14 @@ def model_info(e: ModelEngine) -> dict[str, Any]:
         "max_batch_tokens": info.max_batch_tokens,
         "queue_time_estimate": round(e.queue_time_estimate(), 3),
         "ready": e.healthy,
+        # int8/uint8 output: each served size's per-dimension range over the fixed
+        # calibration texts (engine/calibration.py), measured once when the model loaded.
+        "int8_calibration": {
+            "texts": len(CALIBRATION_TEXTS),
+            "ranges": {
+                str(size): {"min": lo, "max": hi} for size, (lo, hi) in info.calibration.items()
+            },
+        },
     }
 
 

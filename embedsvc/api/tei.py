@@ -13,6 +13,7 @@ from starlette.responses import Response
 from embedsvc.api.encode import tei_embed_body, timing_headers
 from embedsvc.api.errors import describe_validation_errors
 from embedsvc.api.inputs import INPUTS_SCHEMA, parse_inputs
+from embedsvc.api.precision import check_format
 from embedsvc.api.service import Service
 from embedsvc.engine import EmbedRequest
 from embedsvc.errors import EmptyInputError, ValidationError
@@ -30,6 +31,7 @@ class TEIEmbedBody(BaseModel):
     prompt_name: StrictStr | None = None
     dimensions: StrictInt | None = Field(default=None, gt=0)
     model: StrictStr | None = None
+    encoding_format: Literal["float", "int8", "uint8", "binary", "ubinary"] = "float"
     parameters: Any = Field(default=None, description="similarity parameters (POST / only)")
 
 
@@ -83,6 +85,7 @@ def tei_router() -> APIRouter:
         service: Service = request.app.state.service
         engine = service.engine_set().get(body.model)
         texts, ids = parse_inputs(body.inputs, "inputs")
+        check_format(body.encoding_format, body.normalize)
         req = EmbedRequest(
             texts=texts,
             token_ids=ids,
@@ -98,7 +101,7 @@ def tei_router() -> APIRouter:
         result = await service.embed(request, engine, req)
         engine.metrics.requests["/embed"].inc()
         return Response(
-            tei_embed_body(result),
+            tei_embed_body(result, body.encoding_format, engine.info.calibration),
             media_type="application/json",
             headers={k.decode(): v.decode() for k, v in timing_headers(result)},
         )

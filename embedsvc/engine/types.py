@@ -65,6 +65,9 @@ class ModelInfo:
     tokenizer_json: str
     default_prompt_name: str | None = None
     tokens_per_second: float = 0.0  # the admission estimate's rate when loaded (0: unknown)
+    # int8/uint8 output: per served size, each dimension's (min, max) over the calibration
+    # texts (engine/calibration.py), measured at warm-up.
+    calibration: dict[int, tuple[list[float], list[float]]] = field(default_factory=dict)
 
     @property
     def name(self) -> str:

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from embedsvc.backends.base import BackendOutOfMemory, LoadedModel, PaddedBatch
+from embedsvc.engine import calibration
 from embedsvc.engine.admission import RateEstimate, retry_after
 from embedsvc.engine.batcher import BatchQueue, Item, pad
 from embedsvc.engine.compute import compute_thread
@@ -97,6 +98,8 @@ class ModelWorker:
         self._thread: threading.Thread | None = None
         self.sink: Sink = lambda origin, done, failed: None
         self.one_thread_enough = False  # measured at warm-up (torch on CPU threads)
+        # int8/uint8 ranges per served size, from the calibration texts at warm-up.
+        self.calibration: dict[int, tuple[list[float], list[float]]] = {}
         self.ready = False
         self.healthy = True
         self._failed_in_a_row = 0
@@ -124,6 +127,7 @@ class ModelWorker:
             tokenizer_json=m.tokenizer.to_str(),
             default_prompt_name=default_prompt_name(self.spec, Path(m.path)),
             tokens_per_second=self.rate.rate,
+            calibration=self.calibration,
         )
 
     def start(self, sink: Sink) -> None:
@@ -133,12 +137,17 @@ class ModelWorker:
         self._thread.start()
 
     def warmup(self) -> None:
-        """Run a forward pass before reporting ready (first-call costs, shape checks)."""
-        ids = self.model.tokenizer.encode("warm up").ids
-        batch = pad([Item(None, 0, ids)], self.model.pad_token_id)
-        out = self.compute.call(lambda: self.model.backend.forward(batch))
-        if out.shape != (1, self.model.backend.dimension):
+        """Run a forward pass before reporting ready (first-call costs, shape checks): the
+        calibration texts, whose vectors give the int8/uint8 ranges."""
+        m = self.model
+        encoded = m.tokenizer.encode_batch(list(calibration.TEXTS))
+        items = [Item(None, i, e.ids[: m.max_seq_length]) for i, e in enumerate(encoded)]
+        batch = pad(items, m.pad_token_id)
+        out = self.compute.call(lambda: m.backend.forward(batch))
+        if out.shape != (len(items), m.backend.dimension):
             raise RuntimeError(f"warm-up returned shape {out.shape}")
+        sizes = sorted({m.backend.dimension, *self.spec.matryoshka_dims})
+        self.calibration = calibration.ranges(out, sizes, self.spec.matryoshka_layer_norm)
         self.queue.overhead_tokens = self.compute.call(self._measure_overhead)
         log.info(
             "model %s: a forward pass costs about %.0f tokens' worth besides its tokens",
