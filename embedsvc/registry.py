@@ -18,6 +18,9 @@ from embedsvc.errors import ConfigError
 SHA_RE = re.compile(r"^[0-9a-f]{40}$")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")
 BACKENDS = ("torch", "onnx")
+# embed: a sentence-transformers model (vectors); rerank: a cross-encoder (a score per
+# (query, document) pair: a sequence-classification model with one label).
+TASKS = ("embed", "rerank")
 ONNX_VARIANTS = ("auto", "fp32", "int8", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -33,6 +36,7 @@ class ModelSpec:
     revision: str
     package: str | None = None
     local_dir: str | None = None
+    task: str = "embed"
     backend: str = "torch"
     device: str = "auto"
     dtype: str = "auto"
@@ -191,6 +195,16 @@ def _parse_entry(entry: Any, where: str, base_dir: Path) -> ModelSpec:
     package = entry.get("package")
     if local_dir and package:
         raise ConfigError(f"{where}: give either local_dir or package, not both")
+    task = choice("task", TASKS, "embed")
+    if task == "rerank":
+        embedding_only = ("prompts", "matryoshka_dims", "pooling", "query_prompt")
+        given = [k for k in embedding_only if entry.get(k)]
+        if given:
+            raise ConfigError(
+                f"{where}: {', '.join(given)} apply to embedding models, not task rerank"
+            )
+        if entry.get("backend", "torch") != "torch":
+            raise ConfigError(f"{where}: task rerank runs on the torch backend")
     pooling = entry.get("pooling")
     if pooling is not None and pooling not in POOLINGS:
         raise ConfigError(f"{where}: pooling {pooling!r} is not one of {', '.join(POOLINGS)}")
@@ -200,6 +214,7 @@ def _parse_entry(entry: Any, where: str, base_dir: Path) -> ModelSpec:
         revision=revision,
         package=package,
         local_dir=local_dir,
+        task=task,
         backend=choice("backend", BACKENDS, "torch"),
         device=choice("device", DEVICES, "auto"),
         dtype=choice("dtype", DTYPES, "auto"),

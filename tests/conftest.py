@@ -24,7 +24,12 @@ from embedsvc.engine import EngineSet, load_engines
 from embedsvc.metrics import Metrics
 from embedsvc.registry import Registry, load_registry
 from embedsvc.settings import Settings
-from tests.models import MINILM_PATH, build_tiny_bert, write_models_yaml
+from tests.models import (
+    MINILM_PATH,
+    build_tiny_bert,
+    build_tiny_cross_encoder,
+    write_models_yaml,
+)
 
 
 @pytest.fixture(scope="session")
@@ -33,7 +38,8 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     bge = build_tiny_bert(root / "tiny-bge", pooling="cls", seed=1, max_seq_length=64)
     nomic = build_tiny_bert(root / "tiny-nomic", pooling="mean", seed=2, shift_bias=True)
     big = build_tiny_bert(root / "tiny-bigvocab", pooling="mean", seed=3, extra_vocab=100_000)
-    write_models_yaml(root / "models.yaml", bge, nomic, big)
+    reranker = build_tiny_cross_encoder(root / "tiny-reranker", seed=4)
+    write_models_yaml(root / "models.yaml", bge, nomic, big, reranker)
     return root
 
 

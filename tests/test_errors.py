@@ -77,7 +77,7 @@ OPENAI_CASES = [
      ["input_type"]),
     ({"input": "x", "model": "tiny-bge", "input_type": "query", "prompt_name": "query"}, 422,
      "input_type", ["either input_type or prompt_name"]),
-    ({"input": "x", "encoding_format": "int8"}, 422, "encoding_format", ["encoding_format"]),
+    ({"input": "x", "encoding_format": "int4"}, 422, "encoding_format", ["encoding_format"]),
     ({"input": LONG, "model": "all-minilm-l6-v2"}, 422, "input", ["input has 402 tokens"]),
     ({"input": [], "model": "all-minilm-l6-v2"}, 400, "input", ["input is empty"]),
     ({"input": {"text": "x"}}, 422, "input", ["an object"]),

@@ -20,6 +20,7 @@ from embedsvc.api.errors import install_error_handlers
 from embedsvc.api.middleware import RequestMiddleware
 from embedsvc.api.openai import openai_router
 from embedsvc.api.ops import ops_router
+from embedsvc.api.rerank import rerank_router
 from embedsvc.api.service import Service
 from embedsvc.api.tei import tei_router
 from embedsvc.engine import EngineSet
@@ -105,6 +106,7 @@ def create_app(
     app.add_exception_handler(ClientDisconnected, disconnected)
     app.include_router(tei_router())
     app.include_router(openai_router())
+    app.include_router(rerank_router())
     app.include_router(ops_router())
     # Outside FastAPI's own middleware stack (error pages, telemetry hooks, body limits):
     # the lean path for the embedding routes pays for none of it.

@@ -107,7 +107,13 @@ def openai_router() -> APIRouter:
     async def models(request: Request) -> Response:
         service: Service = request.app.state.service
         data = [
-            {"id": e.name, "object": "model", "created": started, "owned_by": "embedsvc"}
+            {
+                "id": e.name,
+                "object": "model",
+                "created": started,
+                "owned_by": "embedsvc",
+                "task": e.spec.task,
+            }
             for e in service.engine_set()
         ]
         return Response(

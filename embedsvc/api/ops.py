@@ -21,6 +21,7 @@ def model_info(e: ModelEngine) -> dict[str, Any]:
     spec, info = e.spec, e.info
     return {
         "name": spec.name,
+        "task": spec.task,
         "model_id": spec.hf_id,
         "model_sha": spec.revision,
         "source": spec.source,
@@ -47,7 +48,10 @@ def model_info(e: ModelEngine) -> dict[str, Any]:
             "ranges": {
                 str(size): {"min": lo, "max": hi} for size, (lo, hi) in info.calibration.items()
             },
-        },
+        }
+        if spec.task == "embed"
+        else None,
+        "score_activation": info.score_activation or None,
     }
 
 

@@ -55,6 +55,7 @@ class BackendSpec:
     onnx_variant: str
     onnx_dir: str | None
     threads: int = 0  # CPU threads for a forward pass; 0: the library's default
+    task: str = "embed"
 
     @classmethod
     def of(cls, spec: ModelSpec, threads: int = 0) -> BackendSpec:
@@ -71,6 +72,7 @@ class BackendSpec:
             onnx_variant=spec.onnx_variant,
             onnx_dir=spec.onnx_dir,
             threads=threads,
+            task=spec.task,
         )
 
 
@@ -84,12 +86,18 @@ class LoadedModel:
     max_seq_length: int
     pad_token_id: int
     pooling: str
+    # task rerank: what turns the model's logit into a score by default (sigmoid | identity)
+    score_activation: str = ""
 
 
 def load_model(entry: ModelSpec | BackendSpec, path: Path, threads: int = 0) -> LoadedModel:
     """Load the model in `path` on the calling thread (torch's thread count is per
     thread: call it on the thread that will run the forward passes)."""
     spec = entry if isinstance(entry, BackendSpec) else BackendSpec.of(entry, threads)
+    if spec.task == "rerank":
+        from embedsvc.backends.cross_encoder import load_cross_encoder
+
+        return load_cross_encoder(spec, path)
     if spec.backend == "torch":
         from embedsvc.backends.torch_backend import load_torch_model
 

@@ -230,13 +230,13 @@ def _load_lean(p: bert.Plan, path: Path, device: str, dtype: str) -> _Parts:
         pooling=mode,
         dimension=p.dimension,
         tokenizer=tokenizer,
-        pad_token_id=_pad_token_id(path, tokenizer, p.config),
+        pad_token_id=pad_token_id_of(path, tokenizer, p.config),
         max_seq_length=p.max_seq_length,
         via="torch",
     )
 
 
-def _pad_token_id(path: Path, tokenizer: Tokenizer, config: dict[str, Any]) -> int | None:
+def pad_token_id_of(path: Path, tokenizer: Tokenizer, config: dict[str, Any]) -> int | None:
     """The tokenizer's pad token as its configuration names it, else config.json's."""
     for name in ("tokenizer_config.json", "special_tokens_map.json"):
         try:

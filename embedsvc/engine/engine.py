@@ -319,6 +319,9 @@ class ModelEngine:
     def _estimate_tokens(self, req: EmbedRequest) -> int:
         if req.token_ids is not None:
             return sum(map(len, req.token_ids))
+        if req.pairs is not None:
+            chars = sum(len(q) + len(d) for q, d in req.pairs)
+            return int(chars * self._tokens_per_char) + 4 * len(req.pairs)
         assert req.texts is not None
         return int(sum(map(len, req.texts)) * self._tokens_per_char) + 2 * len(req.texts)
 
@@ -331,6 +334,7 @@ class ModelEngine:
             return
         reqs = [p.req for p in batch]
         chars = sum(sum(map(len, r.texts)) for r in reqs if r.texts is not None)
+        chars += sum(len(q) + len(d) for r in reqs if r.pairs is not None for q, d in r.pairs)
         if chars <= INLINE_TOKENIZE_CHARS:
             try:
                 results = self.prep.tokenize_many(reqs)

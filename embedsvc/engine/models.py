@@ -43,9 +43,11 @@ class EngineSet:
     def __len__(self) -> int:
         return len(self.engines)
 
-    def get(self, name: str | None) -> ModelEngine:
+    def get(self, name: str | None, task: str = "embed") -> ModelEngine:
+        """The model `name` (served name or Hugging Face id), or when none is named the first
+        one loaded for `task` (the first of all if none is: its task check then says so)."""
         if name is None or name == "":
-            return self.default
+            return next((e for e in self if e.spec.task == task), self.default)
         engine = self.engines.get(name) or self._aliases.get(name)
         if engine is None:
             known = ", ".join(sorted(self.engines))

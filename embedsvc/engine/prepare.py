@@ -26,6 +26,12 @@ class Preparer:
         tok.no_padding()
         tok.no_truncation()
         self.tokenizer = TextTokenizer(tok, info.max_seq_length)
+        # Pairs (task rerank) are cut as sentence-transformers' CrossEncoder cuts them:
+        # the longer of the two loses a token at a time ("longest_first").
+        self._pairs_cut = Tokenizer.from_str(info.tokenizer_json)
+        self._pairs_cut.no_padding()
+        self._pairs_cut.enable_truncation(info.max_seq_length, strategy="longest_first")
+        self._pairs_whole = tok
 
     def resolve_prompt(self, prompt_name: str | None, param: str = "prompt_name") -> str:
         """The prefix for `prompt_name`: None means the model's default prompt (if it
@@ -57,24 +63,15 @@ class Preparer:
 
     def validate(self, req: EmbedRequest) -> None:
         """Checks that need no tokenization; raise before anything is queued."""
+        self._check_task(req)
         n = req.size
         if n == 0:
             raise EmptyInputError(f"{req.input_param} is empty", param=req.input_param)
-        texts = req.texts
-        if texts is not None:
-            if "" in texts:
-                i = texts.index("")
-                where = f"{req.input_param}[{i}]" if n > 1 else req.input_param
-                raise EmptyInputError(f"{where} is an empty string", param=req.input_param)
-            limit = self.settings.max_input_chars
-            if max(map(len, texts)) > limit:
-                i = next(i for i, t in enumerate(texts) if len(t) > limit)
-                where = f"{req.input_param}[{i}]" if n > 1 else req.input_param
-                raise ValidationError(
-                    f"{where} has {len(texts[i])} characters, more than max_input_chars "
-                    f"({limit}); split the text",
-                    param=req.input_param,
-                )
+        if req.pairs is not None:  # one query with many documents (the rerank routes)
+            self._check_texts([req.pairs[0][0]], "query")
+            self._check_texts([d for _, d in req.pairs], req.input_param)
+        elif req.texts is not None:
+            self._check_texts(req.texts, req.input_param)
         elif req.prompt_name:
             raise ValidationError(
                 "a prompt cannot be applied to token-id input; send text, or tokenize the "
@@ -90,6 +87,52 @@ class Preparer:
             )
         self.resolve_prompt(req.prompt_name)
         self.check_dimensions(req.dimensions)
+
+    def _check_texts(self, texts: list[str], param: str) -> None:
+        n = len(texts)
+        if "" in texts:
+            i = texts.index("")
+            where = f"{param}[{i}]" if n > 1 else param
+            raise EmptyInputError(f"{where} is an empty string", param=param)
+        limit = self.settings.max_input_chars
+        if max(map(len, texts)) > limit:
+            i = next(i for i, t in enumerate(texts) if len(t) > limit)
+            where = f"{param}[{i}]" if n > 1 else param
+            raise ValidationError(
+                f"{where} has {len(texts[i])} characters, more than max_input_chars "
+                f"({limit}); split the text",
+                param=param,
+            )
+
+    def _check_task(self, req: EmbedRequest) -> None:
+        task = self.spec.task
+        if req.pairs is not None and task != "rerank":
+            raise ValidationError(
+                f"model {self.name} is an embedding model (task {task}); rerank with a model "
+                "whose task is rerank (see /info)",
+                param="model",
+            )
+        if req.pairs is None and task == "rerank":
+            raise ValidationError(
+                f"model {self.name} is a reranker (task rerank): it scores (query, document) "
+                "pairs on /rerank and /v1/rerank, and makes no embeddings",
+                param="model",
+            )
+
+    def _pair_ids(self, req: EmbedRequest) -> list[list[int]]:
+        assert req.pairs is not None
+        truncate = self.settings.auto_truncate if req.truncate is None else req.truncate
+        tok = self._pairs_cut if truncate else self._pairs_whole
+        ids = [e.ids for e in tok.encode_batch(req.pairs)]
+        limit = self.info.max_seq_length
+        if not truncate and max(map(len, ids)) > limit:
+            i = next(i for i, x in enumerate(ids) if len(x) > limit)
+            raise ValidationError(
+                f"{req.input_param}[{i}] with the query has {len(ids[i])} tokens, more than "
+                f"model {self.name} takes ({limit}); shorten it, or set truncate: true",
+                param=req.input_param,
+            )
+        return ids
 
     def tokenize_many(self, reqs: list[EmbedRequest]) -> list[list[list[int]] | EmbedsvcError]:
         """Token ids of each request (or the error that refuses it); the texts of all
@@ -114,7 +157,9 @@ class Preparer:
     def _fit(self, req: EmbedRequest, ids: list[list[int]], full: list[str]) -> list[list[int]]:
         truncate = self.settings.auto_truncate if req.truncate is None else req.truncate
         direction = req.truncation_direction
-        if req.texts is not None:
+        if req.pairs is not None:
+            ids = self._pair_ids(req)
+        elif req.texts is not None:
             ids = self.tokenizer.fit(
                 ids,
                 full,

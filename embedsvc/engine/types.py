@@ -23,6 +23,7 @@ NO_PROMPT = ""
 class EmbedRequest:
     texts: list[str] | None = None
     token_ids: list[list[int]] | None = None
+    pairs: list[tuple[str, str]] | None = None  # (query, document), for task rerank
     prompt_name: str | None = None
     normalize: bool = True
     truncate: bool | None = None
@@ -34,7 +35,9 @@ class EmbedRequest:
 
     @property
     def size(self) -> int:
-        return len(self.texts if self.texts is not None else self.token_ids or [])
+        if self.texts is not None:
+            return len(self.texts)
+        return len(self.token_ids if self.token_ids is not None else self.pairs or [])
 
 
 @dataclass
@@ -68,6 +71,11 @@ class ModelInfo:
     # int8/uint8 output: per served size, each dimension's (min, max) over the calibration
     # texts (engine/calibration.py), measured at warm-up.
     calibration: dict[int, tuple[list[float], list[float]]] = field(default_factory=dict)
+    score_activation: str = ""  # task rerank: sigmoid | identity
+
+    @property
+    def task(self) -> str:
+        return self.spec.task
 
     @property
     def name(self) -> str:

@@ -128,6 +128,7 @@ class ModelWorker:
             default_prompt_name=default_prompt_name(self.spec, Path(m.path)),
             tokens_per_second=self.rate.rate,
             calibration=self.calibration,
+            score_activation=m.score_activation,
         )
 
     def start(self, sink: Sink) -> None:
@@ -146,8 +147,9 @@ class ModelWorker:
         out = self.compute.call(lambda: m.backend.forward(batch))
         if out.shape != (len(items), m.backend.dimension):
             raise RuntimeError(f"warm-up returned shape {out.shape}")
-        sizes = sorted({m.backend.dimension, *self.spec.matryoshka_dims})
-        self.calibration = calibration.ranges(out, sizes, self.spec.matryoshka_layer_norm)
+        if self.spec.task == "embed":
+            sizes = sorted({m.backend.dimension, *self.spec.matryoshka_dims})
+            self.calibration = calibration.ranges(out, sizes, self.spec.matryoshka_layer_norm)
         self.queue.overhead_tokens = self.compute.call(self._measure_overhead)
         log.info(
             "model %s: a forward pass costs about %.0f tokens' worth besides its tokens",

@@ -1,0 +1,152 @@
+"""Cross-encoders (task: rerank): a sequence-classification model with one label that
+scores a (query, document) pair, as sentence-transformers' `CrossEncoder` loads it.
+
+The engine sends pairs as one id sequence each (`[CLS] query [SEP] document [SEP]`, or
+XLM-R's `<s> q </s></s> d </s>`), like any other input. For a model with segment embeddings
+(BERT), the segment ids are rebuilt here from the separator: 0 up to and including the first
+separator, 1 after it — what the tokenizer gives for a pair. The backend returns the logit;
+the API applies the model's activation (sigmoid unless its configuration says otherwise).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from embedsvc.backends.base import BackendOutOfMemory, BackendSpec, LoadedModel, PaddedBatch
+from embedsvc.backends.torch_backend import pad_token_id_of, resolve_device, resolve_dtype
+from embedsvc.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+ACTIVATIONS = {"Sigmoid": "sigmoid", "Identity": "identity"}
+
+
+class CrossEncoderBackend:
+    def __init__(self, model: Any, device: str, dtype: str, sep_id: int | None) -> None:
+        self._model = model
+        self.device = device
+        self.dtype = dtype
+        self.dimension = 1
+        self._sep_id = sep_id  # None: the model has no segment embeddings
+
+    def cpu_threads(self, n: int | None = None) -> int:
+        import torch
+
+        if n is not None:
+            torch.set_num_threads(n)
+        return int(torch.get_num_threads())
+
+    def forward(self, batch: PaddedBatch) -> np.ndarray:
+        import torch
+
+        ids = torch.from_numpy(batch.input_ids).to(self.device)
+        mask = torch.from_numpy(batch.attention_mask).to(self.device)
+        kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
+        if self._sep_id is not None:
+            sep = (ids == self._sep_id).long()
+            kwargs["token_type_ids"] = ((torch.cumsum(sep, dim=1) - sep) > 0).long()
+        try:
+            with torch.inference_mode():
+                logits = self._model(**kwargs).logits
+            return logits.to(torch.float32).cpu().numpy()
+        except torch.OutOfMemoryError as e:
+            if self.device.startswith("cuda"):
+                torch.cuda.empty_cache()
+            raise BackendOutOfMemory(str(e)) from e
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def activation_of(config: dict[str, Any]) -> str:
+    """The score activation sentence-transformers' CrossEncoder would apply by default."""
+    st = config.get("sentence_transformers")
+    path = (st or {}).get("activation_fn") if isinstance(st, dict) else None
+    path = path or config.get("sbert_ce_default_activation_function")
+    if not path:
+        return "sigmoid"  # CrossEncoder's default for one label
+    name = str(path).rsplit(".", 1)[-1]
+    if name not in ACTIVATIONS:
+        raise ConfigError(f"activation {path} is not supported (Sigmoid or Identity)")
+    return ACTIVATIONS[name]
+
+
+def load_cross_encoder(spec: BackendSpec, path: Path) -> LoadedModel:
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    if spec.backend != "torch":
+        raise ConfigError(f"model {spec.name}: task rerank runs on the torch backend")
+    device = resolve_device(spec.device)
+    dtype = resolve_dtype(spec.dtype, device)
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    if not (path / "tokenizer.json").is_file():
+        raise ConfigError(f"model {spec.name}: needs a fast tokenizer (tokenizer.json)")
+    kwargs: dict[str, Any] = {"use_safetensors": True, "local_files_only": True}
+    if dtype != "float32":
+        kwargs["dtype"] = getattr(torch, dtype)
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            str(path), trust_remote_code=spec.trust_remote_code, **kwargs
+        )
+    except Exception as e:  # the library raises many types; report the reason plainly
+        raise ConfigError(f"model {spec.name}: cannot load {path}: {type(e).__name__}: {e}") from e
+    model.to(device).eval()
+    config = _read(path / "config.json")
+    if model.config.num_labels != 1:
+        raise ConfigError(
+            f"model {spec.name}: a reranker scores with one label; {path} has "
+            f"{model.config.num_labels}"
+        )
+    try:
+        activation = activation_of(config)
+    except ConfigError as e:
+        raise ConfigError(f"model {spec.name}: {e}") from None
+    tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    tok_config = _read(path / "tokenizer_config.json")
+    sep_id = None
+    if int(getattr(model.config, "type_vocab_size", 1) or 1) > 1:
+        sep = tok_config.get("sep_token", "[SEP]")
+        sep = sep.get("content") if isinstance(sep, dict) else sep
+        sep_id = tokenizer.token_to_id(str(sep))
+        if sep_id is None:
+            raise ConfigError(f"model {spec.name}: cannot find its separator token {sep!r}")
+    limits = [spec.max_seq_length]
+    model_max = tok_config.get("model_max_length")
+    if isinstance(model_max, int) and model_max < 100_000:
+        limits.append(model_max)
+    positions = int(getattr(model.config, "max_position_embeddings", 0) or 0)
+    if positions:  # RoBERTa family: positions start after the padding index
+        offset = (
+            int(model.config.pad_token_id or 0) + 1 if config.get("model_type") != "bert" else 0
+        )
+        limits.append(positions - offset)
+    max_len = min(v for v in limits if v)
+    backend = CrossEncoderBackend(model, device, dtype, sep_id)
+    log.info(
+        "loaded %s (%s@%s) from %s on %s/%s: reranker, score %s, max_seq_length=%d",
+        spec.name, spec.hf_id, spec.revision[:12], path, device, dtype, activation, max_len,
+    )  # fmt: skip
+    return LoadedModel(
+        path=path,
+        backend=backend,
+        tokenizer=tokenizer,
+        max_seq_length=max_len,
+        pad_token_id=pad_token_id_of(path, tokenizer, config) or 0,
+        pooling="classifier",
+        score_activation=activation,
+    )

@@ -1,0 +1,143 @@
+"""Reranking (task: rerank) against sentence-transformers' CrossEncoder on the same folder:
+TEI /rerank, the Cohere/Jina /v1/rerank, truncation, big requests, wrong tasks."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from tests.conftest import Server
+
+QUERY = "what is the capital of france"
+DOCS = [
+    "Paris is the capital and largest city of France.",
+    "The Eiffel Tower is in Paris.",
+    "Berlin is the capital of Germany.",
+    "Bananas are rich in potassium.",
+]
+
+
+@pytest.fixture(scope="module")
+def ce(model_dir: Path) -> Any:
+    from sentence_transformers import CrossEncoder
+
+    return CrossEncoder(str(model_dir / "tiny-reranker"), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def rserver(registry: Any) -> Iterator[Server]:
+    from tests.conftest import run_server
+
+    with run_server(registry, ["all-minilm-l6-v2", "tiny-reranker"]) as s:
+        yield s
+
+
+def test_tei_rerank_equals_cross_encoder(rserver: Server, ce: Any) -> None:
+    import torch
+
+    want = ce.predict([(QUERY, d) for d in DOCS])
+    raw = ce.predict([(QUERY, d) for d in DOCS], activation_fn=torch.nn.Identity())
+    with rserver.client() as c:
+        got = c.post("/rerank", json={"query": QUERY, "texts": DOCS, "return_text": True}).json()
+        got_raw = c.post("/rerank", json={"query": QUERY, "texts": DOCS, "raw_scores": True}).json()
+    assert [g["index"] for g in got] == list(np.argsort(-want, kind="stable"))
+    for g in got:
+        assert abs(g["score"] - want[g["index"]]) < 1e-4 and g["text"] == DOCS[g["index"]]
+    for g in got_raw:
+        assert abs(g["score"] - raw[g["index"]]) < 1e-4 and "text" not in g
+
+
+def test_cohere_jina_rerank(rserver: Server, ce: Any) -> None:
+    want = ce.predict([(QUERY, d) for d in DOCS])
+    body = {"model": "tiny-reranker", "query": QUERY, "top_n": 2, "return_documents": True,
+            "documents": [DOCS[0], {"text": DOCS[1]}, DOCS[2], {"text": DOCS[3]}]}  # fmt: skip
+    with rserver.client() as c:
+        r = c.post("/v1/rerank", json=body)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    best = list(np.argsort(-want, kind="stable")[:2])
+    assert [x["index"] for x in out["results"]] == best
+    for x in out["results"]:
+        assert abs(x["relevance_score"] - want[x["index"]]) < 1e-4
+        assert x["document"] == {"text": DOCS[x["index"]]}
+    tokens = sum(len(ce.tokenizer(QUERY, d)["input_ids"]) for d in DOCS)
+    assert out["usage"] == {"total_tokens": tokens} and out["model"] == "tiny-reranker"
+
+
+def test_long_documents_and_big_requests(rserver: Server, ce: Any) -> None:
+    """Over-long pairs are cut as CrossEncoder cuts them (longest first, to 512 tokens);
+    a query with 1,000 documents is split and queued like a big embedding request."""
+    long_doc = " ".join(f"word{i} of a long passage about Paris" for i in range(150))
+    docs = [long_doc, *DOCS]
+    want = ce.predict([(QUERY, d) for d in docs])
+    with rserver.client() as c:
+        got = c.post("/v1/rerank", json={"query": QUERY, "documents": docs}).json()["results"]
+        strict = c.post("/rerank", json={"query": QUERY, "texts": docs, "truncate": False})
+    for x in got:
+        assert abs(x["relevance_score"] - want[x["index"]]) < 1e-4
+    assert strict.status_code == 422 and "texts[0]" in strict.json()["error"]
+    many = [
+        f"document number {i} about {'Paris' if i % 7 == 0 else 'bananas'}" for i in range(1000)
+    ]
+    want = ce.predict([(QUERY, d) for d in many])
+    with rserver.client() as c:
+        got = c.post("/rerank", json={"query": QUERY, "texts": many}).json()
+    assert len(got) == 1000
+    assert max(abs(g["score"] - want[g["index"]]) for g in got) < 1e-4
+
+
+def test_wrong_task_and_bad_requests(rserver: Server) -> None:
+    with rserver.client() as c:
+        r = c.post("/embed", json={"inputs": "a", "model": "tiny-reranker"})
+        assert r.status_code == 422 and "tiny-reranker" in r.json()["error"]
+        assert "rerank" in r.json()["error"]
+        r = c.post("/v1/embeddings", json={"input": "a", "model": "tiny-reranker"})
+        assert r.status_code == 422 and r.json()["error"]["param"] == "model"
+        r = c.post("/rerank", json={"query": "q", "texts": ["a"], "model": "all-minilm-l6-v2"})
+        assert r.status_code == 422 and "all-minilm-l6-v2" in r.json()["error"]
+        assert "embedding model" in r.json()["error"]
+        # Without a model, each route picks the first model of its task.
+        assert c.post("/embed", json={"inputs": "a"}).status_code == 200
+        assert c.post("/rerank", json={"query": "q", "texts": ["a"]}).status_code == 200
+        cases: list[tuple[str, dict, int]] = [
+            ("/rerank", {"query": "", "texts": ["a"]}, 400),
+            ("/rerank", {"query": "q", "texts": []}, 400),
+            ("/rerank", {"query": "q", "texts": ["a", ""]}, 400),
+            ("/rerank", {"query": "q", "texts": "a"}, 422),
+            ("/rerank", {"query": 5, "texts": ["a"]}, 422),
+            ("/v1/rerank", {"query": "q", "documents": ["a"], "top_n": 0}, 422),
+            ("/v1/rerank", {"query": "q", "documents": [{"txt": "a"}]}, 422),
+            ("/v1/rerank", {"query": "q", "documents": ["a"], "model": "nope"}, 404),
+        ]
+        for path, body, status in cases:
+            r = c.post(path, json=body)
+            assert r.status_code == status, (path, body, r.text)
+            err = r.json()
+            assert ("error_type" in err) if path == "/rerank" else ("message" in err["error"])
+        models = {m["id"]: m["task"] for m in c.get("/v1/models").json()["data"]}
+        info = {m["name"]: m for m in c.get("/info").json()["models"]}
+        assert c.post("/embed", json={"inputs": "still serving"}).status_code == 200
+    assert models == {"all-minilm-l6-v2": "embed", "tiny-reranker": "rerank"}
+    assert info["tiny-reranker"]["task"] == "rerank"
+    assert info["tiny-reranker"]["score_activation"] == "sigmoid"
+
+
+def test_registry_refuses_embedding_keys_on_a_reranker(tmp_path: Path, model_dir: Path) -> None:
+    from embedsvc.errors import ConfigError
+    from embedsvc.registry import load_registry
+
+    text = (
+        (model_dir / "models.yaml")
+        .read_text()
+        .replace("    task: rerank\n", "    task: rerank\n    pooling: cls\n")
+    )
+    (tmp_path / "m.yaml").write_text(text)
+    with pytest.raises(ConfigError, match="apply to embedding models"):
+        load_registry(tmp_path / "m.yaml")
+    (tmp_path / "m.yaml").write_text(text.replace("task: rerank", "task: sparse"))
+    with pytest.raises(ConfigError, match="task 'sparse' is not one of embed, rerank"):
+        load_registry(tmp_path / "m.yaml")
