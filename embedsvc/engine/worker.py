@@ -143,8 +143,10 @@ class ModelWorker:
         m = self.model
         encoded = m.tokenizer.encode_batch(list(calibration.TEXTS))
         items = [Item(None, i, e.ids[: m.max_seq_length]) for i, e in enumerate(encoded)]
-        batch = pad(items, m.pad_token_id)
-        out = self.compute.call(lambda: m.backend.forward(batch))
+        items.sort(key=lambda it: it.length)  # batches of similar length: little padding
+        batches = [pad(items[k : k + 16], m.pad_token_id) for k in range(0, len(items), 16)]
+        outs = self.compute.call(lambda: [m.backend.forward(b) for b in batches])
+        out = np.concatenate(outs)
         if out.shape != (len(items), m.backend.dimension):
             raise RuntimeError(f"warm-up returned shape {out.shape}")
         if self.spec.task == "embed":
