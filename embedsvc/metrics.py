@@ -169,7 +169,7 @@ class ModelMetrics:
         self.phase = {
             p: m.duration.labels(model, p) for p in ("tokenization", "queue", "inference", "total")
         }
-        routes = ("/embed", "/v1/embeddings", "/similarity", "/rerank")
+        routes = ("/embed", "/v1/embeddings", "/similarity", "/rerank", "/embed_sparse")
         self.requests = {r: m.requests.labels(model, r) for r in routes}
 
 

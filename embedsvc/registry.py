@@ -19,8 +19,9 @@ SHA_RE = re.compile(r"^[0-9a-f]{40}$")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")
 BACKENDS = ("torch", "onnx")
 # embed: a sentence-transformers model (vectors); rerank: a cross-encoder (a score per
-# (query, document) pair: a sequence-classification model with one label).
-TASKS = ("embed", "rerank")
+# (query, document) pair: a sequence-classification model with one label); sparse: a SPLADE
+# model (sentence-transformers SparseEncoder: a weight per vocabulary entry).
+TASKS = ("embed", "rerank", "sparse")
 ONNX_VARIANTS = ("auto", "fp32", "int8", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -196,15 +197,17 @@ def _parse_entry(entry: Any, where: str, base_dir: Path) -> ModelSpec:
     if local_dir and package:
         raise ConfigError(f"{where}: give either local_dir or package, not both")
     task = choice("task", TASKS, "embed")
-    if task == "rerank":
-        embedding_only = ("prompts", "matryoshka_dims", "pooling", "query_prompt")
+    if task != "embed":
+        embedding_only = ["matryoshka_dims", "pooling"]
+        if task == "rerank":
+            embedding_only += ["prompts", "query_prompt"]
         given = [k for k in embedding_only if entry.get(k)]
         if given:
             raise ConfigError(
-                f"{where}: {', '.join(given)} apply to embedding models, not task rerank"
+                f"{where}: {', '.join(given)} apply to embedding models, not task {task}"
             )
         if entry.get("backend", "torch") != "torch":
-            raise ConfigError(f"{where}: task rerank runs on the torch backend")
+            raise ConfigError(f"{where}: task {task} runs on the torch backend")
     pooling = entry.get("pooling")
     if pooling is not None and pooling not in POOLINGS:
         raise ConfigError(f"{where}: pooling {pooling!r} is not one of {', '.join(POOLINGS)}")

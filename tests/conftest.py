@@ -28,6 +28,7 @@ from tests.models import (
     MINILM_PATH,
     build_tiny_bert,
     build_tiny_cross_encoder,
+    build_tiny_splade,
     write_models_yaml,
 )
 
@@ -39,7 +40,8 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     nomic = build_tiny_bert(root / "tiny-nomic", pooling="mean", seed=2, shift_bias=True)
     big = build_tiny_bert(root / "tiny-bigvocab", pooling="mean", seed=3, extra_vocab=100_000)
     reranker = build_tiny_cross_encoder(root / "tiny-reranker", seed=4)
-    write_models_yaml(root / "models.yaml", bge, nomic, big, reranker)
+    splade = build_tiny_splade(root / "tiny-splade", seed=5)
+    write_models_yaml(root / "models.yaml", bge, nomic, big, reranker, splade)
     return root
 
 

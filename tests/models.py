@@ -110,6 +110,27 @@ def build_tiny_cross_encoder(out: Path, *, seed: int) -> Path:
     return out
 
 
+def build_tiny_splade(out: Path, *, seed: int) -> Path:
+    """A 2-layer BERT masked-language model with SPLADE max pooling, saved by
+    sentence-transformers' SparseEncoder (modules.json, 1_SpladePooling)."""
+    import torch
+    from sentence_transformers import SparseEncoder
+    from sentence_transformers.sparse_encoder.modules import MLMTransformer, SpladePooling
+    from transformers import BertForMaskedLM
+
+    torch.manual_seed(seed)
+    model = BertForMaskedLM(tiny_config())
+    with torch.no_grad():  # most vocabulary logits below zero: sparse, like a trained SPLADE
+        model.cls.predictions.bias -= 6.0
+    mlm = out.with_name(out.name + "-mlm")
+    model.save_pretrained(str(mlm), safe_serialization=True)
+    for name in TOKENIZER_FILES:
+        shutil.copy(MINILM_PATH / name, mlm / name)
+    modules = [MLMTransformer(str(mlm), max_seq_length=128), SpladePooling("max")]
+    SparseEncoder(modules=modules, device="cpu").save(str(out), safe_serialization=True)
+    return out
+
+
 def _extend_vocab(folder: Path, n: int) -> None:
     """Append `n` made-up word pieces to the copied tokenizer files (ids 30522 and up)."""
     tokenizer = json.loads((folder / "tokenizer.json").read_text())
@@ -123,7 +144,7 @@ def _extend_vocab(folder: Path, n: int) -> None:
 
 
 def write_models_yaml(
-    path: Path, bge_dir: Path, nomic_dir: Path, big_dir: Path, reranker_dir: Path
+    path: Path, bge_dir: Path, nomic_dir: Path, big_dir: Path, reranker_dir: Path, splade_dir: Path
 ) -> Path:
     """A models.yaml with the bundled MiniLM and the tiny models (tiny-e5: the tiny-nomic
     weights with E5's prompts and a default prompt; tiny-bigvocab: 130k ids; tiny-reranker:
@@ -178,6 +199,11 @@ models:
     revision: {rev}
     local_dir: {reranker_dir}
     task: rerank
+  - name: tiny-splade
+    hf_id: test/tiny-splade
+    revision: {rev}
+    local_dir: {splade_dir}
+    task: sparse
 """
     path.write_text(text)
     return path

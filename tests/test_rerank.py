@@ -138,6 +138,6 @@ def test_registry_refuses_embedding_keys_on_a_reranker(tmp_path: Path, model_dir
     (tmp_path / "m.yaml").write_text(text)
     with pytest.raises(ConfigError, match="apply to embedding models"):
         load_registry(tmp_path / "m.yaml")
-    (tmp_path / "m.yaml").write_text(text.replace("task: rerank", "task: sparse"))
-    with pytest.raises(ConfigError, match="task 'sparse' is not one of embed, rerank"):
+    (tmp_path / "m.yaml").write_text(text.replace("task: rerank", "task: classify"))
+    with pytest.raises(ConfigError, match="task 'classify' is not one of embed, rerank, sparse"):
         load_registry(tmp_path / "m.yaml")

@@ -28,6 +28,15 @@ def tei_embed_body(
     return orjson.dumps(vectors, option=_NUMPY)
 
 
+def sparse_body(vectors: np.ndarray) -> bytes:
+    """TEI's sparse shape: per input, [{"index", "value"}] for each non-zero entry."""
+    rows = []
+    for row in vectors:
+        nz = np.flatnonzero(row)
+        rows.append([{"index": int(i), "value": float(row[i])} for i in nz])
+    return orjson.dumps(rows)
+
+
 def openai_embeddings_body(
     result: EmbedResult,
     encoding_format: str,

@@ -80,6 +80,7 @@ async def score_pairs(
         raise EmptyInputError("query is an empty string", param="query")
     req = EmbedRequest(
         pairs=[(query, d) for d in docs],
+        task="rerank",
         prompt_name=None,
         normalize=False,
         truncate=truncate,

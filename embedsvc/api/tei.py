@@ -1,4 +1,4 @@
-"""TEI dialect: POST /embed (and /), /similarity, /tokenize, /decode."""
+"""TEI dialect: POST /embed (and /), /embed_sparse, /similarity, /tokenize, /decode."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 from pydantic import ValidationError as PydanticValidationError
 from starlette.responses import Response
 
-from embedsvc.api.encode import tei_embed_body, timing_headers
+from embedsvc.api.encode import sparse_body, tei_embed_body, timing_headers
 from embedsvc.api.errors import describe_validation_errors
 from embedsvc.api.inputs import INPUTS_SCHEMA, parse_inputs
 from embedsvc.api.precision import check_format
@@ -33,6 +33,16 @@ class TEIEmbedBody(BaseModel):
     model: StrictStr | None = None
     encoding_format: Literal["float", "int8", "uint8", "binary", "ubinary"] = "float"
     parameters: Any = Field(default=None, description="similarity parameters (POST / only)")
+
+
+class TEISparseBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    inputs: Any = Field(json_schema_extra=INPUTS_SCHEMA)
+    truncate: StrictBool | None = None
+    truncation_direction: Literal["Left", "Right", "left", "right"] = "Right"
+    prompt_name: StrictStr | None = None
+    model: StrictStr | None = None
 
 
 class SimilarityInputs(BaseModel):
@@ -109,6 +119,36 @@ def tei_router() -> APIRouter:
     router.add_api_route(
         "/embed", embed, methods=["POST"], summary="Embed inputs (TEI)",
         response_class=Response,
+    )  # fmt: skip
+
+    async def embed_sparse(body: TEISparseBody, request: Request) -> Response:
+        """SPLADE weights: the non-zero vocabulary entries of each input, by index."""
+        service: Service = request.app.state.service
+        engine = service.engine_set().get(body.model, task="sparse")
+        texts, ids = parse_inputs(body.inputs, "inputs")
+        req = EmbedRequest(
+            texts=texts,
+            token_ids=ids,
+            task="sparse",
+            prompt_name=body.prompt_name,
+            normalize=False,
+            truncate=body.truncate,
+            truncation_direction=body.truncation_direction.lower(),
+            input_param="inputs",
+            request_id=getattr(request.state, "request_id", ""),
+            timeout=getattr(request.state, "request_timeout", None),
+        )
+        result = await service.embed(request, engine, req)
+        engine.metrics.requests["/embed_sparse"].inc()
+        return Response(
+            sparse_body(result.vectors),
+            media_type="application/json",
+            headers={k.decode(): v.decode() for k, v in timing_headers(result)},
+        )
+
+    router.add_api_route(
+        "/embed_sparse", embed_sparse, methods=["POST"], response_class=Response,
+        summary="Sparse (SPLADE) weights of inputs (TEI)",
     )  # fmt: skip
 
     async def similarity(body: TEISimilarityBody, request: Request) -> Response:

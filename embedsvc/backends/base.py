@@ -98,6 +98,10 @@ def load_model(entry: ModelSpec | BackendSpec, path: Path, threads: int = 0) -> 
         from embedsvc.backends.cross_encoder import load_cross_encoder
 
         return load_cross_encoder(spec, path)
+    if spec.task == "sparse":
+        from embedsvc.backends.splade import load_splade
+
+        return load_splade(spec, path)
     if spec.backend == "torch":
         from embedsvc.backends.torch_backend import load_torch_model
 

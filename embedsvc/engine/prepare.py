@@ -106,18 +106,19 @@ class Preparer:
 
     def _check_task(self, req: EmbedRequest) -> None:
         task = self.spec.task
-        if req.pairs is not None and task != "rerank":
-            raise ValidationError(
-                f"model {self.name} is an embedding model (task {task}); rerank with a model "
-                "whose task is rerank (see /info)",
-                param="model",
-            )
-        if req.pairs is None and task == "rerank":
-            raise ValidationError(
-                f"model {self.name} is a reranker (task rerank): it scores (query, document) "
-                "pairs on /rerank and /v1/rerank, and makes no embeddings",
-                param="model",
-            )
+        if req.task == task:
+            return
+        what = {
+            "embed": "an embedding model (task embed): it answers /embed and /v1/embeddings",
+            "rerank": "a reranker (task rerank): it scores (query, document) pairs on /rerank "
+            "and /v1/rerank",
+            "sparse": "a sparse encoder (task sparse): it answers /embed_sparse",
+        }[task]
+        raise ValidationError(
+            f"model {self.name} is {what}, not task {req.task}; choose a model of that task "
+            "(see /info)",
+            param="model",
+        )
 
     def _pair_ids(self, req: EmbedRequest) -> list[list[int]]:
         assert req.pairs is not None

@@ -24,6 +24,7 @@ class EmbedRequest:
     texts: list[str] | None = None
     token_ids: list[list[int]] | None = None
     pairs: list[tuple[str, str]] | None = None  # (query, document), for task rerank
+    task: str = "embed"  # what the route asks of the model: embed | rerank | sparse
     prompt_name: str | None = None
     normalize: bool = True
     truncate: bool | None = None

@@ -1,0 +1,126 @@
+"""SPLADE sparse encoders (task: sparse), as sentence-transformers' `SparseEncoder` loads
+them: a masked-language-model transformer, then SpladePooling — log(1 + relu(logit)) per
+token and vocabulary entry (applied twice for `log1p_relu`), masked, and pooled over the
+sequence by max or sum. The backend returns the dense vocabulary-sized vector; the API
+sends its non-zero entries.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from embedsvc.backends.base import BackendOutOfMemory, BackendSpec, LoadedModel, PaddedBatch
+from embedsvc.backends.torch_backend import pad_token_id_of, resolve_device, resolve_dtype
+from embedsvc.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def _read(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+class SpladeBackend:
+    def __init__(self, model: Any, device: str, dtype: str, pooling: str, twice: bool) -> None:
+        self._model = model
+        self.device = device
+        self.dtype = dtype
+        self.dimension = int(model.config.vocab_size)
+        self._pooling = pooling
+        self._twice = twice
+
+    def cpu_threads(self, n: int | None = None) -> int:
+        import torch
+
+        if n is not None:
+            torch.set_num_threads(n)
+        return int(torch.get_num_threads())
+
+    def forward(self, batch: PaddedBatch) -> np.ndarray:
+        import torch
+
+        ids = torch.from_numpy(batch.input_ids).to(self.device)
+        mask = torch.from_numpy(batch.attention_mask).to(self.device)
+        try:
+            with torch.inference_mode():
+                logits = self._model(input_ids=ids, attention_mask=mask).logits
+                x = torch.log1p(torch.relu(logits * mask.unsqueeze(-1).to(logits.dtype)))
+                if self._twice:
+                    x = torch.log1p(x)
+                pooled = x.amax(dim=1) if self._pooling == "max" else x.sum(dim=1)
+            return pooled.to(torch.float32).cpu().numpy()
+        except torch.OutOfMemoryError as e:
+            if self.device.startswith("cuda"):
+                torch.cuda.empty_cache()
+            raise BackendOutOfMemory(str(e)) from e
+
+
+def load_splade(spec: BackendSpec, path: Path) -> LoadedModel:
+    import torch
+    from transformers import AutoModelForMaskedLM
+
+    modules = _read(path / "modules.json")
+    kinds = [str(m.get("type", "")).rsplit(".", 1)[-1] for m in modules or []]
+    sbert = _read(path / "sentence_bert_config.json") or {}
+    mlm = kinds[:1] == ["MLMTransformer"] or (
+        kinds[:1] == ["Transformer"] and sbert.get("transformer_task") == "fill-mask"
+    )
+    if not mlm or kinds[1:] != ["SpladePooling"] or modules[0].get("path", "") != "":
+        raise ConfigError(
+            f"model {spec.name}: task sparse serves SPLADE models (a fill-mask transformer, "
+            f"then SpladePooling); {path} has modules {kinds or 'none'}"
+        )
+    pooling_cfg = _read(path / str(modules[1].get("path", "")) / "config.json") or {}
+    pooling = pooling_cfg.get("pooling_strategy", "max")
+    activation = pooling_cfg.get("activation_function", "relu")
+    if pooling not in ("max", "sum") or activation not in ("relu", "log1p_relu"):
+        raise ConfigError(f"model {spec.name}: SpladePooling {pooling_cfg} is not supported")
+    if not (path / "tokenizer.json").is_file():
+        raise ConfigError(f"model {spec.name}: needs a fast tokenizer (tokenizer.json)")
+    device = resolve_device(spec.device)
+    dtype = resolve_dtype(spec.dtype, device)
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    kwargs: dict[str, Any] = {"use_safetensors": True, "local_files_only": True}
+    if dtype != "float32":
+        kwargs["dtype"] = getattr(torch, dtype)
+    try:
+        model = AutoModelForMaskedLM.from_pretrained(
+            str(path), trust_remote_code=spec.trust_remote_code, **kwargs
+        )
+    except Exception as e:  # the library raises many types; report the reason plainly
+        raise ConfigError(f"model {spec.name}: cannot load {path}: {type(e).__name__}: {e}") from e
+    model.to(device).eval()
+    tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    limits = [spec.max_seq_length, sbert.get("max_seq_length")]
+    model_max = (_read(path / "tokenizer_config.json") or {}).get("model_max_length")
+    if isinstance(model_max, int) and model_max < 100_000:
+        limits.append(model_max)
+    limits.append(int(getattr(model.config, "max_position_embeddings", 0) or 0))
+    max_len = min(int(v) for v in limits if v)
+    backend = SpladeBackend(model, device, dtype, pooling, activation == "log1p_relu")
+    log.info(
+        "loaded %s (%s@%s) from %s on %s/%s: SPLADE, %s pooling, %d dims, max_seq_length=%d",
+        spec.name, spec.hf_id, spec.revision[:12], path, device, dtype, pooling,
+        backend.dimension, max_len,
+    )  # fmt: skip
+    config = _read(path / "config.json") or {}
+    return LoadedModel(
+        path=path,
+        backend=backend,
+        tokenizer=tokenizer,
+        max_seq_length=max_len,
+        pad_token_id=pad_token_id_of(path, tokenizer, config) or 0,
+        pooling=f"splade-{pooling}",
+    )
