@@ -1,6 +1,8 @@
 """Load test for embedsvc: both dialects, weighted batch sizes, a query/passage mix.
 
-Headless, against a local server, for a fixed time (see README "Load test"):
+Headless, against a local server, for a fixed time (see README "Load test"). With
+EMBEDSVC_LOADTEST_RERANK_MODEL set to a served reranker, rerank users join in (1 query x
+20-100 passages on /v1/rerank):
 
     locust -f loadtest/locustfile.py --headless -u 64 -r 16 -t 60s \
         --host http://127.0.0.1:8080 --csv loadtest/results/run
@@ -86,3 +88,20 @@ class OpenAIUser(EmbedUser):
             "encoding_format": "base64",
         }
         self.post("/v1/embeddings", body, len(texts))
+
+
+RERANK_MODEL = os.environ.get("EMBEDSVC_LOADTEST_RERANK_MODEL", "")
+
+
+class RerankUser(EmbedUser):
+    """One query with 20-100 retrieved passages, as a RAG app reranks its candidates. Runs
+    when EMBEDSVC_LOADTEST_RERANK_MODEL names a served model with task: rerank."""
+
+    abstract = not RERANK_MODEL
+    weight = 1
+
+    @task
+    def rerank(self) -> None:
+        docs = [passage(self.rng, (30, 120)) for _ in range(self.rng.randint(20, 100))]
+        body = {"model": RERANK_MODEL, "query": query(self.rng), "documents": docs, "top_n": 10}
+        self.post("/v1/rerank", body, len(docs))

@@ -112,6 +112,12 @@ def test_wrong_task_and_bad_requests(rserver: Server) -> None:
             ("/v1/rerank", {"query": "q", "documents": ["a"], "top_n": 0}, 422),
             ("/v1/rerank", {"query": "q", "documents": [{"txt": "a"}]}, 422),
             ("/v1/rerank", {"query": "q", "documents": ["a"], "model": "nope"}, 404),
+            ("/v1/rerank", {"query": "q", "documents": ["a"], "top_n": -1}, 422),
+            ("/v1/rerank", {"query": "q", "documents": ["a"], "top_n": "3"}, 422),
+            ("/v1/rerank", {"query": ["q"], "documents": ["a"]}, 422),
+            ("/rerank", {"query": "q", "texts": ["a"] * 10_000}, 413),
+            ("/v1/rerank", {"query": "q", "documents": ["a"] * 10_000}, 413),
+            ("/rerank", {"query": "q", "texts": ["a"], "truncation_direction": "Left"}, 422),
         ]
         for path, body, status in cases:
             r = c.post(path, json=body)

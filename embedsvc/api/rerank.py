@@ -19,7 +19,7 @@ from typing import Any, Literal
 import numpy as np
 import orjson
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 from starlette.responses import Response
 
 from embedsvc.api.encode import timing_headers
@@ -52,7 +52,7 @@ class RerankBody(BaseModel):
     query: StrictStr
     documents: list[StrictStr | DocumentText]
     model: StrictStr | None = None
-    top_n: int | None = Field(default=None, gt=0)
+    top_n: StrictInt | None = Field(default=None, gt=0)
     return_documents: StrictBool = False
     truncate: StrictBool = True  # Cohere and Jina cut long documents
 
