@@ -164,6 +164,15 @@ def pull_model(
         ignore_patterns=IGNORE_PATTERNS,
     )
     result = Path(path)
+    if spec.lexical_weights and "sparse_linear.pt" in top:
+        # BGE-M3's sparse head ships as a torch pickle: fetched into the same snapshot and
+        # read with torch.load(weights_only=True) (tensors only, no code) when it loads.
+        from huggingface_hub import hf_hub_download
+
+        hf_hub_download(
+            spec.hf_id, "sparse_linear.pt", revision=spec.revision,
+            cache_dir=cache_dir, local_dir=local_dir,
+        )  # fmt: skip
     check_model_dir(spec, result)
     return result
 

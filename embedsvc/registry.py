@@ -53,6 +53,8 @@ class ModelSpec:
     matryoshka_dims: tuple[int, ...] = ()
     matryoshka_layer_norm: bool = False
     trust_remote_code: bool = False
+    # BGE-M3: the folder's sparse_linear head gives lexical weights on /embed_sparse.
+    lexical_weights: bool = False
     onnx_variant: str = "auto"  # auto: int8 on CPU, fp16 on CUDA
     onnx_dir: str | None = None  # where `embedsvc export` put the model (default: see export.py)
     description: str = ""
@@ -185,7 +187,7 @@ def _parse_entry(entry: Any, where: str, base_dir: Path) -> ModelSpec:
     msl = entry.get("max_seq_length")
     if msl is not None and (not isinstance(msl, int) or msl < 1):
         raise ConfigError(f"{where}: max_seq_length must be a positive integer")
-    for key in ("matryoshka_layer_norm", "trust_remote_code"):
+    for key in ("matryoshka_layer_norm", "trust_remote_code", "lexical_weights"):
         if not isinstance(entry.get(key, False), bool):
             raise ConfigError(f"{where}: {key} must be true or false")
     if entry.get("matryoshka_layer_norm") and not dims:
@@ -208,6 +210,10 @@ def _parse_entry(entry: Any, where: str, base_dir: Path) -> ModelSpec:
             )
         if entry.get("backend", "torch") != "torch":
             raise ConfigError(f"{where}: task {task} runs on the torch backend")
+    if entry.get("lexical_weights") and (
+        task != "embed" or entry.get("backend", "torch") != "torch"
+    ):
+        raise ConfigError(f"{where}: lexical_weights needs task embed on the torch backend")
     pooling = entry.get("pooling")
     if pooling is not None and pooling not in POOLINGS:
         raise ConfigError(f"{where}: pooling {pooling!r} is not one of {', '.join(POOLINGS)}")
@@ -231,6 +237,7 @@ def _parse_entry(entry: Any, where: str, base_dir: Path) -> ModelSpec:
         matryoshka_dims=tuple(sorted(set(dims), reverse=True)),
         matryoshka_layer_norm=bool(entry.get("matryoshka_layer_norm", False)),
         trust_remote_code=bool(entry.get("trust_remote_code", False)),
+        lexical_weights=bool(entry.get("lexical_weights", False)),
         onnx_variant=choice("onnx_variant", ONNX_VARIANTS, "auto"),
         onnx_dir=str((base_dir / str(entry["onnx_dir"])).resolve())
         if entry.get("onnx_dir")

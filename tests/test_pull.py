@@ -151,3 +151,28 @@ def test_pull_unknown_revision_is_a_clear_error(
     proc = run(["pull", "--models-file", str(cfg)], base_env(tmp_path, url))
     assert proc.returncode != 0
     assert "gone" in proc.stderr or "org/tiny-bge" in proc.stderr
+
+
+def test_pull_fetches_the_bge_m3_sparse_head(model_dir: Path, tmp_path: Path) -> None:
+    """lexical_weights: the pickled sparse_linear.pt is fetched (and only that pickle), and
+    the pulled model loads with it (torch.load(weights_only=True))."""
+    import torch
+
+    repo = tmp_path / "m3"
+    shutil.copytree(model_dir / "tiny-bge", repo)
+    torch.save({"weight": torch.randn(1, 32), "bias": torch.zeros(1)}, repo / "sparse_linear.pt")
+    torch.save({"weight": torch.randn(32, 32)}, repo / "colbert_linear.pt")
+    emu = HubEmulator()
+    emu.add_folder("org/tiny-m3", COMMIT, repo)
+    url = emu.start()
+    try:
+        cfg = tmp_path / "models.yaml"
+        cfg.write_text(f"models:\n  - name: tiny-m3\n    hf_id: org/tiny-m3\n"
+                       f"    revision: {COMMIT}\n    lexical_weights: true\n")  # fmt: skip
+        proc = run(["pull", "--models-file", str(cfg), "--models", "tiny-m3"],
+                   base_env(tmp_path, url))  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        got = emu.downloaded()
+        assert "sparse_linear.pt" in got and "colbert_linear.pt" not in got
+    finally:
+        emu.stop()

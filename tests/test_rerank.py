@@ -136,13 +136,15 @@ def test_registry_refuses_embedding_keys_on_a_reranker(tmp_path: Path, model_dir
     from embedsvc.errors import ConfigError
     from embedsvc.registry import load_registry
 
-    text = (
-        (model_dir / "models.yaml")
-        .read_text()
-        .replace("    task: rerank\n", "    task: rerank\n    pooling: cls\n")
-    )
+    original = (model_dir / "models.yaml").read_text()
+    text = original.replace("    task: rerank\n", "    task: rerank\n    pooling: cls\n")
     (tmp_path / "m.yaml").write_text(text)
     with pytest.raises(ConfigError, match="apply to embedding models"):
+        load_registry(tmp_path / "m.yaml")
+    (tmp_path / "m.yaml").write_text(
+        original.replace("    task: rerank\n", "    task: rerank\n    lexical_weights: true\n")
+    )
+    with pytest.raises(ConfigError, match="lexical_weights needs task embed"):
         load_registry(tmp_path / "m.yaml")
     (tmp_path / "m.yaml").write_text(text.replace("task: rerank", "task: classify"))
     with pytest.raises(ConfigError, match="task 'classify' is not one of embed, rerank, sparse"):

@@ -66,3 +66,76 @@ def test_sparse_task_errors(sserver: Server) -> None:
         assert c.post("/embed", json={"inputs": "still serving"}).status_code == 200
     assert info["tiny-splade"]["task"] == "sparse"
     assert info["tiny-splade"]["dimension"] == 30522
+
+
+@pytest.fixture(scope="module")
+def m3server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """tiny-bge's weights plus a BGE-M3-style sparse head (sparse_linear.pt, a pickled
+    Linear(hidden, 1) state dict, as BAAI/bge-m3 ships it), served with lexical_weights."""
+    import shutil
+
+    import torch
+
+    from embedsvc.registry import load_registry
+    from tests.conftest import run_server
+
+    root = tmp_path_factory.mktemp("m3")
+    folder = root / "tiny-m3"
+    shutil.copytree(model_dir / "tiny-bge", folder)
+    torch.manual_seed(6)
+    torch.save({"weight": torch.randn(1, 32), "bias": torch.tensor([0.1])},
+               folder / "sparse_linear.pt")  # fmt: skip
+    (root / "models.yaml").write_text(
+        "default_models: [tiny-m3]\nmodels:\n  - name: tiny-m3\n    hf_id: test/tiny-m3\n"
+        f"    revision: '{'0' * 40}'\n    local_dir: {folder}\n    pooling: cls\n"
+        "    max_seq_length: 64\n    lexical_weights: true\n"
+    )
+    with run_server(load_registry(root / "models.yaml"), ["tiny-m3"]) as s:
+        yield s, folder
+
+
+def test_bge_m3_lexical_weights(m3server: Any, server: Server) -> None:
+    """The BGE-M3 reference: relu(sparse_linear(last hidden state)) per token, the largest
+    weight per token id, special tokens dropped; the same model still embeds densely."""
+    import threading
+
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    s, folder = m3server
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    model = AutoModel.from_pretrained(str(folder)).eval()
+    head = torch.load(folder / "sparse_linear.pt", weights_only=True)
+    texts = [*TEXTS, "paris paris paris and paris again"]
+    want = []
+    for text in texts:
+        enc = tok(text, return_tensors="pt")
+        with torch.no_grad():
+            h = model(**enc).last_hidden_state[0]
+        w = torch.relu(h @ head["weight"].T + head["bias"]).squeeze(-1).tolist()
+        best: dict[int, float] = {}
+        for t, v in zip(enc["input_ids"][0].tolist(), w, strict=True):
+            if t not in tok.all_special_ids and v > 0:
+                best[t] = max(best.get(t, 0.0), v)
+        want.append(best)
+    results: dict[str, Any] = {}
+
+    def call(key: str, path: str, body: dict) -> None:
+        with s.client() as c:
+            results[key] = c.post(path, json=body)
+
+    # Dense and lexical requests at once, so they may share forward passes.
+    jobs = [("sparse", "/embed_sparse", {"inputs": texts}), ("dense", "/embed", {"inputs": texts})]
+    threads = [threading.Thread(target=call, args=job) for job in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results["sparse"].status_code == 200, results["sparse"].text
+    for got, exp in zip(results["sparse"].json(), want, strict=True):
+        assert [e["index"] for e in got] == sorted(exp)
+        for e in got:
+            assert e["value"] == pytest.approx(exp[e["index"]], rel=1e-5, abs=1e-5)
+    with server.client() as c:
+        bge = c.post("/embed", json={"inputs": texts, "model": "tiny-bge"}).json()
+    np.testing.assert_allclose(results["dense"].json(), bge, atol=1e-5)

@@ -37,6 +37,19 @@ def sparse_body(vectors: np.ndarray) -> bytes:
     return orjson.dumps(rows)
 
 
+def lexical_body(weights: np.ndarray, ids: list[list[int]], special: frozenset[int]) -> bytes:
+    """BGE-M3's lexical weights in TEI's sparse shape: per input, each token id's largest
+    weight over its occurrences, special tokens and zero weights left out, by index."""
+    rows = []
+    for row, seq in zip(weights, ids, strict=True):
+        best: dict[int, float] = {}
+        for token, w in zip(seq, row[: len(seq)].tolist(), strict=True):
+            if w > 0 and token not in special and w > best.get(token, 0.0):
+                best[token] = w
+        rows.append([{"index": t, "value": best[t]} for t in sorted(best)])
+    return orjson.dumps(rows)
+
+
 def openai_embeddings_body(
     result: EmbedResult,
     encoding_format: str,

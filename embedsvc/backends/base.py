@@ -56,6 +56,7 @@ class BackendSpec:
     onnx_dir: str | None
     threads: int = 0  # CPU threads for a forward pass; 0: the library's default
     task: str = "embed"
+    lexical_weights: bool = False
 
     @classmethod
     def of(cls, spec: ModelSpec, threads: int = 0) -> BackendSpec:
@@ -73,6 +74,7 @@ class BackendSpec:
             onnx_dir=spec.onnx_dir,
             threads=threads,
             task=spec.task,
+            lexical_weights=spec.lexical_weights,
         )
 
 

@@ -46,13 +46,24 @@ class TorchBackend:
     model, run from the ids."""
 
     def __init__(
-        self, encoder: Any, head: list[Any], device: str, dtype: str, dimension: int
+        self,
+        encoder: Any,
+        head: list[Any],
+        device: str,
+        dtype: str,
+        dimension: int,
+        lexical: Any = None,
+        max_len: int = 0,
     ) -> None:
         self._encoder = encoder
         self._head = head
         self.device = device
         self.dtype = dtype
         self.dimension = dimension
+        # BGE-M3's lexical weights: relu(Linear(hidden -> 1)) per token, returned after the
+        # vector as `extra_columns` more columns (one per position, up to max_len).
+        self._lexical = lexical
+        self.extra_columns = max_len if lexical is not None else 0
 
     def cpu_threads(self, n: int | None = None) -> int:
         """torch's intra-op threads for the calling thread: set to `n` if given; the count."""
@@ -76,10 +87,17 @@ class TorchBackend:
                 if self._encoder is not None:
                     ids, mask = features["input_ids"], features["attention_mask"]
                     features["token_embeddings"] = self._encoder(ids, mask)
+                states = features.get("token_embeddings")
                 for module in self._head:
                     features = module(features)
-                out = features["sentence_embedding"]
-                return out.to(torch.float32).cpu().numpy()
+                out = features["sentence_embedding"].to(torch.float32)
+                if self._lexical is not None:
+                    mask = features["attention_mask"]
+                    weights = torch.relu(self._lexical(states)).squeeze(-1).to(torch.float32)
+                    weights = weights * mask.to(torch.float32)
+                    pad = self.extra_columns - weights.shape[1]
+                    out = torch.cat([out, torch.nn.functional.pad(weights, (0, pad))], dim=1)
+                return out.cpu().numpy()
         except torch.OutOfMemoryError as e:
             del features
             if self.device.startswith("cuda"):
@@ -189,7 +207,14 @@ def load_torch_model(spec: BackendSpec, path: Path) -> LoadedModel:
     max_len = int(min(limits))
     parts.tokenizer.no_padding()
     parts.tokenizer.no_truncation()
-    backend = TorchBackend(parts.encoder, parts.head, device, dtype, parts.dimension)
+    lexical = None
+    if spec.lexical_weights:
+        if parts.encoder is None:
+            raise ConfigError(f"model {spec.name}: lexical weights need its token states")
+        lexical = load_lexical_head(spec, path, device, dtype)
+    backend = TorchBackend(
+        parts.encoder, parts.head, device, dtype, parts.dimension, lexical, max_len
+    )
     log.info(
         "loaded %s (%s@%s) from %s on %s/%s with %s: dim=%d pooling=%s max_seq_length=%d",
         spec.name,
@@ -234,6 +259,32 @@ def _load_lean(p: bert.Plan, path: Path, device: str, dtype: str) -> _Parts:
         max_seq_length=p.max_seq_length,
         via="torch",
     )
+
+
+def load_lexical_head(spec: BackendSpec, path: Path, device: str, dtype: str) -> Any:
+    """BGE-M3's sparse head (Linear(hidden, 1)): `sparse_linear.safetensors` if the folder
+    has one, else `sparse_linear.pt` (as the repository ships it) read with
+    `torch.load(weights_only=True)`, which loads tensors only and runs no pickled code."""
+    import torch
+
+    state: dict[str, Any]
+    if (path / "sparse_linear.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        state = load_file(str(path / "sparse_linear.safetensors"))
+    elif (path / "sparse_linear.pt").is_file():
+        state = torch.load(str(path / "sparse_linear.pt"), map_location="cpu", weights_only=True)
+    else:
+        raise ConfigError(
+            f"model {spec.name}: lexical_weights needs sparse_linear.pt or "
+            f"sparse_linear.safetensors in {path} (embedsvc pull fetches it)"
+        )
+    weight = state.get("weight")
+    if weight is None or weight.ndim != 2 or weight.shape[0] != 1:
+        raise ConfigError(f"model {spec.name}: the sparse head is not a Linear(hidden, 1)")
+    head = torch.nn.Linear(weight.shape[1], 1)
+    head.load_state_dict(state)
+    return head.to(device=device, dtype=getattr(torch, dtype)).eval()
 
 
 def pad_token_id_of(path: Path, tokenizer: Tokenizer, config: dict[str, Any]) -> int | None:

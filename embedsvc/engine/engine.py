@@ -78,6 +78,7 @@ class Pending:
     key: int = 0
     tokens: int = 0
     lengths: list[int] = field(default_factory=list)  # tokens per input
+    ids: list[list[int]] | None = None  # kept for lexical-weight requests
     t1: float = 0.0
     estimate: int = 0  # tokens expected, counted in ModelEngine._unsent until sent
 
@@ -141,6 +142,7 @@ class Frontend:
                     inference_time=d.inference_time,
                     total_time=now - p.t0,
                     input_tokens=p.lengths,
+                    input_ids=p.ids,
                 )
             )
         for f in failed:
@@ -379,6 +381,9 @@ class ModelEngine:
             req = p.req
             p.lengths = list(map(len, ids))
             p.tokens = sum(p.lengths)
+            lexical = req.task == "sparse" and self.spec.task == "embed"
+            if lexical:
+                p.ids = ids
             p.t1 = now
             if req.texts is not None:
                 chars += sum(map(len, req.texts))
@@ -392,6 +397,7 @@ class ModelEngine:
                     req.normalize,
                     ln and req.dimensions is not None and req.dimensions < full,
                     self.max_wait(req),
+                    lexical,
                 )
             )
             sent.append(p)

@@ -23,6 +23,7 @@ class Job:
     dimensions: int | None
     normalize: bool
     layer_norm: bool
+    lexical: bool = False  # rows are BGE-M3 token weights, not vectors
     vectors: np.ndarray | None = None  # allocated when the first row is finalized
     remaining: int = 0
     # Large requests enter the queue chunk by chunk: at most two chunks are queued at a
@@ -48,6 +49,7 @@ class Job:
             dimensions=cj.dimensions,
             normalize=cj.normalize,
             layer_norm=cj.layer_norm,
+            lexical=cj.lexical,
             remaining=n,
             enqueued=time.perf_counter(),
         )

@@ -32,6 +32,10 @@ class Preparer:
         self._pairs_cut.no_padding()
         self._pairs_cut.enable_truncation(info.max_seq_length, strategy="longest_first")
         self._pairs_whole = tok
+        # Special tokens ([CLS], </s>, padding, ...): no lexical weight of their own.
+        self.special_ids = frozenset(
+            i for i, t in tok.get_added_tokens_decoder().items() if t.special
+        )
 
     def resolve_prompt(self, prompt_name: str | None, param: str = "prompt_name") -> str:
         """The prefix for `prompt_name`: None means the model's default prompt (if it
@@ -106,7 +110,7 @@ class Preparer:
 
     def _check_task(self, req: EmbedRequest) -> None:
         task = self.spec.task
-        if req.task == task:
+        if req.task == task or (req.task == "sparse" and self.spec.lexical_weights):
             return
         what = {
             "embed": "an embedding model (task embed): it answers /embed and /v1/embeddings",

@@ -50,6 +50,7 @@ class EmbedResult:
     inference_time: float
     total_time: float
     input_tokens: list[int] = field(default_factory=list)  # per input, as embedded
+    input_ids: list[list[int]] | None = None  # lexical-weight requests: the ids embedded
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,7 @@ class CoreJob:
     normalize: bool
     layer_norm: bool
     max_wait: float = 0.0  # seconds it may wait for its vectors; 0: no limit
+    lexical: bool = False  # BGE-M3 lexical weights (per token) instead of the vector
 
 
 @dataclass

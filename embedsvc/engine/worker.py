@@ -147,8 +147,10 @@ class ModelWorker:
         batches = [pad(items[k : k + 16], m.pad_token_id) for k in range(0, len(items), 16)]
         outs = self.compute.call(lambda: [m.backend.forward(b) for b in batches])
         out = np.concatenate(outs)
-        if out.shape != (len(items), m.backend.dimension):
+        width = m.backend.dimension + getattr(m.backend, "extra_columns", 0)
+        if out.shape != (len(items), width):
             raise RuntimeError(f"warm-up returned shape {out.shape}")
+        out = out[:, : m.backend.dimension]
         if self.spec.task == "embed":
             sizes = sorted({m.backend.dimension, *self.spec.matryoshka_dims})
             self.calibration = calibration.ranges(out, sizes, self.spec.matryoshka_layer_norm)
@@ -472,16 +474,24 @@ class ModelWorker:
         return pooled
 
     def _finalize(self, items: list[Item], pooled: np.ndarray) -> list[np.ndarray] | np.ndarray:
-        """Rows in the order of `items`, each finalized as its job asks."""
+        """Rows in the order of `items`, each finalized as its job asks (lexical-weight
+        jobs take the token weights the backend returns after the vector)."""
+        dim = self.model.backend.dimension
+        extra = pooled[:, dim:]
+        pooled = pooled[:, :dim]
         keys = [(it.job.dimensions, it.job.normalize, it.job.layer_norm) for it in items]
         first = keys[0]
-        if all(k == first for k in keys):  # the common case: one kind of request
+        lexical = [it.job.lexical for it in items]
+        if not any(lexical) and all(k == first for k in keys):  # the common case
             dims, normalize, ln = first
             return finalize(pooled, dimensions=dims, normalize=normalize, layer_norm_first=ln)
         groups: dict[tuple[int | None, bool, bool], list[int]] = defaultdict(list)
-        for row, key in enumerate(keys):
-            groups[key].append(row)
         out: list[np.ndarray] = [pooled[0]] * len(items)
+        for row, key in enumerate(keys):
+            if lexical[row]:
+                out[row] = np.ascontiguousarray(extra[row], dtype=np.float32)
+            else:
+                groups[key].append(row)
         for (dims, normalize, ln), rows in groups.items():
             vecs = finalize(pooled[rows], dimensions=dims, normalize=normalize, layer_norm_first=ln)
             for k, row in enumerate(rows):
