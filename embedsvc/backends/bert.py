@@ -42,7 +42,8 @@ class Plan:
     dimension: int
 
 
-def _read_json(path: Path) -> Any:
+def read_json(path: Path) -> Any:
+    """A JSON file's content, or None when it is missing or not JSON."""
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -51,7 +52,7 @@ def _read_json(path: Path) -> Any:
 
 def plan(folder: Path) -> Plan | None:
     """A Plan when `folder` holds a model this module computes exactly, else None."""
-    modules = _read_json(folder / "modules.json")
+    modules = read_json(folder / "modules.json")
     if not isinstance(modules, list) or not modules:
         return None
     kinds = [str(m.get("type", "")).rsplit(".", 1)[-1] for m in modules]
@@ -59,19 +60,19 @@ def plan(folder: Path) -> Plan | None:
         return None
     if modules[0].get("path", "") != "":
         return None
-    config = _read_json(folder / "config.json")
+    config = read_json(folder / "config.json")
     if not isinstance(config, dict) or config.get("model_type") not in ARCHITECTURES:
         return None
     if config.get("auto_map") or config.get("position_embedding_type", "absolute") != "absolute":
         return None
     if config.get("hidden_act", "gelu") not in ACTIVATIONS or config.get("is_decoder"):
         return None
-    sbert = _read_json(folder / "sentence_bert_config.json") or {}
+    sbert = read_json(folder / "sentence_bert_config.json") or {}
     if not isinstance(sbert, dict) or set(sbert) - {"max_seq_length", "do_lower_case"}:
         return None  # model_args, tokenizer_args, config_args: leave them to the library
     if sbert.get("do_lower_case") and not _tokenizer_lowercases(folder):
         return None  # sentence-transformers lower-cases the text itself for such a model
-    pooling_cfg = _read_json(folder / str(modules[1].get("path", "")) / "config.json")
+    pooling_cfg = read_json(folder / str(modules[1].get("path", "")) / "config.json")
     if not isinstance(pooling_cfg, dict) or not pooling_cfg.get("include_prompt", True):
         return None
     on = [k for k, v in pooling_cfg.items() if k.startswith("pooling_mode") and v]
@@ -95,7 +96,7 @@ def plan(folder: Path) -> Plan | None:
 def _tokenizer_lowercases(folder: Path) -> bool:
     """Whether tokenizer.json's normalizer lower-cases (BGE's uncased BERT tokenizer: then
     sentence-transformers' do_lower_case changes nothing)."""
-    tokenizer = _read_json(folder / "tokenizer.json")
+    tokenizer = read_json(folder / "tokenizer.json")
     norm = tokenizer.get("normalizer") if isinstance(tokenizer, dict) else None
     steps = (norm.get("normalizers") or [norm]) if isinstance(norm, dict) else []
     return any(

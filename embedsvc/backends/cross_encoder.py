@@ -10,7 +10,6 @@ the API applies the model's activation (sigmoid unless its configuration says ot
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -18,8 +17,15 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
-from embedsvc.backends.base import BackendOutOfMemory, BackendSpec, LoadedModel, PaddedBatch
-from embedsvc.backends.torch_backend import pad_token_id_of, resolve_device, resolve_dtype
+from embedsvc.backends.base import BackendSpec, LoadedModel, PaddedBatch
+from embedsvc.backends.bert import read_json
+from embedsvc.backends.torch_backend import (
+    TorchThreads,
+    guarded,
+    pad_token_id_of,
+    resolve_device,
+    resolve_dtype,
+)
 from embedsvc.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -27,20 +33,13 @@ log = logging.getLogger(__name__)
 ACTIVATIONS = {"Sigmoid": "sigmoid", "Identity": "identity"}
 
 
-class CrossEncoderBackend:
+class CrossEncoderBackend(TorchThreads):
     def __init__(self, model: Any, device: str, dtype: str, sep_id: int | None) -> None:
         self._model = model
         self.device = device
         self.dtype = dtype
         self.dimension = 1
         self._sep_id = sep_id  # None: the model has no segment embeddings
-
-    def cpu_threads(self, n: int | None = None) -> int:
-        import torch
-
-        if n is not None:
-            torch.set_num_threads(n)
-        return int(torch.get_num_threads())
 
     def forward(self, batch: PaddedBatch) -> np.ndarray:
         import torch
@@ -51,21 +50,13 @@ class CrossEncoderBackend:
         if self._sep_id is not None:
             sep = (ids == self._sep_id).long()
             kwargs["token_type_ids"] = ((torch.cumsum(sep, dim=1) - sep) > 0).long()
-        try:
-            with torch.inference_mode():
-                logits = self._model(**kwargs).logits
-            return logits.to(torch.float32).cpu().numpy()
-        except torch.OutOfMemoryError as e:
-            if self.device.startswith("cuda"):
-                torch.cuda.empty_cache()
-            raise BackendOutOfMemory(str(e)) from e
+        return guarded(
+            self.device, lambda: self._model(**kwargs).logits.to(torch.float32).cpu().numpy()
+        )
 
 
 def _read(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
+    data = read_json(path)
     return data if isinstance(data, dict) else {}
 
 

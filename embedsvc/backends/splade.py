@@ -7,7 +7,6 @@ sends its non-zero entries.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -15,21 +14,21 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
-from embedsvc.backends.base import BackendOutOfMemory, BackendSpec, LoadedModel, PaddedBatch
-from embedsvc.backends.torch_backend import pad_token_id_of, resolve_device, resolve_dtype
+from embedsvc.backends.base import BackendSpec, LoadedModel, PaddedBatch
+from embedsvc.backends.bert import read_json
+from embedsvc.backends.torch_backend import (
+    TorchThreads,
+    guarded,
+    pad_token_id_of,
+    resolve_device,
+    resolve_dtype,
+)
 from embedsvc.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 
-def _read(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
-class SpladeBackend:
+class SpladeBackend(TorchThreads):
     def __init__(self, model: Any, device: str, dtype: str, pooling: str, twice: bool) -> None:
         self._model = model
         self.device = device
@@ -38,39 +37,30 @@ class SpladeBackend:
         self._pooling = pooling
         self._twice = twice
 
-    def cpu_threads(self, n: int | None = None) -> int:
-        import torch
-
-        if n is not None:
-            torch.set_num_threads(n)
-        return int(torch.get_num_threads())
-
     def forward(self, batch: PaddedBatch) -> np.ndarray:
         import torch
 
         ids = torch.from_numpy(batch.input_ids).to(self.device)
         mask = torch.from_numpy(batch.attention_mask).to(self.device)
-        try:
-            with torch.inference_mode():
-                logits = self._model(input_ids=ids, attention_mask=mask).logits
-                x = torch.log1p(torch.relu(logits * mask.unsqueeze(-1).to(logits.dtype)))
-                if self._twice:
-                    x = torch.log1p(x)
-                pooled = x.amax(dim=1) if self._pooling == "max" else x.sum(dim=1)
+
+        def run() -> np.ndarray:
+            logits = self._model(input_ids=ids, attention_mask=mask).logits
+            x = torch.log1p(torch.relu(logits * mask.unsqueeze(-1).to(logits.dtype)))
+            if self._twice:
+                x = torch.log1p(x)
+            pooled = x.amax(dim=1) if self._pooling == "max" else x.sum(dim=1)
             return pooled.to(torch.float32).cpu().numpy()
-        except torch.OutOfMemoryError as e:
-            if self.device.startswith("cuda"):
-                torch.cuda.empty_cache()
-            raise BackendOutOfMemory(str(e)) from e
+
+        return guarded(self.device, run)
 
 
 def load_splade(spec: BackendSpec, path: Path) -> LoadedModel:
     import torch
     from transformers import AutoModelForMaskedLM
 
-    modules = _read(path / "modules.json")
+    modules = read_json(path / "modules.json")
     kinds = [str(m.get("type", "")).rsplit(".", 1)[-1] for m in modules or []]
-    sbert = _read(path / "sentence_bert_config.json") or {}
+    sbert = read_json(path / "sentence_bert_config.json") or {}
     mlm = kinds[:1] == ["MLMTransformer"] or (
         kinds[:1] == ["Transformer"] and sbert.get("transformer_task") == "fill-mask"
     )
@@ -79,7 +69,7 @@ def load_splade(spec: BackendSpec, path: Path) -> LoadedModel:
             f"model {spec.name}: task sparse serves SPLADE models (a fill-mask transformer, "
             f"then SpladePooling); {path} has modules {kinds or 'none'}"
         )
-    pooling_cfg = _read(path / str(modules[1].get("path", "")) / "config.json") or {}
+    pooling_cfg = read_json(path / str(modules[1].get("path", "")) / "config.json") or {}
     pooling = pooling_cfg.get("pooling_strategy", "max")
     activation = pooling_cfg.get("activation_function", "relu")
     if pooling not in ("max", "sum") or activation not in ("relu", "log1p_relu"):
@@ -104,7 +94,7 @@ def load_splade(spec: BackendSpec, path: Path) -> LoadedModel:
     tokenizer.no_padding()
     tokenizer.no_truncation()
     limits = [spec.max_seq_length, sbert.get("max_seq_length")]
-    model_max = (_read(path / "tokenizer_config.json") or {}).get("model_max_length")
+    model_max = (read_json(path / "tokenizer_config.json") or {}).get("model_max_length")
     if isinstance(model_max, int) and model_max < 100_000:
         limits.append(model_max)
     limits.append(int(getattr(model.config, "max_position_embeddings", 0) or 0))
@@ -115,7 +105,7 @@ def load_splade(spec: BackendSpec, path: Path) -> LoadedModel:
         spec.name, spec.hf_id, spec.revision[:12], path, device, dtype, pooling,
         backend.dimension, max_len,
     )  # fmt: skip
-    config = _read(path / "config.json") or {}
+    config = read_json(path / "config.json") or {}
     return LoadedModel(
         path=path,
         backend=backend,

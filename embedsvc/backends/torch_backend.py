@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,33 @@ def resolve_dtype(dtype: str, device: str) -> str:
     return dtype
 
 
-class TorchBackend:
+class TorchThreads:
+    """`cpu_threads` for the backends that run torch."""
+
+    def cpu_threads(self, n: int | None = None) -> int:
+        """torch's intra-op threads for the calling thread: set to `n` if given; the count."""
+        import torch
+
+        if n is not None:
+            torch.set_num_threads(n)
+        return int(torch.get_num_threads())
+
+
+def guarded(device: str, fn: Callable[[], np.ndarray]) -> np.ndarray:
+    """Run `fn` in inference mode; torch's out-of-memory error becomes BackendOutOfMemory
+    (the worker then splits the batch), with CUDA's cache emptied first."""
+    import torch
+
+    try:
+        with torch.inference_mode():
+            return fn()
+    except torch.OutOfMemoryError as e:
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        raise BackendOutOfMemory(str(e)) from e
+
+
+class TorchBackend(TorchThreads):
     """`encoder` maps (input_ids, attention_mask) to token states; `head` (callables on
     sentence-transformers' feature dicts) pools them. With no encoder, `head` is the whole
     model, run from the ids."""
@@ -64,14 +91,6 @@ class TorchBackend:
         # vector as `extra_columns` more columns (one per position, up to max_len).
         self._lexical = lexical
         self.extra_columns = max_len if lexical is not None else 0
-
-    def cpu_threads(self, n: int | None = None) -> int:
-        """torch's intra-op threads for the calling thread: set to `n` if given; the count."""
-        import torch
-
-        if n is not None:
-            torch.set_num_threads(n)
-        return int(torch.get_num_threads())
 
     def forward(self, batch: PaddedBatch) -> np.ndarray:
         import torch
