@@ -15,16 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tokenizers import Tokenizer
 
 from embedsvc.backends.base import BackendSpec, LoadedModel, PaddedBatch
 from embedsvc.backends.bert import read_json
 from embedsvc.backends.torch_backend import (
     TorchThreads,
     guarded,
+    load_transformers_model,
     pad_token_id_of,
-    resolve_device,
-    resolve_dtype,
 )
 from embedsvc.errors import ConfigError
 
@@ -74,27 +72,13 @@ def activation_of(config: dict[str, Any]) -> str:
 
 
 def load_cross_encoder(spec: BackendSpec, path: Path) -> LoadedModel:
-    import torch
     from transformers import AutoModelForSequenceClassification
 
     if spec.backend != "torch":
         raise ConfigError(f"model {spec.name}: task rerank runs on the torch backend")
-    device = resolve_device(spec.device)
-    dtype = resolve_dtype(spec.dtype, device)
-    if spec.threads:
-        torch.set_num_threads(spec.threads)
-    if not (path / "tokenizer.json").is_file():
-        raise ConfigError(f"model {spec.name}: needs a fast tokenizer (tokenizer.json)")
-    kwargs: dict[str, Any] = {"use_safetensors": True, "local_files_only": True}
-    if dtype != "float32":
-        kwargs["dtype"] = getattr(torch, dtype)
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            str(path), trust_remote_code=spec.trust_remote_code, **kwargs
-        )
-    except Exception as e:  # the library raises many types; report the reason plainly
-        raise ConfigError(f"model {spec.name}: cannot load {path}: {type(e).__name__}: {e}") from e
-    model.to(device).eval()
+    model, device, dtype, tokenizer = load_transformers_model(
+        spec, path, AutoModelForSequenceClassification
+    )
     config = _read(path / "config.json")
     if model.config.num_labels != 1:
         raise ConfigError(
@@ -105,9 +89,6 @@ def load_cross_encoder(spec: BackendSpec, path: Path) -> LoadedModel:
         activation = activation_of(config)
     except ConfigError as e:
         raise ConfigError(f"model {spec.name}: {e}") from None
-    tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
-    tokenizer.no_padding()
-    tokenizer.no_truncation()
     tok_config = _read(path / "tokenizer_config.json")
     sep_id = None
     if int(getattr(model.config, "type_vocab_size", 1) or 1) > 1:

@@ -12,16 +12,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tokenizers import Tokenizer
 
 from embedsvc.backends.base import BackendSpec, LoadedModel, PaddedBatch
 from embedsvc.backends.bert import read_json
 from embedsvc.backends.torch_backend import (
     TorchThreads,
     guarded,
+    load_transformers_model,
     pad_token_id_of,
-    resolve_device,
-    resolve_dtype,
 )
 from embedsvc.errors import ConfigError
 
@@ -55,7 +53,6 @@ class SpladeBackend(TorchThreads):
 
 
 def load_splade(spec: BackendSpec, path: Path) -> LoadedModel:
-    import torch
     from transformers import AutoModelForMaskedLM
 
     modules = read_json(path / "modules.json")
@@ -74,25 +71,7 @@ def load_splade(spec: BackendSpec, path: Path) -> LoadedModel:
     activation = pooling_cfg.get("activation_function", "relu")
     if pooling not in ("max", "sum") or activation not in ("relu", "log1p_relu"):
         raise ConfigError(f"model {spec.name}: SpladePooling {pooling_cfg} is not supported")
-    if not (path / "tokenizer.json").is_file():
-        raise ConfigError(f"model {spec.name}: needs a fast tokenizer (tokenizer.json)")
-    device = resolve_device(spec.device)
-    dtype = resolve_dtype(spec.dtype, device)
-    if spec.threads:
-        torch.set_num_threads(spec.threads)
-    kwargs: dict[str, Any] = {"use_safetensors": True, "local_files_only": True}
-    if dtype != "float32":
-        kwargs["dtype"] = getattr(torch, dtype)
-    try:
-        model = AutoModelForMaskedLM.from_pretrained(
-            str(path), trust_remote_code=spec.trust_remote_code, **kwargs
-        )
-    except Exception as e:  # the library raises many types; report the reason plainly
-        raise ConfigError(f"model {spec.name}: cannot load {path}: {type(e).__name__}: {e}") from e
-    model.to(device).eval()
-    tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
-    tokenizer.no_padding()
-    tokenizer.no_truncation()
+    model, device, dtype, tokenizer = load_transformers_model(spec, path, AutoModelForMaskedLM)
     limits = [spec.max_seq_length, sbert.get("max_seq_length")]
     model_max = (read_json(path / "tokenizer_config.json") or {}).get("model_max_length")
     if isinstance(model_max, int) and model_max < 100_000:

@@ -280,6 +280,35 @@ def _load_lean(p: bert.Plan, path: Path, device: str, dtype: str) -> _Parts:
     )
 
 
+def load_transformers_model(
+    spec: BackendSpec, path: Path, auto_class: Any
+) -> tuple[Any, str, str, Tokenizer]:
+    """A transformers model of `auto_class` (safetensors, local files only) on the entry's
+    device and dtype, in eval mode, with the folder's bare tokenizer; the device; the dtype."""
+    import torch
+
+    if not (path / "tokenizer.json").is_file():
+        raise ConfigError(f"model {spec.name}: needs a fast tokenizer (tokenizer.json)")
+    device = resolve_device(spec.device)
+    dtype = resolve_dtype(spec.dtype, device)
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    kwargs: dict[str, Any] = {"use_safetensors": True, "local_files_only": True}
+    if dtype != "float32":
+        kwargs["dtype"] = getattr(torch, dtype)
+    try:
+        model = auto_class.from_pretrained(
+            str(path), trust_remote_code=spec.trust_remote_code, **kwargs
+        )
+    except Exception as e:  # the library raises many types; report the reason plainly
+        raise ConfigError(f"model {spec.name}: cannot load {path}: {type(e).__name__}: {e}") from e
+    model.to(device).eval()
+    tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    return model, device, dtype, tokenizer
+
+
 def load_lexical_head(spec: BackendSpec, path: Path, device: str, dtype: str) -> Any:
     """BGE-M3's sparse head (Linear(hidden, 1)): `sparse_linear.safetensors` if the folder
     has one, else `sparse_linear.pt` (as the repository ships it) read with
