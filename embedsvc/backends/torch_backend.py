@@ -80,7 +80,6 @@ class TorchBackend(TorchThreads):
         dtype: str,
         dimension: int,
         lexical: Any = None,
-        max_len: int = 0,
     ) -> None:
         self._encoder = encoder
         self._head = head
@@ -88,9 +87,9 @@ class TorchBackend(TorchThreads):
         self.dtype = dtype
         self.dimension = dimension
         # BGE-M3's lexical weights: relu(Linear(hidden -> 1)) per token, returned after the
-        # vector as `extra_columns` more columns (one per position, up to max_len).
+        # vector as one more column per position of the batch (`token_weights`).
         self._lexical = lexical
-        self.extra_columns = max_len if lexical is not None else 0
+        self.token_weights = lexical is not None
 
     def forward(self, batch: PaddedBatch) -> np.ndarray:
         import torch
@@ -113,9 +112,7 @@ class TorchBackend(TorchThreads):
                 if self._lexical is not None:
                     mask = features["attention_mask"]
                     weights = torch.relu(self._lexical(states)).squeeze(-1).to(torch.float32)
-                    weights = weights * mask.to(torch.float32)
-                    pad = self.extra_columns - weights.shape[1]
-                    out = torch.cat([out, torch.nn.functional.pad(weights, (0, pad))], dim=1)
+                    out = torch.cat([out, weights * mask.to(torch.float32)], dim=1)
                 return out.cpu().numpy()
         except torch.OutOfMemoryError as e:
             del features
@@ -231,9 +228,7 @@ def load_torch_model(spec: BackendSpec, path: Path) -> LoadedModel:
         if parts.encoder is None:
             raise ConfigError(f"model {spec.name}: lexical weights need its token states")
         lexical = load_lexical_head(spec, path, device, dtype)
-    backend = TorchBackend(
-        parts.encoder, parts.head, device, dtype, parts.dimension, lexical, max_len
-    )
+    backend = TorchBackend(parts.encoder, parts.head, device, dtype, parts.dimension, lexical)
     log.info(
         "loaded %s (%s@%s) from %s on %s/%s with %s: dim=%d pooling=%s max_seq_length=%d",
         spec.name,

@@ -146,11 +146,12 @@ class ModelWorker:
         items.sort(key=lambda it: it.length)  # batches of similar length: little padding
         batches = [pad(items[k : k + 16], m.pad_token_id) for k in range(0, len(items), 16)]
         outs = self.compute.call(lambda: [m.backend.forward(b) for b in batches])
-        out = np.concatenate(outs)
-        width = m.backend.dimension + getattr(m.backend, "extra_columns", 0)
-        if out.shape != (len(items), width):
-            raise RuntimeError(f"warm-up returned shape {out.shape}")
-        out = out[:, : m.backend.dimension]
+        extra = getattr(m.backend, "token_weights", False)
+        for b, o in zip(batches, outs, strict=True):
+            width = m.backend.dimension + (b.shape[1] if extra else 0)
+            if o.shape != (b.shape[0], width):
+                raise RuntimeError(f"warm-up returned shape {o.shape}")
+        out = np.concatenate([o[:, : m.backend.dimension] for o in outs])
         if self.spec.task == "embed":
             sizes = sorted({m.backend.dimension, *self.spec.matryoshka_dims})
             self.calibration = calibration.ranges(out, sizes, self.spec.matryoshka_layer_norm)
@@ -465,9 +466,9 @@ class ModelWorker:
                 self.name, len(items), batch.shape[1],
             )  # fmt: skip
             parts = [items[:half], items[half:]]
-            return np.concatenate(
-                [self._forward(p, pad(p, self.model.pad_token_id)) for p in parts]
-            )
+            outs = [self._forward(p, pad(p, self.model.pad_token_id)) for p in parts]
+            width = max(o.shape[1] for o in outs)  # token weights follow each half's length
+            return np.concatenate([np.pad(o, ((0, 0), (0, width - o.shape[1]))) for o in outs])
         self.m.batches.inc()
         self.m.batch_size.observe(len(items))
         self.m.batch_tokens.observe(batch.shape[0] * batch.shape[1])
@@ -475,7 +476,8 @@ class ModelWorker:
 
     def _finalize(self, items: list[Item], pooled: np.ndarray) -> list[np.ndarray] | np.ndarray:
         """Rows in the order of `items`, each finalized as its job asks (lexical-weight
-        jobs take the token weights the backend returns after the vector)."""
+        jobs take the token weights the backend returns after the vector, one per position
+        of the batch, padded here to a fixed width so a job's rows stack)."""
         dim = self.model.backend.dimension
         extra = pooled[:, dim:]
         pooled = pooled[:, :dim]
@@ -488,8 +490,10 @@ class ModelWorker:
         groups: dict[tuple[int | None, bool, bool], list[int]] = defaultdict(list)
         out: list[np.ndarray] = [pooled[0]] * len(items)
         for row, key in enumerate(keys):
-            if lexical[row]:
-                out[row] = np.ascontiguousarray(extra[row], dtype=np.float32)
+            if lexical[row]:  # one weight per position, padded to the model's longest input
+                weights = np.zeros(self.model.max_seq_length, dtype=np.float32)
+                weights[: extra.shape[1]] = extra[row]
+                out[row] = weights
             else:
                 groups[key].append(row)
         for (dims, normalize, ln), rows in groups.items():
