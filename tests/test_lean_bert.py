@@ -68,6 +68,18 @@ def test_own_encoder_equals_sentence_transformers(name: str, model_dir: Path) ->
     np.testing.assert_allclose(got, reference(folder, TEXTS), atol=2e-5, rtol=1e-4)
 
 
+def test_a_forward_pass_is_one_traced_call(model_dir: Path) -> None:
+    """Encoder and pooling are one TorchScript module that returns the vectors: each
+    torch call from Python releases the GIL and must wait to take it back from the busy
+    event loop, so the pass makes one (see TorchBackend.forward)."""
+    loaded = load_torch_model(spec("tiny-bge"), model_dir / "tiny-bge")
+    encoder = loaded.backend._encoder  # type: ignore[attr-defined]
+    assert isinstance(encoder, torch.jit.ScriptModule)
+    with torch.inference_mode():
+        out = encoder(torch.tensor([[2, 40, 41, 3]]), torch.ones(1, 4, dtype=torch.long))
+    assert out.shape == (1, loaded.backend.dimension) and out.dtype == torch.float32
+
+
 def test_xlm_roberta_positions_and_padding(tmp_path: Path) -> None:
     """XLM-R counts positions from padding_idx + 1 and pads with id 1: compared with
     transformers' XLMRobertaModel on a right-padded batch."""

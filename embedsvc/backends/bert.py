@@ -242,6 +242,22 @@ def _encoder_class() -> Any:
     return _ENCODER
 
 
+def pooled(encoder: Any, mode: str) -> Any:
+    """`encoder` and pooling as one module: (input_ids, attention_mask) -> float32 sentence
+    vectors, so that a traced forward pass is a single call from Python."""
+    from torch import nn
+
+    class Pooled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder = encoder
+
+        def forward(self, ids: Any, mask: Any) -> Any:
+            return pool(self.encoder(ids, mask), mask, mode).float()
+
+    return Pooled()
+
+
 def pool(states: Any, mask: Any, mode: str) -> Any:
     """sentence-transformers' Pooling for one mode, on torch tensors (right padding)."""
     import torch

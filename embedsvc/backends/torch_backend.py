@@ -70,7 +70,8 @@ def guarded(device: str, fn: Callable[[], np.ndarray]) -> np.ndarray:
 class TorchBackend(TorchThreads):
     """`encoder` maps (input_ids, attention_mask) to token states; `head` (callables on
     sentence-transformers' feature dicts) pools them. With no encoder, `head` is the whole
-    model, run from the ids."""
+    model, run from the ids. With `pooled`, `encoder` is the whole model: it returns the
+    float32 sentence vectors."""
 
     def __init__(
         self,
@@ -80,9 +81,11 @@ class TorchBackend(TorchThreads):
         dtype: str,
         dimension: int,
         lexical: Any = None,
+        pooled: bool = False,
     ) -> None:
         self._encoder = encoder
         self._head = head
+        self._pooled = pooled
         self.device = device
         self.dtype = dtype
         self.dimension = dimension
@@ -94,6 +97,15 @@ class TorchBackend(TorchThreads):
     def forward(self, batch: PaddedBatch) -> np.ndarray:
         import torch
 
+        if self._pooled and self.device == "cpu":
+            # One call into the traced model and nothing else that enters torch's
+            # dispatcher: each torch call from Python lets go of the GIL, and taking it
+            # back means waiting for the busy event loop thread to let go in turn. Under
+            # load (a near-free model, 64 connections) this took 7% less CPU per request
+            # than pooling in Python after the traced encoder; MiniLM gained 3%.
+            ids, mask = torch.from_numpy(batch.input_ids), torch.from_numpy(batch.attention_mask)
+            with torch.inference_mode():  # called from the compute thread only
+                return self._encoder(ids, mask).numpy()
         features: dict[str, Any] = {
             "input_ids": torch.from_numpy(batch.input_ids).to(self.device, non_blocking=True),
             "attention_mask": torch.from_numpy(batch.attention_mask).to(
@@ -102,7 +114,10 @@ class TorchBackend(TorchThreads):
         }
         try:
             with torch.inference_mode():  # called from the compute thread only
-                if self._encoder is not None:
+                if self._pooled:
+                    ids, mask = features["input_ids"], features["attention_mask"]
+                    features["sentence_embedding"] = self._encoder(ids, mask)
+                elif self._encoder is not None:
                     ids, mask = features["input_ids"], features["attention_mask"]
                     features["token_embeddings"] = self._encoder(ids, mask)
                 states = features.get("token_embeddings")
@@ -194,6 +209,7 @@ class _Parts:
     pad_token_id: int | None
     max_seq_length: int | None
     via: str
+    pooled: bool = False  # `encoder` returns sentence vectors (pooling included)
 
 
 def load_torch_model(spec: BackendSpec, path: Path) -> LoadedModel:
@@ -207,7 +223,7 @@ def load_torch_model(spec: BackendSpec, path: Path) -> LoadedModel:
     lean = None if spec.trust_remote_code else bert.plan(path)
     if lean is not None:
         try:
-            parts = _load_lean(lean, path, device, dtype)
+            parts = _load_lean(lean, path, device, dtype, states=spec.lexical_weights)
         except ValueError as e:  # weights named otherwise: the library knows more layouts
             log.info("model %s: %s; loading it with sentence-transformers", spec.name, e)
     if parts is None:
@@ -228,7 +244,9 @@ def load_torch_model(spec: BackendSpec, path: Path) -> LoadedModel:
         if parts.encoder is None:
             raise ConfigError(f"model {spec.name}: lexical weights need its token states")
         lexical = load_lexical_head(spec, path, device, dtype)
-    backend = TorchBackend(parts.encoder, parts.head, device, dtype, parts.dimension, lexical)
+    backend = TorchBackend(
+        parts.encoder, parts.head, device, dtype, parts.dimension, lexical, parts.pooled
+    )
     log.info(
         "loaded %s (%s@%s) from %s on %s/%s with %s: dim=%d pooling=%s max_seq_length=%d",
         spec.name,
@@ -252,8 +270,10 @@ def load_torch_model(spec: BackendSpec, path: Path) -> LoadedModel:
     )
 
 
-def _load_lean(p: bert.Plan, path: Path, device: str, dtype: str) -> _Parts:
-    """A BERT-family folder with torch alone (see backends/bert.py)."""
+def _load_lean(p: bert.Plan, path: Path, device: str, dtype: str, states: bool) -> _Parts:
+    """A BERT-family folder with torch alone (see backends/bert.py). Unless the token
+    states are needed (`states`: lexical weights), encoder and pooling are traced as one
+    module, so a pass is one call into TorchScript (see TorchBackend.forward)."""
     encoder = bert.build(p, device, dtype)
     mode = p.pooling
 
@@ -263,9 +283,11 @@ def _load_lean(p: bert.Plan, path: Path, device: str, dtype: str) -> _Parts:
         return features
 
     tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+    whole = None if states else bert.pooled(encoder, mode)
     return _Parts(
-        encoder=_trace(encoder, device) or encoder,
-        head=[pool],
+        encoder=_trace(whole or encoder, device) or whole or encoder,
+        head=[] if whole is not None else [pool],
+        pooled=whole is not None,
         pooling=mode,
         dimension=p.dimension,
         tokenizer=tokenizer,
