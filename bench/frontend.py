@@ -16,7 +16,9 @@ on a shared VM swing by 20-30%):
       384-float vector (bench/bare_app.py): what the HTTP stack alone allows;
   (3) --api-workers 1 and 2, with CPU milliseconds per request spent by the front end
       and by the engine (from /proc: with one process, the event loop's thread is the
-      front end and every other thread the engine);
+      front end and every other thread the engine), and the whole machine's busy CPU per
+      request (server, wrk and the kernel's loopback TCP) with its idle share: a run
+      with idle cores is bounded by something other than CPU (the GIL, hand-offs);
   (4) the same short queries through embedsvc's engine in this process, without HTTP (64
       concurrent callers): what the engine alone allows;
   (5) latency of MiniLM short queries at concurrency 1 (and the time the server spends
@@ -137,17 +139,29 @@ def _children_cpu(t: os.times_result) -> float:
     return t.children_user + t.children_system
 
 
+def machine_cpu() -> tuple[float, float]:
+    """(busy, idle) CPU seconds of the whole machine, all cores, from /proc/stat."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields[:8]) - idle) / TICK, idle / TICK
+
+
 def load_server(
     url: str, pid: int, bodies: Path, lua: Path, seconds: float, warm: float, conns: int = 64
 ) -> dict:
-    """wrk against `url` (a full URL); CPU per request of the server process `pid`."""
+    """wrk against `url` (a full URL); CPU per request of the server process `pid`, and of
+    the whole machine (server, wrk and the kernel's loopback TCP), with its idle share."""
     wrk(url, bodies, lua, warm, conns)
     f0, e0 = cpu_seconds(pid)
+    b0, i0 = machine_cpu()
     r = wrk(url, bodies, lua, seconds, conns)
     f1, e1 = cpu_seconds(pid)
+    b1, i1 = machine_cpu()
     n = max(r["requests"], 1)
     r["front_ms"] = (f1 - f0) / n * 1000
     r["engine_ms"] = (e1 - e0) / n * 1000
+    r["machine_ms"] = (b1 - b0) / n * 1000
+    r["idle"] = (i1 - i0) / max(b1 - b0 + i1 - i0, 1e-9)
     return r
 
 
@@ -167,7 +181,8 @@ def offline_rate(model: Any, texts: list[str], batch_size: int) -> float:
 
 
 def show(label: str, r: dict, per_request: int = 1) -> None:
-    cpu = f"CPU/request: front end {r['front_ms']:.2f} ms, engine {r['engine_ms']:.2f} ms"
+    cpu = (f"CPU/request: front end {r['front_ms']:.3f} ms, engine {r['engine_ms']:.3f} ms, "
+           f"machine {r['machine_ms']:.3f} ms ({r['idle']:.0%} idle)")  # fmt: skip
     errs = r["errors"] + (1 if r["socket_errors"] else 0)
     print(f"  {label:34s} {r['rps'] * per_request:9.1f} inputs/s  p50 {r['p50']:>8s}  "
           f"p99 {r['p99']:>8s}  {cpu}  errors {errs}  (wrk CPU {r['wrk_cpu']:.1f} s)")  # fmt: skip
@@ -345,10 +360,12 @@ def main() -> None:
     print()
     print("medians over the rounds:")
     for key, rs in runs.items():
-        med = {k: statistics.median(r[k] for r in rs) for k in ("rps", "front_ms", "engine_ms")}
+        keys = ("rps", "front_ms", "engine_ms", "machine_ms", "idle")
+        med = {k: statistics.median(r[k] for r in rs) for k in keys}
         per = 32 if "32-input" in key else 1
         print(f"  {key:40s} {med['rps'] * per:9.1f} inputs/s  CPU/request: front end "
-              f"{med['front_ms']:.2f} ms, engine {med['engine_ms']:.2f} ms")  # fmt: skip
+              f"{med['front_ms']:.3f} ms, engine {med['engine_ms']:.3f} ms, machine "
+              f"{med['machine_ms']:.3f} ms ({med['idle']:.0%} idle)")  # fmt: skip
     failed = [k for k, rs in runs.items() if any(r["errors"] or r["socket_errors"] for r in rs)]
     if failed:
         print(f"  RUNS WITH ERRORS (their numbers do not count): {', '.join(failed)}")
