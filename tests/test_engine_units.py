@@ -68,6 +68,22 @@ def test_cheap_passes_keep_padding_out_and_costly_ones_take_everything() -> None
         assert pending[0] in batch and len(batch) * max(it.length for it in batch) <= 306
 
 
+def test_padding_that_costs_little_no_longer_splits_batches() -> None:
+    # The own BERT encoder on a CPU skips padded positions in its dense layers: a padded
+    # position there costs ~0.05 of a token (measured at warm-up), so short queries of
+    # different lengths share one pass, and so do queries and 100-token passages.
+    queries = items([8, 21, 12, 17, 9, 14, 20, 11])
+    assert len(select_batch(queries, 4096, 64, overhead=30)) < 8  # padding at full cost
+    assert len(select_batch(queries, 4096, 64, overhead=30, pad_cost=0.05)) == 8
+    mixed = items([12, 100, 11, 98, 13, 102, 12])
+    assert len(select_batch(mixed, 4096, 64, overhead=30, pad_cost=0.05)) == 7
+    # Attention's share grows with the width: padding to 512 costs a query nearly a
+    # token per position again, so a lone long passage does not take the queries along.
+    longest = items([12, 512, 11, 13, 12])
+    batch = select_batch(longest, 8192, 64, overhead=30, pad_cost=0.05)
+    assert sorted(it.length for it in batch) == [11, 12, 12, 13]
+
+
 def test_queue_drains_every_item_exactly_once() -> None:
     q = BatchQueue(max_batch_tokens=64, max_batch_size=5)
     its = [Item(None, i, [1] * (1 + i % 13)) for i in range(57)]

@@ -80,6 +80,24 @@ def test_a_forward_pass_is_one_traced_call(model_dir: Path) -> None:
     assert out.shape == (1, loaded.backend.dimension) and out.dtype == torch.float32
 
 
+def test_packed_encoder_equals_padded(model_dir: Path) -> None:
+    """On a CPU the encoder runs its dense layers on real tokens only: the same vectors as
+    computing every padded position."""
+    p = bert.plan(model_dir / "tiny-nomic")
+    assert p is not None
+    encoder = bert.build(p, "cpu", "float32")
+    assert encoder.packed
+    ids = torch.randint(5, 90, (4, 11))
+    mask = torch.ones(4, 11, dtype=torch.long)
+    for row, n in enumerate((11, 3, 7, 1)):
+        mask[row, n:] = 0
+    with torch.inference_mode():
+        packed = bert.pool(encoder(ids, mask), mask, "mean")
+        encoder.packed = False
+        padded = bert.pool(encoder(ids, mask), mask, "mean")
+    torch.testing.assert_close(packed, padded, atol=1e-5, rtol=1e-5)
+
+
 def test_xlm_roberta_positions_and_padding(tmp_path: Path) -> None:
     """XLM-R counts positions from padding_idx + 1 and pads with id 1: compared with
     transformers' XLMRobertaModel on a right-padded batch."""

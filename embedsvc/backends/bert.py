@@ -129,6 +129,7 @@ def build(p: Plan, device: str, dtype: str) -> Any:
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"weights do not match: missing {missing[:3]}, extra {unexpected[:3]}")
+    model.packed = device == "cpu"
     return model.to(device=device, dtype=getattr(torch, dtype)).eval()
 
 
@@ -203,6 +204,24 @@ def _encoder_class() -> Any:
             self.output = Dense(c["intermediate_size"], h, eps)
             self.act = activation(c.get("hidden_act", "gelu"))
 
+        def forward_packed(
+            self, x: torch.Tensor, real: torch.Tensor, b: int, s: int, mask: torch.Tensor
+        ) -> torch.Tensor:
+            """`x`: the real tokens' states [n, hidden] (positions `real` of the flattened
+            batch). Only attention sees the padded layout; the dense layers, most of the
+            work, run on real tokens alone."""
+            h = x.shape[-1]
+            sa = self.attention.self
+            qkv = torch.cat([sa.query(x), sa.key(x), sa.value(x)], 1)
+            full = x.new_zeros(b * s, 3 * h).index_copy(0, real, qkv)
+            q, k, v = full.view(b, s, 3, self.heads, h // self.heads).permute(2, 0, 3, 1, 4)
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            a = a.transpose(1, 2).reshape(b * s, h).index_select(0, real)
+            out = self.attention.output
+            x = out.LayerNorm(out.dense(a) + x)
+            y = self.output.dense(self.act(self.intermediate.dense(x)))
+            return self.output.LayerNorm(y + x)
+
         def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
             b, s, h = x.shape
             sa = self.attention.self
@@ -224,19 +243,31 @@ def _encoder_class() -> Any:
             self.layer = nn.ModuleList(Layer(c) for _ in range(c["num_hidden_layers"]))
 
     class BertEncoder(nn.Module):
-        """input_ids, attention_mask [batch, seq] -> token states [batch, seq, hidden]."""
+        """input_ids, attention_mask [batch, seq] -> token states [batch, seq, hidden]
+        (zeros at padded positions when `packed`)."""
 
         def __init__(self, c: dict[str, Any]) -> None:
             super().__init__()
             self.embeddings = Embeddings(c)
             self.encoder = Encoder(c)
+            # Padded positions skip the dense layers (Layer.forward_packed): a batch of
+            # mixed lengths costs about its real tokens. Set for CPUs, where the row
+            # gathers are cheap; elsewhere every position is computed.
+            self.packed = False
 
         def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
             x = self.embeddings(ids)
             keep = mask.bool()[:, None, None, :]  # keys a query may attend to
+            if not self.packed:
+                for layer in self.encoder.layer:
+                    x = layer(x, keep)
+                return x
+            b, s, h = x.shape
+            real = mask.reshape(-1).nonzero().squeeze(1)
+            y = x.reshape(b * s, h).index_select(0, real)
             for layer in self.encoder.layer:
-                x = layer(x, keep)
-            return x
+                y = layer.forward_packed(y, real, b, s, keep)  # type: ignore[operator]
+            return x.new_zeros(b * s, h).index_copy(0, real, y).view(b, s, h)
 
     _ENCODER = BertEncoder
     return _ENCODER

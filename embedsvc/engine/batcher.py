@@ -14,12 +14,14 @@ Which inputs are candidates (`policy`):
 - "length": everything queued; the least padding, but a backlog spreads each request
   over many batches.
 
-A forward pass costs about `overhead + padded tokens` (in token-equivalents; the worker
-measures `overhead` for its model at warm-up). When it is known, an input joins the
-batch only if it raises real tokens per unit of cost: on a CPU, where a pass's fixed
-cost is a handful of tokens, a short query does not ride along with a long passage and
-pay for its padding; on a GPU, where the fixed cost is thousands of tokens, the batch
-takes everything that fits.
+A forward pass costs about `overhead + real tokens + pad_cost x padding` (in
+token-equivalents; the worker measures `overhead` and `pad_cost` for its model at
+warm-up). When they are known, an input joins the batch only if it raises real tokens per
+unit of cost: where padding costs as much as a token (most backends) and a pass's fixed
+cost is a handful of tokens (a CPU), a short query does not ride along with a long
+passage and pay for its padding; on a GPU, where the fixed cost is thousands of tokens,
+the batch takes everything that fits, and so it does where padding is nearly free (the
+own BERT encoder on a CPU skips padded positions in its dense layers).
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ class Item:
 
 
 POLICIES = ("arrival", "length")
+PAD_COST_WIDTH = 32  # the width at which the worker measures `pad_cost`
 
 
 class BatchQueue:
@@ -61,6 +64,7 @@ class BatchQueue:
         self.max_batch_size = max_batch_size
         self.policy = policy
         self.overhead_tokens: float | None = None  # set by the worker once measured
+        self.pad_cost = 1.0  # a padded position's cost in tokens; measured with overhead
         # Called with the queue's length after every change, under the queue's lock, so
         # the last value written is the length now (a gauge set from several threads
         # outside it could stick at a stale value).
@@ -101,8 +105,9 @@ class BatchQueue:
             if self.policy == "arrival":
                 pool = oldest(pool, 4 * self.max_batch_size, 4 * self.max_batch_tokens)
             batch = select_batch(
-                pool, self.max_batch_tokens, self.max_batch_size, self.overhead_tokens
-            )
+                pool, self.max_batch_tokens, self.max_batch_size, self.overhead_tokens,
+                self.pad_cost,
+            )  # fmt: skip
             chosen = {id(it) for it in batch}
             self._pending = [it for it in self._pending if id(it) not in chosen]
             self.tokens -= sum(it.length for it in batch)
@@ -122,13 +127,17 @@ def oldest(pending: list[Item], max_items: int, max_tokens: int) -> list[Item]:
 
 
 def select_batch(
-    pending: list[Item], max_tokens: int, max_size: int, overhead: float | None = None
+    pending: list[Item],
+    max_tokens: int,
+    max_size: int,
+    overhead: float | None = None,
+    pad_cost: float = 1.0,
 ) -> list[Item]:
     """Choose a batch: the oldest item plus its nearest neighbours in length.
 
-    `pending` is in arrival order. Padded cost of a batch is size x longest length; with
-    `overhead` (a pass's fixed cost in tokens), a neighbour joins only while it raises
-    real tokens / (overhead + padded tokens).
+    `pending` is in arrival order. A batch holds size x longest length positions (bounded
+    by `max_tokens`); with `overhead` (a pass's fixed cost in tokens), a neighbour joins
+    only while it raises real tokens / (overhead + real + pad_cost x padding).
     """
     if not pending:
         return []
@@ -157,9 +166,9 @@ def select_batch(
             new_top = max(top, it.length)
             if (n + 1) * new_top > max_tokens:
                 continue
-            if overhead is not None and (real + it.length) * (overhead + n * top) < real * (
-                overhead + (n + 1) * new_top
-            ):
+            if overhead is not None and (real + it.length) * _cost(
+                overhead, pad_cost, n, top, real
+            ) < real * _cost(overhead, pad_cost, n + 1, new_top, real + it.length):
                 continue  # it would lower real tokens per unit of cost
             if side < 0:
                 lo -= 1
@@ -171,6 +180,13 @@ def select_batch(
         if not added:
             break
     return ordered[lo : hi + 1]
+
+
+def _cost(overhead: float, pad_cost: float, n: int, top: int, real: int) -> float:
+    """A pass over `n` inputs padded to `top` tokens, `real` of them real, in tokens.
+    `pad_cost` is measured at a width of PAD_COST_WIDTH; what is left of a padded
+    position's cost is attention, which grows with the width (never past a real token)."""
+    return overhead + real + min(1.0, pad_cost * top / PAD_COST_WIDTH) * (n * top - real)
 
 
 def pad(items: list[Item], pad_id: int) -> PaddedBatch:

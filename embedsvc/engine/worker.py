@@ -160,8 +160,9 @@ class ModelWorker:
             self.calibration = calibration.ranges(out, sizes, self.spec.matryoshka_layer_norm)
         self.queue.overhead_tokens = self.compute.call(self._measure_overhead)
         log.info(
-            "model %s: a forward pass costs about %.0f tokens' worth besides its tokens",
-            self.name, self.queue.overhead_tokens,
+            "model %s: a forward pass costs about %.0f tokens' worth besides its tokens, "
+            "a padded position %.2f of a token",
+            self.name, self.queue.overhead_tokens, self.queue.pad_cost,
         )  # fmt: skip
         self.ready = True
         self.m.ready.set(1)
@@ -169,13 +170,12 @@ class ModelWorker:
     def _measure_overhead(self) -> float:
         """A pass's fixed cost in tokens: time a 1x8 and an 8x32 batch (best of 3 each),
         fit time = fixed + per_token x tokens. Padding is worth avoiding when the fixed
-        cost is small (CPU), and not when it is large (GPU). Also sets
+        cost is small (CPU), and not when it is large (GPU). A third, padded batch gives
+        what a padded position costs (the queue's `pad_cost`). Also sets
         `one_thread_enough` for a torch backend (see below)."""
-        small = pad([Item(None, 0, [self.model.pad_token_id] * 8)], self.model.pad_token_id)
-        large = pad(
-            [Item(None, i, [self.model.pad_token_id] * 32) for i in range(8)],
-            self.model.pad_token_id,
-        )
+        pad_id = self.model.pad_token_id
+        small = pad([Item(None, 0, [pad_id] * 8)], pad_id)
+        large = pad([Item(None, i, [pad_id] * 32) for i in range(8)], pad_id)
 
         def best(batch: PaddedBatch) -> float:
             times = []
@@ -185,9 +185,16 @@ class ModelWorker:
                 times.append(time.perf_counter() - t0)
             return min(times)
 
-        t_small, t_large = best(small), best(large)
+        # 8 inputs of 8 tokens beside one of 32: 96 real tokens and 192 padded positions.
+        mixed = pad(
+            [Item(None, i, [pad_id] * 8) for i in range(8)] + [Item(None, 8, [pad_id] * 32)],
+            pad_id,
+        )
+        t_small, t_large, t_mixed = best(small), best(large), best(mixed)
         self.rate = RateEstimate(256 / max(t_large, 1e-9))
         per_token = max(t_large - t_small, 1e-9) / (256 - 8)
+        pad_cost = (t_mixed - t_small - (96 - 8) * per_token) / (192 * per_token)
+        self.queue.pad_cost = min(max(pad_cost, 0.0), 1.0)
         threads = getattr(self.model.backend, "cpu_threads", None)
         if threads is not None and threads() > 1:
             # Does the model gain from parallel threads? A tiny one does not, and idle
