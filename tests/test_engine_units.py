@@ -13,7 +13,7 @@ import pytest
 from tokenizers import Tokenizer
 
 from embedsvc.api.encode import to_base64
-from embedsvc.engine.batcher import BatchQueue, Item, oldest, pad, select_batch
+from embedsvc.engine.batcher import BatchQueue, Item, PadCost, oldest, pad, select_batch
 from embedsvc.engine.postprocess import finalize, layer_norm
 from embedsvc.engine.tokenize import TextTokenizer
 from embedsvc.errors import ConfigError, ValidationError
@@ -69,19 +69,22 @@ def test_cheap_passes_keep_padding_out_and_costly_ones_take_everything() -> None
 
 
 def test_padding_that_costs_little_no_longer_splits_batches() -> None:
-    # The own BERT encoder on a CPU skips padded positions in its dense layers: a padded
-    # position there costs ~0.05 of a token (measured at warm-up), so short queries of
-    # different lengths share one pass, and so do queries and 100-token passages.
+    # The own BERT encoder on a CPU skips padded positions in its dense layers: there a
+    # padded position costs attention alone, ~0.05 of a token at a width of 32 (measured
+    # at warm-up), so short queries of different lengths share one pass, and so do
+    # queries and 100-token passages.
+    cheap = PadCost(fixed=0.0, per_width=0.05 / 32)
     queries = items([8, 21, 12, 17, 9, 14, 20, 11])
     assert len(select_batch(queries, 4096, 64, overhead=30)) < 8  # padding at full cost
-    assert len(select_batch(queries, 4096, 64, overhead=30, pad_cost=0.05)) == 8
+    assert len(select_batch(queries, 4096, 64, overhead=30, pad_cost=cheap)) == 8
     mixed = items([12, 100, 11, 98, 13, 102, 12])
-    assert len(select_batch(mixed, 4096, 64, overhead=30, pad_cost=0.05)) == 7
-    # Attention's share grows with the width: padding to 512 costs a query nearly a
-    # token per position again, so a lone long passage does not take the queries along.
+    assert len(select_batch(mixed, 4096, 64, overhead=30, pad_cost=cheap)) == 7
+    # Attention grows with the width: padding to 512 costs nearly a token per position
+    # again, so a lone long passage does not take the queries along.
     longest = items([12, 512, 11, 13, 12])
-    batch = select_batch(longest, 8192, 64, overhead=30, pad_cost=0.05)
+    batch = select_batch(longest, 8192, 64, overhead=30, pad_cost=cheap)
     assert sorted(it.length for it in batch) == [11, 12, 12, 13]
+    assert PadCost().at(8) == PadCost().at(512) == 1.0  # computed padding: a full token
 
 
 def test_queue_drains_every_item_exactly_once() -> None:

@@ -14,14 +14,15 @@ Which inputs are candidates (`policy`):
 - "length": everything queued; the least padding, but a backlog spreads each request
   over many batches.
 
-A forward pass costs about `overhead + real tokens + pad_cost x padding` (in
-token-equivalents; the worker measures `overhead` and `pad_cost` for its model at
-warm-up). When they are known, an input joins the batch only if it raises real tokens per
-unit of cost: where padding costs as much as a token (most backends) and a pass's fixed
-cost is a handful of tokens (a CPU), a short query does not ride along with a long
-passage and pay for its padding; on a GPU, where the fixed cost is thousands of tokens,
-the batch takes everything that fits, and so it does where padding is nearly free (the
-own BERT encoder on a CPU skips padded positions in its dense layers).
+A forward pass costs about `overhead + real tokens + padded positions x their cost` (in
+token-equivalents; the worker measures `overhead` and `pad_cost` for its model at warm-up:
+a padded position costs `fixed + per_width x width`, up to a real token). When they are
+known, an input joins the batch only if it raises real tokens per unit of cost: where
+padding costs as much as a token (most backends) and a pass's fixed cost is a handful of
+tokens (a CPU), a short query does not ride along with a long passage and pay for its
+padding; on a GPU, where the fixed cost is thousands of tokens, the batch takes everything
+that fits, and so it does where padding is nearly free (the own BERT encoder on a CPU
+skips padded positions in its dense layers).
 """
 
 from __future__ import annotations
@@ -53,7 +54,19 @@ class Item:
 
 
 POLICIES = ("arrival", "length")
-PAD_COST_WIDTH = 32  # the width at which the worker measures `pad_cost`
+
+
+@dataclass(frozen=True)
+class PadCost:
+    """What a padded position costs, in tokens, in a batch `width` tokens wide: `fixed`
+    (the dense layers, about 1 where every position is computed, about 0 where padded
+    positions skip them) plus `per_width` x width (attention), never past a real token."""
+
+    fixed: float = 1.0
+    per_width: float = 0.0
+
+    def at(self, width: int) -> float:
+        return min(1.0, self.fixed + self.per_width * width)
 
 
 class BatchQueue:
@@ -64,7 +77,7 @@ class BatchQueue:
         self.max_batch_size = max_batch_size
         self.policy = policy
         self.overhead_tokens: float | None = None  # set by the worker once measured
-        self.pad_cost = 1.0  # a padded position's cost in tokens; measured with overhead
+        self.pad_cost = PadCost()  # measured with overhead
         # Called with the queue's length after every change, under the queue's lock, so
         # the last value written is the length now (a gauge set from several threads
         # outside it could stick at a stale value).
@@ -131,13 +144,13 @@ def select_batch(
     max_tokens: int,
     max_size: int,
     overhead: float | None = None,
-    pad_cost: float = 1.0,
+    pad_cost: PadCost = PadCost(),
 ) -> list[Item]:
     """Choose a batch: the oldest item plus its nearest neighbours in length.
 
     `pending` is in arrival order. A batch holds size x longest length positions (bounded
     by `max_tokens`); with `overhead` (a pass's fixed cost in tokens), a neighbour joins
-    only while it raises real tokens / (overhead + real + pad_cost x padding).
+    only while it raises real tokens / (overhead + real + padding x `pad_cost`).
     """
     if not pending:
         return []
@@ -182,11 +195,9 @@ def select_batch(
     return ordered[lo : hi + 1]
 
 
-def _cost(overhead: float, pad_cost: float, n: int, top: int, real: int) -> float:
-    """A pass over `n` inputs padded to `top` tokens, `real` of them real, in tokens.
-    `pad_cost` is measured at a width of PAD_COST_WIDTH; what is left of a padded
-    position's cost is attention, which grows with the width (never past a real token)."""
-    return overhead + real + min(1.0, pad_cost * top / PAD_COST_WIDTH) * (n * top - real)
+def _cost(overhead: float, pad_cost: PadCost, n: int, top: int, real: int) -> float:
+    """A pass over `n` inputs padded to `top` tokens, `real` of them real, in tokens."""
+    return overhead + real + pad_cost.at(top) * (n * top - real)
 
 
 def pad(items: list[Item], pad_id: int) -> PaddedBatch:

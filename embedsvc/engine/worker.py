@@ -28,7 +28,7 @@ import numpy as np
 from embedsvc.backends.base import BackendOutOfMemory, LoadedModel, PaddedBatch
 from embedsvc.engine import calibration
 from embedsvc.engine.admission import RateEstimate, retry_after
-from embedsvc.engine.batcher import BatchQueue, Item, pad
+from embedsvc.engine.batcher import BatchQueue, Item, PadCost, pad
 from embedsvc.engine.compute import compute_thread
 from embedsvc.engine.job import Job
 from embedsvc.engine.postprocess import finalize
@@ -161,8 +161,9 @@ class ModelWorker:
         self.queue.overhead_tokens = self.compute.call(self._measure_overhead)
         log.info(
             "model %s: a forward pass costs about %.0f tokens' worth besides its tokens, "
-            "a padded position %.2f of a token",
-            self.name, self.queue.overhead_tokens, self.queue.pad_cost,
+            "a padded position %.2f of a token at a width of 32, %.2f at 128",
+            self.name, self.queue.overhead_tokens, self.queue.pad_cost.at(32),
+            self.queue.pad_cost.at(128),
         )  # fmt: skip
         self.ready = True
         self.m.ready.set(1)
@@ -170,8 +171,8 @@ class ModelWorker:
     def _measure_overhead(self) -> float:
         """A pass's fixed cost in tokens: time a 1x8 and an 8x32 batch (best of 3 each),
         fit time = fixed + per_token x tokens. Padding is worth avoiding when the fixed
-        cost is small (CPU), and not when it is large (GPU). A third, padded batch gives
-        what a padded position costs (the queue's `pad_cost`). Also sets
+        cost is small (CPU), and not when it is large (GPU). Two padded batches give what
+        a padded position costs at two widths (the queue's `pad_cost`). Also sets
         `one_thread_enough` for a torch backend (see below)."""
         pad_id = self.model.pad_token_id
         small = pad([Item(None, 0, [pad_id] * 8)], pad_id)
@@ -185,16 +186,23 @@ class ModelWorker:
                 times.append(time.perf_counter() - t0)
             return min(times)
 
-        # 8 inputs of 8 tokens beside one of 32: 96 real tokens and 192 padded positions.
-        mixed = pad(
-            [Item(None, i, [pad_id] * 8) for i in range(8)] + [Item(None, 8, [pad_id] * 32)],
-            pad_id,
-        )
-        t_small, t_large, t_mixed = best(small), best(large), best(mixed)
+        # Inputs of 8 tokens beside one of 32 (then 128): padded positions at two widths.
+        def mixed(rows: int, width: int) -> PaddedBatch:
+            short = [Item(None, i, [pad_id] * 8) for i in range(rows)]
+            return pad([*short, Item(None, rows, [pad_id] * width)], pad_id)
+
+        t_small, t_large = best(small), best(large)
+        t_32, t_128 = best(mixed(8, 32)), best(mixed(4, 128))
         self.rate = RateEstimate(256 / max(t_large, 1e-9))
         per_token = max(t_large - t_small, 1e-9) / (256 - 8)
-        pad_cost = (t_mixed - t_small - (96 - 8) * per_token) / (192 * per_token)
-        self.queue.pad_cost = min(max(pad_cost, 0.0), 1.0)
+
+        def padded_position(t: float, real: int, padding: int) -> float:
+            return (t - t_small - (real - 8) * per_token) / (padding * per_token)
+
+        at_32, at_128 = padded_position(t_32, 96, 192), padded_position(t_128, 160, 480)
+        per_width = max((at_128 - at_32) / (128 - 32), 0.0)
+        fixed = min(max(at_32 - 32 * per_width, 0.0), 1.0)
+        self.queue.pad_cost = PadCost(fixed, per_width)
         threads = getattr(self.model.backend, "cpu_threads", None)
         if threads is not None and threads() > 1:
             # Does the model gain from parallel threads? A tiny one does not, and idle
