@@ -437,16 +437,17 @@ class ModelWorker:
             rows = self._finalize(items, pooled)
         except Exception:
             log.exception("model %s: forward pass of %d inputs failed", self.name, len(items))
-            self._fail([it.job for it in items])
             self._failed_in_a_row += 1
             if self._failed_in_a_row >= MAX_FAILED_BATCHES and self.healthy:
                 # Inputs are validated before they are queued, so this is the device or
                 # the backend (a sticky CUDA error, say), not a request: stop pretending.
+                # Unhealthy first: a client told of this failure then finds /health red.
                 log.critical(
                     "model %s: %d forward passes in a row failed; reporting unhealthy",
                     self.name, self._failed_in_a_row,
                 )  # fmt: skip
                 self._worker_died(f"{self._failed_in_a_row} forward passes in a row failed")
+            self._fail([it.job for it in items])  # those not failed with the rest above
             return
         self._failed_in_a_row = 0
         end = time.perf_counter()
