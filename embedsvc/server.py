@@ -132,6 +132,12 @@ def _uvicorn_config(app: Any, settings: Settings, **kw: Any) -> uvicorn.Config:
 
 def serve(settings: Settings) -> int:
     setup_logging(settings.log_level, settings.log_format)
+    # Each tokenizer call runs on the thread that makes it. The tokenizer library's own
+    # thread pool spins up for every call, however small: on a busy server it took as
+    # much CPU as the tokenizing itself, and front-end processes (and the tokenizer
+    # threads in each) already give tokenizing its parallelism. Set the variable to keep
+    # the library's pool.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     registry = load_registry(settings.models_file or None)
     specs = registry.select(settings.model_names())
     for spec in specs:

@@ -33,6 +33,9 @@ class TextTokenizer:
         self._special_ids = {
             i for i, tok in tokenizer.get_added_tokens_decoder().items() if tok.special
         }
+        # Ids only: the fast variant (tokenizers >= 0.21) skips the character offsets,
+        # about 15% of the work for short texts.
+        self._encode_batch = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
 
     def encode(
         self,
@@ -56,7 +59,7 @@ class TextTokenizer:
 
     def encode_full(self, full: list[str]) -> list[list[int]]:
         """Token ids with special tokens, untruncated: one call for many requests' texts."""
-        return [e.ids for e in self._tok.encode_batch(full, add_special_tokens=True)]
+        return [e.ids for e in self._encode_batch(full, add_special_tokens=True)]
 
     def fit(
         self,
