@@ -9,7 +9,7 @@ import logging
 from collections.abc import Callable, Iterator
 
 from embedsvc.backends.base import load_model
-from embedsvc.engine.compute import compute_thread
+from embedsvc.engine.compute import compute_thread, cpu_lanes
 from embedsvc.engine.core import CoreLink, LocalCore
 from embedsvc.engine.engine import Frontend, ModelEngine
 from embedsvc.engine.types import ModelInfo
@@ -95,7 +95,24 @@ def load_workers(
         first = next(iter(workers.values())).model.backend
         compute_thread().call(lambda: first.cpu_threads(1))  # type: ignore[attr-defined]
         log.info("forward passes run on one CPU thread (the models gain nothing from more)")
+    elif all(_cpu_torch(w) for w in workers.values()):
+        # Passes side by side under a backlog (compute.Lanes). Only where every model runs
+        # torch on the CPU: torch's threads can be set per pass, onnxruntime's cannot.
+        lanes = cpu_lanes(settings.cpu_threads())
+        if lanes is not None:
+            for w in workers.values():
+                if not w.one_thread_enough:
+                    w.use_lanes(lanes)
+            log.info(
+                "forward passes: up to %d side by side under a backlog, %d CPU threads each",
+                len(lanes.threads), lanes.per_lane,
+            )  # fmt: skip
     return workers
+
+
+def _cpu_torch(w: ModelWorker) -> bool:
+    backend = w.model.backend
+    return backend.device == "cpu" and hasattr(backend, "cpu_threads")
 
 
 def load_engines(

@@ -10,7 +10,9 @@ per request. It runs on threads of the process that holds the model:
       formed while the previous one runs)
   compute thread (shared by all models, see compute.py): forward pass -> finalize vectors
       -> store rows in their jobs -> sink the complete jobs; on CPU it then takes the next
-      batch itself while the queue is not empty
+      batch itself while the queue is not empty. A torch model on a CPU of 2 or more cores
+      has lanes (compute.Lanes): under a backlog, passes run side by side, each on its
+      share of the cores; a pass with nothing queued behind it runs on every free core
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from embedsvc.backends.base import BackendOutOfMemory, LoadedModel, PaddedBatch
 from embedsvc.engine import calibration
 from embedsvc.engine.admission import RateEstimate, retry_after
 from embedsvc.engine.batcher import BatchQueue, Item, PadCost, pad
-from embedsvc.engine.compute import compute_thread
+from embedsvc.engine.compute import Lanes, compute_thread
 from embedsvc.engine.job import Job
 from embedsvc.engine.postprocess import finalize
 from embedsvc.engine.types import CoreJob, JobDone, JobFailed, ModelInfo
@@ -95,6 +97,7 @@ class ModelWorker:
         self._prefetch = model.backend.device.startswith("cuda")
         self._slots = threading.Semaphore(2 if self._prefetch else 1)
         self.compute = compute_thread()
+        self._lanes: Lanes | None = None  # set at start (CPU torch models)
         self._lock = threading.Lock()  # guards _jobs and _inflight
         self._jobs: dict[tuple[Hashable, int], Job] = {}
         self._inflight = 0
@@ -133,6 +136,17 @@ class ModelWorker:
             calibration=self.calibration,
             score_activation=m.score_activation,
         )
+
+    @property
+    def lanes(self) -> Lanes | None:
+        return self._lanes
+
+    def use_lanes(self, lanes: Lanes) -> None:
+        """Run passes in these lanes (before start; a torch model on a CPU)."""
+        self._lanes = lanes
+        self._slots = threading.Semaphore(len(lanes.threads))
+        # torch's threads for the calling thread (taken now: tests wrap the backend later)
+        self._set_threads: Callable[[int], int] = self.model.backend.cpu_threads  # type: ignore[attr-defined]
 
     def start(self, sink: Sink) -> None:
         self.sink = sink
@@ -385,7 +399,10 @@ class ModelWorker:
                     self._slots.release()
                     continue
                 batch = pad(live, self.model.pad_token_id)
-                self.compute.submit(functools.partial(self._run_batch, live, batch))
+                if self._lanes is not None:
+                    self._lanes.submit(functools.partial(self._run_batch, live, batch))
+                else:
+                    self.compute.submit(functools.partial(self._run_batch, live, batch))
         except BaseException:
             log.critical("model %s: batcher thread died", self.name, exc_info=True)
             self._worker_died()
@@ -408,31 +425,40 @@ class ModelWorker:
         if self.on_fatal is not None:
             self.on_fatal(f"model {self.name}: {reason}")
 
-    def _run_batch(self, items: list[Item], batch: PaddedBatch) -> None:
+    def _run_batch(self, items: list[Item], batch: PaddedBatch, lane: int = -1) -> None:
         """On the compute thread: run one batch, then (CPU) go on with the next one. A
         failure anywhere here, including while forming the next batch (whose inputs are
         then out of the queue), fails every admitted job: nothing is left waiting."""
         try:
-            self._execute(items, batch)
+            self._execute(items, batch, lane)
             if TRIMMER.maybe_trim(idle=len(self.queue) == 0):
                 self.m.malloc_trims.inc()
             if not self._prefetch and self.healthy:
                 live = self._take_live(0)
                 if live:
                     batch = pad(live, self.model.pad_token_id)
-                    self.compute.submit(functools.partial(self._run_batch, live, batch))
+                    if self._lanes is not None:
+                        self._lanes.on(lane, functools.partial(self._run_batch, live, batch))
+                    else:
+                        self.compute.submit(functools.partial(self._run_batch, live, batch))
                     return  # the slot passes on to the continuation
         except BaseException:
             log.critical("model %s: fatal error on the compute thread", self.name, exc_info=True)
             self._worker_died()
         self._slots.release()
 
-    def _execute(self, items: list[Item], batch: PaddedBatch) -> None:
+    def _execute(self, items: list[Item], batch: PaddedBatch, lane: int = -1) -> None:
         """Forward pass, finalize, store rows; sink the complete jobs (or fail the batch)."""
         if all(it.job.cancelled for it in items):
             return
+        cores = 0
+        if self._lanes is not None:
+            cores = self._lanes.take(lane, backlog=len(self.queue) > 0)
         start = time.perf_counter()
         try:
+            if cores and self._lanes is not None and self._lanes.set_threads[lane] != cores:
+                self._set_threads(cores)
+                self._lanes.set_threads[lane] = cores
             pooled = self._forward(items, batch)
             rows = self._finalize(items, pooled)
         except Exception:
@@ -449,9 +475,16 @@ class ModelWorker:
                 self._worker_died(f"{self._failed_in_a_row} forward passes in a row failed")
             self._fail([it.job for it in items])  # those not failed with the rest above
             return
+        finally:
+            if cores:
+                assert self._lanes is not None
+                self._lanes.give(lane, cores)
         self._failed_in_a_row = 0
         end = time.perf_counter()
-        self.rate.update(sum(it.length for it in items), end - start)
+        # Passes side by side: a pass on some of the cores counts for that share of its
+        # time, so the rate stays the model's throughput (admission.py).
+        share = cores / self._lanes.cores if cores and self._lanes is not None else 1.0
+        self.rate.update(sum(it.length for it in items), (end - start) * share)
         done: dict[Hashable, list[JobDone]] = defaultdict(list)
         more: list[Item] = []
         with self._lock:
