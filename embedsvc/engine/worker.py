@@ -97,7 +97,7 @@ class ModelWorker:
         self._prefetch = model.backend.device.startswith("cuda")
         self._slots = threading.Semaphore(2 if self._prefetch else 1)
         self.compute = compute_thread()
-        self._lanes: Lanes | None = None  # set at start (CPU torch models)
+        self._lanes: Lanes | None = None  # set by use_lanes (CPU torch models)
         self._lock = threading.Lock()  # guards _jobs and _inflight
         self._jobs: dict[tuple[Hashable, int], Job] = {}
         self._inflight = 0
