@@ -52,12 +52,12 @@ class Lanes:
     """Forward passes on a CPU side by side: lane 0 is the compute thread, the others are
     threads of their own, and all share the cores.
 
-    Measured on a 2-core machine with MiniLM under load: two passes at once, each on one
-    core, got through 12-21% more short queries, 3-20% more of a RAG mix and 17% more
-    32-input requests than one pass at a time on both cores, with 15-20% less CPU per
-    request. A pass spread over both cores waits at every op for its slower thread, and
-    the event loop and the kernel take turns on those cores. A pass with nothing queued
-    behind it still runs on every free core, for latency.
+    Measured on a 2-core machine with MiniLM under load (alternating wrk rounds): two
+    passes at once, each on one core, got through 9-14% more short queries, 8-12% more of
+    a RAG mix and 13-15% more 32-input requests than one pass at a time on both cores,
+    with 10-13% less CPU per request. A pass spread over both cores waits at every op for
+    its slower thread, and the event loop and the kernel take turns on those cores. A pass
+    with nothing queued behind it still runs on every free core, for latency.
     """
 
     def __init__(self, cores: int, count: int, first: ComputeThread) -> None:
