@@ -51,6 +51,12 @@ class Settings:
         "the CPUs this process may use (affinity and cgroup quota)",
     )
     max_batch_size: int = _setting(128, "inputs per forward pass")
+    cuda_graphs: bool = _setting(
+        True,
+        "on a CUDA device, run forward passes of up to 4096 padded tokens as CUDA graphs "
+        "(one launch per pass instead of one per kernel; batches padded to power-of-two "
+        "shapes); BERT-family models on the torch backend",
+    )
     batch_policy: str = _setting(
         "arrival",
         "which queued inputs a forward pass draws from: arrival = the oldest (about four "

@@ -57,9 +57,10 @@ class BackendSpec:
     threads: int = 0  # CPU threads for a forward pass; 0: the library's default
     task: str = "embed"
     lexical_weights: bool = False
+    cuda_graphs: bool = True  # small passes on a CUDA device as CUDA graphs (cuda_graphs.py)
 
     @classmethod
-    def of(cls, spec: ModelSpec, threads: int = 0) -> BackendSpec:
+    def of(cls, spec: ModelSpec, threads: int = 0, cuda_graphs: bool = True) -> BackendSpec:
         return cls(
             name=spec.name,
             hf_id=spec.hf_id,
@@ -75,6 +76,7 @@ class BackendSpec:
             threads=threads,
             task=spec.task,
             lexical_weights=spec.lexical_weights,
+            cuda_graphs=cuda_graphs,
         )
 
 
@@ -92,10 +94,12 @@ class LoadedModel:
     score_activation: str = ""
 
 
-def load_model(entry: ModelSpec | BackendSpec, path: Path, threads: int = 0) -> LoadedModel:
+def load_model(
+    entry: ModelSpec | BackendSpec, path: Path, threads: int = 0, cuda_graphs: bool = True
+) -> LoadedModel:
     """Load the model in `path` on the calling thread (torch's thread count is per
     thread: call it on the thread that will run the forward passes)."""
-    spec = entry if isinstance(entry, BackendSpec) else BackendSpec.of(entry, threads)
+    spec = entry if isinstance(entry, BackendSpec) else BackendSpec.of(entry, threads, cuda_graphs)
     if spec.task == "rerank":
         from embedsvc.backends.cross_encoder import load_cross_encoder
 

@@ -13,16 +13,18 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from tokenizers import Tokenizer
 
 from embedsvc.backends import bert
 from embedsvc.backends.base import BackendOutOfMemory, BackendSpec, LoadedModel, PaddedBatch
+from embedsvc.backends.cuda_graphs import BucketGraphs
 from embedsvc.errors import ConfigError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def resolve_device(device: str) -> str:
@@ -53,7 +55,7 @@ class TorchThreads:
         return int(torch.get_num_threads())
 
 
-def guarded(device: str, fn: Callable[[], np.ndarray]) -> np.ndarray:
+def guarded(device: str, fn: Callable[[], T]) -> T:
     """Run `fn` in inference mode; torch's out-of-memory error becomes BackendOutOfMemory
     (the worker then splits the batch), with CUDA's cache emptied first."""
     import torch
@@ -71,7 +73,7 @@ class TorchBackend(TorchThreads):
     """`encoder` maps (input_ids, attention_mask) to token states; `head` (callables on
     sentence-transformers' feature dicts) pools them. With no encoder, `head` is the whole
     model, run from the ids. With `pooled`, `encoder` is the whole model: it returns the
-    float32 sentence vectors."""
+    float32 sentence vectors. `graphs` (CUDA) runs the passes it has a graph for."""
 
     def __init__(
         self,
@@ -93,10 +95,16 @@ class TorchBackend(TorchThreads):
         # vector as one more column per position of the batch (`token_weights`).
         self._lexical = lexical
         self.token_weights = lexical is not None
+        self.graphs: BucketGraphs | None = None
 
     def forward(self, batch: PaddedBatch) -> np.ndarray:
         import torch
 
+        graphs = self.graphs
+        if graphs is not None:
+            vectors = guarded(self.device, lambda: graphs.forward(batch))
+            if vectors is not None:
+                return vectors
         if self._pooled and self.device == "cpu":
             # One call into the traced model and nothing else that enters torch's
             # dispatcher: each torch call from Python lets go of the GIL, and taking it
@@ -210,6 +218,7 @@ class _Parts:
     max_seq_length: int | None
     via: str
     pooled: bool = False  # `encoder` returns sentence vectors (pooling included)
+    eager: Any = None  # the untraced pooled module, for CUDA graphs
 
 
 def load_torch_model(spec: BackendSpec, path: Path) -> LoadedModel:
@@ -247,6 +256,8 @@ def load_torch_model(spec: BackendSpec, path: Path) -> LoadedModel:
     backend = TorchBackend(
         parts.encoder, parts.head, device, dtype, parts.dimension, lexical, parts.pooled
     )
+    if spec.cuda_graphs and parts.eager is not None and device.startswith("cuda"):
+        backend.graphs = BucketGraphs(parts.eager, device, parts.pad_token_id or 0, max_len)
     log.info(
         "loaded %s (%s@%s) from %s on %s/%s with %s: dim=%d pooling=%s max_seq_length=%d",
         spec.name,
@@ -288,6 +299,7 @@ def _load_lean(p: bert.Plan, path: Path, device: str, dtype: str, states: bool) 
         encoder=_trace(whole or encoder, device) or whole or encoder,
         head=[] if whole is not None else [pool],
         pooled=whole is not None,
+        eager=whole,
         pooling=mode,
         dimension=p.dimension,
         tokenizer=tokenizer,

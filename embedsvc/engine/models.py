@@ -83,7 +83,7 @@ def load_workers(
         check_model_dir(spec, path)
         # Load on the compute thread, where every forward pass will run (compute.py).
         model = compute_thread().call(
-            functools.partial(load_model, spec, path, settings.cpu_threads())
+            functools.partial(load_model, spec, path, settings.cpu_threads(), settings.cuda_graphs)
         )
         worker = ModelWorker(spec, model, settings, metrics)
         worker.on_fatal = on_fatal
