@@ -114,9 +114,11 @@ def _stat_cpu(path: str) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK  # utime + stime
 
 
-def wrk(url: str, bodies: Path, lua: Path, seconds: float, connections: int) -> dict:
+def wrk(
+    url: str, bodies: Path, lua: Path, seconds: float, connections: int, threads: int = 1
+) -> dict:
     """`url` is the full URL posted to (its path included)."""
-    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{seconds:.0f}s", "--timeout", "30s",
+    cmd = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds:.0f}s", "--timeout", "30s",
            "--latency", "-s", str(lua), url, "--", str(bodies)]  # fmt: skip
     t0 = os.times()
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
@@ -147,14 +149,21 @@ def machine_cpu() -> tuple[float, float]:
 
 
 def load_server(
-    url: str, pid: int, bodies: Path, lua: Path, seconds: float, warm: float, conns: int = 64
+    url: str,
+    pid: int,
+    bodies: Path,
+    lua: Path,
+    seconds: float,
+    warm: float,
+    conns: int = 64,
+    threads: int = 1,
 ) -> dict:
     """wrk against `url` (a full URL); CPU per request of the server process `pid`, and of
     the whole machine (server, wrk and the kernel's loopback TCP), with its idle share."""
-    wrk(url, bodies, lua, warm, conns)
+    wrk(url, bodies, lua, warm, conns, threads)
     f0, e0 = cpu_seconds(pid)
     b0, i0 = machine_cpu()
-    r = wrk(url, bodies, lua, seconds, conns)
+    r = wrk(url, bodies, lua, seconds, conns, threads)
     f1, e1 = cpu_seconds(pid)
     b1, i1 = machine_cpu()
     n = max(r["requests"], 1)

@@ -3,13 +3,15 @@
     bash bench/gpu.sh            # or: python bench/gpu_check.py [--model all-minilm-l6-v2]
 
 1. torch: fp16 vectors vs fp32 (cosine >= 0.999 each), offline throughput of fp32 and
-   fp16 at several batch sizes (the offline limit), and embedsvc's engine on fp16 at
+   fp16 at several batch sizes (the offline limit), the backend's passes with CUDA graphs
+   against kernel by kernel (vectors and time per pass), and embedsvc's engine on fp16 at
    saturation (many concurrent jobs through the real front end and batching engine):
    8-input jobs of the RAG mix, and single short queries (the RAG query path), each as a
    ratio of the offline limit of the same texts.
 2. onnxruntime CUDA provider (needs onnxruntime-gpu): fp16 export vs torch fp32 parity
    and throughput through the onnx backend.
-Prints one PASS/FAIL line per check and the ratios last; exits non-zero on a failed check.
+Prints one PASS/FAIL line per check (SKIP for what the machine lacks) and the ratios last;
+exits non-zero on a failed check.
 """
 
 from __future__ import annotations
@@ -52,13 +54,14 @@ def cos_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def offline(model, texts: list[str], sizes: list[int]) -> tuple[int, float]:
     import torch
 
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else lambda: None
     best = (0, 0.0)
     model.encode(texts[:256], batch_size=64)
     for bs in sizes:
-        torch.cuda.synchronize()
+        sync()
         t0 = time.perf_counter()
         model.encode(texts, batch_size=bs)
-        torch.cuda.synchronize()
+        sync()
         rate = len(texts) / (time.perf_counter() - t0)
         print(f"  offline batch_size={bs:4d}: {rate:9.1f} inputs/s", flush=True)
         best = max(best, (bs, rate), key=lambda x: x[1])
@@ -88,6 +91,46 @@ async def engine_saturation(
     return done / (time.perf_counter() - t0)
 
 
+def graph_passes(spec, path, probe: list[str], dev: str, dtype: str) -> None:
+    """The torch backend's passes with CUDA graphs against the same passes kernel by
+    kernel (--no-cuda-graphs): their vectors, and the time of one pass at a few shapes."""
+    from embedsvc.backends.base import BackendSpec
+    from embedsvc.engine.batcher import Item, pad
+    from embedsvc.engine.tokenize import TextTokenizer
+
+    on = dataclasses.replace(spec, device=dev, dtype=dtype)
+    models = {g: load_model(BackendSpec.of(on, cuda_graphs=g), path) for g in (False, True)}
+    graphs = models[True].backend.graphs  # type: ignore[attr-defined]
+    if graphs is None:
+        print("SKIP CUDA graphs: not used for this model or device")
+        return
+    plain = models[False]
+    tok = TextTokenizer(plain.tokenizer, plain.max_seq_length)
+    ids = tok.encode(probe, prefix="", truncate=True, direction="right", param="x")
+    print("one forward pass (median of 30), kernel by kernel vs CUDA graphs:")
+    for rows in (1, 8, 32, 128, 256):
+        batch = pad([Item(None, i, x) for i, x in enumerate(ids[:rows])], plain.pad_token_id)
+        times = {}
+        for g, m in models.items():
+            for _ in range(3):
+                out = m.backend.forward(batch)
+            ts = []
+            for _ in range(30):
+                t0 = time.perf_counter()
+                out = m.backend.forward(batch)
+                ts.append(time.perf_counter() - t0)
+            times[g] = (sorted(ts)[len(ts) // 2] * 1e3, out)
+        c = cos_rows(times[False][1], times[True][1])
+        shape = graphs.shape_for(*batch.shape)
+        print(f"  {rows:4d} x {batch.shape[1]:3d} (graph {shape}): {times[False][0]:7.3f} ms vs "
+              f"{times[True][0]:7.3f} ms = {times[False][0] / times[True][0]:5.2f}x; "
+              f"cosine min {c.min():.5f}")  # fmt: skip
+        check(f"CUDA graph vectors, {rows} inputs", c.min() >= 0.999, f"cosine min {c.min():.5f}")
+    captured = sum(g is not None for g in graphs._graphs.values())
+    check("CUDA graphs captured", graphs.enabled and captured > 0,
+          f"{captured} of {len(graphs._graphs)} shapes")  # fmt: skip
+
+
 def main() -> int:
     import torch
     from sentence_transformers import SentenceTransformer
@@ -96,19 +139,37 @@ def main() -> int:
     ap.add_argument("--model", default="all-minilm-l6-v2")
     ap.add_argument("--texts", type=int, default=8192)
     ap.add_argument("--seconds", type=float, default=20)
+    ap.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="a model of --model's architecture with random weights (bench/gpu_models.py): "
+        "times the same, downloads nothing",
+    )
+    ap.add_argument("--tokenizer", type=Path, help="tokenizer files for --random-weights")
+    ap.add_argument("--device", default="cuda", help="cpu: a dry run (float32 for fp16)")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
+    dev = args.device
+    if dev == "cuda" and not torch.cuda.is_available():
         print("no CUDA device visible to torch")
         return 2
-    print(f"GPU: {torch.cuda.get_device_name(0)}; torch {torch.__version__}")
-    spec = load_registry().select([args.model])[0]
+    low, low_name = (torch.float16, "float16") if dev == "cuda" else (torch.float32, "float32")
+    gpu = torch.cuda.get_device_name(0) if dev == "cuda" else "none (dry run on CPU)"
+    print(f"GPU: {gpu}; torch {torch.__version__}")
+    models_file = None
+    if args.random_weights:
+        from gpu_models import build_all
+
+        folder = Path(tempfile.mkdtemp(prefix="embedsvc-gpu-models-"))
+        models_file = build_all(folder, [args.model], args.tokenizer)
+        print(f"{args.model}: its architecture with random weights ({folder})")
+    spec = load_registry(models_file).select([args.model])[0]
     path = resolve_model_dir(spec)
     texts = rag_mix(args.texts, seed=21)
     short = queries(args.texts, seed=22)
     probe = texts[:256]
 
-    fp32 = SentenceTransformer(str(path), device="cuda")
-    fp16 = SentenceTransformer(str(path), device="cuda", model_kwargs={"dtype": torch.float16})
+    fp32 = SentenceTransformer(str(path), device=dev)
+    fp16 = SentenceTransformer(str(path), device=dev, model_kwargs={"dtype": low})
     ref = fp32.encode(probe, normalize_embeddings=True)
     half = fp16.encode(probe, normalize_embeddings=True)
     c = cos_rows(ref, half)
@@ -119,16 +180,20 @@ def main() -> int:
     print("offline limit, torch fp16:")
     best_bs, off16 = offline(fp16, texts, [64, 128, 256, 512, 1024])
     del fp32, fp16
-    torch.cuda.empty_cache()
+    if dev == "cuda":
+        torch.cuda.empty_cache()
 
     print("offline limit, torch fp16, short queries alone:")
-    fp16 = SentenceTransformer(str(path), device="cuda", model_kwargs={"dtype": torch.float16})
+    fp16 = SentenceTransformer(str(path), device=dev, model_kwargs={"dtype": low})
     _, off_short = offline(fp16, short, [64, 128, 256, 512, 1024])
     del fp16
-    torch.cuda.empty_cache()
+    if dev == "cuda":
+        torch.cuda.empty_cache()
 
-    settings = Settings()
-    fp16_spec = dataclasses.replace(spec, device="cuda", dtype="float16")
+    graph_passes(spec, path, short[:256], dev, low_name)
+
+    settings = Settings(max_queue_time=0)  # a saturation run: queue, do not refuse
+    fp16_spec = dataclasses.replace(spec, device=dev, dtype=low_name)
     engines = load_engines([fp16_spec], settings, Metrics())
     loop = asyncio.new_event_loop()
     engines.start(loop)
@@ -172,7 +237,7 @@ def main() -> int:
         ort_rate = len(texts) / (time.perf_counter() - t0)
         print(f"onnxruntime CUDA fp16, batch {best_bs}: {ort_rate:.1f} inputs/s")
     else:
-        check("onnxruntime CUDA provider", False, "not available (install embedsvc[onnx-gpu])")
+        print("SKIP onnxruntime CUDA: this onnxruntime has none (install embedsvc[onnx-gpu])")
 
     print()
     print(f"ratio torch fp16 / fp32 offline        = {off16 / off32:.2f}")

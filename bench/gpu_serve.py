@@ -1,0 +1,173 @@
+"""Single-input short queries over HTTP against the GPU's offline limit of the same model
+(not part of the tests; for a machine with an NVIDIA GPU and wrk).
+
+    python bench/gpu_serve.py [--model bge-small-en-v1.5] [--api-workers 1,0]
+    python bench/gpu_serve.py --random-weights       # no download: the architecture alone
+
+In one run: the offline limit (SentenceTransformer.encode in fp16 at its best batch size
+over the same short queries), then `embedsvc serve` (fp16, one engine process and
+--api-workers front ends; 0 = auto; with --no-graphs-too each also without CUDA graphs)
+under wrk with one short query per request, as requests/s and their ratio to that limit,
+with CPU milliseconds per request of the front ends and the engine, forward passes and
+their mean size (/metrics), the GPU's mean utilization (nvidia-smi) and latency at
+concurrency 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from frontend import LUA, load_server, show, write_bodies
+from gpu_check import offline
+from throughput import Load, closed_loop, free_port, start, stop
+from workload import queries
+
+
+class GpuUtilization:
+    """Mean GPU utilization (%) from nvidia-smi samples while in the `with` block."""
+
+    def __init__(self) -> None:
+        self.mean: float | None = None
+
+    def __enter__(self) -> GpuUtilization:
+        cmd = ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
+               "-lms", "200"]  # fmt: skip
+        try:
+            self._proc: subprocess.Popen | None = subprocess.Popen(
+                cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+            )
+        except OSError:
+            self._proc = None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._proc is None:
+            return
+        self._proc.terminate()
+        out, _ = self._proc.communicate()
+        samples = [float(x) for x in out.split() if x.replace(".", "").isdigit()]
+        self.mean = statistics.fmean(samples) if samples else None
+
+
+def batches(port: int) -> tuple[float, float]:
+    """(forward passes, inputs in them) so far, from the server's /metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    total = {"embedsvc_batch_size_count": 0.0, "embedsvc_batch_size_sum": 0.0}
+    for line in text.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in total:
+            total[name] += float(line.rsplit(" ", 1)[1])
+    return total["embedsvc_batch_size_count"], total["embedsvc_batch_size_sum"]
+
+
+def main() -> int:
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    from embedsvc.model_files import resolve_model_dir
+    from embedsvc.registry import load_registry
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--model", default="bge-small-en-v1.5")
+    ap.add_argument("--random-weights", action="store_true")
+    ap.add_argument("--tokenizer", type=Path, help="tokenizer files for --random-weights")
+    ap.add_argument("--api-workers", default="1,0", help="comma-separated; 0 = auto")
+    ap.add_argument("--seconds", type=float, default=10)
+    ap.add_argument("--connections", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=4, help="wrk threads")
+    ap.add_argument("--device", default="cuda", help="cpu: a dry run of this script")
+    ap.add_argument(
+        "--no-graphs-too",
+        action="store_true",
+        help="run each --api-workers setting also with --no-cuda-graphs (side by side)",
+    )
+    args = ap.parse_args()
+    if shutil.which("wrk") is None:
+        sys.exit("bench/gpu_serve.py needs wrk: apt-get install wrk")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("no CUDA device visible to torch")
+    dtype = "float16" if args.device == "cuda" else "float32"
+    tmp = Path(tempfile.mkdtemp(prefix="embedsvc-gpu-serve-"))
+    models_file = ""
+    if args.random_weights:
+        from gpu_models import build_all
+
+        models_file = str(
+            build_all(tmp / "models", [args.model], args.tokenizer, device=args.device, dtype=dtype)
+        )
+    spec = load_registry(models_file or None).select([args.model])[0]
+    path = resolve_model_dir(spec)
+    short = queries(4096, seed=22)
+    lua = tmp / "bodies.lua"
+    lua.write_text(LUA)
+    bodies = write_bodies(tmp, "short", short, 1)
+    gpu = torch.cuda.get_device_name(0) if args.device == "cuda" else "none (dry run on CPU)"
+    print(f"GPU: {gpu}; {os.cpu_count()} CPUs; model {args.model}"
+          f"{' (random weights)' if args.random_weights else ''}; wrk -t{args.threads} "
+          f"-c{args.connections}, {args.seconds:.0f} s runs")  # fmt: skip
+
+    kwargs = {"dtype": getattr(torch, dtype)}
+    model = SentenceTransformer(str(path), device=args.device, model_kwargs=kwargs)
+    print(f"offline limit, torch {dtype}, the same short queries:")
+    best_bs, limit = offline(model, short, [64, 128, 256, 512, 1024])
+    del model
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
+
+    cmd = [sys.executable, "-m", "embedsvc", "serve", "--models", args.model,
+           "--log-level", "warning"]  # fmt: skip
+    if models_file:
+        cmd += ["--models-file", models_file]
+    results = []
+    graphs = [True, False] if args.no_graphs_too else [True]
+    runs = [(int(w), g) for w in args.api_workers.split(",") for g in graphs]
+    try:
+        for workers, graph in runs:
+            port = free_port()
+            extra = ["--api-workers", str(workers)] + ([] if graph else ["--no-cuda-graphs"])
+            proc = start([*cmd, "--port", str(port), *extra], port)
+            try:
+                url = f"http://127.0.0.1:{port}/embed"
+                before = batches(port)
+                with GpuUtilization() as util:
+                    r = load_server(url, proc.pid, bodies, lua, args.seconds, 3,
+                                    args.connections, args.threads)  # fmt: skip
+                n, size = (a - b for a, b in zip(batches(port), before, strict=True))
+                label = f"--api-workers {workers or 'auto'}"
+                label += "" if graph else " --no-cuda-graphs"
+                show(label, r)
+                busy = f"{util.mean:.0f}%" if util.mean is not None else "?"
+                print(f"  {label}: {n:.0f} forward passes, {size / max(n, 1):.1f} inputs each "
+                      "(warm-up included)")  # fmt: skip
+                one = asyncio.run(closed_loop(url.removesuffix("/embed"), Load(short, 1), 1, 5))
+                print(f"  {label}: GPU utilization {busy}; concurrency 1: p50 "
+                      f"{one['p50_ms']:.2f} ms, p99 {one['p99_ms']:.2f} ms, in the server "
+                      f"outside the forward pass p50 {one['internal_p50_ms']:.2f} ms")  # fmt: skip
+                results.append((label, r["rps"], r["errors"] or r["socket_errors"]))
+            finally:
+                stop(proc)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print()
+    print(f"offline limit ({dtype}, batch {best_bs}): {limit:.0f} short queries/s")
+    for label, rps, errors in results:
+        note = "  (RUN HAD ERRORS: does not count)" if errors else ""
+        print(f"ratio 1-input short queries over HTTP, {label} / offline = {rps / limit:.2f} "
+              f"({rps:.0f} requests/s){note}")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
