@@ -60,16 +60,30 @@ class GpuUtilization:
         self.mean = statistics.fmean(samples) if samples else None
 
 
-def batches(port: int) -> tuple[float, float]:
-    """(forward passes, inputs in them) so far, from the server's /metrics."""
+def server_stats(port: int) -> dict[str, float]:
+    """Totals so far from the server's /metrics: forward passes and the inputs in them,
+    requests and their seconds queued and in forward passes."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
         text = r.read().decode()
-    total = {"embedsvc_batch_size_count": 0.0, "embedsvc_batch_size_sum": 0.0}
+    stats = dict.fromkeys(("passes", "inputs", "requests", "queue", "inference"), 0.0)
+    names = {
+        "embedsvc_batch_size_count": "passes",
+        "embedsvc_batch_size_sum": "inputs",
+        "embedsvc_request_duration_seconds_count": "requests",
+        "embedsvc_request_duration_seconds_sum": "",
+    }
     for line in text.splitlines():
         name = line.split("{", 1)[0].split(" ", 1)[0]
-        if name in total:
-            total[name] += float(line.rsplit(" ", 1)[1])
-    return total["embedsvc_batch_size_count"], total["embedsvc_batch_size_sum"]
+        key = names.get(name)
+        if key is None:
+            continue
+        phase = line.split('phase="', 1)[1].split('"', 1)[0] if 'phase="' in line else ""
+        if key == "requests" and phase != "inference":
+            continue
+        if key == "" and phase not in ("queue", "inference"):
+            continue
+        stats[key or phase] += float(line.rsplit(" ", 1)[1])
+    return stats
 
 
 def main() -> int:
@@ -140,16 +154,20 @@ def main() -> int:
             proc = start([*cmd, "--port", str(port), *extra], port)
             try:
                 url = f"http://127.0.0.1:{port}/embed"
-                before = batches(port)
+                before = server_stats(port)
                 with GpuUtilization() as util:
                     r = load_server(url, proc.pid, bodies, lua, args.seconds, 3,
                                     args.connections, args.threads)  # fmt: skip
-                n, size = (a - b for a, b in zip(batches(port), before, strict=True))
+                after = server_stats(port)
+                d = {k: after[k] - before[k] for k in after}
+                n, per = d["passes"], max(d["requests"], 1)
                 label = f"--api-workers {workers or 'auto'}"
                 label += "" if graph else " --no-cuda-graphs"
                 show(label, r)
                 busy = f"{util.mean:.0f}%" if util.mean is not None else "?"
-                print(f"  {label}: {n:.0f} forward passes, {size / max(n, 1):.1f} inputs each "
+                queued, inside = d["queue"] / per * 1e3, d["inference"] / per * 1e3
+                print(f"  {label}: {n:.0f} forward passes, {d['inputs'] / max(n, 1):.1f} inputs "
+                      f"each; per request {queued:.2f} ms queued, {inside:.2f} ms in its pass "
                       "(warm-up included)")  # fmt: skip
                 one = asyncio.run(closed_loop(url.removesuffix("/embed"), Load(short, 1), 1, 5))
                 print(f"  {label}: GPU utilization {busy}; concurrency 1: p50 "
