@@ -164,7 +164,10 @@ class BucketGraphs:
                 self.module(device[0], device[1])
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.inference_mode(), torch.cuda.graph(graph, pool=self._pool):
+        # thread_local: a CUDA call another thread of the process makes meanwhile cannot
+        # invalidate this capture (embedsvc makes all of its own on the compute thread).
+        capture = torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local")
+        with torch.inference_mode(), capture:
             out = self.module(device[0], device[1])
         if self._pool is None:
             self._pool = graph.pool()
