@@ -21,6 +21,7 @@ import uvicorn
 
 from embedsvc.api import create_app
 from embedsvc.engine import EngineSet, load_engines
+from embedsvc.http_protocol import OneWriteHttpProtocol
 from embedsvc.metrics import Metrics
 from embedsvc.registry import Registry, load_registry
 from embedsvc.settings import Settings
@@ -96,7 +97,8 @@ def run_server(
         app = wrap(app)
     sock = free_socket()
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    config = uvicorn.Config(app, log_level="warning", lifespan="on", http=OneWriteHttpProtocol)
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
