@@ -126,9 +126,56 @@ def graph_passes(spec, path, probe: list[str], dev: str, dtype: str) -> None:
               f"{times[True][0]:7.3f} ms = {times[False][0] / times[True][0]:5.2f}x; "
               f"cosine min {c.min():.5f}")  # fmt: skip
         check(f"CUDA graph vectors, {rows} inputs", c.min() >= 0.999, f"cosine min {c.min():.5f}")
+    varied_shapes(models, ids, dev, dtype, path)
     captured = sum(g is not None for g in graphs._graphs.values())
     check("CUDA graphs captured", graphs.enabled and captured > 0,
           f"{captured} of {len(graphs._graphs)} shapes")  # fmt: skip
+
+
+def varied_shapes(models, ids: list[list[int]], dev: str, dtype: str, path: Path) -> None:
+    """Passes whose shape changes every time, as under load: the traced pass (what runs
+    without graphs), the same with graphs, and the eager module (no TorchScript), in ms per
+    pass. A traced module re-specializes for new shapes; this shows what that costs."""
+    import random
+
+    import torch
+
+    from embedsvc.backends import bert
+    from embedsvc.engine.batcher import Item, pad
+
+    rng = random.Random(5)
+    pad_id = models[False].pad_token_id
+    batches = []
+    for rows in (3, 9, 17, 40, 77, 128, 5, 23, 64, 111):
+        group = [ids[rng.randrange(len(ids))] for _ in range(rows)]
+        batches.append(pad([Item(None, i, x) for i, x in enumerate(group)], pad_id))
+    long = [(x * 20)[:200] for x in ids[:96]]  # 96 x 200 tokens: beyond the graphs' size
+    batches.append(pad([Item(None, i, x) for i, x in enumerate(long)], pad_id))
+    plan = bert.plan(path)
+    eager = None
+    if plan is not None:
+        eager = bert.pooled(bert.build(plan, dev, dtype), plan.pooling).eval()
+    runs = {"traced": models[False].backend.forward, "graphs": models[True].backend.forward}
+    if eager is not None:
+
+        def run_eager(batch):
+            with torch.inference_mode():
+                ids_, mask = (torch.from_numpy(a).to(dev) for a in (batch.input_ids,
+                              batch.attention_mask))  # fmt: skip
+                return eager(ids_, mask).float().cpu().numpy()
+
+        runs["eager"] = run_eager
+    for fn in runs.values():  # first passes of each shape (captures, specializations)
+        for batch in batches:
+            fn(batch)
+    line = []
+    for name, fn in runs.items():
+        t0 = time.perf_counter()
+        for _ in range(5):
+            for batch in batches:
+                fn(batch)
+        line.append(f"{name} {(time.perf_counter() - t0) / (5 * len(batches)) * 1e3:.3f}")
+    print(f"  varied shapes ({len(batches)} shapes, one 96 x 200): ms per pass: " + ", ".join(line))
 
 
 def main() -> int:
