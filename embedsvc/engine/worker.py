@@ -30,9 +30,10 @@ import numpy as np
 from embedsvc.backends.base import BackendOutOfMemory, LoadedModel, PaddedBatch
 from embedsvc.engine import calibration
 from embedsvc.engine.admission import RateEstimate, retry_after
-from embedsvc.engine.batcher import BatchQueue, Item, PadCost, pad
+from embedsvc.engine.batcher import BatchQueue, Item, pad
 from embedsvc.engine.compute import Lanes, compute_thread
 from embedsvc.engine.job import Job
+from embedsvc.engine.pass_costs import measure_pass_costs
 from embedsvc.engine.postprocess import finalize
 from embedsvc.engine.types import CoreJob, JobDone, JobFailed, ModelInfo
 from embedsvc.errors import ConfigError, ErrorKind
@@ -51,9 +52,6 @@ BACKEND_FAILED = "the model failed to process this request; see the server log"
 # This many failed forward passes in a row, and none succeeding between them, turn the
 # worker unhealthy (/health 503) and ask the server to exit.
 MAX_FAILED_BATCHES = 5
-# Forward passes run on one CPU thread only for models whose 8x32-token pass takes less
-# than this on one thread (a 2-layer, 32-wide BERT: 0.3 ms; MiniLM-L6: about 58 ms).
-ONE_THREAD_MAX_PASS_S = 0.002
 
 
 class ModelWorker:
@@ -172,7 +170,11 @@ class ModelWorker:
         if self.spec.task == "embed":
             sizes = sorted({m.backend.dimension, *self.spec.matryoshka_dims})
             self.calibration = calibration.ranges(out, sizes, self.spec.matryoshka_layer_norm)
-        self.queue.overhead_tokens = self.compute.call(self._measure_overhead)
+        costs = self.compute.call(functools.partial(measure_pass_costs, m, self.name))
+        self.rate = RateEstimate(costs.tokens_per_second)
+        self.queue.overhead_tokens = costs.overhead_tokens
+        self.queue.pad_cost = costs.pad_cost
+        self.one_thread_enough = costs.one_thread_enough
         log.info(
             "model %s: a forward pass costs about %.0f tokens' worth besides its tokens, "
             "a padded position %.2f of a token at a width of 32, %.2f at 128",
@@ -181,68 +183,6 @@ class ModelWorker:
         )  # fmt: skip
         self.ready = True
         self.m.ready.set(1)
-
-    def _measure_overhead(self) -> float:
-        """A pass's fixed cost in tokens: time a 1x8 and an 8x32 batch (best of 3 each),
-        fit time = fixed + per_token x tokens. Padding is worth avoiding when the fixed
-        cost is small (CPU), and not when it is large (GPU). Two padded batches give what
-        a padded position costs at two widths (the queue's `pad_cost`). Also sets
-        `one_thread_enough` for a torch backend (see below)."""
-        pad_id = self.model.pad_token_id
-        small = pad([Item(None, 0, [pad_id] * 8)], pad_id)
-        large = pad([Item(None, i, [pad_id] * 32) for i in range(8)], pad_id)
-
-        def best(batch: PaddedBatch) -> float:
-            times = []
-            for _ in range(3):
-                t0 = time.perf_counter()
-                self.model.backend.forward(batch)
-                times.append(time.perf_counter() - t0)
-            return min(times)
-
-        # Inputs of 8 tokens beside one of 32 (then 128): padded positions at two widths.
-        def mixed(rows: int, width: int) -> PaddedBatch:
-            short = [Item(None, i, [pad_id] * 8) for i in range(rows)]
-            return pad([*short, Item(None, rows, [pad_id] * width)], pad_id)
-
-        t_small, t_large = best(small), best(large)
-        t_32, t_128 = best(mixed(8, 32)), best(mixed(4, 128))
-        self.rate = RateEstimate(256 / max(t_large, 1e-9))
-        per_token = max(t_large - t_small, 1e-9) / (256 - 8)
-
-        def padded_position(t: float, real: int, padding: int) -> float:
-            return (t - t_small - (real - 8) * per_token) / (padding * per_token)
-
-        at_32, at_128 = padded_position(t_32, 96, 192), padded_position(t_128, 160, 480)
-        per_width = max((at_128 - at_32) / (128 - 32), 0.0)
-        fixed = min(max(at_32 - 32 * per_width, 0.0), 1.0)
-        self.queue.pad_cost = PadCost(fixed, per_width)
-        threads = getattr(self.model.backend, "cpu_threads", None)
-        if threads is not None and threads() > 1:
-            # Does the model gain from parallel threads? A tiny one does not, and idle
-            # threads spinning after each op take cores from the event loop. The two
-            # settings take turns (best of 7 each), so a passing hiccup decides nothing.
-            many = threads()
-            t_many: list[float] = []
-            t_one: list[float] = []
-            for _ in range(7):
-                for n, times in ((many, t_many), (1, t_one)):
-                    threads(n)
-                    t0 = time.perf_counter()
-                    self.model.backend.forward(large)
-                    times.append(time.perf_counter() - t0)
-            threads(many)
-            # Only a cheap pass can run on one thread: a busy neighbour at start-up (another
-            # server loading, say) makes threads look useless for a while, and taking them
-            # from a model that needs them would halve it for good.
-            self.one_thread_enough = (
-                min(t_one) < 1.3 * min(t_many) and min(t_one) < ONE_THREAD_MAX_PASS_S
-            )
-            log.info(
-                "model %s: an 8x32 pass takes %.1f ms on one thread, %.2fx that on %d",
-                self.name, min(t_one) * 1e3, min(t_many) / min(t_one), many,
-            )  # fmt: skip
-        return float(min(max(t_small / per_token - 8, 0.0), 1e6))
 
     def stop(self) -> None:
         self.queue.close()
