@@ -3,13 +3,14 @@
 A BERT-family encoder launches about a dozen kernels per layer; on a GPU a pass over a
 batch of short queries finishes its arithmetic in far less time than the CPU takes to
 launch them (bge-small, 12 layers: about 4.4 ms per pass of one query on an H200 host,
-with the GPU 4-5% busy under load). A CUDA graph records the launches of one input shape
-once and replays them with a single call, so such a pass costs the CPU a few copies and
-one replay. Each shape needs its own graph, so batches are padded up to a bucket: rows
-to a power of two, positions to a power of two from 16 (extra rows are single-token
-filler, extra positions are masked out, so real rows come out as without padding). Only
-buckets up to `max_tokens` padded positions use graphs: larger passes are bound by the
-arithmetic, where launches do not matter and padding would.
+with the GPU 4-5% busy under load; launching is the likely reading, not a profile). A
+CUDA graph records the launches of one input shape once and replays them with a single
+call, so such a pass costs the CPU a few copies and one replay. Each shape needs its own
+graph, so batches are padded up to a bucket: rows to a power of two, positions to a power
+of two from 16 (extra rows are single-token filler, extra positions are masked out, so
+real rows come out as without padding). Only buckets up to `max_tokens` padded positions
+use graphs: larger passes are bound by the arithmetic, where launches do not matter and
+padding would.
 
 A bucket's graph is captured the first time a batch of that bucket comes, from the eager
 module (no TorchScript under capture), and is kept only if it reproduces the module's
