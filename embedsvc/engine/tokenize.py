@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from tokenizers import Encoding, Tokenizer
 
+from embedsvc.engine.wordpiece import AsciiWordPiece
 from embedsvc.errors import ValidationError
 
 
@@ -36,6 +37,8 @@ class TextTokenizer:
         # Ids only: the fast variant (tokenizers >= 0.21) skips the character offsets,
         # about 15% of the work for short texts.
         self._encode_batch = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
+        # Plain ASCII text with a BERT tokenizer: word by word from a cache (wordpiece.py).
+        self._ascii = AsciiWordPiece.for_tokenizer(tokenizer)
 
     def encode(
         self,
@@ -59,7 +62,22 @@ class TextTokenizer:
 
     def encode_full(self, full: list[str]) -> list[list[int]]:
         """Token ids with special tokens, untruncated: one call for many requests' texts."""
-        return [e.ids for e in self._encode_batch(full, add_special_tokens=True)]
+        ascii_ = self._ascii
+        if ascii_ is None:
+            return [e.ids for e in self._encode_batch(full, add_special_tokens=True)]
+        out: list[list[int]] = []
+        rest: list[int] = []  # texts for the Rust tokenizer
+        for i, text in enumerate(full):
+            ids = ascii_.encode(text)
+            if ids is None:
+                rest.append(i)
+                ids = []
+            out.append(ids)
+        if rest:
+            encoded = self._encode_batch([full[i] for i in rest], add_special_tokens=True)
+            for i, enc in zip(rest, encoded, strict=True):
+                out[i] = enc.ids
+        return out
 
     def fit(
         self,
