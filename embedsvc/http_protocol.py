@@ -1,4 +1,7 @@
-"""uvicorn's httptools protocol, writing a response's head and body in one write.
+"""uvicorn's httptools protocol, writing a response's head and body in one write, and
+answering the embedding routes without an ASGI task.
+
+One write (OneWriteHttpProtocol):
 
 uvicorn writes the status line and headers when the app sends `http.response.start` and
 the body on `http.response.body`: two writes, and with TCP_NODELAY two TCP segments, for
@@ -7,14 +10,33 @@ response head back until the next write (the body, which the app sends next) and
 both together. A head with nothing after it in the same turn of the event loop (a HEAD
 request, a streamed response whose body comes later) goes out at the end of that turn;
 closing the connection sends anything held first. Interim `1xx` heads are not held.
+
+Direct route (EmbedsvcHttpProtocol): uvicorn runs every request as a task that calls the
+ASGI app with receive/send coroutines and message dicts; for a single short query that
+plumbing cost about as much of the event loop as the request's own work. A POST whose
+body is at most 64 KiB (by content-length; uvicorn stops reading past that until the app
+asks for more) is held until the body is complete and offered to the app's `direct`
+callable (api/middleware.py): it either declines, and the request runs as a task as
+always (the body is still there for the app to read), or it answers through a callback,
+and the protocol writes the response in one write and goes on with the connection as
+uvicorn does after a response (keep-alive, pipelined requests, close). Requests with
+`Expect: 100-continue` and larger or chunked bodies take the ASGI path.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+from collections.abc import Callable
 from typing import Any
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT
+from uvicorn.protocols.http.httptools_impl import (
+    STATUS_LINE,
+    HttpToolsProtocol,
+    RequestResponseCycle,
+)
+from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
 
 LARGE = 1 << 16
 
@@ -71,4 +93,114 @@ class OneWriteHttpProtocol(HttpToolsProtocol):
     """HttpToolsProtocol whose responses leave in one write each (see the module)."""
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self.raw_transport = transport
         super().connection_made(_HeadWithBody(transport, self.loop))  # type: ignore[arg-type]
+
+
+# A response: status, headers, body.
+Answer = tuple[int, list[tuple[bytes, bytes]], bytes]
+
+
+# The app's direct route: (path, headers, body, disconnected, respond) -> taken.
+DirectRoute = Callable[
+    [str, list[tuple[bytes, bytes]], bytes, Callable[[], bool], Callable[[Answer], None]], bool
+]
+
+
+class EmbedsvcHttpProtocol(OneWriteHttpProtocol):
+    """OneWriteHttpProtocol with the app's direct route (see the module)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._direct: DirectRoute | None = getattr(self.config.app, "direct", None)
+        self._deferred: RequestResponseCycle | None = None
+        self._completing = False  # in on_response_complete
+        self._completed_again = False
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
+        if self._direct is not None and app is self.app and _direct_candidate(cycle):
+            if cycle.more_body:
+                self._deferred = cycle  # the body is on its way: on_message_complete
+                return
+            if self._run_direct(cycle):  # a pipelined request, its body complete
+                return
+        super()._start_asgi_task(cycle, app)
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        cycle = self._deferred
+        if cycle is not None and cycle is self.cycle:
+            self._deferred = None
+            if not cycle.response_complete and not self._run_direct(cycle):
+                super()._start_asgi_task(cycle, self.app)
+
+    def on_response_complete(self) -> None:
+        """uvicorn's, without recursion: it starts the next pipelined request, which the
+        direct route may answer at once (an error), completing again from within. Each
+        completion still runs uvicorn's handler once, one after the other."""
+        if self._completing:
+            self._completed_again = True
+            return
+        self._completing = True
+        try:
+            while True:
+                self._completed_again = False
+                super().on_response_complete()
+                if not self._completed_again:
+                    return
+        finally:
+            self._completing = False
+
+    def _run_direct(self, cycle: RequestResponseCycle) -> bool:
+        assert self._direct is not None
+        scope = cycle.scope
+        return self._direct(
+            scope["path"],
+            scope["headers"],  # type: ignore[arg-type]
+            bytes(cycle.body),
+            lambda: cycle.disconnected,
+            functools.partial(self._respond, cycle),
+        )
+
+    def _respond(self, cycle: RequestResponseCycle, answer: Answer) -> None:
+        """Write `answer` and finish the request as uvicorn's cycle does."""
+        if cycle.disconnected or cycle.response_complete:
+            return
+        status, headers, body = answer
+        if self.access_log:  # as uvicorn logs it (the peer's address: no proxy headers)
+            scope = cycle.scope
+            self.access_logger.info(
+                '%s - "%s %s HTTP/%s" %d',
+                get_client_addr(scope),
+                scope["method"],
+                get_path_with_query_string(scope),
+                scope["http_version"],
+                status,
+            )
+        parts = [STATUS_LINE[status]]
+        for name, value in self.server_state.default_headers:
+            parts += (name, b": ", value, b"\r\n")
+        for name, value in headers:
+            parts += (name, b": ", value, b"\r\n")
+        if not cycle.keep_alive:
+            parts.append(b"connection: close\r\n")
+        parts += (b"\r\n", body)
+        self.raw_transport.write(b"".join(parts))
+        cycle.response_started = cycle.response_complete = True
+        cycle.message_event.set()
+        if not cycle.keep_alive:
+            self.transport.close()
+        self.on_response_complete()
+
+
+def _direct_candidate(cycle: RequestResponseCycle) -> bool:
+    """A POST with a content-length within what uvicorn buffers without the app reading."""
+    if cycle.scope["method"] != "POST" or cycle.waiting_for_100_continue:
+        return False
+    length = -1
+    for name, value in cycle.scope["headers"]:
+        if name == b"content-length" and value.isdigit():
+            length = int(value)
+        elif name == b"transfer-encoding":
+            return False
+    return 0 <= length <= HIGH_WATER_LIMIT

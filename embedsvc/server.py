@@ -35,7 +35,7 @@ from embedsvc.api.cl100k import Cl100kDecoder
 from embedsvc.api.service import Service
 from embedsvc.engine import EngineSet, load_engines
 from embedsvc.errors import UnhealthyError
-from embedsvc.http_protocol import OneWriteHttpProtocol
+from embedsvc.http_protocol import EmbedsvcHttpProtocol
 from embedsvc.logs import setup_logging
 from embedsvc.memory import tune_allocator
 from embedsvc.metrics import Metrics
@@ -127,7 +127,7 @@ def _uvicorn_config(app: Any, settings: Settings, **kw: Any) -> uvicorn.Config:
         log_level=settings.log_level.lower(),
         access_log=settings.log_level.lower() == "debug",
         timeout_graceful_shutdown=settings.drain_timeout + DRAIN_GRACE,
-        http=OneWriteHttpProtocol,  # each response in one write (http_protocol.py)
+        http=EmbedsvcHttpProtocol,  # one write per response, direct routes (http_protocol.py)
         **kw,
     )
 

@@ -21,7 +21,7 @@ import uvicorn
 
 from embedsvc.api import create_app
 from embedsvc.engine import EngineSet, load_engines
-from embedsvc.http_protocol import OneWriteHttpProtocol
+from embedsvc.http_protocol import EmbedsvcHttpProtocol
 from embedsvc.metrics import Metrics
 from embedsvc.registry import Registry, load_registry
 from embedsvc.settings import Settings
@@ -64,6 +64,7 @@ class Server:
     engines: EngineSet
     metrics: Metrics
     settings: Settings
+    app: Any = None  # what uvicorn runs
 
     def client(self, **kw: Any) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=60, **kw)
@@ -97,7 +98,7 @@ def run_server(
         app = wrap(app)
     sock = free_socket()
     port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level="warning", lifespan="on", http=OneWriteHttpProtocol)
+    config = uvicorn.Config(app, log_level="warning", lifespan="on", http=EmbedsvcHttpProtocol)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
@@ -107,7 +108,7 @@ def run_server(
             raise RuntimeError("test server did not start")
         time.sleep(0.02)
     try:
-        yield Server(f"http://127.0.0.1:{port}", engines, metrics, settings)
+        yield Server(f"http://127.0.0.1:{port}", engines, metrics, settings, app)
     finally:
         server.should_exit = True
         thread.join(timeout=15)

@@ -76,7 +76,8 @@ def test_openai_bodies(body: dict, taken: bool) -> None:
 
 def routes_only(app: Any) -> Any:
     """Serve /slow/<path> straight from the FastAPI routes (no lean path, no middleware),
-    everything else from the whole app."""
+    everything else from the whole app (the embedding routes: directly from the HTTP
+    protocol)."""
 
     async def both(scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope["path"].startswith("/slow/"):
@@ -87,6 +88,7 @@ def routes_only(app: Any) -> Any:
             await app(scope, receive, send)
 
     both.state = app.state  # type: ignore[attr-defined]
+    both.direct = app.direct  # type: ignore[attr-defined]  # the protocol's direct route
     return both
 
 

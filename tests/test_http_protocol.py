@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from typing import Any
 
 import httpx
+import orjson
 
 from embedsvc.http_protocol import LARGE, _HeadWithBody
 
@@ -99,3 +101,133 @@ def test_expect_100_continue_gets_its_interim_answer(server: Any) -> None:
             assert chunk
             answer += chunk
     assert answer.startswith(b"HTTP/1.1 200 OK") and b"x-request-id" in answer
+
+
+# ---- the direct route ----------------------------------------------------------------
+
+
+def _read_responses(s: socket.socket, n: int) -> list[tuple[bytes, dict[bytes, bytes], bytes]]:
+    """`n` responses (status line, headers, body) read off a socket, by content-length."""
+    buf = b""
+    out = []
+    while len(out) < n:
+        head_end = buf.find(b"\r\n\r\n")
+        if head_end >= 0:
+            lines = buf[:head_end].split(b"\r\n")
+            headers = dict(line.split(b": ", 1) for line in lines[1:])
+            length = int(headers[b"content-length"])
+            end = head_end + 4 + length
+            if len(buf) >= end:
+                out.append((lines[0], headers, buf[head_end + 4 : end]))
+                buf = buf[end:]
+                continue
+        chunk = s.recv(65536)
+        assert chunk, f"connection closed after {len(out)} of {n} responses"
+        buf += chunk
+    return out
+
+
+def _post(path: bytes, body: bytes, extra: bytes = b"") -> bytes:
+    return (
+        b"POST %s HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        b"content-length: %d\r\n%s\r\n%s" % (path, len(body), extra, body)
+    )
+
+
+def _connect(server: Any) -> socket.socket:
+    host, port = server.url.removeprefix("http://").split(":")
+    return socket.create_connection((host, int(port)), timeout=20)
+
+
+def counting(app: Any) -> Any:
+    """The app with a count of the requests that reached it as ASGI (not direct)."""
+
+    async def asgi(scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            asgi.calls += 1  # type: ignore[attr-defined]
+        await app(scope, receive, send)
+
+    asgi.calls = 0  # type: ignore[attr-defined]
+    asgi.state = app.state  # type: ignore[attr-defined]
+    asgi.direct = app.direct  # type: ignore[attr-defined]
+    return asgi
+
+
+def test_the_embedding_routes_are_answered_without_the_asgi_app(server_factory: Any) -> None:
+    """Plain bodies take the direct route; token ids, other routes and a wrong key the
+    app, on the same connection."""
+    with server_factory(["all-minilm-l6-v2"], wrap=counting, api_key="k1") as s:
+        app = s.app
+        key = {"authorization": "Bearer k1"}
+        with httpx.Client(base_url=s.url, timeout=30, headers=key) as c:
+            a = c.post("/embed", json={"inputs": "direct"}, headers={"x-request-id": "r-1"})
+            b = c.post("/v1/embeddings", json={"input": ["one", "two"]})
+            assert app.calls == 0
+            assert a.status_code == 200 and a.headers["x-request-id"] == "r-1"
+            assert len(a.json()[0]) == 384 and float(a.headers["x-total-time"]) > 0
+            assert [d["index"] for d in b.json()["data"]] == [0, 1]
+            assert "date" in a.headers and a.headers["content-type"] == "application/json"
+            bad = c.post("/embed", json={"inputs": "q", "model": "nope"})  # direct, an error
+            assert bad.status_code == 422 and "nope" in bad.json()["error"]
+            assert app.calls == 0
+            ids = c.post("/embed", json={"inputs": [[101, 7592, 102]]})  # the routes
+            assert ids.status_code == 200 and app.calls == 1
+            wrong = c.post("/embed", json={"inputs": "x"}, headers={"authorization": "Bearer no"})
+            assert wrong.status_code == 401 and app.calls == 2
+            assert c.get("/health").status_code == 200 and app.calls == 3
+
+
+def test_pipelined_requests_are_answered_in_order(server: Any) -> None:
+    """Direct and app-answered requests sent in one write: answers in the order asked."""
+    requests = [
+        _post(b"/embed", b'{"inputs": "first"}'),
+        _post(b"/embed", b'{"inputs": [[101, 2117, 102]]}'),  # token ids: the app
+        _post(b"/v1/embeddings", b'{"input": "third"}'),
+        b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n",
+        _post(b"/embed", b'{"inputs": ""}'),  # a direct error
+        _post(b"/embed", b'{"inputs": "last"}'),
+    ]
+    with _connect(server) as s:
+        s.sendall(b"".join(requests))
+        answers = _read_responses(s, len(requests))
+    statuses = [line.split(b" ")[1] for line, _, _ in answers]
+    assert statuses == [b"200", b"200", b"200", b"200", b"400", b"200"]
+    assert b'"object":"list"' in answers[2][2]
+    assert b"Empty" in answers[4][2]
+    first = httpx.post(server.url + "/embed", json={"inputs": "first"}).json()
+    assert orjson.loads(answers[0][2]) == first
+
+
+def test_a_body_that_arrives_later_is_waited_for(server: Any) -> None:
+    body = b'{"inputs": "sent in two parts"}'
+    with _connect(server) as s:
+        request = _post(b"/embed", body)
+        s.sendall(request[: -len(body) + 5])
+        time.sleep(0.3)
+        s.sendall(request[-len(body) + 5 :])
+        [(line, _, answer)] = _read_responses(s, 1)
+    assert line == b"HTTP/1.1 200 OK" and len(orjson.loads(answer)[0]) == 384
+
+
+def test_connection_close_and_http_1_0_close_after_the_answer(server: Any) -> None:
+    body = b'{"inputs": "bye"}'
+    for request in (
+        _post(b"/embed", body, b"connection: close\r\n"),
+        _post(b"/embed", body).replace(b"HTTP/1.1", b"HTTP/1.0", 1),
+    ):
+        with _connect(server) as s:
+            s.sendall(request)
+            [(line, headers, _)] = _read_responses(s, 1)
+            assert line.endswith(b"200 OK") and headers[b"connection"] == b"close"
+            assert s.recv(100) == b""  # closed by the server
+
+
+def test_many_pipelined_errors_answered_at_once_are_all_answered(server: Any) -> None:
+    """Each answered on the spot while the one before it completes: no recursion."""
+    requests = [_post(b"/embed", b'{"inputs": "slow one"}')]
+    requests += [_post(b"/embed", b'{"inputs": "x", "model": "nope"}')] * 400
+    with _connect(server) as s:
+        s.sendall(b"".join(requests))
+        answers = _read_responses(s, len(requests))
+    assert answers[0][0].endswith(b"200 OK")
+    assert all(line.split(b" ")[1] == b"422" for line, _, _ in answers[1:])

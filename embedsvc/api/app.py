@@ -25,6 +25,7 @@ from embedsvc.api.service import Service
 from embedsvc.api.tei import tei_router
 from embedsvc.engine import EngineSet
 from embedsvc.errors import ClientDisconnected, ErrorKind
+from embedsvc.http_protocol import DirectRoute
 from embedsvc.metrics import Metrics
 from embedsvc.settings import Settings
 
@@ -110,13 +111,14 @@ def create_app(
     app.include_router(ops_router())
     # Outside FastAPI's own middleware stack (error pages, telemetry hooks, body limits):
     # the lean path for the embedding routes pays for none of it.
-    outer: ASGIApp = RequestMiddleware(
+    middleware = RequestMiddleware(
         app,
         service=service,
         api_keys=settings.api_keys(),
         protect_ops=settings.auth_health_metrics,
         max_payload_bytes=settings.max_payload_bytes,
     )
+    outer: ASGIApp = middleware
     origins = settings.cors_origin_list()
     if origins:  # outermost: preflights carry no API key, and every answer gets the headers
         outer = CORSMiddleware(
@@ -126,16 +128,20 @@ def create_app(
             allow_headers=["authorization", "content-type", "x-request-id"],
             expose_headers=["x-request-id", "x-total-time", "x-compute-tokens"],
         )
-    return EmbedsvcApp(app, outer)
+    # The embedding routes straight from embedsvc's HTTP protocol (http_protocol.py);
+    # with CORS on, every answer needs the CORS middleware's headers: no direct route.
+    return EmbedsvcApp(app, outer, None if origins else middleware.direct)
 
 
 class EmbedsvcApp:
-    """The ASGI app that uvicorn runs: request plumbing (and CORS) around the FastAPI app."""
+    """The ASGI app that uvicorn runs: request plumbing (and CORS) around the FastAPI app,
+    and `direct`, the embedding routes for embedsvc's HTTP protocol (or None)."""
 
-    def __init__(self, fastapi_app: FastAPI, asgi: ASGIApp) -> None:
+    def __init__(self, fastapi_app: FastAPI, asgi: ASGIApp, direct: DirectRoute | None) -> None:
         self.fastapi = fastapi_app
         self.state = fastapi_app.state
         self._asgi = asgi
+        self.direct = direct
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self._asgi(scope, receive, send)

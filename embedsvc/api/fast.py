@@ -9,8 +9,10 @@ the public behaviour is the routes', this only takes a shorter way to it.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -21,8 +23,9 @@ from embedsvc.api.errors import embedsvc_error_response, internal_error_response
 from embedsvc.api.openai import INPUT_TYPES, openai_prompt
 from embedsvc.api.service import Service
 from embedsvc.api.tei import TRUNCATION_DIRECTIONS
-from embedsvc.engine import EmbedRequest
+from embedsvc.engine import EmbedRequest, EmbedResult, ModelEngine
 from embedsvc.errors import ClientDisconnected, EmbedsvcError, ErrorKind
+from embedsvc.http_protocol import Answer
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +34,6 @@ OPENAI_PATHS = frozenset({"/v1/embeddings", "/embeddings"})
 FAST_PATHS = TEI_PATHS | OPENAI_PATHS
 
 _JSON = (b"content-type", b"application/json")
-_SCOPE: dict[str, Any] = {"type": "http"}  # what a Response needs to send itself
 
 
 def _texts(value: Any) -> list[str] | None:
@@ -86,10 +88,81 @@ def parse_openai(d: dict[str, Any]) -> dict[str, Any] | None:
     return fields | {"format": fmt, "input_type": input_type}
 
 
+@dataclass(slots=True)
+class Call:
+    """A body the lean path took: the engine and the request for it."""
+
+    path: str
+    openai: bool
+    engine: ModelEngine
+    req: EmbedRequest
+    model: str | None
+    format: str
+
+
 class FastEmbed:
     def __init__(self, service: Service) -> None:
         self.service = service
         self.metrics = service.metrics
+
+    def prepare(self, path: str, body: bytes, rid: str, timeout: float | None) -> Call | None:
+        """The call for a body in the common shape; None to pass it on to the routes.
+        Raises EmbedsvcError for a request the routes would refuse in the same words
+        (an unknown model or prompt)."""
+        try:
+            d = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return None
+        if type(d) is not dict:
+            return None
+        openai = path in OPENAI_PATHS
+        fields = parse_openai(d) if openai else parse_tei(d)
+        if fields is None:
+            return None
+        engine = self.service.engine_set().get(fields["model"])
+        if openai:
+            prompt = openai_prompt(engine, fields["prompt_name"], fields["input_type"], False)
+            normalize, direction, param = True, "right", "input"
+        else:
+            prompt = fields["prompt_name"]
+            normalize, direction, param = fields["normalize"], fields["direction"], "inputs"
+        req = EmbedRequest(
+            texts=fields["texts"],
+            prompt_name=prompt,
+            normalize=normalize,
+            truncate=fields["truncate"],
+            truncation_direction=direction,
+            dimensions=fields["dimensions"],
+            input_param=param,
+            request_id=rid,
+            timeout=timeout,
+        )
+        return Call(path, openai, engine, req, fields["model"], fields.get("format", "float"))
+
+    def answer(self, call: Call, result: EmbedResult) -> Answer:
+        """The 200 for a finished call."""
+        engine = call.engine
+        if call.openai:
+            out = openai_embeddings_body(result, call.format, call.model or engine.name)
+            engine.metrics.requests["/v1/embeddings"].inc()
+        else:
+            out = tei_embed_body(result)
+            engine.metrics.requests["/embed"].inc()
+        headers = [_JSON, (b"content-length", b"%d" % len(out)), *timing_headers(result)]
+        return 200, headers, out
+
+    def failure(self, path: str, exc: BaseException, rid: str) -> Answer:
+        """The error answer for `exc` (a typed error, or a fault: 500, logged), counted."""
+        if isinstance(exc, EmbedsvcError):
+            self.metrics.failures.labels(path, exc.kind.value).inc()
+            resp = embedsvc_error_response(path, exc, rid)
+        elif isinstance(exc, ClientDisconnected):
+            self.metrics.failures.labels(path, "client_disconnected").inc()
+            return 499, [(b"content-length", b"0")], b""  # nobody reads it
+        else:
+            self.metrics.failures.labels(path, ErrorKind.BACKEND.value).inc()
+            resp = internal_error_response(path, exc, rid)
+        return resp.status_code, list(resp.raw_headers), bytes(resp.body)
 
     async def handle(
         self,
@@ -102,59 +175,44 @@ class FastEmbed:
     ) -> bool:
         """Answer the request if its body is in the common shape; False to pass it on."""
         try:
-            d = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            return False
-        if type(d) is not dict:
-            return False
-        openai = path in OPENAI_PATHS
-        fields = parse_openai(d) if openai else parse_tei(d)
-        if fields is None:
-            return False
-        try:
-            engine = self.service.engine_set().get(fields["model"])
-            if openai:
-                prompt = openai_prompt(engine, fields["prompt_name"], fields["input_type"], False)
-                normalize, direction, param = True, "right", "input"
-            else:
-                prompt = fields["prompt_name"]
-                normalize, direction, param = fields["normalize"], fields["direction"], "inputs"
-            req = EmbedRequest(
-                texts=fields["texts"],
-                prompt_name=prompt,
-                normalize=normalize,
-                truncate=fields["truncate"],
-                truncation_direction=direction,
-                dimensions=fields["dimensions"],
-                input_param=param,
-                request_id=rid,
-                timeout=timeout,
-            )
-            result = await engine.embed(req, disconnected)
-        except EmbedsvcError as e:
-            self.metrics.failures.labels(path, e.kind.value).inc()
-            await embedsvc_error_response(path, e, rid)(_SCOPE, _no_receive, send)
-            return True
-        except ClientDisconnected:
-            self.metrics.failures.labels(path, "client_disconnected").inc()
-            await send({"type": "http.response.start", "status": 499, "headers": []})
-            await send({"type": "http.response.body", "body": b""})
-            return True
+            call = self.prepare(path, body, rid, timeout)
+            if call is None:
+                return False
+            answer = self.answer(call, await call.engine.embed(call.req, disconnected))
         except Exception as e:
-            self.metrics.failures.labels(path, ErrorKind.BACKEND.value).inc()
-            await internal_error_response(path, e, rid)(_SCOPE, _no_receive, send)
-            return True
-        if openai:
-            out = openai_embeddings_body(result, fields["format"], fields["model"] or engine.name)
-            engine.metrics.requests["/v1/embeddings"].inc()
-        else:
-            out = tei_embed_body(result)
-            engine.metrics.requests["/embed"].inc()
-        headers = [_JSON, (b"content-length", b"%d" % len(out)), *timing_headers(result)]
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
+            answer = self.failure(path, e, rid)
+        status, headers, out = answer
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": out})
         return True
 
+    def begin(
+        self,
+        path: str,
+        body: bytes,
+        rid: str,
+        timeout: float | None,
+        disconnected: Callable[[], bool],
+        respond: Callable[[Answer], None],
+    ) -> bool:
+        """`handle` without a coroutine, for the HTTP protocol's direct route: False to
+        pass the request on; else `respond(answer)` is called once, now or when the
+        vectors are ready (on the event loop)."""
+        try:
+            call = self.prepare(path, body, rid, timeout)
+            if call is None:
+                return False
+            future = call.engine.submit(call.req, disconnected)
+        except Exception as e:
+            respond(self.failure(path, e, rid))
+            return True
 
-async def _no_receive() -> dict[str, Any]:
-    raise RuntimeError("a response does not read the request")
+        def done(f: asyncio.Future[EmbedResult]) -> None:
+            try:
+                answer = self.answer(call, f.result())
+            except BaseException as e:  # even a cancelled future gets its answer (a 500)
+                answer = self.failure(path, e, rid)
+            respond(answer)
+
+        future.add_done_callback(done)
+        return True

@@ -13,20 +13,25 @@
   sends a form type by default); a body that is not JSON still gets a 422 that says so.
 - The embedding routes take the lean path (fast.py) when their body allows it; every
   other request, and every body the lean path declines, goes on to the FastAPI app.
+- `direct`: the same for embedsvc's HTTP protocol (http_protocol.py), which offers it
+  each small POST before it would run the app; it answers the lean path's requests
+  through a callback (no task, no ASGI messages) and declines the rest.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hmac
 import itertools
 import os
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from embedsvc.api.errors import error_response, internal_error_response
-from embedsvc.api.fast import FAST_PATHS, FastEmbed
+from embedsvc.api.fast import FAST_PATHS, Answer, FastEmbed
 from embedsvc.api.service import disconnect_probe
 from embedsvc.errors import ErrorKind
 from embedsvc.logs import request_id_var
@@ -62,26 +67,7 @@ class RequestMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        rid = ""
-        auth = b""
-        timeout_header = b""
-        length: int | None = None
-        headers = []
-        for name, value in scope.get("headers", ()):
-            if name == b"x-request-id":
-                rid = value.decode("latin-1")[:128]
-            elif name == b"authorization":
-                auth = value
-            elif name == b"x-request-timeout":
-                timeout_header = value
-            elif name == b"content-length":
-                try:
-                    length = int(value)
-                except ValueError:
-                    length = None
-            elif name == b"content-type":
-                continue
-            headers.append((name, value))
+        rid, auth, timeout_header, length, headers = _scan(scope.get("headers", ()))
         rid = rid or f"{self._rid_prefix}{next(self._rid_counter):016x}"  # 32 hex digits
         state = scope.setdefault("state", {})
         state["request_id"] = rid
@@ -187,6 +173,46 @@ class RequestMiddleware:
         scope["headers"] = headers
         await call_app(replay)
 
+    def direct(
+        self,
+        path: str,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
+        disconnected: Callable[[], bool],
+        respond: Callable[[Answer], None],
+    ) -> bool:
+        """The embedding routes straight from the HTTP protocol (http_protocol.py), for a
+        POST whose whole body has arrived: what `__call__` does for it, without the ASGI
+        messages and the task. False (nothing done) for anything `__call__` would answer
+        otherwise than through the lean path: draining, a missing or wrong API key, a bad
+        x-request-timeout, a body too large or not in the common shape; the protocol then
+        runs the app. Else `respond(answer)` is called once, now or later on the loop,
+        with the x-request-id header among the answer's."""
+        if path not in FAST_PATHS or self.service.draining:
+            return False
+        rid, auth, timeout_header, _, _ = _scan(headers)
+        if self.keys and not self._authorized(auth):
+            return False
+        timeout = None
+        if timeout_header:
+            timeout = _seconds(timeout_header)
+            if timeout is None:
+                return False
+        if len(body) > self.max_payload:
+            return False
+        rid = rid or f"{self._rid_prefix}{next(self._rid_counter):016x}"
+        id_header = (b"x-request-id", rid.encode("latin-1"))
+
+        def with_id(answer: Answer) -> None:
+            answer[1].append(id_header)
+            respond(answer)
+
+        # The request id for log records, in a context of this request's own (the
+        # protocol's callbacks share one).
+        context = contextvars.copy_context()
+        context.run(request_id_var.set, rid)
+        return context.run(self.fast.begin, path, body, rid, timeout, disconnected, with_id)
+
     async def _discard_body(self, receive: Receive) -> bool:
         """Read and drop the request body: True once it is all read, False past
         DISCARD_BYTES or DISCARD_SECONDS (or if the client hung up)."""
@@ -219,6 +245,34 @@ class RequestMiddleware:
             f"request body too large: {got} exceeds max_payload_bytes ({self.max_payload}); "
             "send fewer or shorter inputs per request"
         )
+
+
+def _scan(
+    raw: Iterable[tuple[bytes, bytes]],
+) -> tuple[str, bytes, bytes, int | None, list[tuple[bytes, bytes]]]:
+    """Request id, authorization, x-request-timeout and content-length from the headers,
+    and the headers without content-type."""
+    rid = ""
+    auth = b""
+    timeout_header = b""
+    length: int | None = None
+    headers = []
+    for name, value in raw:
+        if name == b"x-request-id":
+            rid = value.decode("latin-1")[:128]
+        elif name == b"authorization":
+            auth = value
+        elif name == b"x-request-timeout":
+            timeout_header = value
+        elif name == b"content-length":
+            try:
+                length = int(value)
+            except ValueError:
+                length = None
+        elif name == b"content-type":
+            continue
+        headers.append((name, value))
+    return rid, auth, timeout_header, length, headers
 
 
 def _seconds(value: bytes) -> float | None:

@@ -133,6 +133,9 @@ class Frontend:
             watched.pop(d.key, None)
             if p.future.done():
                 continue
+            phase = p.engine.metrics.phase
+            phase["tokenization"].observe(p.t1 - p.t0)
+            phase["total"].observe(now - p.t0)
             p.future.set_result(
                 EmbedResult(
                     vectors=d.vectors,
@@ -267,6 +270,23 @@ class ModelEngine:
         self, req: EmbedRequest, disconnected: Callable[[], bool] | None = None
     ) -> EmbedResult:
         """Embed one request. `disconnected()` says whether its client has gone."""
+        p = self._admit(req, disconnected)
+        try:
+            return await p.future
+        except asyncio.CancelledError:
+            self._front.cancel(p)
+            raise
+
+    def submit(
+        self, req: EmbedRequest, disconnected: Callable[[], bool] | None = None
+    ) -> asyncio.Future[EmbedResult]:
+        """`embed` without a coroutine, for callers that answer from a callback: admit the
+        request (or raise the error that refuses it) and return the future of its result,
+        resolved on the event loop. Once `disconnected()` says the client has gone, the
+        request's work is dropped and the future fails with ClientDisconnected."""
+        return self._admit(req, disconnected).future
+
+    def _admit(self, req: EmbedRequest, disconnected: Callable[[], bool] | None) -> Pending:
         self.validate(req)
         # The core decides admission; these checks, on the core's last figures and an
         # estimate of the tokens, refuse before tokenizing: a 429 costs next to nothing.
@@ -301,14 +321,7 @@ class ModelEngine:
         if not self._flush_scheduled:
             self._flush_scheduled = True
             loop.call_soon(self._flush)
-        try:
-            result = await p.future
-        except asyncio.CancelledError:
-            self._front.cancel(p)
-            raise
-        self.metrics.phase["tokenization"].observe(result.tokenization_time)
-        self.metrics.phase["total"].observe(result.total_time)
-        return result
+        return p
 
     def max_wait(self, req: EmbedRequest) -> float:
         """Seconds this request may wait: --max-queue-time, or the client's shorter
