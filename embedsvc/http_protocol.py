@@ -18,7 +18,8 @@ body is at most 64 KiB (by content-length; uvicorn stops reading past that until
 asks for more) is held until the body is complete and offered to the app's `direct`
 callable (api/middleware.py): it either declines, and the request runs as a task as
 always (the body is still there for the app to read), or it answers through a callback,
-and the protocol writes the response in one write and goes on with the connection as
+and the protocol writes the response in one write (after any head still held for the
+end of the turn, so pipelined answers keep their order) and goes on with the connection as
 uvicorn does after a response (keep-alive, pipelined requests, close). Requests with
 `Expect: 100-continue` and larger or chunked bodies take the ASGI path.
 """
@@ -66,6 +67,14 @@ class _HeadWithBody:
         else:
             self._transport.write(data)
 
+    def write_response(self, data: bytes) -> None:
+        """A whole response (head and body): after anything held, never held itself."""
+        held = self._held
+        if held is not None:
+            self._held = None
+            data = held + data
+        self._transport.write(data)
+
     def _flush(self) -> None:
         held = self._held
         if held is not None:
@@ -93,8 +102,8 @@ class OneWriteHttpProtocol(HttpToolsProtocol):
     """HttpToolsProtocol whose responses leave in one write each (see the module)."""
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        self.raw_transport = transport
-        super().connection_made(_HeadWithBody(transport, self.loop))  # type: ignore[arg-type]
+        self.joining = _HeadWithBody(transport, self.loop)
+        super().connection_made(self.joining)  # type: ignore[arg-type]
 
 
 # A response: status, headers, body.
@@ -185,7 +194,7 @@ class EmbedsvcHttpProtocol(OneWriteHttpProtocol):
         if not cycle.keep_alive:
             parts.append(b"connection: close\r\n")
         parts += (b"\r\n", body)
-        self.raw_transport.write(b"".join(parts))
+        self.joining.write_response(b"".join(parts))
         cycle.response_started = cycle.response_complete = True
         cycle.message_event.set()
         if not cycle.keep_alive:

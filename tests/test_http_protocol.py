@@ -231,3 +231,20 @@ def test_many_pipelined_errors_answered_at_once_are_all_answered(server: Any) ->
         answers = _read_responses(s, len(requests))
     assert answers[0][0].endswith(b"200 OK")
     assert all(line.split(b" ")[1] == b"422" for line, _, _ in answers[1:])
+
+
+def test_a_direct_answer_never_overtakes_a_held_head(server: Any) -> None:
+    """A HEAD's answer (a head alone, held until the end of the loop's turn) and, pipelined
+    behind it, a request the direct route answers at once: the answers keep their order."""
+    with _connect(server) as s:
+        s.sendall(
+            b"HEAD /health HTTP/1.1\r\nhost: x\r\n\r\n"
+            + _post(b"/embed", b'{"inputs": "x", "model": "nope"}')
+        )
+        data = b""
+        while data.count(b"HTTP/1.1 ") < 2 or not data.endswith(b"}"):
+            chunk = s.recv(65536)
+            assert chunk
+            data += chunk
+    first, second = data.split(b"HTTP/1.1 ")[1:3]
+    assert first.startswith(b"405") and second.startswith(b"422")
