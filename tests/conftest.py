@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -155,10 +156,16 @@ class ServerProcess:
             stderr=subprocess.STDOUT,
             text=True,
         )
+        # Several front ends: the first 200 may come from one while another is still
+        # connecting to the engine (its requests get 503 "still loading"), so then wait
+        # for 16 connections opened at once, which every front end shares, all to say 200.
+        probes = (
+            16 if "--api-workers" in args and args[args.index("--api-workers") + 1] != "1" else 1
+        )
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                if all(code == 200 for code in _health(self.url, probes)):
                     return
             except httpx.TransportError:
                 pass
@@ -171,6 +178,18 @@ class ServerProcess:
             self.proc.send_signal(signal.SIGTERM)
         out, _ = self.proc.communicate(timeout=60)
         return self.proc.returncode, out
+
+
+def _health(url: str, connections: int) -> list[int]:
+    """/health's status on `connections` connections opened at once."""
+
+    async def probe() -> list[int]:
+        limits = httpx.Limits(max_connections=connections, max_keepalive_connections=0)
+        async with httpx.AsyncClient(base_url=url, timeout=2, limits=limits) as c:
+            answers = await asyncio.gather(*(c.get("/health") for _ in range(connections)))
+        return [r.status_code for r in answers]
+
+    return asyncio.run(probe())
 
 
 @pytest.fixture()
