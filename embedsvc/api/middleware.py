@@ -190,7 +190,7 @@ class RequestMiddleware:
         with the x-request-id header among the answer's."""
         if path not in FAST_PATHS or self.service.draining:
             return False
-        rid, auth, timeout_header, _, _ = _scan(headers)
+        rid, auth, timeout_header, _, _ = _scan(headers, keep=False)
         if self.keys and not self._authorized(auth):
             return False
         timeout = None
@@ -248,10 +248,10 @@ class RequestMiddleware:
 
 
 def _scan(
-    raw: Iterable[tuple[bytes, bytes]],
+    raw: Iterable[tuple[bytes, bytes]], keep: bool = True
 ) -> tuple[str, bytes, bytes, int | None, list[tuple[bytes, bytes]]]:
     """Request id, authorization, x-request-timeout and content-length from the headers,
-    and the headers without content-type."""
+    and (`keep`) the headers without content-type."""
     rid = ""
     auth = b""
     timeout_header = b""
@@ -271,7 +271,8 @@ def _scan(
                 length = None
         elif name == b"content-type":
             continue
-        headers.append((name, value))
+        if keep:
+            headers.append((name, value))
     return rid, auth, timeout_header, length, headers
 
 
