@@ -60,12 +60,21 @@ def reference(folder: Path, texts: list[str]) -> np.ndarray:
     return features["sentence_embedding"].numpy()
 
 
+# Over bert.SHORT_ATTENTION tokens: a batch with it takes the fused attention kernel.
+LONG = " ".join(["The river flows past the old mill and the quiet town."] * 6)
+
+
 @pytest.mark.parametrize("name", ["minilm", "tiny-bge", "tiny-nomic", "tiny-bigvocab"])
 def test_own_encoder_equals_sentence_transformers(name: str, model_dir: Path) -> None:
     folder = MINILM_PATH if name == "minilm" else model_dir / name
-    assert bert.plan(folder) is not None
-    got = forward(folder, TEXTS)
-    np.testing.assert_allclose(got, reference(folder, TEXTS), atol=2e-5, rtol=1e-4)
+    p = bert.plan(folder)
+    assert p is not None
+    batches = [TEXTS]
+    if (p.max_seq_length or 512) > 80:  # (tiny-bge's 64 would truncate LONG)
+        batches.append([*TEXTS, LONG])  # a batch past SHORT_ATTENTION
+    for texts in batches:
+        got = forward(folder, texts)
+        np.testing.assert_allclose(got, reference(folder, texts), atol=2e-5, rtol=1e-4)
 
 
 def test_a_forward_pass_is_one_traced_call(model_dir: Path) -> None:
@@ -87,15 +96,17 @@ def test_packed_encoder_equals_padded(model_dir: Path) -> None:
     assert p is not None
     encoder = bert.build(p, "cpu", "float32")
     assert encoder.packed
-    ids = torch.randint(5, 90, (4, 11))
-    mask = torch.ones(4, 11, dtype=torch.long)
-    for row, n in enumerate((11, 3, 7, 1)):
-        mask[row, n:] = 0
-    with torch.inference_mode():
-        packed = bert.pool(encoder(ids, mask), mask, "mean")
-        encoder.packed = False
-        padded = bert.pool(encoder(ids, mask), mask, "mean")
-    torch.testing.assert_close(packed, padded, atol=1e-5, rtol=1e-5)
+    for width in (11, bert.SHORT_ATTENTION + 20):  # both attention kernels
+        ids = torch.randint(5, 90, (4, width))
+        mask = torch.ones(4, width, dtype=torch.long)
+        for row, n in enumerate((width, 3, 7, 1)):
+            mask[row, n:] = 0
+        with torch.inference_mode():
+            encoder.packed = True
+            packed = bert.pool(encoder(ids, mask), mask, "mean")
+            encoder.packed = False
+            padded = bert.pool(encoder(ids, mask), mask, "mean")
+        torch.testing.assert_close(packed, padded, atol=1e-5, rtol=1e-5)
 
 
 def test_xlm_roberta_positions_and_padding(tmp_path: Path) -> None:
