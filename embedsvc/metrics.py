@@ -12,7 +12,9 @@ and /metrics, whichever front end answers it, renders the sum over all of them.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from bisect import bisect_left
+from collections import Counter as Tally
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from prometheus_client import (
@@ -171,6 +173,28 @@ class ModelMetrics:
         }
         routes = ("/embed", "/v1/embeddings", "/similarity", "/rerank", "/embed_sparse")
         self.requests = {r: m.requests.labels(model, r) for r in routes}
+
+
+def observe_many(histogram: Histogram, amounts: Sequence[float]) -> None:
+    """`histogram.observe(a)` for each of `amounts` (a labelled child), in one update of
+    the sum and one per bucket touched. Each observe takes a lock twice and walks the
+    bucket bounds in Python: for the per-request phases of a forward pass of 32 short
+    queries that came to a few microseconds a request, on the threads that feed the
+    model and answer. Falls back to observe() where the library's histogram is laid out
+    otherwise."""
+    if not amounts:
+        return
+    bounds = getattr(histogram, "_upper_bounds", None)
+    buckets = getattr(histogram, "_buckets", None)
+    total = getattr(histogram, "_sum", None)
+    if bounds is None or buckets is None or total is None or len(bounds) != len(buckets):
+        for a in amounts:
+            histogram.observe(a)
+        return
+    total.inc(sum(amounts))
+    # observe() counts an amount in the first bucket whose bound is >= it (+Inf last).
+    for i, n in Tally(bisect_left(bounds, a) for a in amounts).items():
+        buckets[i].inc(n)
 
 
 class ServerMemoryCollector(Collector):

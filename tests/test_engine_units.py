@@ -315,3 +315,32 @@ def test_a_busy_neighbour_at_start_up_leaves_minilm_its_threads(model_dir: Path)
     assert decided["all-minilm-l6-v2"].split()[0] == "False"
     assert int(decided["all-minilm-l6-v2"].split()[1]) > 1
     assert decided["tiny-bge"].split()[0] == "True"  # a near-free model gains nothing
+
+
+def test_observe_many_counts_as_observe_does() -> None:
+    """A pass's phases go into the histograms in one update per bucket: the same buckets,
+    count and sum as one observe() per amount, bounds and +Inf included."""
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from embedsvc.metrics import observe_many
+
+    amounts = [0.0, 0.0004, 0.0005, 0.0005001, 0.003, 0.003, 0.7, 30.0, 31.0, 1e9]
+    amounts += [random.Random(7).uniform(0, 40) for _ in range(200)]
+    texts = []
+    buckets = (0.0005, 0.001, 0.005, 1.0, 30.0)
+    for many in (False, True):
+        r = CollectorRegistry()
+        h = Histogram("phase", "t", ["model"], buckets=buckets, registry=r)
+        child = h.labels("m")
+        if many:
+            observe_many(child, amounts[:7])
+            observe_many(child, [])
+            observe_many(child, amounts[7:])
+        else:
+            for a in amounts:
+                child.observe(a)
+        lines = generate_latest(r).decode().splitlines()
+        texts.append("\n".join(ln for ln in lines if "_created" not in ln))
+    assert texts[0] == texts[1] and "phase_sum" in texts[1]
+    assert 'phase_bucket{le="0.0005",model="m"} 3.0' in texts[1]
+    assert f'phase_count{{model="m"}} {float(len(amounts))}' in texts[1]

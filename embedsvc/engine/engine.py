@@ -46,7 +46,7 @@ from embedsvc.errors import (
     ValidationError,
 )
 from embedsvc.errors import ErrorKind as K
-from embedsvc.metrics import Metrics
+from embedsvc.metrics import Metrics, observe_many
 from embedsvc.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -126,6 +126,7 @@ class Frontend:
         """On the loop: the results of one forward pass (or refusals) for this process."""
         now = time.perf_counter()
         waiting, watched = self._waiting, self._watched
+        answered: list[Pending] = []
         for d in done:
             p = waiting.pop(d.key, None)
             if p is None:
@@ -133,9 +134,7 @@ class Frontend:
             watched.pop(d.key, None)
             if p.future.done():
                 continue
-            phase = p.engine.metrics.phase
-            phase["tokenization"].observe(p.t1 - p.t0)
-            phase["total"].observe(now - p.t0)
+            answered.append(p)
             p.future.set_result(
                 EmbedResult(
                     vectors=d.vectors,
@@ -156,6 +155,15 @@ class Frontend:
             if not p.future.done():
                 error = _ERRORS.get(f.kind, BackendError)
                 p.future.set_exception(error(f.message, param=f.param, retry_after=f.retry_after))
+        # The futures' callbacks run after this returns: the phases are counted before
+        # any of these answers is written.
+        by_model: dict[str, list[Pending]] = {}
+        for p in answered:
+            by_model.setdefault(p.engine.name, []).append(p)
+        for pendings in by_model.values():
+            phase = pendings[0].engine.metrics.phase
+            observe_many(phase["tokenization"], [p.t1 - p.t0 for p in pendings])
+            observe_many(phase["total"], [now - p.t0 for p in pendings])
 
     def fail_all(self, exc: BaseException) -> None:
         """The core is gone: answer every request in flight with `exc` now."""

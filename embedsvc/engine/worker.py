@@ -38,7 +38,7 @@ from embedsvc.engine.postprocess import finalize
 from embedsvc.engine.types import CoreJob, JobDone, JobFailed, ModelInfo
 from embedsvc.errors import ConfigError, ErrorKind
 from embedsvc.memory import TRIMMER
-from embedsvc.metrics import Metrics
+from embedsvc.metrics import Metrics, observe_many
 from embedsvc.model_files import default_prompt_name
 from embedsvc.registry import ModelSpec
 from embedsvc.settings import Settings
@@ -427,6 +427,7 @@ class ModelWorker:
         self.rate.update(sum(it.length for it in items), (end - start) * share)
         done: dict[Hashable, list[JobDone]] = defaultdict(list)
         more: list[Item] = []
+        completed: list[Job] = []
         with self._lock:
             for it, row in zip(items, rows, strict=True):
                 job: Job = it.job
@@ -437,22 +438,27 @@ class ModelWorker:
                     del self._jobs[(job.origin, job.key)]
                     self._inflight -= job.size
                     done[job.origin].append(job.done())
-                    self._observe(job)
+                    completed.append(job)
             inflight = self._inflight
             self._waiting_tokens -= sum(it.length for it in more)
         if more:
             self.queue.put(more)
+        self._observe(completed)
         self.m.inflight.set(inflight)
         self.m.rate.set(self.rate.rate)
         self.m.wait_estimate.set(self.tokens_ahead / self.rate.rate)
         for origin, finished in done.items():
             self.sink(origin, finished, [])
 
-    def _observe(self, job: Job) -> None:
-        self.m.phase["queue"].observe(max(job.first_start - job.enqueued, 0.0))
-        self.m.phase["inference"].observe(max(job.last_end - job.first_start, 0.0))
-        self.m.inputs.inc(job.size)
-        self.m.tokens.inc(job.tokens)
+    def _observe(self, jobs: list[Job]) -> None:
+        """The metrics of the jobs a pass completed, in one update each."""
+        if not jobs:
+            return
+        phase = self.m.phase
+        observe_many(phase["queue"], [max(j.first_start - j.enqueued, 0.0) for j in jobs])
+        observe_many(phase["inference"], [max(j.last_end - j.first_start, 0.0) for j in jobs])
+        self.m.inputs.inc(sum(j.size for j in jobs))
+        self.m.tokens.inc(sum(j.tokens for j in jobs))
 
     def _forward(self, items: list[Item], batch: PaddedBatch) -> np.ndarray:
         """Forward pass; on out-of-memory, split the batch in halves and retry."""
