@@ -96,8 +96,12 @@ class Frontend:
         self._watched: dict[int, Pending] = {}
         self._sweeper: asyncio.Task[None] | None = None
         self._abandon: Callable[[], EmbedsvcError] | None = None
+        # The loop results are delivered on, where requests come from. Kept because
+        # asyncio.get_running_loop() makes a system call (getpid, for forks) each time.
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
         self.link.attach(loop, self.deliver)
 
     def send(self, model: str, pendings: list[Pending], jobs: list[CoreJob]) -> None:
@@ -320,7 +324,7 @@ class ModelEngine:
                     f"more than its limit of {max_wait:g} s; retry later or elsewhere",
                     retry_after=retry_after(wait, max_wait),
                 )
-        loop = asyncio.get_running_loop()
+        loop = self._front.loop or asyncio.get_running_loop()
         p = Pending(self, req, loop.create_future(), time.perf_counter(), disconnected)
         p.estimate = estimate
         self._unsent_tokens += estimate
