@@ -160,53 +160,64 @@ def select_batch(
     ordered = sorted(pending, key=lambda it: (it.length, it.seq))
     oldest = min(pending, key=lambda it: it.seq)
     pos = ordered.index(oldest)
+    # On the compute thread, with the GIL, once per pass: plain lists and arithmetic.
+    lengths = [it.length for it in ordered]
+    seqs = [it.seq for it in ordered]
+    last = len(ordered) - 1
+    base = lengths[pos]
+    fixed, per_width = pad_cost.fixed, pad_cost.per_width
     lo = hi = pos
-    top = real = oldest.length
+    top = real = base
+
+    def cost(n: int, top: int, real: int) -> float:
+        """A pass over `n` inputs padded to `top` tokens, `real` of them real, in tokens
+        (PadCost.at inlined)."""
+        assert overhead is not None
+        return overhead + real + min(1.0, fixed + per_width * top) * (n * top - real)
+
+    sides: tuple[int, ...]
     while hi - lo + 1 < max_size:
         n = hi - lo + 1
-        left = ordered[lo - 1] if lo > 0 else None
-        right = ordered[hi + 1] if hi + 1 < len(ordered) else None
         # Prefer the neighbour that adds the least padding; ties go to the older one.
-        cands = []
-        if left is not None:
-            cands.append((oldest.length - left.length, left.seq, -1, left))
-        if right is not None:
-            cands.append((right.length - oldest.length, right.seq, 1, right))
-        if not cands:
+        if lo > 0 and hi < last:
+            left = (base - lengths[lo - 1], seqs[lo - 1])
+            right = (lengths[hi + 1] - base, seqs[hi + 1])
+            sides = (lo - 1, hi + 1) if left < right else (hi + 1, lo - 1)
+        elif lo > 0:
+            sides = (lo - 1,)
+        elif hi < last:
+            sides = (hi + 1,)
+        else:
             break
-        added = False
-        for _, _, side, it in sorted(cands, key=lambda c: (c[0], c[1])):
-            new_top = max(top, it.length)
+        for j in sides:
+            length = lengths[j]
+            new_top = top if top >= length else length
             if (n + 1) * new_top > max_tokens:
                 continue
-            if overhead is not None and (real + it.length) * _cost(
-                overhead, pad_cost, n, top, real
-            ) < real * _cost(overhead, pad_cost, n + 1, new_top, real + it.length):
+            if overhead is not None and (real + length) * cost(n, top, real) < real * cost(
+                n + 1, new_top, real + length
+            ):
                 continue  # it would lower real tokens per unit of cost
-            if side < 0:
-                lo -= 1
+            if j < lo:
+                lo = j
             else:
-                hi += 1
-            top, real = new_top, real + it.length
-            added = True
+                hi = j
+            top, real = new_top, real + length
             break
-        if not added:
+        else:
             break
     return ordered[lo : hi + 1]
 
 
-def _cost(overhead: float, pad_cost: PadCost, n: int, top: int, real: int) -> float:
-    """A pass over `n` inputs padded to `top` tokens, `real` of them real, in tokens."""
-    return overhead + real + pad_cost.at(top) * (n * top - real)
-
-
 def pad(items: list[Item], pad_id: int) -> PaddedBatch:
     """Right-pad the items' ids into int64 arrays."""
-    width = max(it.length for it in items)
+    lengths = np.fromiter((len(it.ids) for it in items), dtype=np.int64, count=len(items))
+    width = int(lengths.max())
+    real = np.arange(width) < lengths[:, None]
     ids = np.full((len(items), width), pad_id, dtype=np.int64)
-    mask = np.zeros((len(items), width), dtype=np.int64)
-    for row, it in enumerate(items):
-        n = it.length
-        ids[row, :n] = it.ids
-        mask[row, :n] = 1
-    return PaddedBatch(input_ids=ids, attention_mask=mask)
+    # Row-major order of the real positions is the ids one after the other.
+    ids[real] = np.fromiter(
+        itertools.chain.from_iterable(it.ids for it in items), dtype=np.int64,
+        count=int(lengths.sum()),
+    )  # fmt: skip
+    return PaddedBatch(input_ids=ids, attention_mask=real.astype(np.int64))

@@ -68,9 +68,12 @@ class Job:
 
     def store(self, item: Item, row: np.ndarray, start: float, end: float) -> list[Item]:
         """Keep one finalized row; return the next chunk's items if one is due."""
-        if self.vectors is None:
-            self.vectors = np.empty((self.size, row.shape[0]), dtype=np.float32)
-        self.vectors[item.index] = row
+        if self.size == 1:
+            self.vectors = row[None]  # a view of the pass's finalized rows, not a copy
+        else:
+            if self.vectors is None:
+                self.vectors = np.empty((self.size, row.shape[0]), dtype=np.float32)
+            self.vectors[item.index] = row
         if not self.first_start:
             self.first_start = start
         self.last_end = end
