@@ -388,8 +388,12 @@ def main() -> None:
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--engine-alone"]:
+        from embedsvc.cli import exit_now
+
         _engine_alone(float(sys.argv[2]))
-        sys.exit(0)
+        # Without the interpreter's teardown, as `embedsvc serve` exits: torch's idle
+        # thread pools aborted it once in about twenty runs (SIGABRT after the result).
+        exit_now(0)
     start_time = time.time()
     main()
     print(f"({time.time() - start_time:.0f} s)")
