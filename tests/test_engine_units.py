@@ -324,8 +324,9 @@ def test_observe_many_counts_as_observe_does() -> None:
 
     from embedsvc.metrics import observe_many
 
+    rng = random.Random(7)
     amounts = [0.0, 0.0004, 0.0005, 0.0005001, 0.003, 0.003, 0.7, 30.0, 31.0, 1e9]
-    amounts += [random.Random(7).uniform(0, 40) for _ in range(200)]
+    amounts += [rng.uniform(0, 40) for _ in range(200)]
     texts = []
     buckets = (0.0005, 0.001, 0.005, 1.0, 30.0)
     for many in (False, True):
