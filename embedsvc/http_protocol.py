@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT
@@ -82,6 +82,9 @@ class _HeadWithBody:
             if not self._transport.is_closing():
                 self._transport.write(held)
 
+    def is_closing(self) -> bool:  # asked after every response: not through __getattr__
+        return self._transport.is_closing()
+
     def close(self) -> None:
         self._flush()
         self._transport.close()
@@ -106,8 +109,23 @@ class OneWriteHttpProtocol(HttpToolsProtocol):
         super().connection_made(self.joining)  # type: ignore[arg-type]
 
 
-# A response: status, headers, body.
-Answer = tuple[int, list[tuple[bytes, bytes]], bytes]
+# A response: status, header lines (b"name: value\r\n" each), body. Header lines, not
+# pairs: a direct answer's head is joined from a few byte strings, none built per header.
+Answer = tuple[int, bytes, bytes]
+
+
+def header_lines(headers: Iterable[tuple[bytes, bytes]]) -> bytes:
+    return b"".join(b"%s: %s\r\n" % (name, value) for name, value in headers)
+
+
+def header_pairs(lines: bytes) -> list[tuple[bytes, bytes]]:
+    """`header_lines` back as (name, value) pairs (for an ASGI response)."""
+    pairs = []
+    for line in lines.split(b"\r\n"):
+        if line:
+            name, _, value = line.partition(b": ")
+            pairs.append((name, value))
+    return pairs
 
 
 # The app's direct route: (path, headers, body, disconnected, respond) -> taken.
@@ -125,6 +143,9 @@ class EmbedsvcHttpProtocol(OneWriteHttpProtocol):
         self._deferred: RequestResponseCycle | None = None
         self._completing = False  # in on_response_complete
         self._completed_again = False
+        # server_state.default_headers (date, server), as lines; the server replaces the
+        # list when the date changes.
+        self._defaults: tuple[object, bytes] = (None, b"")
 
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
         if self._direct is not None and app is self.app and _direct_candidate(cycle):
@@ -175,7 +196,7 @@ class EmbedsvcHttpProtocol(OneWriteHttpProtocol):
         """Write `answer` and finish the request as uvicorn's cycle does."""
         if cycle.disconnected or cycle.response_complete:
             return
-        status, headers, body = answer
+        status, lines, body = answer
         if self.access_log:  # as uvicorn logs it (the peer's address: no proxy headers)
             scope = cycle.scope
             self.access_logger.info(
@@ -186,15 +207,12 @@ class EmbedsvcHttpProtocol(OneWriteHttpProtocol):
                 scope["http_version"],
                 status,
             )
-        parts = [STATUS_LINE[status]]
-        for name, value in self.server_state.default_headers:
-            parts += (name, b": ", value, b"\r\n")
-        for name, value in headers:
-            parts += (name, b": ", value, b"\r\n")
-        if not cycle.keep_alive:
-            parts.append(b"connection: close\r\n")
-        parts += (b"\r\n", body)
-        self.joining.write_response(b"".join(parts))
+        defaults = self.server_state.default_headers
+        if self._defaults[0] is not defaults:
+            self._defaults = (defaults, header_lines(defaults))
+        close = b"" if cycle.keep_alive else b"connection: close\r\n"
+        head = (STATUS_LINE[status], self._defaults[1], lines, close, b"\r\n", body)
+        self.joining.write_response(b"".join(head))
         cycle.response_started = cycle.response_complete = True
         cycle.message_event.set()
         if not cycle.keep_alive:

@@ -23,14 +23,17 @@ from tests.conftest import Server, run_server
         {"inputs": "a", "truncation_direction": "Left", "prompt_name": "query"},
         {"inputs": "a", "dimensions": 16, "model": "tiny-nomic", "unknown_field": [1]},
         {"inputs": "a", "truncate": None, "prompt_name": None, "dimensions": None},
+        {"inputs": "a", "truncate": False},
+        {"inputs": "a", "normalize": False},
     ],
 )
 def test_tei_bodies_it_takes(body: dict) -> None:
     fields = parse_tei(body)
     assert fields is not None
-    assert fields["texts"] == (
-        [body["inputs"]] if isinstance(body["inputs"], str) else body["inputs"]
-    )
+    assert fields.texts == ([body["inputs"]] if isinstance(body["inputs"], str) else body["inputs"])
+    assert fields.normalize is body.get("normalize", True)
+    assert fields.direction == body.get("truncation_direction", "Right").lower()
+    assert fields.truncate is body.get("truncate")
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import orjson
 
-from embedsvc.http_protocol import LARGE, _HeadWithBody
+from embedsvc.http_protocol import LARGE, _HeadWithBody, header_lines, header_pairs
 
 
 class Recording(asyncio.Transport):
@@ -248,3 +248,10 @@ def test_a_direct_answer_never_overtakes_a_held_head(server: Any) -> None:
             data += chunk
     first, second = data.split(b"HTTP/1.1 ")[1:3]
     assert first.startswith(b"405") and second.startswith(b"422")
+
+
+def test_header_lines_and_pairs_round_trip() -> None:
+    pairs = [(b"content-type", b"application/json"), (b"x-request-id", b"a: b"), (b"x-e", b"")]
+    lines = header_lines(pairs)
+    assert lines == b"content-type: application/json\r\nx-request-id: a: b\r\nx-e: \r\n"
+    assert header_pairs(lines) == pairs

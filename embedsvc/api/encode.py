@@ -10,6 +10,7 @@ import orjson
 
 from embedsvc.api.precision import INTEGER_FORMATS, Calibration, quantize
 from embedsvc.engine import EmbedResult
+from embedsvc.http_protocol import header_pairs
 
 _NUMPY = orjson.OPT_SERIALIZE_NUMPY
 
@@ -82,16 +83,24 @@ def openai_embeddings_body(
     return orjson.dumps(payload, option=_NUMPY)
 
 
-def _ms(seconds: float) -> bytes:
-    return b"%.3f" % (seconds * 1000)
+_TIMING = (
+    b"x-total-time: %.3f\r\nx-tokenization-time: %.3f\r\nx-queue-time: %.3f\r\n"
+    b"x-inference-time: %.3f\r\nx-compute-tokens: %d\r\n"
+)
 
 
-def timing_headers(r: EmbedResult) -> list[tuple[bytes, bytes]]:
-    """Timing headers on every embedding response (milliseconds, as TEI sends them)."""
-    return [
-        (b"x-total-time", _ms(r.total_time)),
-        (b"x-tokenization-time", _ms(r.tokenization_time)),
-        (b"x-queue-time", _ms(r.queue_time)),
-        (b"x-inference-time", _ms(r.inference_time)),
-        (b"x-compute-tokens", b"%d" % r.prompt_tokens),
-    ]
+def timing_lines(r: EmbedResult) -> bytes:
+    """Timing headers on every embedding response (milliseconds, as TEI sends them), as
+    header lines: one formatting for all of them."""
+    return _TIMING % (
+        r.total_time * 1000,
+        r.tokenization_time * 1000,
+        r.queue_time * 1000,
+        r.inference_time * 1000,
+        r.prompt_tokens,
+    )
+
+
+def timing_headers(r: EmbedResult) -> dict[str, str]:
+    """`timing_lines` as a routes' Response takes them."""
+    return {k.decode(): v.decode() for k, v in header_pairs(timing_lines(r))}

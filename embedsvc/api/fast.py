@@ -18,14 +18,14 @@ from typing import Any
 import orjson
 from starlette.types import Send
 
-from embedsvc.api.encode import openai_embeddings_body, tei_embed_body, timing_headers
+from embedsvc.api.encode import openai_embeddings_body, tei_embed_body, timing_lines
 from embedsvc.api.errors import embedsvc_error_response, internal_error_response
 from embedsvc.api.openai import INPUT_TYPES, openai_prompt
 from embedsvc.api.service import Service
 from embedsvc.api.tei import TRUNCATION_DIRECTIONS
 from embedsvc.engine import EmbedRequest, EmbedResult, ModelEngine
 from embedsvc.errors import ClientDisconnected, EmbedsvcError, ErrorKind
-from embedsvc.http_protocol import Answer
+from embedsvc.http_protocol import Answer, header_lines, header_pairs
 
 log = logging.getLogger(__name__)
 
@@ -33,59 +33,77 @@ TEI_PATHS = frozenset({"/embed", "/"})
 OPENAI_PATHS = frozenset({"/v1/embeddings", "/embeddings"})
 FAST_PATHS = TEI_PATHS | OPENAI_PATHS
 
-_JSON = (b"content-type", b"application/json")
+_JSON = b"content-type: application/json\r\n"
 
 
-def _texts(value: Any) -> list[str] | None:
-    if type(value) is str:
-        return [value]
-    if type(value) is list and value and all(type(v) is str for v in value):
-        return value
-    return None
+@dataclass(slots=True)
+class Fields:
+    """What a body in the common shape asks for."""
+
+    texts: list[str]
+    model: str | None
+    prompt_name: str | None
+    truncate: bool | None
+    dimensions: int | None
+    normalize: bool = True
+    direction: str = "right"
+    format: str = "float"
+    input_type: str | None = None
 
 
-# Optional fields both dialects share: each null or of exactly this type.
-_SHARED = (("truncate", bool), ("prompt_name", str), ("dimensions", int), ("model", str))
-
-
-def _shared(d: dict[str, Any], texts_key: str) -> dict[str, Any] | None:
-    texts = _texts(d.get(texts_key))
-    if texts is None:
+def _shared(d: dict[str, Any], texts_key: str) -> Fields | None:
+    """The fields both dialects share: texts (a string or a non-empty list of strings),
+    then truncate, prompt_name, dimensions (> 0) and model, each null or of exactly its
+    type; None for anything else."""
+    texts = d.get(texts_key)
+    if type(texts) is str:
+        texts = [texts]
+    elif type(texts) is not list or not texts or not all(type(v) is str for v in texts):
         return None
-    out: dict[str, Any] = {"texts": texts}
-    for key, kind in _SHARED:
-        v = out[key] = d.get(key)
-        if v is not None and type(v) is not kind:
-            return None
-    if out["dimensions"] is not None and out["dimensions"] <= 0:
+    get = d.get
+    truncate, prompt, dims = get("truncate"), get("prompt_name"), get("dimensions")
+    model = get("model")
+    if (
+        (truncate is not None and type(truncate) is not bool)
+        or (prompt is not None and type(prompt) is not str)
+        or (dims is not None and (type(dims) is not int or dims <= 0))
+        or (model is not None and type(model) is not str)
+    ):
         return None
-    return out
+    return Fields(texts, model, prompt, truncate, dims)
 
 
-def parse_tei(d: dict[str, Any]) -> dict[str, Any] | None:
+def parse_tei(d: dict[str, Any]) -> Fields | None:
     fields = _shared(d, "inputs")
+    if fields is None or len(d) == 1 or (len(d) == 2 and "truncate" in d):
+        return fields  # the usual bodies: nothing more to look at
     normalize = d.get("normalize", True)
     direction = d.get("truncation_direction", "Right")
-    if fields is None or type(normalize) is not bool or direction not in TRUNCATION_DIRECTIONS:
+    if type(normalize) is not bool or direction not in TRUNCATION_DIRECTIONS:
         return None
     if d.get("encoding_format", "float") != "float":
         return None  # integer output: the route
-    return fields | {"normalize": normalize, "direction": direction.lower()}
+    fields.normalize = normalize
+    fields.direction = direction.lower()
+    return fields
 
 
-def parse_openai(d: dict[str, Any]) -> dict[str, Any] | None:
+def parse_openai(d: dict[str, Any]) -> Fields | None:
     fields = _shared(d, "input")
+    if fields is None:
+        return None
     fmt = d.get("encoding_format", "float")
     input_type = d.get("input_type")
     user = d.get("user")
     if (
-        fields is None
-        or fmt not in ("float", "base64")
+        fmt not in ("float", "base64")
         or (input_type is not None and input_type not in INPUT_TYPES)
         or (user is not None and type(user) is not str)
     ):
         return None
-    return fields | {"format": fmt, "input_type": input_type}
+    fields.format = fmt
+    fields.input_type = input_type
+    return fields
 
 
 @dataclass(slots=True)
@@ -119,25 +137,24 @@ class FastEmbed:
         fields = parse_openai(d) if openai else parse_tei(d)
         if fields is None:
             return None
-        engine = self.service.engine_set().get(fields["model"])
+        engine = self.service.engine_set().get(fields.model)
         if openai:
-            prompt = openai_prompt(engine, fields["prompt_name"], fields["input_type"], False)
-            normalize, direction, param = True, "right", "input"
+            prompt = openai_prompt(engine, fields.prompt_name, fields.input_type, False)
+            param = "input"
         else:
-            prompt = fields["prompt_name"]
-            normalize, direction, param = fields["normalize"], fields["direction"], "inputs"
+            prompt, param = fields.prompt_name, "inputs"
         req = EmbedRequest(
-            texts=fields["texts"],
+            texts=fields.texts,
             prompt_name=prompt,
-            normalize=normalize,
-            truncate=fields["truncate"],
-            truncation_direction=direction,
-            dimensions=fields["dimensions"],
+            normalize=fields.normalize,
+            truncate=fields.truncate,
+            truncation_direction=fields.direction,
+            dimensions=fields.dimensions,
             input_param=param,
             request_id=rid,
             timeout=timeout,
         )
-        return Call(path, openai, engine, req, fields["model"], fields.get("format", "float"))
+        return Call(path, openai, engine, req, fields.model, fields.format)
 
     def answer(self, call: Call, result: EmbedResult) -> Answer:
         """The 200 for a finished call."""
@@ -148,8 +165,7 @@ class FastEmbed:
         else:
             out = tei_embed_body(result)
             engine.metrics.requests["/embed"].inc()
-        headers = [_JSON, (b"content-length", b"%d" % len(out)), *timing_headers(result)]
-        return 200, headers, out
+        return 200, _JSON + b"content-length: %d\r\n" % len(out) + timing_lines(result), out
 
     def failure(self, path: str, exc: BaseException, rid: str) -> Answer:
         """The error answer for `exc` (a typed error, or a fault: 500, logged), counted."""
@@ -158,11 +174,11 @@ class FastEmbed:
             resp = embedsvc_error_response(path, exc, rid)
         elif isinstance(exc, ClientDisconnected):
             self.metrics.failures.labels(path, "client_disconnected").inc()
-            return 499, [(b"content-length", b"0")], b""  # nobody reads it
+            return 499, b"content-length: 0\r\n", b""  # nobody reads it
         else:
             self.metrics.failures.labels(path, ErrorKind.BACKEND.value).inc()
             resp = internal_error_response(path, exc, rid)
-        return resp.status_code, list(resp.raw_headers), bytes(resp.body)
+        return resp.status_code, header_lines(resp.raw_headers), bytes(resp.body)
 
     async def handle(
         self,
@@ -181,7 +197,8 @@ class FastEmbed:
             answer = self.answer(call, await call.engine.embed(call.req, disconnected))
         except Exception as e:
             answer = self.failure(path, e, rid)
-        status, headers, out = answer
+        status, lines, out = answer
+        headers = header_pairs(lines)
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": out})
         return True

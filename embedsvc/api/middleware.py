@@ -201,11 +201,11 @@ class RequestMiddleware:
         if len(body) > self.max_payload:
             return False
         rid = rid or f"{self._rid_prefix}{next(self._rid_counter):016x}"
-        id_header = (b"x-request-id", rid.encode("latin-1"))
+        id_line = b"x-request-id: %s\r\n" % rid.encode("latin-1")
 
         def with_id(answer: Answer) -> None:
-            answer[1].append(id_header)
-            respond(answer)
+            status, lines, body = answer
+            respond((status, lines + id_line, body))
 
         # The request id for log records, in a context of this request's own (the
         # protocol's callbacks share one).

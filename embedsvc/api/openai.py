@@ -94,7 +94,7 @@ def openai_router() -> APIRouter:
         return Response(
             openai_embeddings_body(result, body.encoding_format, name, engine.info.calibration),
             media_type="application/json",
-            headers={k.decode(): v.decode() for k, v in timing_headers(result)},
+            headers=timing_headers(result),
         )
 
     for path in ("/v1/embeddings", "/embeddings"):

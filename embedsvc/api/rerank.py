@@ -112,7 +112,7 @@ def rerank_router() -> APIRouter:
         return Response(
             orjson.dumps(out),
             media_type="application/json",
-            headers={k.decode(): v.decode() for k, v in timing_headers(result)},
+            headers=timing_headers(result),
         )
 
     @router.post("/v1/rerank", summary="Rerank documents against a query (Cohere / Jina)")
@@ -139,7 +139,7 @@ def rerank_router() -> APIRouter:
         return Response(
             orjson.dumps(payload),
             media_type="application/json",
-            headers={k.decode(): v.decode() for k, v in timing_headers(result)},
+            headers=timing_headers(result),
         )
 
     return router

@@ -113,7 +113,7 @@ def tei_router() -> APIRouter:
         return Response(
             tei_embed_body(result, body.encoding_format, engine.info.calibration),
             media_type="application/json",
-            headers={k.decode(): v.decode() for k, v in timing_headers(result)},
+            headers=timing_headers(result),
         )
 
     router.add_api_route(
@@ -147,7 +147,7 @@ def tei_router() -> APIRouter:
         return Response(
             body_bytes,
             media_type="application/json",
-            headers={k.decode(): v.decode() for k, v in timing_headers(result)},
+            headers=timing_headers(result),
         )
 
     router.add_api_route(
@@ -180,7 +180,7 @@ def tei_router() -> APIRouter:
         return Response(
             orjson.dumps(scores.astype(float).tolist()),
             media_type="application/json",
-            headers={k.decode(): v.decode() for k, v in timing_headers(result)},
+            headers=timing_headers(result),
         )
 
     async def root(body: TEIEmbedBody, request: Request) -> Response:

@@ -38,7 +38,7 @@ import numpy as np
 from embedsvc.backends.base import PaddedBatch
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Item:
     """One input of one request, tokenized."""
 

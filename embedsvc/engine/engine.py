@@ -66,7 +66,7 @@ _ERRORS: dict[K, type[EmbedsvcError]] = {
 }
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Pending:
     """A request between `embed` and its result."""
 

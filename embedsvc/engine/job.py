@@ -14,7 +14,7 @@ from embedsvc.engine.batcher import Item
 from embedsvc.engine.types import CoreJob, JobDone
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Job:
     origin: Hashable  # which front end sent it (results go back there)
     key: int
@@ -41,22 +41,16 @@ class Job:
     def admit(cls, origin: Hashable, cj: CoreJob, chunk_size: int) -> tuple[Job, list[Item]]:
         """A job for `cj` and the items to queue now."""
         n = len(cj.ids)
+        now = time.perf_counter()
+        deadline = now + cj.max_wait if cj.max_wait > 0 else math.inf
+        # Positional: the field order above (keywords took twice as long per request).
         job = cls(
-            origin=origin,
-            key=cj.key,
-            size=n,
-            tokens=cj.tokens,
-            dimensions=cj.dimensions,
-            normalize=cj.normalize,
-            layer_norm=cj.layer_norm,
-            lexical=cj.lexical,
-            remaining=n,
-            enqueued=time.perf_counter(),
-        )
-        if cj.max_wait > 0:
-            job.deadline = job.enqueued + cj.max_wait
+            origin, cj.key, n, cj.tokens, cj.dimensions, cj.normalize, cj.layer_norm,
+            cj.lexical, None, n, [n], [], False, now, deadline,
+        )  # fmt: skip
+        if n == 1:
+            return job, [Item(job, 0, cj.ids[0])]
         if n <= chunk_size:
-            job.chunk_remaining = [n]
             return job, [Item(job, i, ids) for i, ids in enumerate(cj.ids)]
         chunks = [
             [Item(job, i, cj.ids[i], chunk=k) for i in range(start, min(start + chunk_size, n))]

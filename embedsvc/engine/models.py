@@ -36,6 +36,9 @@ class EngineSet:
         self.engines = {e.name: e for e in engines}
         self._aliases = {e.spec.hf_id: e for e in engines}
         self.default = engines[0]
+        self._first: dict[str, ModelEngine] = {}  # task -> the first model loaded for it
+        for e in reversed(engines):
+            self._first[e.spec.task] = e
 
     def __iter__(self) -> Iterator[ModelEngine]:
         return iter(self.engines.values())
@@ -47,7 +50,7 @@ class EngineSet:
         """The model `name` (served name or Hugging Face id), or when none is named the first
         one loaded for `task` (the first of all if none is: its task check then says so)."""
         if name is None or name == "":
-            return next((e for e in self if e.spec.task == task), self.default)
+            return self._first.get(task, self.default)
         engine = self.engines.get(name) or self._aliases.get(name)
         if engine is None:
             known = ", ".join(sorted(self.engines))

@@ -19,7 +19,7 @@ from embedsvc.registry import ModelSpec
 NO_PROMPT = ""
 
 
-@dataclass
+@dataclass(slots=True)
 class EmbedRequest:
     texts: list[str] | None = None
     token_ids: list[list[int]] | None = None
@@ -41,7 +41,7 @@ class EmbedRequest:
         return len(self.token_ids if self.token_ids is not None else self.pairs or [])
 
 
-@dataclass
+@dataclass(slots=True)
 class EmbedResult:
     vectors: np.ndarray  # float32 [n, d]
     prompt_tokens: int
@@ -87,7 +87,7 @@ class ModelInfo:
         return sorted({self.dimension, *self.spec.matryoshka_dims}, reverse=True)
 
 
-@dataclass
+@dataclass(slots=True)
 class CoreJob:
     """One request's inputs, tokenized, as the engine core queues them."""
 
@@ -101,7 +101,7 @@ class CoreJob:
     lexical: bool = False  # BGE-M3 lexical weights (per token) instead of the vector
 
 
-@dataclass
+@dataclass(slots=True)
 class JobDone:
     key: int
     vectors: np.ndarray  # float32 [n, d], finalized
@@ -109,7 +109,7 @@ class JobDone:
     inference_time: float
 
 
-@dataclass
+@dataclass(slots=True)
 class JobFailed:
     key: int
     kind: ErrorKind

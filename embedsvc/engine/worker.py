@@ -243,7 +243,8 @@ class ModelWorker:
                 job, items = Job.admit(origin, cj, self.settings.max_client_batch_size)
                 self._jobs[(origin, cj.key)] = job
                 self._inflight += n
-                self._waiting_tokens += job.waiting_tokens
+                if job.waiting_chunks:
+                    self._waiting_tokens += job.waiting_tokens
                 ahead += cj.tokens
                 queued.extend(items)
             inflight = self._inflight
