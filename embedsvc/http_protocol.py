@@ -146,6 +146,7 @@ class EmbedsvcHttpProtocol(OneWriteHttpProtocol):
         # server_state.default_headers (date, server), as lines; the server replaces the
         # list when the date changes.
         self._defaults: tuple[object, bytes] = (None, b"")
+        self._idle_since: float | None = None  # loop time of the last response, if idle
 
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
         if self._direct is not None and app is self.app and _direct_candidate(cycle):
@@ -175,11 +176,53 @@ class EmbedsvcHttpProtocol(OneWriteHttpProtocol):
         try:
             while True:
                 self._completed_again = False
-                super().on_response_complete()
+                self._response_complete()
                 if not self._completed_again:
                     return
         finally:
             self._completing = False
+
+    def _response_complete(self) -> None:
+        """uvicorn's on_response_complete, with one keep-alive timer per connection:
+        uvicorn arms a timer after each response and cancels it when the next request
+        arrives, a timer made and cancelled per request. Here a request only marks the
+        connection busy, a response notes when it went idle, and the timer, when due,
+        closes the connection if it has been idle for the whole timeout, else waits for
+        what is left of it."""
+        self.server_state.total_requests += 1
+        if self.transport.is_closing():
+            return
+        self.flow.resume_reading()
+        if self.pipeline:
+            cycle, app = self.pipeline.pop()
+            self._start_asgi_task(cycle, app)
+            return
+        self._idle_since = self.loop.time()
+        if self.timeout_keep_alive_task is None:
+            self.timeout_keep_alive_task = self.loop.call_later(
+                self.timeout_keep_alive, self._keep_alive_due
+            )
+
+    def _unset_keepalive_if_required(self) -> None:
+        """Bytes arrived (or the connection is going): busy, not idle."""
+        self._idle_since = None
+
+    def _keep_alive_due(self) -> None:
+        self.timeout_keep_alive_task = None
+        idle = self._idle_since
+        if idle is None or self.transport.is_closing():
+            return  # busy: the next response arms the timer again
+        left = idle + self.timeout_keep_alive - self.loop.time()
+        if left > 0:
+            self.timeout_keep_alive_task = self.loop.call_later(left, self._keep_alive_due)
+        else:
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.timeout_keep_alive_task is not None:
+            self.timeout_keep_alive_task.cancel()
+            self.timeout_keep_alive_task = None
+        super().connection_lost(exc)
 
     def _run_direct(self, cycle: RequestResponseCycle) -> bool:
         assert self._direct is not None

@@ -127,6 +127,7 @@ def _uvicorn_config(app: Any, settings: Settings, **kw: Any) -> uvicorn.Config:
         log_level=settings.log_level.lower(),
         access_log=settings.log_level.lower() == "debug",
         timeout_graceful_shutdown=settings.drain_timeout + DRAIN_GRACE,
+        timeout_keep_alive=settings.keep_alive_timeout,  # type: ignore[arg-type]
         http=EmbedsvcHttpProtocol,  # one write per response, direct routes (http_protocol.py)
         **kw,
     )

@@ -122,6 +122,11 @@ class Settings:
     drain_timeout: int = _setting(
         30, "seconds to let in-flight requests finish after SIGTERM before exiting"
     )
+    keep_alive_timeout: float = _setting(
+        5.0,
+        "seconds an idle client connection stays open; behind a load balancer that reuses "
+        "connections, set it longer than the balancer's idle timeout",
+    )
     log_level: str = _setting("info", "debug, info, warning or error")
     log_format: str = _setting("text", "text or json (one JSON object per line)")
 
@@ -212,6 +217,11 @@ class Settings:
             raise ConfigError(f"malloc must be auto|system, got {self.malloc!r}")
         if self.drain_timeout < 0:
             raise ConfigError(f"drain_timeout must be 0 or more, got {self.drain_timeout}")
+        if not 0 < self.keep_alive_timeout < float("inf"):
+            raise ConfigError(
+                f"keep_alive_timeout must be a positive number of seconds, got "
+                f"{self.keep_alive_timeout}"
+            )
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise ConfigError(f"log_level must be debug|info|warning|error, got {self.log_level}")
 

@@ -22,9 +22,9 @@ import uvicorn
 
 from embedsvc.api import create_app
 from embedsvc.engine import EngineSet, load_engines
-from embedsvc.http_protocol import EmbedsvcHttpProtocol
 from embedsvc.metrics import Metrics
 from embedsvc.registry import Registry, load_registry
+from embedsvc.server import _uvicorn_config
 from embedsvc.settings import Settings
 from tests.models import (
     MINILM_PATH,
@@ -99,7 +99,7 @@ def run_server(
         app = wrap(app)
     sock = free_socket()
     port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level="warning", lifespan="on", http=EmbedsvcHttpProtocol)
+    config = _uvicorn_config(app, settings, lifespan="on")  # as `embedsvc serve` runs it
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()

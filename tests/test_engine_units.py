@@ -247,6 +247,10 @@ def test_settings_from_flags_env_and_defaults() -> None:
         Settings.from_sources({"max_batch_size": "0"}, {})
     with pytest.raises(ConfigError, match=r"max_batch_tokens must be 0 \(auto\) or more"):
         Settings.from_sources({"max_batch_tokens": "-1"}, {})
+    assert Settings.from_sources({}, {"EMBEDSVC_KEEP_ALIVE_TIMEOUT": "75"}).keep_alive_timeout == 75
+    for bad in ("0", "-1", "inf", "nan"):
+        with pytest.raises(ConfigError, match="keep_alive_timeout must be a positive number"):
+            Settings.from_sources({"keep_alive_timeout": bad}, {})
     auto = Settings()
     assert (auto.batch_tokens_for("cpu"), auto.batch_tokens_for("cuda:0")) == (2048, 16384)
 

@@ -255,3 +255,21 @@ def test_header_lines_and_pairs_round_trip() -> None:
     lines = header_lines(pairs)
     assert lines == b"content-type: application/json\r\nx-request-id: a: b\r\nx-e: \r\n"
     assert header_pairs(lines) == pairs
+
+
+def test_an_idle_connection_is_closed_after_the_keep_alive_timeout(server_factory: Any) -> None:
+    """Closed once idle for the whole timeout, whichever way its requests were answered;
+    requests in between, however many, keep it open."""
+    with server_factory(keep_alive_timeout=0.6) as srv, _connect(srv) as s:
+        for request in [_post(b"/embed", b'{"inputs": "a"}')] * 3 + [
+            b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n",  # through the app
+            _post(b"/embed", b'{"inputs": "b"}'),
+        ]:
+            s.sendall(request)
+            [(line, _, _)] = _read_responses(s, 1)
+            assert line.endswith(b"200 OK")
+            time.sleep(0.4)  # idle for less than the timeout each time
+        started = time.monotonic()
+        s.settimeout(5)
+        assert s.recv(100) == b""  # closed by the server
+        assert 0.1 < time.monotonic() - started < 1.5
