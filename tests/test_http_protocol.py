@@ -273,3 +273,37 @@ def test_an_idle_connection_is_closed_after_the_keep_alive_timeout(server_factor
         s.settimeout(5)
         assert s.recv(100) == b""  # closed by the server
         assert 0.1 < time.monotonic() - started < 1.5
+
+
+def test_direct_requests_are_access_logged_and_odd_paths_go_to_the_app(
+    server_factory: Any, caplog: Any
+) -> None:
+    """With access logs on (--log-level debug), a direct answer is logged as uvicorn logs
+    the app's; a percent-encoded path is decoded by uvicorn and answered by the app; a
+    query string leaves the route as it is."""
+    with server_factory(wrap=counting, log_level="debug") as s:
+        caplog.set_level("INFO", logger="uvicorn.access")
+        with httpx.Client(base_url=s.url, timeout=30) as c:
+            direct = c.post("/embed?source=test", json={"inputs": "logged"})
+            assert direct.status_code == 200 and s.app.calls == 0
+            encoded = c.post("/embe%64", json={"inputs": "logged"})
+            assert encoded.status_code == 200 and s.app.calls == 1
+            assert encoded.json() == direct.json()
+    lines = [r.getMessage() for r in caplog.records if r.name == "uvicorn.access"]
+    assert any(line.endswith(' - "POST /embed?source=test HTTP/1.1" 200') for line in lines)
+    assert any(line.startswith("127.0.0.1:") for line in lines)
+    assert any(line.endswith(' - "POST /embed HTTP/1.1" 200') for line in lines)  # the app's
+
+
+def test_a_declined_body_that_arrives_later_reaches_the_app(server: Any) -> None:
+    """The direct route declines token ids only once the whole body is there; the app then
+    reads that body, on the same connection as a direct request after it."""
+    body = b'{"inputs": [[101, 2117, 102]]}'
+    with _connect(server) as s:
+        request = _post(b"/embed", body)
+        s.sendall(request[:-10])
+        time.sleep(0.3)
+        s.sendall(request[-10:] + _post(b"/embed", b'{"inputs": "next"}'))
+        answers = _read_responses(s, 2)
+    assert [line for line, _, _ in answers] == [b"HTTP/1.1 200 OK"] * 2
+    assert len(orjson.loads(answers[0][2])[0]) == len(orjson.loads(answers[1][2])[0]) == 384
