@@ -13,7 +13,6 @@ Two layouts (`--api-workers`):
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import multiprocessing
 import os
@@ -37,7 +36,7 @@ from embedsvc.engine import EngineSet, load_engines
 from embedsvc.errors import UnhealthyError
 from embedsvc.http_protocol import EmbedsvcHttpProtocol
 from embedsvc.logs import setup_logging
-from embedsvc.memory import tune_allocator
+from embedsvc.memory import settle_gc, tune_allocator
 from embedsvc.metrics import Metrics
 from embedsvc.registry import ModelSpec, load_registry
 from embedsvc.settings import Settings
@@ -260,7 +259,7 @@ class Supervisor:
                 self._fatal(reason)
                 return
             server.loaded(workers)
-            gc.freeze()  # see api/app.py: the loaded models stay out of the cyclic collector
+            settle_gc()
             log.info("ready: %s", ", ".join(workers))
 
         threading.Thread(target=load, name="loader", daemon=True).start()

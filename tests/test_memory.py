@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import gc
 import re
 import time
 from pathlib import Path
@@ -10,6 +11,8 @@ from typing import Any
 
 import httpx
 import pytest
+
+from embedsvc.memory import YOUNG_GENERATION, settle_gc
 
 JEMALLOC = [
     p
@@ -63,3 +66,20 @@ def test_preloaded_jemalloc_is_what_the_server_allocates_with(spawn: Any) -> Non
     time.sleep(1.2)
     embed_some(srv.url)
     assert metric(httpx.get(srv.url + "/metrics").text, "embedsvc_malloc_trims_total") == 0
+
+
+def test_settle_gc_freezes_what_is_loaded_and_widens_the_young_generation() -> None:
+    before = gc.get_threshold()
+    runs: list[int] = []
+    gc.callbacks.append(lambda phase, info: runs.append(info["generation"]))
+    try:
+        settle_gc()
+        assert gc.get_freeze_count() > 0  # this process's objects so far: out of the collector
+        assert gc.get_threshold() == (YOUNG_GENERATION, *before[1:])
+        runs.clear()
+        made = [[i] for i in range(YOUNG_GENERATION // 2)]  # young objects that stay alive
+        assert len(made) > 700 and runs == []  # 700: the default would have collected
+    finally:
+        gc.callbacks.pop()
+        gc.unfreeze()
+        gc.set_threshold(*before)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -26,6 +25,7 @@ from embedsvc.api.tei import tei_router
 from embedsvc.engine import EngineSet
 from embedsvc.errors import ClientDisconnected, ErrorKind
 from embedsvc.http_protocol import DirectRoute
+from embedsvc.memory import settle_gc
 from embedsvc.metrics import Metrics
 from embedsvc.settings import Settings
 
@@ -72,10 +72,7 @@ def create_app(
                     return
                 loaded.start(loop)
                 service.engines = loaded
-                # Everything loaded so far lives as long as the process: keep it out of
-                # the cyclic collector, whose full passes over torch's and transformers'
-                # objects otherwise stall the event loop for a hundred milliseconds or more.
-                gc.freeze()
+                settle_gc()
                 log.info("ready: %s", ", ".join(e.name for e in loaded))
 
             load_task = asyncio.create_task(load())
