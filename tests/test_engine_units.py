@@ -349,3 +349,24 @@ def test_observe_many_counts_as_observe_does() -> None:
     assert texts[0] == texts[1] and "phase_sum" in texts[1]
     assert 'phase_bucket{le="0.0005",model="m"} 3.0' in texts[1]
     assert f'phase_count{{model="m"}} {float(len(amounts))}' in texts[1]
+
+
+def test_a_callback_request_is_answered_once_and_a_failing_callback_is_contained(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from embedsvc.engine.engine import Callback
+
+    calls: list[tuple[object, object]] = []
+    cb = Callback(lambda result, error: calls.append((result, error)))
+    assert not cb.done()
+    error = ValueError("x")
+    cb.set_exception(error)
+    cb.set_result("late")  # type: ignore[arg-type]  # a second answer is dropped
+    assert cb.done() and calls == [(None, error)]
+
+    def fails(result: object, error: object) -> None:
+        raise RuntimeError("writing the answer failed")
+
+    broken = Callback(fails)
+    broken.set_result("r")  # type: ignore[arg-type]
+    assert broken.done() and "answering a request failed" in caplog.text

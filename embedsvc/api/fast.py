@@ -9,7 +9,6 @@ the public behaviour is the routes', this only takes a shorter way to it.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -217,19 +216,23 @@ class FastEmbed:
         vectors are ready (on the event loop)."""
         try:
             call = self.prepare(path, body, rid, timeout)
-            if call is None:
-                return False
-            future = call.engine.submit(call.req, disconnected)
         except Exception as e:
             respond(self.failure(path, e, rid))
             return True
+        if call is None:
+            return False
 
-        def done(f: asyncio.Future[EmbedResult]) -> None:
+        def done(result: EmbedResult | None, error: BaseException | None) -> None:
             try:
-                answer = self.answer(call, f.result())
-            except BaseException as e:  # even a cancelled future gets its answer (a 500)
+                if result is None:
+                    raise error or RuntimeError("no result")
+                answer = self.answer(call, result)
+            except BaseException as e:  # the answer to any failure, a fault too (500)
                 answer = self.failure(path, e, rid)
             respond(answer)
 
-        future.add_done_callback(done)
+        try:
+            call.engine.submit(call.req, disconnected, done)
+        except Exception as e:
+            respond(self.failure(path, e, rid))
         return True

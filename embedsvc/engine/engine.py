@@ -5,7 +5,8 @@ Flow of one request:
       first request of a loop iteration schedules one flush
   flush: tokenize every pending request in one tokenizer call, refuse the ones that fail,
       hand the rest to the engine core through the link (`core.py`, `remote.py`)
-  `Frontend.deliver`: results of one forward pass resolve their requests' futures
+  `Frontend.deliver`: results of one forward pass resolve their requests' futures (or,
+      for the direct route, call their callbacks)
   `Frontend` also sweeps the in-flight requests for closed connections, in one task per
       process (no task per request), and cancels their work in the core.
 """
@@ -66,13 +67,47 @@ _ERRORS: dict[K, type[EmbedsvcError]] = {
 }
 
 
+# What a callback-answered request's callback gets: (result, None) or (None, error).
+OnDone = Callable[["EmbedResult | None", "BaseException | None"], None]
+
+
+class Callback:
+    """A future's done / set_result / set_exception for a request answered from a
+    callback (the HTTP protocol's direct route): the callback runs at once, on the loop,
+    once. An asyncio future would run it a turn later, through a handle made for it."""
+
+    __slots__ = ("_done", "_fn")
+
+    def __init__(self, fn: OnDone) -> None:
+        self._fn = fn
+        self._done = False
+
+    def done(self) -> bool:
+        return self._done
+
+    def set_result(self, result: EmbedResult) -> None:
+        self._resolve(result, None)
+
+    def set_exception(self, exc: BaseException) -> None:
+        self._resolve(None, exc)
+
+    def _resolve(self, result: EmbedResult | None, exc: BaseException | None) -> None:
+        if self._done:
+            return
+        self._done = True
+        try:
+            self._fn(result, exc)
+        except Exception:  # one answer's fault must not stop the others being delivered
+            log.exception("answering a request failed")
+
+
 @dataclass(eq=False, slots=True)
 class Pending:
     """A request between `embed` and its result."""
 
     engine: ModelEngine
     req: EmbedRequest
-    future: asyncio.Future[EmbedResult]
+    future: asyncio.Future[EmbedResult] | Callback
     t0: float
     disconnected: Callable[[], bool] | None
     key: int = 0
@@ -129,38 +164,15 @@ class Frontend:
     def deliver(self, done: list[JobDone], failed: list[JobFailed]) -> None:
         """On the loop: the results of one forward pass (or refusals) for this process."""
         now = time.perf_counter()
-        waiting, watched = self._waiting, self._watched
         answered: list[Pending] = []
+        results: list[JobDone] = []
         for d in done:
-            p = waiting.pop(d.key, None)
-            if p is None:
-                continue
-            watched.pop(d.key, None)
-            if p.future.done():
-                continue
-            answered.append(p)
-            p.future.set_result(
-                EmbedResult(
-                    vectors=d.vectors,
-                    prompt_tokens=p.tokens,
-                    tokenization_time=p.t1 - p.t0,
-                    queue_time=d.queue_time,
-                    inference_time=d.inference_time,
-                    total_time=now - p.t0,
-                    input_tokens=p.lengths,
-                    input_ids=p.ids,
-                )
-            )
-        for f in failed:
-            p = waiting.pop(f.key, None)
-            if p is None:
-                continue
-            watched.pop(f.key, None)
-            if not p.future.done():
-                error = _ERRORS.get(f.kind, BackendError)
-                p.future.set_exception(error(f.message, param=f.param, retry_after=f.retry_after))
-        # The futures' callbacks run after this returns: the phases are counted before
-        # any of these answers is written.
+            p = self._take(d.key)
+            if p is not None:
+                answered.append(p)
+                results.append(d)
+        # The phases are counted before any of these answers is written (a callback
+        # writes its answer as soon as it is resolved).
         by_model: dict[str, list[Pending]] = {}
         for p in answered:
             by_model.setdefault(p.engine.name, []).append(p)
@@ -168,6 +180,22 @@ class Frontend:
             phase = pendings[0].engine.metrics.phase
             observe_many(phase["tokenization"], [p.t1 - p.t0 for p in pendings])
             observe_many(phase["total"], [now - p.t0 for p in pendings])
+        for p, d in zip(answered, results, strict=True):
+            times = (p.t1 - p.t0, d.queue_time, d.inference_time, now - p.t0)
+            p.future.set_result(EmbedResult(d.vectors, p.tokens, *times, p.lengths, p.ids))
+        for f in failed:
+            p = self._take(f.key)
+            if p is not None:
+                error = _ERRORS.get(f.kind, BackendError)
+                p.future.set_exception(error(f.message, param=f.param, retry_after=f.retry_after))
+
+    def _take(self, key: int) -> Pending | None:
+        """The request `key` leaves the ones in flight: it, if it is still to be answered."""
+        p = self._waiting.pop(key, None)
+        if p is None:
+            return None
+        self._watched.pop(key, None)
+        return None if p.future.done() else p
 
     def fail_all(self, exc: BaseException) -> None:
         """The core is gone: answer every request in flight with `exc` now."""
@@ -283,6 +311,7 @@ class ModelEngine:
     ) -> EmbedResult:
         """Embed one request. `disconnected()` says whether its client has gone."""
         p = self._admit(req, disconnected)
+        assert isinstance(p.future, asyncio.Future)
         try:
             return await p.future
         except asyncio.CancelledError:
@@ -290,15 +319,21 @@ class ModelEngine:
             raise
 
     def submit(
-        self, req: EmbedRequest, disconnected: Callable[[], bool] | None = None
-    ) -> asyncio.Future[EmbedResult]:
+        self, req: EmbedRequest, disconnected: Callable[[], bool] | None, on_done: OnDone
+    ) -> None:
         """`embed` without a coroutine, for callers that answer from a callback: admit the
-        request (or raise the error that refuses it) and return the future of its result,
-        resolved on the event loop. Once `disconnected()` says the client has gone, the
-        request's work is dropped and the future fails with ClientDisconnected."""
-        return self._admit(req, disconnected).future
+        request (or raise the error that refuses it); `on_done(result, error)` is called
+        once, on the event loop, when its vectors are ready or it fails. Once
+        `disconnected()` says the client has gone, the request's work is dropped and it
+        fails with ClientDisconnected."""
+        self._admit(req, disconnected, Callback(on_done))
 
-    def _admit(self, req: EmbedRequest, disconnected: Callable[[], bool] | None) -> Pending:
+    def _admit(
+        self,
+        req: EmbedRequest,
+        disconnected: Callable[[], bool] | None,
+        outcome: Callback | None = None,
+    ) -> Pending:
         self.validate(req)
         # The core decides admission; these checks, on the core's last figures and an
         # estimate of the tokens, refuse before tokenizing: a 429 costs next to nothing.
@@ -325,7 +360,8 @@ class ModelEngine:
                     retry_after=retry_after(wait, max_wait),
                 )
         loop = self._front.loop or asyncio.get_running_loop()
-        p = Pending(self, req, loop.create_future(), time.perf_counter(), disconnected)
+        future = outcome or loop.create_future()
+        p = Pending(self, req, future, time.perf_counter(), disconnected)
         p.estimate = estimate
         self._unsent_tokens += estimate
         self._unsent_inputs += req.size
