@@ -153,3 +153,25 @@ def test_lean_path_answers_like_the_routes(twin: Server, path: str, body: dict) 
         a, b = va, vb
     np.testing.assert_allclose(np.array(a, dtype=np.float64), np.array(b, dtype=np.float64),
                                atol=1e-6)  # fmt: skip
+
+
+def test_a_fault_answering_a_direct_request_is_logged_with_its_request_id(
+    server: Server, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Building the answer fails (a fault no request can cause, hence the patch): the
+    client gets the internal-error answer naming its request id, the log record carries
+    the id, and the next request is answered as usual."""
+    from embedsvc.api.fast import FastEmbed
+    from embedsvc.logs import RequestIdFilter
+
+    def broken(self: FastEmbed, call: Any, result: Any) -> Any:
+        raise RuntimeError("answer could not be built")
+
+    caplog.handler.addFilter(RequestIdFilter())
+    with monkeypatch.context() as m:
+        m.setattr(FastEmbed, "answer", broken)
+        r = httpx.post(server.url + "/embed", json={"inputs": "x"}, headers={"x-request-id": "f-1"})
+    assert r.status_code in (424, 500) and "f-1" in r.text
+    [record] = [x for x in caplog.records if x.exc_info and "f-1" in x.getMessage()]
+    assert record.request_id == "f-1"  # type: ignore[attr-defined]
+    assert httpx.post(server.url + "/embed", json={"inputs": "x"}).status_code == 200

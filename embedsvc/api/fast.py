@@ -25,6 +25,7 @@ from embedsvc.api.tei import TRUNCATION_DIRECTIONS
 from embedsvc.engine import EmbedRequest, EmbedResult, ModelEngine
 from embedsvc.errors import ClientDisconnected, EmbedsvcError, ErrorKind
 from embedsvc.http_protocol import Answer, header_lines, header_pairs
+from embedsvc.logs import request_id_var
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +229,11 @@ class FastEmbed:
                     raise error or RuntimeError("no result")
                 answer = self.answer(call, result)
             except BaseException as e:  # the answer to any failure, a fault too (500)
-                answer = self.failure(path, e, rid)
+                token = request_id_var.set(rid)  # for the log record of a fault
+                try:
+                    answer = self.failure(path, e, rid)
+                finally:
+                    request_id_var.reset(token)
             respond(answer)
 
         try:

@@ -21,7 +21,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import hmac
 import itertools
 import os
@@ -207,11 +206,13 @@ class RequestMiddleware:
             status, lines, body = answer
             respond((status, lines + id_line, body))
 
-        # The request id for log records, in a context of this request's own (the
-        # protocol's callbacks share one).
-        context = contextvars.copy_context()
-        context.run(request_id_var.set, rid)
-        return context.run(self.fast.begin, path, body, rid, timeout, disconnected, with_id)
+        # The request id for log records while it is taken in (the protocol's callbacks
+        # share one context: set, then put back).
+        token = request_id_var.set(rid)
+        try:
+            return self.fast.begin(path, body, rid, timeout, disconnected, with_id)
+        finally:
+            request_id_var.reset(token)
 
     async def _discard_body(self, receive: Receive) -> bool:
         """Read and drop the request body: True once it is all read, False past
