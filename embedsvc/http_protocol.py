@@ -266,10 +266,12 @@ class EmbedsvcHttpProtocol(OneWriteHttpProtocol):
                 self._start_direct(cycle)
 
     def _start_asgi_task(self, cycle: RequestResponseCycle | DirectCycle, app: Any) -> None:
-        if type(cycle) is DirectCycle:  # from the pipeline, its body complete
-            self._start_direct(cycle)
-        else:
+        if type(cycle) is not DirectCycle:
             super()._start_asgi_task(cycle, app)  # type: ignore[arg-type]
+        elif cycle.more_body:  # its turn came from the pipeline before all its body did
+            self._deferred = cycle  # on_message_complete
+        else:
+            self._start_direct(cycle)
 
     def _start_direct(self, cycle: DirectCycle) -> None:
         if not self._run_direct(cycle):

@@ -307,3 +307,21 @@ def test_a_declined_body_that_arrives_later_reaches_the_app(server: Any) -> None
         answers = _read_responses(s, 2)
     assert [line for line, _, _ in answers] == [b"HTTP/1.1 200 OK"] * 2
     assert len(orjson.loads(answers[0][2])[0]) == len(orjson.loads(answers[1][2])[0]) == 384
+
+
+def test_a_pipelined_body_still_arriving_when_its_turn_comes_is_waited_for(server: Any) -> None:
+    """The second request's head and part of its body come with the first request; the rest
+    only after the first is answered: it is answered from its whole body."""
+    second = _post(b"/embed", b'{"inputs": "the second request, sent in two parts"}')
+    with _connect(server) as s:
+        s.sendall(_post(b"/embed", b'{"inputs": "first"}') + second[:-12])
+        [(line, _, _)] = _read_responses(s, 1)
+        assert line == b"HTTP/1.1 200 OK"
+        time.sleep(0.2)
+        s.sendall(second[-12:])
+        [(line, _, answer)] = _read_responses(s, 1)
+    assert line == b"HTTP/1.1 200 OK"
+    whole = httpx.post(
+        server.url + "/embed", json={"inputs": "the second request, sent in two parts"}
+    )
+    assert orjson.loads(answer) == whole.json()
