@@ -3,7 +3,9 @@
 #   GPU (default):  docker build -t embedsvc:gpu .
 #   CPU only:       docker build --build-arg VARIANT=cpu -t embedsvc:cpu .
 #   With `embedsvc embed` and Ray (a KubeRay image, deploy/ray/rayjob.yaml):
-#                   docker build --build-arg EXTRAS=bulk,ray -t embedsvc:bulk .
+#                   docker build --build-arg VARIANT=cpu --build-arg LOCK=bulk -t embedsvc:bulk .
+# Packages come from the locks in requirements/ (exact versions, sha256 checked); torch
+# from the variant's wheel index at the version requirements/torch.txt pins.
 #   Models baked in at build time (needs the Hub or HF_ENDPOINT at build time):
 #                   docker build --build-arg PULL_MODELS=bge-small-en-v1.5 -t embedsvc:bge .
 #
@@ -19,7 +21,7 @@ RUN apt-get update \
         libjemalloc2 \
     && rm -rf /var/lib/apt/lists/*
 ENV TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 \
-    EMBEDSVC_EXTRAS=onnx-gpu,cl100k
+    EMBEDSVC_LOCK=gpu
 
 FROM python:3.12-slim AS base-cpu
 # hadolint ignore=DL3008
@@ -27,28 +29,29 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends libjemalloc2 \
     && rm -rf /var/lib/apt/lists/*
 ENV TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu \
-    EMBEDSVC_EXTRAS=onnx,cl100k
+    EMBEDSVC_LOCK=cpu
 
 # hadolint ignore=DL3006
 FROM base-${VARIANT}
-# More extras of embedsvc, comma-separated (bulk, ray); the server needs none of them.
-ARG EXTRAS=""
+# Another lock than the variant's: bulk (embedsvc embed and Ray; the server needs neither).
+ARG LOCK=""
 ENV VIRTUAL_ENV=/opt/embedsvc \
     PATH=/opt/embedsvc/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
-# The torch build for this variant first (CUDA or CPU wheel index); the project's own
-# requirement (torch>=2.5) is then already met, so `pip install .` keeps it.
-RUN python3 -m venv /opt/embedsvc \
-    && pip install --index-url "$TORCH_INDEX_URL" "torch==2.13.0"
 WORKDIR /src
 COPY pyproject.toml README.md models.yaml ./
+COPY requirements ./requirements
+# The torch build for this variant first (CUDA or CPU wheel index, with the CUDA runtime
+# packages it brings), then the lock with every hash checked, then embedsvc alone.
+RUN python3 -m venv /opt/embedsvc \
+    && pip install --index-url "$TORCH_INDEX_URL" -r requirements/torch.txt \
+    && pip install --require-hashes --no-deps -r "requirements/${LOCK:-$EMBEDSVC_LOCK}.lock"
 COPY embedsvc ./embedsvc
 # embedsvc/models.yaml is a link to the top-level file in the repository; ship a copy.
-# hadolint ignore=DL3013
 RUN rm -f embedsvc/models.yaml && cp models.yaml embedsvc/models.yaml \
-    && pip install ".[${EMBEDSVC_EXTRAS}${EXTRAS:+,${EXTRAS}}]" && rm -rf /src
+    && pip install --no-deps --no-build-isolation . && pip check && rm -rf /src
 
 # jemalloc keeps resident memory flat under the many tensor shapes continuous batching
 # makes, at full speed (glibc's malloc fragments; see docs/benchmarks.md, "Memory").

@@ -1,25 +1,42 @@
-# Two entry points for a fresh machine (Python 3.10+ and make):
+# Two entry points for a fresh machine (Python 3.11-3.13 and make):
 #   make serve   create .venv, install embedsvc, serve the bundled default model on :8080
 #   make test    create .venv, install embedsvc with test tools, run lint, types and tests
+# Both install from the locks in requirements/ (exact versions, sha256 checked); `make lock`
+# writes them anew from pyproject.toml with the newest releases.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
+PIP_VERSION := 26.3
+UV_VERSION := 0.13.9
 ARGS ?=
 
-.PHONY: install install-test install-bench serve test lint bench
+.PHONY: install install-test install-bench serve test lint bench lock
 
 $(PY):
 	python3 -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
+	$(PIP) install -q pip==$(PIP_VERSION)
+
+# torch first, at the version requirements/torch.txt pins (a CPU build here; the GPU image installs
+# a CUDA build), then every other package from the lock with its hash, then embedsvc itself
+# with no dependency resolution left to chance; `pip check` proves the set is complete.
+define install_lock
+	$(PIP) install -q --no-deps -r requirements/torch.txt
+	$(PIP) install -q --require-hashes --no-deps -r requirements/$(1)
+	$(PIP) install -q --no-deps --no-build-isolation -e .
+	$(PIP) check
+endef
 
 install: $(PY)
-	$(PIP) install -q -c constraints.txt -e .
+	$(call install_lock,cpu.lock)
 
 install-test: $(PY)
-	$(PIP) install -q -c constraints.txt -e '.[test]'
+	$(call install_lock,dev.lock)
 
-install-bench: $(PY)
-	$(PIP) install -q -c constraints.txt -e '.[bench]'
+install-bench: install-test
+
+lock: $(PY)
+	$(PIP) install -q uv==$(UV_VERSION)
+	$(PY) requirements/lock.py $(VENV)/bin/uv
 
 serve: install
 	$(VENV)/bin/embedsvc serve $(ARGS)

@@ -17,7 +17,7 @@ PY=${PYTHON:-python3}
 MODEL=${MODEL:-bge-small-en-v1.5}
 if [ -z "${SKIP_INSTALL:-}" ]; then
     # Install embedsvc next to the CUDA torch already on the machine (no constraints file,
-    # so the CPU pin in constraints.txt does not apply), plus the GPU onnxruntime.
+    # so the CPU pin in requirements/torch.txt does not apply), plus the GPU onnxruntime.
     "$PY" -m pip install -q -e '.[onnx-gpu,bench]'
 fi
 ARGS=(--model "$MODEL")

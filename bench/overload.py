@@ -40,7 +40,7 @@ async def burst(url: str, load: Load, n: int, client_timeout: float) -> dict:
                 async with session.post("/embed", json=body) as r:
                     await r.read()
                     key = str(r.status) if r.status in (200, 429) else "other"
-            except (asyncio.TimeoutError, aiohttp.ClientError):
+            except (TimeoutError, aiohttp.ClientError):
                 key = "timeout"
             out[key].append(time.perf_counter() - t0)
 

@@ -3,7 +3,7 @@
 Infinity pins numpy<2 and an older sentence-transformers, so it lives in its own venv:
 
     python3 -m venv .venv-infinity
-    .venv-infinity/bin/pip install -c constraints.txt "infinity-emb[server,torch]"
+    .venv-infinity/bin/pip install -c requirements/torch.txt "infinity-emb[server,torch]"
     .venv/bin/python bench/peer_infinity.py --infinity .venv-infinity/bin/infinity_emb
 
 Both servers get OpenAI-dialect requests (`POST /v1/embeddings` on embedsvc, `POST

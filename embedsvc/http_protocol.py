@@ -387,7 +387,7 @@ class EmbedsvcHttpProtocol(OneWriteHttpProtocol):
             self.access_logger.info(
                 '%s - "POST %s HTTP/%s" %d',
                 f"{self.client[0]}:{self.client[1]}" if self.client else "",
-                cycle.path + ("?" + cycle.query.decode("ascii") if cycle.query else ""),
+                _logged_path(cycle.raw_path, cycle.query),
                 cycle.http_version,
                 status,
             )
@@ -402,6 +402,15 @@ class EmbedsvcHttpProtocol(OneWriteHttpProtocol):
         if not cycle.keep_alive:
             self.transport.close()
         self.on_response_complete()
+
+
+def _logged_path(raw_path: bytes, query: bytes) -> str:
+    """The path and query of an access-log line, as uvicorn writes them, except that a query
+    with bytes outside ASCII (httptools passes them through) is logged, not an error."""
+    path = raw_path.decode("latin-1")
+    if query:
+        path += "?" + query.decode("latin-1")
+    return path.replace('"', "%22")
 
 
 def _content_length(headers: list[tuple[bytes, bytes]]) -> int:

@@ -223,7 +223,7 @@ class RequestMiddleware:
             left = deadline - asyncio.get_running_loop().time()
             try:
                 message = await asyncio.wait_for(receive(), max(left, 0.0))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 return False
             if message["type"] == "http.disconnect":
                 return False
