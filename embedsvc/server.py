@@ -34,7 +34,7 @@ from embedsvc.api.cl100k import Cl100kDecoder
 from embedsvc.api.service import Service
 from embedsvc.engine import EngineSet, load_engines
 from embedsvc.errors import UnhealthyError
-from embedsvc.http_protocol import EmbedsvcHttpProtocol
+from embedsvc.http_protocol import http_protocol
 from embedsvc.logs import setup_logging
 from embedsvc.memory import settle_gc, tune_allocator
 from embedsvc.metrics import Metrics
@@ -127,7 +127,7 @@ def _uvicorn_config(app: Any, settings: Settings, **kw: Any) -> uvicorn.Config:
         access_log=settings.log_level.lower() == "debug",
         timeout_graceful_shutdown=settings.drain_timeout + DRAIN_GRACE,
         timeout_keep_alive=settings.keep_alive_timeout,  # type: ignore[arg-type]
-        http=EmbedsvcHttpProtocol,  # one write per response, direct routes (http_protocol.py)
+        http=http_protocol(settings.http_direct),  # one write per response, direct routes
         **kw,
     )
 

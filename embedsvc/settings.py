@@ -127,6 +127,13 @@ class Settings:
         "seconds an idle client connection stays open; behind a load balancer that reuses "
         "connections, set it longer than the balancer's idle timeout",
     )
+    http_direct: bool = _setting(
+        True,
+        "answer small POSTs to the embedding routes straight from the HTTP protocol (no "
+        "ASGI task; the fastest path for single inputs). It extends uvicorn's internals, "
+        "checked at start: when they differ, or with --no-http-direct, uvicorn's own "
+        "protocol serves every request (same answers, slower for small ones)",
+    )
     log_level: str = _setting("info", "debug, info, warning or error")
     log_format: str = _setting("text", "text or json (one JSON object per line)")
 

@@ -59,6 +59,34 @@ def st_minilm() -> Any:
     return SentenceTransformer(str(MINILM_PATH), device="cpu", local_files_only=True)
 
 
+# API tests run twice in these modules: through embedsvc's HTTP protocol with its direct
+# route, and through uvicorn's own protocol (--no-http-direct, and what serves when the
+# installed uvicorn lacks what the direct route needs).
+BOTH_PROTOCOLS = {
+    "test_clients",
+    "test_errors",
+    "test_hostile",
+    "test_rerank",
+    "test_similarity",
+    "test_sparse",
+    "test_tei_contract",
+}
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    module = metafunc.module.__name__.rpartition(".")[2]
+    if "http_direct" in metafunc.fixturenames and module in BOTH_PROTOCOLS:
+        metafunc.parametrize(
+            "http_direct", [True, False], ids=["direct", "stock"], indirect=True, scope="session"
+        )
+
+
+@pytest.fixture(scope="session")
+def http_direct(request: pytest.FixtureRequest) -> bool:
+    """Settings.http_direct of the test servers (True but in BOTH_PROTOCOLS modules)."""
+    return bool(getattr(request, "param", True))
+
+
 @dataclass
 class Server:
     url: str
@@ -118,17 +146,19 @@ def run_server(
 
 
 @pytest.fixture(scope="session")
-def server(registry: Registry) -> Iterator[Server]:
+def server(registry: Registry, http_direct: bool) -> Iterator[Server]:
     """One server with all the test models (MiniLM is the default)."""
-    with run_server(registry, ["all-minilm-l6-v2", "tiny-bge", "tiny-nomic", "tiny-e5"]) as s:
+    models = ["all-minilm-l6-v2", "tiny-bge", "tiny-nomic", "tiny-e5"]
+    with run_server(registry, models, http_direct=http_direct) as s:
         yield s
 
 
 @pytest.fixture()
-def server_factory(registry: Registry) -> Callable[..., Any]:
+def server_factory(registry: Registry, http_direct: bool) -> Callable[..., Any]:
     """Start a dedicated server with other settings: `with server_factory(models, **kw)`."""
 
     def make(models: list[str] | None = None, **overrides: Any) -> Any:
+        overrides.setdefault("http_direct", http_direct)
         return run_server(registry, models or ["all-minilm-l6-v2"], **overrides)
 
     return make

@@ -340,3 +340,41 @@ def test_a_pipelined_body_still_arriving_when_its_turn_comes_is_waited_for(serve
         server.url + "/embed", json={"inputs": "the second request, sent in two parts"}
     )
     assert orjson.loads(answer) == whole.json()
+
+
+def test_without_the_uvicorn_internals_it_needs_uvicorns_own_protocol_serves(
+    registry: Any, monkeypatch: Any, caplog: Any
+) -> None:
+    """A uvicorn without a part the direct route overrides (0.29-0.35 have no
+    `_start_asgi_task`) gets one WARNING naming its version and what is missing, and
+    every request goes through the app; --no-http-direct does the same on purpose."""
+    import uvicorn
+
+    from embedsvc.http_protocol import _METHODS, direct_route_problem
+    from tests.conftest import run_server
+
+    assert direct_route_problem() is None  # the locked uvicorn has everything
+    # Another uvicorn release cannot be installed beside the locked one in this run: the
+    # check is made to look for a method this one lacks instead.
+    monkeypatch.setitem(_METHODS, "_start_asgi_task_v2", ["self", "cycle", "app"])
+    assert direct_route_problem() == "HttpToolsProtocol._start_asgi_task_v2 is missing"
+    for overrides in ({}, {"http_direct": False}):
+        caplog.clear()
+        with (
+            caplog.at_level("INFO", logger="embedsvc"),
+            run_server(registry, ["all-minilm-l6-v2"], wrap=counting, **overrides) as s,
+            httpx.Client(base_url=s.url, timeout=30) as c,
+        ):
+            for _ in range(3):
+                r = c.post("/embed", json={"inputs": "through the app"})
+                assert r.status_code == 200 and len(r.json()[0]) == 384
+            assert s.app.calls == 3
+        said = [r for r in caplog.records if r.getMessage().startswith("HTTP: ")]
+        if overrides:
+            assert [r.levelname for r in said] == ["INFO"]
+            assert "--no-http-direct" in said[0].getMessage()
+        else:
+            [warning] = said
+            assert warning.levelname == "WARNING"
+            assert f"uvicorn {uvicorn.__version__} " in warning.getMessage()
+            assert "_start_asgi_task_v2 is missing" in warning.getMessage()
