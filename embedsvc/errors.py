@@ -21,6 +21,9 @@ class ErrorKind(enum.Enum):
     MODEL_NOT_FOUND = "model_not_found"
     UNAUTHORIZED = "unauthorized"
     PAYLOAD_TOO_LARGE = "payload_too_large"
+    HEADERS_TOO_LARGE = "headers_too_large"
+    REQUEST_TIMEOUT = "request_timeout"
+    TOO_MANY_CONNECTIONS = "too_many_connections"
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,16 @@ STATUS_TABLE: dict[ErrorKind, Rendering] = {
     ),
     ErrorKind.PAYLOAD_TOO_LARGE: Rendering(
         413, "Validation", 413, "invalid_request_error", "payload_too_large"
+    ),
+    # Refused by the HTTP protocol, before a request reaches the app.
+    ErrorKind.HEADERS_TOO_LARGE: Rendering(
+        431, "Validation", 431, "invalid_request_error", "headers_too_large"
+    ),
+    ErrorKind.REQUEST_TIMEOUT: Rendering(
+        408, "Validation", 408, "invalid_request_error", "request_timeout"
+    ),
+    ErrorKind.TOO_MANY_CONNECTIONS: Rendering(
+        503, "Overloaded", 503, "server_error", "too_many_connections"
     ),
 }
 

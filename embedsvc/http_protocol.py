@@ -34,6 +34,7 @@ import functools
 import inspect
 import logging
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import httptools
@@ -64,6 +65,9 @@ _METHODS = {
     "data_received": ["self", "data"],
     "send_400_response": ["self", "msg"],
     "resume_writing": ["self"],
+    "_should_upgrade": ["self"],
+    "handle_websocket_upgrade": ["self"],
+    "_unsupported_upgrade_warning": ["self"],
 }
 _ATTRIBUTES = (
     "self.config", "self.loop", "self.parser", "self.flow", "self.pipeline", "self.cycle",
@@ -93,15 +97,19 @@ def direct_route_problem() -> str | None:
     for attribute in _ATTRIBUTES:
         if attribute not in source:
             return f"HttpToolsProtocol has no {attribute[5:]}"
+    on_header = inspect.getsource(HttpToolsProtocol.on_header)
+    if "100-continue" not in on_header or "self.headers.append" not in on_header:
+        return "HttpToolsProtocol.on_header does more than embedsvc's copy of it"
     if list(inspect.signature(RequestResponseCycle.__init__).parameters) != _CYCLE_PARAMETERS:
         return "RequestResponseCycle takes other arguments"
     return None
 
 
-def http_protocol(direct: bool) -> Any:
-    """uvicorn's `http` setting: embedsvc's protocol when `direct` and the installed
-    uvicorn has what it needs (else a WARNING), uvicorn's own httptools protocol otherwise:
-    slower for small requests, the same answers."""
+def http_protocol(direct: bool, limits: ConnectionLimits | None = None) -> Any:
+    """uvicorn's `http` setting: embedsvc's protocol with these limits when `direct` and
+    the installed uvicorn has what it needs (else a WARNING), uvicorn's own httptools
+    protocol otherwise: slower for small requests, the same answers (of the limits, only
+    the connection cap holds there, as uvicorn's limit_concurrency)."""
     if not direct:
         log.info("HTTP: uvicorn's httptools protocol (--no-http-direct)")
         return "httptools"
@@ -115,7 +123,22 @@ def http_protocol(direct: bool) -> Any:
             problem,
         )
         return "httptools"
-    return EmbedsvcHttpProtocol
+    if limits is None or limits == EmbedsvcHttpProtocol.limits:
+        return EmbedsvcHttpProtocol
+    return type("EmbedsvcHttpProtocol", (EmbedsvcHttpProtocol,), {"limits": limits})
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """What one connection may hold of the server before a request reaches the app."""
+
+    max_header_bytes: int = 32 * 1024  # request line and headers (431 beyond)
+    header_timeout: float = 10.0  # seconds for a request's head to arrive (408 then)
+    max_connections: int = 0  # open connections of this process (503 beyond); 0: any
+
+
+class _Refused(Exception):
+    """Raised from a parser callback to stop parsing; the refusal is then written."""
 
 
 class _HeadWithBody:
@@ -266,11 +289,27 @@ class DirectCycle:
 
 
 class EmbedsvcHttpProtocol(OneWriteHttpProtocol):
-    """OneWriteHttpProtocol with the app's direct route (see the module)."""
+    """OneWriteHttpProtocol with the app's direct route (see the module), and the bounds
+    of ConnectionLimits on what a connection holds before its request reaches the app: the
+    size of a request head, the time it takes to arrive, the number of connections; and
+    write backpressure: while the client does not read, no further request of its
+    connection is read or answered."""
+
+    limits = ConnectionLimits()
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._direct: DirectRoute | None = getattr(self.config.app, "direct", None)
+        # (path, kind, message) -> Answer in the path's dialect (api/app.py)
+        self._error_answer: Callable[[str, Any, str], Answer] | None = getattr(
+            self.config.app, "error_answer", None
+        )
+        self._refusal: Answer | None = None
+        self._over_cap = False
+        self._head_since: float | None = None  # loop time a request head began, if one has
+        self._head_bytes = 0
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._write_blocked = False  # a response finished while the client was not reading
         self._deferred: DirectCycle | None = None
         self._completing = False  # in on_response_complete
         self._completed_again = False
@@ -279,7 +318,109 @@ class EmbedsvcHttpProtocol(OneWriteHttpProtocol):
         self._defaults: tuple[object, bytes] = (None, b"")
         self._idle_since: float | None = None  # loop time of the last response, if idle
 
+    # ---- bounds on a connection before its request reaches the app ----
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        limits = self.limits
+        self._head_since = self.loop.time()  # a new connection owes its first head
+        self._head_timer = self.loop.call_later(limits.header_timeout, self._head_due)
+        if limits.max_connections and len(self.connections) > limits.max_connections:
+            self._over_cap = True  # its first request is answered 503, then it closes
+
+    def _head_due(self) -> None:
+        """Close a connection whose request head has taken longer than header_timeout
+        (408 if part of it came; a connection that never sent a byte just closes)."""
+        self._head_timer = None
+        if self.transport.is_closing():
+            return
+        timeout = self.limits.header_timeout
+        since = self._head_since
+        if since is not None and self.loop.time() - since >= timeout:
+            if self._head_bytes == 0 and not getattr(self, "url", b""):
+                self.transport.close()
+                return
+            self._refusal = self._error(
+                "REQUEST_TIMEOUT",
+                f"the request head (request line and headers) did not arrive within "
+                f"{timeout:g} seconds",
+            )
+            self._write_refusal()
+            return
+        left = timeout if since is None else since + timeout - self.loop.time()
+        self._head_timer = self.loop.call_later(left, self._head_due)
+
+    # on_url and on_header are uvicorn's (checked at start) with the count added, written
+    # out rather than calling uvicorn's: they run for every header of every request.
+    def on_url(self, url: bytes) -> None:
+        self._head_bytes += len(url)
+        if self._head_bytes > self.limits.max_header_bytes:
+            self._refuse_head()
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_bytes += len(name) + len(value)
+        if self._head_bytes > self.limits.max_header_bytes:
+            self._refuse_head()
+        name = name.lower()
+        if name == b"expect" and value.lower() == b"100-continue":
+            self.expect_100_continue = True
+        self.headers.append((name, value))
+
+    def _refuse_head(self) -> None:
+        self._refusal = self._error(
+            "HEADERS_TOO_LARGE",
+            f"the request line and headers exceed {self.limits.max_header_bytes} bytes",
+        )
+        raise _Refused
+
+    def _error(self, kind: str, message: str) -> Answer:
+        """The error `kind` (an ErrorKind name) in the dialect of the request's path."""
+        try:
+            path = httptools.parse_url(getattr(self, "url", b"") or b"/").path.decode("latin-1")
+        except httptools.HttpParserInvalidURLError:
+            path = "/"
+        if self._error_answer is not None:
+            from embedsvc.errors import ErrorKind
+
+            return self._error_answer(path, ErrorKind[kind], message)
+        body = message.encode()
+        status = {"REQUEST_TIMEOUT": 408, "HEADERS_TOO_LARGE": 431}.get(kind, 503)
+        return status, b"content-length: %d\r\n" % len(body), body
+
+    def _write_refusal(self) -> None:
+        assert self._refusal is not None
+        status, lines, body = self._refusal
+        head = (STATUS_LINE[status], lines, b"connection: close\r\n\r\n", body)
+        self.joining.write_response(b"".join(head))
+        self.transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        """uvicorn's, but a head refused by the bounds is answered with its own status
+        (uvicorn answers any parser error 400 and logs it as invalid HTTP)."""
+        if self._refusal is not None:
+            return  # answered and closing: the rest is dropped
+        self._unset_keepalive_if_required()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            if self._refusal is not None:
+                self._write_refusal()
+                return
+            msg = "Invalid HTTP request received."
+            self.logger.warning(msg)
+            self.send_400_response(msg)
+        except httptools.HttpParserUpgrade:
+            if self._should_upgrade():
+                self.handle_websocket_upgrade()
+            else:
+                self._unsupported_upgrade_warning()
+
+    # ---- requests ----
+
     def on_message_begin(self) -> None:
+        self._head_since = self.loop.time()
+        self._head_bytes = 0
         if self._direct is None:
             super().on_message_begin()
             return
@@ -290,6 +431,14 @@ class EmbedsvcHttpProtocol(OneWriteHttpProtocol):
     def on_headers_complete(self) -> None:
         """A POST with a content-length within what uvicorn buffers without the app
         reading gets a DirectCycle; anything else uvicorn's cycle, as uvicorn makes it."""
+        self._head_since = None
+        if self._over_cap:
+            self._refusal = self._error(
+                "TOO_MANY_CONNECTIONS",
+                f"the server holds its most open connections ({self.limits.max_connections}"
+                f" per process); retry, reusing a connection, or on another replica",
+            )
+            raise _Refused
         if self._direct is None:
             super().on_headers_complete()
             return
@@ -409,6 +558,21 @@ class EmbedsvcHttpProtocol(OneWriteHttpProtocol):
         self.server_state.total_requests += 1
         if self.transport.is_closing():
             return
+        if self.flow.write_paused:  # the client is not reading what it asked for: wait
+            self.flow.pause_reading()
+            self._write_blocked = True
+            return
+        self._next_request()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._write_blocked:
+            self._write_blocked = False
+            if not self.transport.is_closing():
+                self._next_request()
+
+    def _next_request(self) -> None:
+        """Read on, start a pipelined request or wait for the next one."""
         self.flow.resume_reading()
         if self.pipeline:
             cycle, app = self.pipeline.pop()
@@ -439,6 +603,9 @@ class EmbedsvcHttpProtocol(OneWriteHttpProtocol):
         if self.timeout_keep_alive_task is not None:
             self.timeout_keep_alive_task.cancel()
             self.timeout_keep_alive_task = None
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
         super().connection_lost(exc)
 
     def _run_direct(self, cycle: DirectCycle) -> bool:

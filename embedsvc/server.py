@@ -34,7 +34,7 @@ from embedsvc.api.cl100k import Cl100kDecoder
 from embedsvc.api.service import Service
 from embedsvc.engine import EngineSet, load_engines
 from embedsvc.errors import UnhealthyError
-from embedsvc.http_protocol import http_protocol
+from embedsvc.http_protocol import ConnectionLimits, http_protocol
 from embedsvc.logs import setup_logging
 from embedsvc.memory import settle_gc, tune_allocator
 from embedsvc.metrics import Metrics
@@ -120,6 +120,14 @@ def _ignore_signals() -> None:
 
 
 def _uvicorn_config(app: Any, settings: Settings, **kw: Any) -> uvicorn.Config:
+    limits = ConnectionLimits(
+        max_header_bytes=settings.max_header_bytes,
+        header_timeout=settings.header_timeout,
+        max_connections=settings.max_connections,
+    )
+    protocol = http_protocol(settings.http_direct, limits)
+    if protocol == "httptools" and settings.max_connections:  # uvicorn's own cap: 503
+        kw.setdefault("limit_concurrency", settings.max_connections)
     return uvicorn.Config(
         app,
         log_config=None,
@@ -127,7 +135,7 @@ def _uvicorn_config(app: Any, settings: Settings, **kw: Any) -> uvicorn.Config:
         access_log=settings.log_level.lower() == "debug",
         timeout_graceful_shutdown=settings.drain_timeout + DRAIN_GRACE,
         timeout_keep_alive=settings.keep_alive_timeout,  # type: ignore[arg-type]
-        http=http_protocol(settings.http_direct),  # one write per response, direct routes
+        http=protocol,  # one write per response, direct routes, bounds (http_protocol.py)
         **kw,
     )
 

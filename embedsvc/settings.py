@@ -127,6 +127,20 @@ class Settings:
         "seconds an idle client connection stays open; behind a load balancer that reuses "
         "connections, set it longer than the balancer's idle timeout",
     )
+    max_header_bytes: int = _setting(
+        32768, "bytes of a request's line and headers together (431 beyond)"
+    )
+    header_timeout: float = _setting(
+        10.0,
+        "seconds a request's line and headers may take to arrive, from the connection's "
+        "opening or the request's first byte (408, or a silent close for a connection that "
+        "sent nothing)",
+    )
+    max_connections: int = _setting(
+        4096,
+        "open client connections per front-end process; a request on one more is answered "
+        "503 and its connection closed. 0 = no limit",
+    )
     http_direct: bool = _setting(
         True,
         "answer small POSTs to the embedding routes straight from the HTTP protocol (no "
@@ -206,6 +220,7 @@ class Settings:
             "max_payload_bytes",
             "max_input_chars",
             "max_request_tokens",
+            "max_header_bytes",
         )
         for name in positive:
             if getattr(self, name) < 1:
@@ -224,6 +239,14 @@ class Settings:
             raise ConfigError(f"malloc must be auto|system, got {self.malloc!r}")
         if self.drain_timeout < 0:
             raise ConfigError(f"drain_timeout must be 0 or more, got {self.drain_timeout}")
+        if self.max_connections < 0:
+            raise ConfigError(
+                f"max_connections must be 0 (no limit) or more, got {self.max_connections}"
+            )
+        if not 0 < self.header_timeout < float("inf"):
+            raise ConfigError(
+                f"header_timeout must be a positive number of seconds, got {self.header_timeout}"
+            )
         if not 0 < self.keep_alive_timeout < float("inf"):
             raise ConfigError(
                 f"keep_alive_timeout must be a positive number of seconds, got "

@@ -15,7 +15,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from embedsvc import __version__
-from embedsvc.api.errors import install_error_handlers
+from embedsvc.api.errors import dump_json, error_body, install_error_handlers, is_openai_path
 from embedsvc.api.middleware import RequestMiddleware
 from embedsvc.api.openai import openai_router
 from embedsvc.api.ops import ops_router
@@ -24,7 +24,7 @@ from embedsvc.api.service import Service
 from embedsvc.api.tei import tei_router
 from embedsvc.engine import EngineSet
 from embedsvc.errors import ClientDisconnected, ErrorKind
-from embedsvc.http_protocol import DirectRoute
+from embedsvc.http_protocol import Answer, DirectRoute
 from embedsvc.memory import settle_gc
 from embedsvc.metrics import Metrics
 from embedsvc.settings import Settings
@@ -139,6 +139,13 @@ class EmbedsvcApp:
         self.state = fastapi_app.state
         self._asgi = asgi
         self.direct = direct
+
+    def error_answer(self, path: str, kind: ErrorKind, message: str) -> Answer:
+        """An error in the dialect of `path`, for the HTTP protocol to write when it refuses
+        a connection or a request head before the app sees it."""
+        status, body = error_body(is_openai_path(path), kind, message)
+        out = dump_json(body)
+        return status, b"content-type: application/json\r\ncontent-length: %d\r\n" % len(out), out
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self._asgi(scope, receive, send)
