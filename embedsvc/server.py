@@ -210,7 +210,7 @@ def run_frontend(
     settings: Settings, sock: socket.socket, address: str, identity: bytes, metrics_dir: str
 ) -> None:
     """Entry point of a front-end process (started by the Supervisor)."""
-    from embedsvc.engine.remote import RemoteCore
+    from embedsvc.engine.remote import SILENCE, RemoteCore
 
     setup_logging(settings.log_level, settings.log_format)
     tune_allocator(settings.malloc)
@@ -218,7 +218,15 @@ def run_frontend(
 
     async def connect() -> EngineSet:
         core = RemoteCore(address, identity)
-        return EngineSet(await core.hello(), core, settings, metrics)
+        engines = EngineSet(await core.hello(), core, settings, metrics)
+        core.on_silence = lambda: engines.front.fail_all(
+            UnhealthyError(
+                f"the engine process has not answered for {SILENCE:.0f} s; retry shortly "
+                "or on another replica"
+            ),
+            cancel=True,
+        )
+        return engines
 
     app = create_app(settings, metrics, loader=connect)
     server = DrainingServer(_uvicorn_config(app, settings), app.state.service, os.getppid())

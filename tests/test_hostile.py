@@ -265,3 +265,19 @@ def test_a_refused_large_body_still_gets_its_answer(server_factory: Any) -> None
         assert [post(s.url) for _ in range(10)] == [413] * 10
     with server_factory(api_key="k") as s:
         assert [post(s.url) for _ in range(10)] == [401] * 10
+
+
+def test_tokenize_is_bounded_like_embedding(server: Server) -> None:
+    """/tokenize answered a 2 MB body with about a million token records: now the
+    characters per text, the inputs per request and the tokens in all are checked as for
+    /embed, the tokens before any record is made, and the server serves on."""
+    with server.client() as c:
+        r = c.post("/tokenize", json={"inputs": "a " * 100_001})
+        assert r.status_code == 422 and "max_input_chars (200000)" in r.json()["error"]
+        r = c.post("/tokenize", json={"inputs": ["a"] * 4097})
+        assert r.status_code == 413 and "max_concurrent_inputs" in r.json()["error"]
+        r = c.post("/tokenize", json={"inputs": ["a " * 99_999] * 9})
+        assert r.status_code == 413, r.text
+        assert "tokens in total, more than max_request_tokens (300000)" in r.json()["error"]
+        ok = c.post("/tokenize", json={"inputs": ["a b"] * 3})
+        assert ok.status_code == 200 and [t["text"] for t in ok.json()[0]][1:3] == ["a", "b"]

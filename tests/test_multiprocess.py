@@ -206,3 +206,34 @@ def test_admission_by_time_across_front_ends(spawn: Any) -> None:
     assert httpx.post(srv.url + "/embed", json={"inputs": "after"}).status_code == 200
     code, _ = srv.stop()
     assert code == 0
+
+
+def test_a_hung_engine_turns_health_red_and_fails_requests_then_recovers(spawn: Any) -> None:
+    """The engine process stopped (SIGSTOP: alive, silent) rather than dead: within a few
+    seconds /health is 503 and a request gets a 503 instead of hanging; after SIGCONT the
+    front ends hear it again and serve."""
+    srv = spawn("--api-workers", "2")
+    engine = srv.proc.pid
+    with httpx.Client(base_url=srv.url, timeout=30) as c:
+        assert c.post("/embed", json={"inputs": "before"}).status_code == 200
+        os.kill(engine, signal.SIGSTOP)
+        try:
+            stopped = time.monotonic()
+            r = c.post("/embed", json={"inputs": "while it hangs"})
+            assert r.status_code == 503, r.text
+            assert r.json()["error_type"] == "Unhealthy"
+            assert time.monotonic() - stopped < 15
+            wait_for(lambda: c.get("/health").status_code == 503, timeout=15)
+            r = c.post("/v1/embeddings", json={"input": "refused at once"})
+            assert r.status_code == 503 and r.json()["error"]["code"] == "service_unavailable"
+        finally:
+            os.kill(engine, signal.SIGCONT)
+        wait_for(lambda: c.get("/health").status_code == 200, timeout=30)
+        wait_for(lambda: all(_health_ok(srv.url) for _ in range(4)), timeout=30)
+        assert c.post("/embed", json={"inputs": "after"}).status_code == 200
+
+
+def _health_ok(url: str) -> bool:
+    """/health on a new connection (another front end, maybe)."""
+    with httpx.Client(base_url=url, timeout=5) as c:
+        return c.get("/health").status_code == 200

@@ -29,10 +29,10 @@ def ce(model_dir: Path) -> Any:
 
 
 @pytest.fixture(scope="module")
-def rserver(registry: Any) -> Iterator[Server]:
+def rserver(registry: Any, http_direct: bool) -> Iterator[Server]:
     from tests.conftest import run_server
 
-    with run_server(registry, ["all-minilm-l6-v2", "tiny-reranker"]) as s:
+    with run_server(registry, ["all-minilm-l6-v2", "tiny-reranker"], http_direct=http_direct) as s:
         yield s
 
 
@@ -149,3 +149,53 @@ def test_registry_refuses_embedding_keys_on_a_reranker(tmp_path: Path, model_dir
     (tmp_path / "m.yaml").write_text(text.replace("task: rerank", "task: classify"))
     with pytest.raises(ConfigError, match="task 'classify' is not one of embed, rerank, sparse"):
         load_registry(tmp_path / "m.yaml")
+
+
+def test_a_long_query_with_many_documents_is_bounded_before_pairs_are_built(
+    rserver: Server, ce: Any
+) -> None:
+    """The query is repeated in every pair: 200,000 characters with 4,096 documents would
+    be 400M tokens tokenized pair by pair. The query is tokenized once, the pairs' lengths
+    checked first: without truncation a 422 naming the pair, with it a 413 for the tokens
+    in all, and a smaller request with the long query scores as CrossEncoder does."""
+    long_query = "capital " * 25_000
+    docs = ["a"] * 4096
+    with rserver.client() as c:
+        r = c.post("/rerank", json={"query": long_query, "texts": docs})
+        assert r.status_code == 422, r.text
+        assert r.json()["error"].startswith("texts[0] with the query has 25004 tokens")
+        r = c.post("/v1/rerank", json={"query": long_query, "documents": docs})
+        assert r.status_code == 413, r.text
+        assert "max_request_tokens (300000)" in r.json()["error"]["message"]
+        r = c.post("/rerank", json={"query": long_query, "texts": DOCS, "truncate": True})
+        assert r.status_code == 200, r.text
+        got = {g["index"]: g["score"] for g in r.json()}
+        assert c.post("/rerank", json={"query": QUERY, "texts": DOCS}).status_code == 200
+    want = ce.predict([(long_query, d) for d in DOCS])  # cut "longest_first" to 512
+    for i, score in got.items():
+        assert abs(score - want[i]) < 1e-4
+
+
+def test_pairs_are_cut_as_the_tokenizer_cuts_them(model_dir: Path) -> None:
+    """engine/pairs.py against the tokenizer's own pair encoding with "longest_first"
+    truncation, over lengths on both sides of every case and odd and even limits."""
+    from tokenizers import Tokenizer
+
+    from embedsvc.engine.pairs import PairTemplate, pair_ids
+
+    tok = Tokenizer.from_file(str(model_dir / "tiny-reranker" / "tokenizer.json"))
+    tok.no_padding()
+    tok.no_truncation()
+    template = PairTemplate.of(tok)
+    words = ["paris", "capital", "unbelievably", "x", "42", ",", "naïve", "of"]
+    texts = [" ".join(words[(i * 7 + k) % len(words)] for k in range(n)) for i, n in
+             enumerate([1, 2, 3, 5, 8, 13, 30, 61, 62, 63, 64, 65, 130, 300])]  # fmt: skip
+    for limit in (7, 8, 16, 33, 64, 65, 128):
+        cut = Tokenizer.from_file(str(model_dir / "tiny-reranker" / "tokenizer.json"))
+        cut.no_padding()
+        cut.enable_truncation(limit, strategy="longest_first")
+        for q in texts:
+            want = [e.ids for e in cut.encode_batch([(q, d) for d in texts])]
+            query = tok.encode(q, add_special_tokens=False).ids
+            docs = [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
+            assert pair_ids(template, query, docs, limit) == want, (limit, q)

@@ -16,10 +16,10 @@ TEXTS = ["what is the capital of france", "Paris is the capital of France.", "ba
 
 
 @pytest.fixture(scope="module")
-def sserver(registry: Any) -> Iterator[Server]:
+def sserver(registry: Any, http_direct: bool) -> Iterator[Server]:
     from tests.conftest import run_server
 
-    with run_server(registry, ["all-minilm-l6-v2", "tiny-splade"]) as s:
+    with run_server(registry, ["all-minilm-l6-v2", "tiny-splade"], http_direct=http_direct) as s:
         yield s
 
 
@@ -139,3 +139,31 @@ def test_bge_m3_lexical_weights(m3server: Any, server: Server) -> None:
     with server.client() as c:
         bge = c.post("/embed", json={"inputs": texts, "model": "tiny-bge"}).json()
     np.testing.assert_allclose(results["dense"].json(), bge, atol=1e-5)
+
+
+def test_sparse_rows_travel_as_their_non_zero_entries(sserver: Server) -> None:
+    """4096 short inputs to a SPLADE model: the result the engine hands the API holds each
+    input's non-zero entries (a few hundred bytes), not a 30,522-wide float row each
+    (500 MB for the request), and the HTTP answer is what those entries say."""
+    import asyncio
+
+    import httpx
+
+    from embedsvc.engine import EmbedRequest
+
+    engine = sserver.engines.get("tiny-splade", task="sparse")
+    req = EmbedRequest(texts=["a"] * 4096, task="sparse", normalize=False)
+    loop = sserver.engines.front.loop
+    assert loop is not None
+    result = asyncio.run_coroutine_threadsafe(engine.embed(req), loop).result(timeout=120)
+    assert result.sparse is not None and len(result.sparse) == 4096
+    assert result.vectors.nbytes == 0
+    held = sum(idx.nbytes + val.nbytes for idx, val in result.sparse)
+    assert 0 < held < 4096 * 30522 * 4 / 20
+    idx, val = result.sparse[0]
+    assert idx.dtype == np.int32 and val.dtype == np.float32 and (val > 0).all()
+    assert (np.diff(idx) > 0).all() and idx.base is None  # sorted, not a view of a batch
+    with httpx.Client(base_url=sserver.url, timeout=60) as c:
+        [row] = c.post("/embed_sparse", json={"inputs": "a", "model": "tiny-splade"}).json()
+    assert [e["index"] for e in row] == idx.tolist()
+    np.testing.assert_allclose([e["value"] for e in row], val, rtol=1e-6)

@@ -10,6 +10,7 @@ import orjson
 
 from embedsvc.api.precision import INTEGER_FORMATS, Calibration, quantize
 from embedsvc.engine import EmbedResult
+from embedsvc.engine.sparse import SparseRow
 from embedsvc.http_protocol import header_pairs
 
 _NUMPY = orjson.OPT_SERIALIZE_NUMPY
@@ -29,26 +30,15 @@ def tei_embed_body(
     return orjson.dumps(vectors, option=_NUMPY)
 
 
-def sparse_body(vectors: np.ndarray) -> bytes:
-    """TEI's sparse shape: per input, [{"index", "value"}] for each non-zero entry."""
-    rows = []
-    for row in vectors:
-        nz = np.flatnonzero(row)
-        rows.append([{"index": int(i), "value": float(row[i])} for i in nz])
-    return orjson.dumps(rows)
-
-
-def lexical_body(weights: np.ndarray, ids: list[list[int]], special: frozenset[int]) -> bytes:
-    """BGE-M3's lexical weights in TEI's sparse shape: per input, each token id's largest
-    weight over its occurrences, special tokens and zero weights left out, by index."""
-    rows = []
-    for row, seq in zip(weights, ids, strict=True):
-        best: dict[int, float] = {}
-        for token, w in zip(seq, row[: len(seq)].tolist(), strict=True):
-            if w > 0 and token not in special and w > best.get(token, 0.0):
-                best[token] = w
-        rows.append([{"index": t, "value": best[t]} for t in sorted(best)])
-    return orjson.dumps(rows)
+def sparse_body(rows: list[SparseRow]) -> bytes:
+    """TEI's sparse shape: per input, [{"index", "value"}] for each non-zero entry, by
+    index (the engine's sparse rows: SPLADE weights or BGE-M3 lexical weights)."""
+    return orjson.dumps(
+        [
+            [{"index": i, "value": v} for i, v in zip(idx.tolist(), val.tolist(), strict=True)]
+            for idx, val in rows
+        ]
+    )
 
 
 def openai_embeddings_body(

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 from pydantic import ValidationError as PydanticValidationError
 from starlette.responses import Response
 
-from embedsvc.api.encode import lexical_body, sparse_body, tei_embed_body, timing_headers
+from embedsvc.api.encode import sparse_body, tei_embed_body, timing_headers
 from embedsvc.api.errors import describe_validation_errors
 from embedsvc.api.inputs import INPUTS_SCHEMA, parse_inputs
 from embedsvc.api.precision import check_format
@@ -140,12 +140,9 @@ def tei_router() -> APIRouter:
         )
         result = await service.embed(request, engine, req)
         engine.metrics.requests["/embed_sparse"].inc()
-        if result.input_ids is not None:  # an embedding model's lexical weights (BGE-M3)
-            body_bytes = lexical_body(result.vectors, result.input_ids, engine.prep.special_ids)
-        else:
-            body_bytes = sparse_body(result.vectors)
+        assert result.sparse is not None
         return Response(
-            body_bytes,
+            sparse_body(result.sparse),
             media_type="application/json",
             headers=timing_headers(result),
         )

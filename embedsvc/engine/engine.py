@@ -113,7 +113,6 @@ class Pending:
     key: int = 0
     tokens: int = 0
     lengths: list[int] = field(default_factory=list)  # tokens per input
-    ids: list[list[int]] | None = None  # kept for lexical-weight requests
     t1: float = 0.0
     estimate: int = 0  # tokens expected, counted in ModelEngine._unsent until sent
 
@@ -182,7 +181,7 @@ class Frontend:
             observe_many(phase["total"], [now - p.t0 for p in pendings])
         for p, d in zip(answered, results, strict=True):
             times = (p.t1 - p.t0, d.queue_time, d.inference_time, now - p.t0)
-            p.future.set_result(EmbedResult(d.vectors, p.tokens, *times, p.lengths, p.ids))
+            p.future.set_result(EmbedResult(d.vectors, p.tokens, *times, p.lengths, d.sparse))
         for f in failed:
             p = self._take(f.key)
             if p is not None:
@@ -197,10 +196,17 @@ class Frontend:
         self._watched.pop(key, None)
         return None if p.future.done() else p
 
-    def fail_all(self, exc: BaseException) -> None:
-        """The core is gone: answer every request in flight with `exc` now."""
+    def fail_all(self, exc: BaseException, cancel: bool = False) -> None:
+        """The core is gone (or silent): answer every request in flight with `exc` now;
+        `cancel`: and tell the core to drop their work, should it ever read it."""
         waiting, self._waiting = self._waiting, {}
         self._watched.clear()
+        if cancel:
+            by_model: dict[str, list[int]] = {}
+            for p in waiting.values():
+                by_model.setdefault(p.engine.name, []).append(p.key)
+            for model, keys in by_model.items():
+                self.link.cancel(model, keys)
         for p in waiting.values():
             if not p.future.done():
                 p.future.set_exception(exc)
@@ -210,20 +216,14 @@ class Frontend:
         inputs are dropped in the core and it is answered with `error()` (the drain
         timeout passed). Returns how many were in flight."""
         self._abandon = error
-        waiting, self._waiting = self._waiting, {}
-        self._watched.clear()
-        by_model: dict[str, list[int]] = {}
-        for p in waiting.values():
-            by_model.setdefault(p.engine.name, []).append(p.key)
-        for model, keys in by_model.items():
-            self.link.cancel(model, keys)
-        for p in waiting.values():
+        waiting = list(self._waiting.values())
+        for p in waiting:
             if not p.future.done():
                 log.warning(
                     "request %s: not finished within the drain timeout; answered 503",
                     p.req.request_id,
                 )
-                p.future.set_exception(error())
+        self.fail_all(error(), cancel=True)
         return len(waiting)
 
     async def _sweep(self) -> None:
@@ -442,9 +442,7 @@ class ModelEngine:
             req = p.req
             p.lengths = list(map(len, ids))
             p.tokens = sum(p.lengths)
-            lexical = req.task == "sparse" and self.spec.task == "embed"
-            if lexical:
-                p.ids = ids
+            sparse = req.task == "sparse"
             p.t1 = now
             if req.texts is not None:
                 chars += sum(map(len, req.texts))
@@ -458,7 +456,8 @@ class ModelEngine:
                     req.normalize,
                     ln and req.dimensions is not None and req.dimensions < full,
                     self.max_wait(req),
-                    lexical,
+                    sparse and self.spec.task == "embed",  # BGE-M3's lexical weights
+                    sparse,
                 )
             )
             sent.append(p)
@@ -472,7 +471,11 @@ class ModelEngine:
     async def tokenize(
         self, texts: list[str], prompt_name: str | None, add_special_tokens: bool
     ) -> list[list[TokenInfo]]:
+        """Per-token detail of `texts`, within the request bounds that embedding takes:
+        characters per text and inputs per request before tokenizing, tokens in all
+        before a record is made for any of them."""
         prefix = self.prep.resolve_prompt(prompt_name)
+        self.prep.check_inputs(texts, "inputs")
         return await asyncio.get_running_loop().run_in_executor(
             self._front.pool,
             functools.partial(
@@ -480,6 +483,7 @@ class ModelEngine:
                 texts,
                 prefix=prefix,
                 add_special_tokens=add_special_tokens,
+                max_tokens=self.prep.settings.max_request_tokens,
             ),
         )
 

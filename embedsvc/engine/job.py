@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from embedsvc.engine.batcher import Item
+from embedsvc.engine.sparse import SparseRow
 from embedsvc.engine.types import CoreJob, JobDone
 
 
@@ -36,6 +37,7 @@ class Job:
     deadline: float = math.inf  # perf_counter time past which it is dropped
     first_start: float = 0.0
     last_end: float = 0.0
+    sparse_rows: list[SparseRow] | None = None  # a sparse job's rows, in place of vectors
 
     @classmethod
     def admit(cls, origin: Hashable, cj: CoreJob, chunk_size: int) -> tuple[Job, list[Item]]:
@@ -48,6 +50,8 @@ class Job:
             origin, cj.key, n, cj.tokens, cj.dimensions, cj.normalize, cj.layer_norm,
             cj.lexical, None, n, [n], [], False, now, deadline,
         )  # fmt: skip
+        if cj.sparse:
+            job.sparse_rows = []
         if n == 1:
             return job, [Item(job, 0, cj.ids[0])]
         if n <= chunk_size:
@@ -60,11 +64,21 @@ class Job:
         job.waiting_chunks = chunks[2:]
         return job, [it for c in chunks[:2] for it in c]
 
-    def store(self, item: Item, row: np.ndarray, start: float, end: float) -> list[Item]:
+    def store(
+        self, item: Item, row: np.ndarray | SparseRow, start: float, end: float
+    ) -> list[Item]:
         """Keep one finalized row; return the next chunk's items if one is due."""
-        if self.size == 1:
+        if self.sparse_rows is not None:
+            assert isinstance(row, tuple)
+            if not self.sparse_rows:
+                empty = (np.empty(0, np.int32), np.empty(0, np.float32))
+                self.sparse_rows = [empty] * self.size
+            self.sparse_rows[item.index] = row
+        elif self.size == 1:
+            assert isinstance(row, np.ndarray)
             self.vectors = row[None]  # a view of the pass's finalized rows, not a copy
         else:
+            assert isinstance(row, np.ndarray)
             if self.vectors is None:
                 self.vectors = np.empty((self.size, row.shape[0]), dtype=np.float32)
             self.vectors[item.index] = row
@@ -83,10 +97,15 @@ class Job:
         return sum(it.length for chunk in self.waiting_chunks for it in chunk)
 
     def done(self) -> JobDone:
-        assert self.vectors is not None
+        if self.sparse_rows is not None:
+            vectors = np.empty((self.size, 0), dtype=np.float32)
+        else:
+            assert self.vectors is not None
+            vectors = self.vectors
         return JobDone(
             key=self.key,
-            vectors=self.vectors,
+            vectors=vectors,
             queue_time=max(self.first_start - self.enqueued, 0.0),
             inference_time=max(self.last_end - self.first_start, 0.0),
+            sparse=self.sparse_rows,
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from tokenizers import Tokenizer
 
+from embedsvc.engine.pairs import PairTemplate, pair_ids
 from embedsvc.engine.tokenize import TextTokenizer
 from embedsvc.engine.types import NO_PROMPT, EmbedRequest, ModelInfo
 from embedsvc.errors import (
@@ -27,15 +28,18 @@ class Preparer:
         tok.no_truncation()
         self.tokenizer = TextTokenizer(tok, info.max_seq_length)
         # Pairs (task rerank) are cut as sentence-transformers' CrossEncoder cuts them:
-        # the longer of the two loses a token at a time ("longest_first").
-        self._pairs_cut = Tokenizer.from_str(info.tokenizer_json)
-        self._pairs_cut.no_padding()
-        self._pairs_cut.enable_truncation(info.max_seq_length, strategy="longest_first")
-        self._pairs_whole = tok
-        # Special tokens ([CLS], </s>, padding, ...): no lexical weight of their own.
-        self.special_ids = frozenset(
-            i for i, t in tok.get_added_tokens_decoder().items() if t.special
-        )
+        # the longer of the two loses a token at a time ("longest_first"), built from the
+        # query tokenized once (engine/pairs.py); a tokenizer whose pair template is not
+        # special tokens around the two texts tokenizes each pair whole instead.
+        self._plain = tok
+        self._template: PairTemplate | None
+        try:
+            self._template = PairTemplate.of(tok)
+        except ValueError:
+            self._template = None
+            self._pairs_cut = Tokenizer.from_str(info.tokenizer_json)
+            self._pairs_cut.no_padding()
+            self._pairs_cut.enable_truncation(info.max_seq_length, strategy="longest_first")
 
     def resolve_prompt(self, prompt_name: str | None, param: str = "prompt_name") -> str:
         """The prefix for `prompt_name`: None means the model's default prompt (if it
@@ -82,15 +86,23 @@ class Preparer:
                 "prompt and the text together with /tokenize",
                 param="prompt_name",
             )
-        if n > self.settings.max_concurrent_inputs:
-            raise PayloadTooLargeError(
-                f"{req.input_param} has {n} inputs; this server admits at most "
-                f"{self.settings.max_concurrent_inputs} at once (max_concurrent_inputs), so "
-                "send them in several requests",
-                param=req.input_param,
-            )
+        self._check_count(n, req.input_param)
         self.resolve_prompt(req.prompt_name)
         self.check_dimensions(req.dimensions)
+
+    def check_inputs(self, texts: list[str], param: str) -> None:
+        """The bounds of a request's texts that need no tokenizing (/tokenize's too)."""
+        self._check_texts(texts, param)
+        self._check_count(len(texts), param)
+
+    def _check_count(self, n: int, param: str) -> None:
+        if n > self.settings.max_concurrent_inputs:
+            raise PayloadTooLargeError(
+                f"{param} has {n} inputs; this server admits at most "
+                f"{self.settings.max_concurrent_inputs} at once (max_concurrent_inputs), so "
+                "send them in several requests",
+                param=param,
+            )
 
     def _check_texts(self, texts: list[str], param: str) -> None:
         n = len(texts)
@@ -125,19 +137,41 @@ class Preparer:
         )
 
     def _pair_ids(self, req: EmbedRequest) -> list[list[int]]:
+        """Each pair's ids. The query and each document are tokenized once, and the
+        request's bounds checked on the pairs' lengths before any pair is built."""
         assert req.pairs is not None
         truncate = self.settings.auto_truncate if req.truncate is None else req.truncate
-        tok = self._pairs_cut if truncate else self._pairs_whole
-        ids = [e.ids for e in tok.encode_batch(req.pairs)]
         limit = self.info.max_seq_length
-        if not truncate and max(map(len, ids)) > limit:
-            i = next(i for i, x in enumerate(ids) if len(x) > limit)
+        tok = self._plain
+        query = tok.encode(req.pairs[0][0], add_special_tokens=False).ids
+        docs = [
+            e.ids for e in tok.encode_batch([d for _, d in req.pairs], add_special_tokens=False)
+        ]
+        special = (
+            self._template.special
+            if self._template is not None
+            else tok.num_special_tokens_to_add(is_pair=True)
+        )
+        lengths = [len(query) + len(d) + special for d in docs]
+        if not truncate and max(lengths) > limit:
+            i = next(i for i, n in enumerate(lengths) if n > limit)
             raise ValidationError(
-                f"{req.input_param}[{i}] with the query has {len(ids[i])} tokens, more than "
+                f"{req.input_param}[{i}] with the query has {lengths[i]} tokens, more than "
                 f"model {self.name} takes ({limit}); shorten it, or set truncate: true",
                 param=req.input_param,
             )
-        return ids
+        self._check_total(sum(min(n, limit) for n in lengths), req.input_param)
+        if self._template is not None:
+            return pair_ids(self._template, query, docs, limit)
+        return [e.ids for e in self._pairs_cut.encode_batch(req.pairs)]
+
+    def _check_total(self, total: int, param: str) -> None:
+        if total > self.settings.max_request_tokens:
+            raise PayloadTooLargeError(
+                f"{param} has {total} tokens in total, more than max_request_tokens "
+                f"({self.settings.max_request_tokens}); send fewer inputs per request",
+                param=param,
+            )
 
     def tokenize_many(self, reqs: list[EmbedRequest]) -> list[list[list[int]] | EmbedsvcError]:
         """Token ids of each request (or the error that refuses it); the texts of all
@@ -178,11 +212,5 @@ class Preparer:
             ids = self.tokenizer.check_ids(
                 req.token_ids, truncate=truncate, direction=direction, param=req.input_param
             )
-        total = sum(len(x) for x in ids)
-        if total > self.settings.max_request_tokens:
-            raise PayloadTooLargeError(
-                f"{req.input_param} has {total} tokens in total, more than max_request_tokens "
-                f"({self.settings.max_request_tokens}); send fewer inputs per request",
-                param=req.input_param,
-            )
+        self._check_total(sum(len(x) for x in ids), req.input_param)
         return ids

@@ -7,10 +7,17 @@ identity of its own. One message per batch each way, never one per request:
   front end -> engine: ("hello",)                      when it starts
                        ("submit", model, [CoreJob...])  one per tokenizer flush
                        ("cancel", model, [key...])      clients that hung up
+                       ("ping",)                        every HEARTBEAT seconds
   engine -> front end: ("infos", [ModelInfo...] | "error text")
                        ("results", [JobDone...], [JobFailed...],
                         {model: (inflight, healthy, tokens ahead, tokens/s)})
                                                         one per forward pass and front end
+                       ("pong", {model: (...)})         the answer to a ping
+
+Liveness: a front end that has heard nothing from the engine for SILENCE seconds (an engine
+process that hangs, or is stopped, rather than dies) reports its models unhealthy (/health
+503, new requests 503), answers its requests in flight with 503 and cancels their work;
+the engine's next message makes it healthy again.
 
 Payloads are pickles (protocol 5: numpy arrays travel as raw bytes). The ipc socket lives
 in a private temporary folder that only this server's processes know.
@@ -22,7 +29,7 @@ import asyncio
 import logging
 import pickle
 import threading
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Any, cast
 
 import zmq
@@ -39,6 +46,8 @@ log = logging.getLogger(__name__)
 _GONE = (0, False, 0, 0.0)
 
 _RESULTS = "inproc://embedsvc-results"
+HEARTBEAT = 0.5  # seconds between a front end's pings
+SILENCE = 3.0  # seconds without a word from the engine before a front end gives up on it
 
 
 def _dumps(msg: tuple[Any, ...]) -> bytes:
@@ -153,6 +162,8 @@ class EngineServer:
         elif kind == "cancel":
             _, model, keys = msg
             self.workers[model].cancel(origin, keys)
+        elif kind == "ping":
+            self.router.send_multipart([origin, _dumps(("pong", self._status()))])
         elif kind == "hello":
             if self._infos is None:
                 self._waiting.append(origin)
@@ -172,6 +183,12 @@ class RemoteCore:
         self._status: dict[str, tuple[int, bool, int, float]] = {}
         self._sent: dict[str, int] = {}  # tokens submitted since the last report
         self._reader: asyncio.Task[None] | None = None
+        self._heartbeat: asyncio.Task[None] | None = None
+        self._heard = 0.0  # loop time of the engine's last message
+        self.silent = False  # nothing heard for SILENCE seconds
+        # Called on the loop when the engine falls silent (the front end answers what is
+        # in flight); set by whoever builds the front end.
+        self.on_silence: Callable[[], None] | None = None
 
     async def hello(self) -> list[ModelInfo]:
         """Wait until the engine has loaded its models; their descriptions."""
@@ -185,16 +202,40 @@ class RemoteCore:
         return list(infos)
 
     def attach(self, loop: asyncio.AbstractEventLoop, deliver: Deliver) -> None:
+        self._heard = loop.time()
         self._reader = loop.create_task(self._read(deliver))
+        self._heartbeat = loop.create_task(self._beat(loop))
 
     async def _read(self, deliver: Deliver) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             msg = pickle.loads(await self.sock.recv())
+            self._heard = loop.time()
+            if self.silent:
+                self.silent = False
+                log.warning("front end: the engine process answers again")
             if msg[0] == "results":
                 _, done, failed, status = msg
                 self._status = status
                 self._sent.clear()
                 deliver(done, failed)
+            elif msg[0] == "pong":
+                self._status = msg[1]
+
+    async def _beat(self, loop: asyncio.AbstractEventLoop) -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT)
+            if loop.time() - self._heard > SILENCE:
+                if not self.silent:
+                    self.silent = True
+                    log.error(
+                        "front end: no word from the engine process for %.0f s; reporting "
+                        "unhealthy and answering the requests in flight with 503",
+                        SILENCE,
+                    )
+                if self.on_silence is not None:  # also those sent since the last beat
+                    self.on_silence()
+            self._send(("ping",))
 
     def _send(self, msg: tuple[Any, ...]) -> None:
         # Sent at once unless the engine lags 1000 messages behind; then queued in order.
@@ -213,7 +254,7 @@ class RemoteCore:
         return self._status.get(model, _GONE)[0]
 
     def healthy(self, model: str) -> bool:
-        return self._status.get(model, _GONE)[1]
+        return not self.silent and self._status.get(model, _GONE)[1]
 
     def estimate_wait(self, model: str, tokens: int, ahead: int = 0) -> float:
         _, _, queued, rate = self._status.get(model, _GONE)
@@ -221,8 +262,9 @@ class RemoteCore:
         return (ahead + tokens) / rate if ahead > 0 and rate > 0 else 0.0
 
     def stop(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
+        for task in (self._reader, self._heartbeat):
+            if task is not None:
+                task.cancel()
         self.sock.close()
         self.ctx.term()
 

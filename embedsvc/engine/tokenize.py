@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from tokenizers import Encoding, Tokenizer
 
 from embedsvc.engine.wordpiece import AsciiWordPiece
-from embedsvc.errors import ValidationError
+from embedsvc.errors import PayloadTooLargeError, ValidationError
 
 
 @dataclass(frozen=True)
@@ -157,12 +157,21 @@ class TextTokenizer:
         return seq[:lead] + body + seq[len(seq) - trail :]
 
     def tokens(
-        self, texts: list[str], *, prefix: str, add_special_tokens: bool
+        self, texts: list[str], *, prefix: str, add_special_tokens: bool, max_tokens: int
     ) -> list[list[TokenInfo]]:
-        """Per-token detail for /tokenize; offsets are in characters of the prefixed text."""
+        """Per-token detail for /tokenize; offsets are in characters of the prefixed text.
+        More than `max_tokens` in all is refused before any record is made."""
         full = [prefix + t for t in texts] if prefix else texts
+        encodings = self._tok.encode_batch(full, add_special_tokens=add_special_tokens)
+        total = sum(len(enc) for enc in encodings)
+        if total > max_tokens:
+            raise PayloadTooLargeError(
+                f"inputs has {total} tokens in total, more than max_request_tokens "
+                f"({max_tokens}); send fewer or shorter inputs per request",
+                param="inputs",
+            )
         result = []
-        for enc in self._tok.encode_batch(full, add_special_tokens=add_special_tokens):
+        for enc in encodings:
             row = []
             for tid, tok, special, (start, stop) in zip(
                 enc.ids, enc.tokens, enc.special_tokens_mask, enc.offsets, strict=True

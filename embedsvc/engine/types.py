@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from embedsvc.engine.sparse import SparseRow
 from embedsvc.errors import ErrorKind
 from embedsvc.registry import ModelSpec
 
@@ -43,14 +44,14 @@ class EmbedRequest:
 
 @dataclass(slots=True)
 class EmbedResult:
-    vectors: np.ndarray  # float32 [n, d]
+    vectors: np.ndarray  # float32 [n, d] ([n, 0] for sparse requests)
     prompt_tokens: int
     tokenization_time: float
     queue_time: float
     inference_time: float
     total_time: float
     input_tokens: list[int] = field(default_factory=list)  # per input, as embedded
-    input_ids: list[list[int]] | None = None  # lexical-weight requests: the ids embedded
+    sparse: list[SparseRow] | None = None  # task sparse: each input's non-zero entries
 
 
 @dataclass(frozen=True)
@@ -99,14 +100,16 @@ class CoreJob:
     layer_norm: bool
     max_wait: float = 0.0  # seconds it may wait for its vectors; 0: no limit
     lexical: bool = False  # BGE-M3 lexical weights (per token) instead of the vector
+    sparse: bool = False  # rows are sparse (SPLADE weights, or lexical weights)
 
 
 @dataclass(slots=True)
 class JobDone:
     key: int
-    vectors: np.ndarray  # float32 [n, d], finalized
+    vectors: np.ndarray  # float32 [n, d], finalized ([n, 0] for a sparse job)
     queue_time: float
     inference_time: float
+    sparse: list[SparseRow] | None = None  # a sparse job's rows
 
 
 @dataclass(slots=True)

@@ -35,6 +35,7 @@ from embedsvc.engine.compute import Lanes, compute_thread
 from embedsvc.engine.job import Job
 from embedsvc.engine.pass_costs import measure_pass_costs
 from embedsvc.engine.postprocess import finalize
+from embedsvc.engine.sparse import SparseRow, from_dense, from_token_weights
 from embedsvc.engine.types import CoreJob, JobDone, JobFailed, ModelInfo
 from embedsvc.errors import ConfigError, ErrorKind
 from embedsvc.memory import TRIMMER
@@ -60,6 +61,7 @@ class ModelWorker:
     ) -> None:
         self.spec = spec
         self.model = model
+        self._special: frozenset[int] | None = None
         self.name = spec.name
         self.settings = settings
         self.m = metrics.for_model(spec.name)
@@ -482,10 +484,15 @@ class ModelWorker:
         self.m.batch_tokens.observe(batch.shape[0] * batch.shape[1])
         return pooled
 
-    def _finalize(self, items: list[Item], pooled: np.ndarray) -> list[np.ndarray] | np.ndarray:
-        """Rows in the order of `items`, each finalized as its job asks (lexical-weight
-        jobs take the token weights the backend returns after the vector, one per position
-        of the batch, padded here to a fixed width so a job's rows stack)."""
+    def _finalize(
+        self, items: list[Item], pooled: np.ndarray
+    ) -> list[np.ndarray | SparseRow] | np.ndarray:
+        """Rows in the order of `items`, each finalized as its job asks. Sparse outputs
+        leave here as their non-zero entries (engine/sparse.py): a SPLADE model's
+        vocabulary-wide rows, and the token weights that a lexical-weight job takes from
+        after the vector (one per position of the batch)."""
+        if self.spec.task == "sparse":
+            return [from_dense(row) for row in pooled]
         dim = self.model.backend.dimension
         extra = pooled[:, dim:]
         pooled = pooled[:, :dim]
@@ -496,12 +503,10 @@ class ModelWorker:
             dims, normalize, ln = first
             return finalize(pooled, dimensions=dims, normalize=normalize, layer_norm_first=ln)
         groups: dict[tuple[int | None, bool, bool], list[int]] = defaultdict(list)
-        out: list[np.ndarray] = [pooled[0]] * len(items)
+        out: list[np.ndarray | SparseRow] = [pooled[0]] * len(items)
         for row, key in enumerate(keys):
-            if lexical[row]:  # one weight per position, padded to the model's longest input
-                weights = np.zeros(self.model.max_seq_length, dtype=np.float32)
-                weights[: extra.shape[1]] = extra[row]
-                out[row] = weights
+            if lexical[row]:
+                out[row] = from_token_weights(items[row].ids, extra[row], self._special_ids())
             else:
                 groups[key].append(row)
         for (dims, normalize, ln), rows in groups.items():
@@ -509,6 +514,13 @@ class ModelWorker:
             for k, row in enumerate(rows):
                 out[row] = vecs[k]
         return out
+
+    def _special_ids(self) -> frozenset[int]:
+        """Special tokens ([CLS], </s>, padding, ...): no lexical weight of their own."""
+        if self._special is None:
+            decoder = self.model.tokenizer.get_added_tokens_decoder()
+            self._special = frozenset(i for i, t in decoder.items() if t.special)
+        return self._special
 
     def _fail(self, jobs: list[Job]) -> None:
         failed: dict[Hashable, list[JobFailed]] = defaultdict(list)
