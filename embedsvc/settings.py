@@ -272,6 +272,11 @@ class Settings:
     def api_keys(self) -> list[str]:
         """Keys from --api-key and --api-key-file (read once, at start)."""
         keys = [k.strip() for k in self.api_key.split(",") if k.strip()]
+        if self.api_key.strip() and not keys:
+            raise ConfigError(
+                f"api_key {self.api_key!r} holds no key (only commas and spaces); give at "
+                "least one, or leave it unset to serve without keys"
+            )
         if self.api_key_file:
             try:
                 with open(self.api_key_file, encoding="utf-8") as f:

@@ -4,6 +4,7 @@ keys, size limits, schema-driven fuzzing, and a server that survives it all."""
 from __future__ import annotations
 
 import json
+import socket
 from typing import Any
 
 import httpx
@@ -153,6 +154,25 @@ def test_api_keys(server_factory: Any, tmp_path: Any) -> None:
             assert c.get("/v1/models").status_code == 401
             assert c.get("/health").status_code == 200  # open by default
             assert c.get("/metrics").status_code == 200
+            for doc in ("/docs", "/redoc", "/openapi.json"):  # the API docs follow the key
+                assert c.get(doc).status_code == 401
+                assert c.get(doc, headers={"authorization": "Bearer k-one"}).status_code == 200
+        # A client that waits for "100 Continue" before its body gets the 401 instead, and
+        # never sends the body.
+        host, port = s.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(
+                b"POST /embed HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                b"authorization: Bearer wrong\r\nexpect: 100-continue\r\n"
+                b"content-length: 17\r\n\r\n"
+            )
+            answer = b""
+            while b"\r\n\r\n" not in answer or not answer.endswith(b"}"):
+                chunk = sock.recv(4096)
+                assert chunk, answer
+                answer += chunk
+            assert answer.startswith(b"HTTP/1.1 401 Unauthorized"), answer
+            assert b"connection: close" in answer and b"100 Continue" not in answer
         import openai
 
         client = openai.OpenAI(base_url=s.url + "/v1", api_key="k-two", max_retries=0)
@@ -162,6 +182,20 @@ def test_api_keys(server_factory: Any, tmp_path: Any) -> None:
     with server_factory(api_key="k", auth_health_metrics=True) as s, s.client() as c:
         assert c.get("/health").status_code == 401
         assert c.get("/health", headers={"authorization": "Bearer k"}).status_code == 200
+
+
+@pytest.mark.parametrize("keys", [",", " , ,", " "])
+def test_an_api_key_setting_without_a_key_stops_start_up(keys: str) -> None:
+    """`--api-key ,` served with no key while /info said auth was on."""
+    from embedsvc.errors import ConfigError
+    from embedsvc.settings import Settings
+
+    settings = Settings(api_key=keys)
+    if keys.strip():
+        with pytest.raises(ConfigError, match="holds no key"):
+            settings.api_keys()
+    else:  # blank: no keys asked for, none required
+        assert settings.api_keys() == []
 
 
 def test_cors_is_off_unless_configured(server_factory: Any) -> None:

@@ -36,7 +36,6 @@ from embedsvc.errors import ErrorKind
 from embedsvc.logs import request_id_var
 
 OPS_PATHS = frozenset({"/health", "/metrics"})
-DOC_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 # A refused request's body is read and dropped up to this many bytes and seconds.
 DISCARD_BYTES = 64 * 1024 * 1024
 DISCARD_SECONDS = 5.0
@@ -103,7 +102,11 @@ class RequestMiddleware:
             the rest of the body is read and dropped first, within bounds, as nginx's
             lingering close does; past them the connection closes after the answer."""
             headers = None
-            if not body_read and not await self._discard_body(receive):
+            if not body_read and (
+                _expects_continue(scope) or not await self._discard_body(receive)
+            ):
+                # A client waiting for "100 Continue" gets the refusal instead (reading
+                # the body would have told it to send the body first).
                 headers = {"connection": "close"}
             resp = error_response(path, kind, message, headers=headers)
             await resp(scope, receive, send_with_id)
@@ -113,8 +116,9 @@ class RequestMiddleware:
                 ErrorKind.UNHEALTHY, "the server is shutting down; retry on another replica"
             )
             return
+        # The API docs (/docs, /redoc, /openapi.json) follow the key like every route.
         needs_key = self.keys and (path not in OPS_PATHS or self.protect_ops)
-        if needs_key and path not in DOC_PATHS and not self._authorized(auth):
+        if needs_key and not self._authorized(auth):
             what = "missing" if not auth else "invalid"
             await refuse(
                 ErrorKind.UNAUTHORIZED,
@@ -275,6 +279,13 @@ def _scan(
         if keep:
             headers.append((name, value))
     return rid, auth, timeout_header, length, headers
+
+
+def _expects_continue(scope: Scope) -> bool:
+    return any(
+        name == b"expect" and value.lower() == b"100-continue"
+        for name, value in scope.get("headers", ())
+    )
 
 
 def _seconds(value: bytes) -> float | None:
