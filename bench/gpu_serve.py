@@ -150,7 +150,9 @@ def main() -> int:
     try:
         for workers, graph in runs:
             port = free_port()
-            extra = ["--api-workers", str(workers)] + ([] if graph else ["--no-cuda-graphs"])
+            extra = ["--api-workers", str(workers)] + (
+                ["--cuda-graphs"] if graph else ["--no-cuda-graphs"]
+            )
             proc = start([*cmd, "--port", str(port), *extra], port)
             try:
                 url = f"http://127.0.0.1:{port}/embed"

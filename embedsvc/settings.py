@@ -52,10 +52,11 @@ class Settings:
     )
     max_batch_size: int = _setting(128, "inputs per forward pass")
     cuda_graphs: bool = _setting(
-        True,
+        False,
         "on a CUDA device, run forward passes of up to 4096 padded tokens as CUDA graphs "
         "(one launch per pass instead of one per kernel; batches padded to power-of-two "
-        "shapes); BERT-family models on the torch backend",
+        "shapes); BERT-family models on the torch backend. Off until a GPU run shows the "
+        "same vectors and a gain (bench/gpu_check.py)",
     )
     batch_policy: str = _setting(
         "arrival",

@@ -253,6 +253,21 @@ def test_settings_from_flags_env_and_defaults() -> None:
             Settings.from_sources({"keep_alive_timeout": bad}, {})
     auto = Settings()
     assert (auto.batch_tokens_for("cpu"), auto.batch_tokens_for("cuda:0")) == (2048, 16384)
+    # Defaults a GPU run has not proven stay off; the connection bounds are on.
+    assert auto.cuda_graphs is False and auto.http_direct is True
+    assert (auto.max_header_bytes, auto.header_timeout, auto.max_connections) == (32768, 10, 4096)
+    env = {"EMBEDSVC_HTTP_DIRECT": "false", "EMBEDSVC_MAX_CONNECTIONS": "0"}
+    assert (
+        Settings.from_sources({}, env).http_direct,
+        Settings.from_sources({}, env).max_connections,
+    ) == (False, 0)
+    for name, bad in (
+        ("header_timeout", "0"),
+        ("max_connections", "-1"),
+        ("max_header_bytes", "0"),
+    ):
+        with pytest.raises(ConfigError, match=name):
+            Settings.from_sources({name: bad}, {})
 
 
 def test_api_workers_auto_and_explicit() -> None:

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -179,3 +180,28 @@ def test_bert_models_start_without_transformers(model_dir: Path) -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_a_model_the_tracer_cannot_follow_runs_eagerly_with_a_warning(caplog: Any) -> None:
+    """A transformer whose code branches on its input's length traces to one branch: the
+    probes catch it, and one that cannot be traced at all, and each runs eagerly with a
+    WARNING (not an info line nobody reads)."""
+    import torch
+
+    from embedsvc.backends.torch_backend import _trace
+
+    class Branchy(torch.nn.Module):
+        def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            x = (ids * mask).float().unsqueeze(-1).repeat(1, 1, 4)
+            return x * 2 if ids.shape[1] > 8 else x  # a trace keeps the branch it saw
+
+    class Untraceable(torch.nn.Module):
+        def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> Any:
+            return {"states": [ids.tolist()]}  # no tensor out
+
+    for module, said in ((Branchy(), "differs from the eager one"), (Untraceable(), "cannot")):
+        caplog.clear()
+        with caplog.at_level("INFO", logger="embedsvc"):
+            assert _trace(module.eval(), "cpu") is None
+        [record] = [r for r in caplog.records if "running eagerly" in r.getMessage()]
+        assert record.levelname == "WARNING" and said in record.getMessage()

@@ -57,10 +57,10 @@ class BackendSpec:
     threads: int = 0  # CPU threads for a forward pass; 0: the library's default
     task: str = "embed"
     lexical_weights: bool = False
-    cuda_graphs: bool = True  # small passes on a CUDA device as CUDA graphs (cuda_graphs.py)
+    cuda_graphs: bool = False  # small passes on a CUDA device as CUDA graphs (cuda_graphs.py)
 
     @classmethod
-    def of(cls, spec: ModelSpec, threads: int = 0, cuda_graphs: bool = True) -> BackendSpec:
+    def of(cls, spec: ModelSpec, threads: int = 0, cuda_graphs: bool = False) -> BackendSpec:
         return cls(
             name=spec.name,
             hf_id=spec.hf_id,
@@ -95,7 +95,7 @@ class LoadedModel:
 
 
 def load_model(
-    entry: ModelSpec | BackendSpec, path: Path, threads: int = 0, cuda_graphs: bool = True
+    entry: ModelSpec | BackendSpec, path: Path, threads: int = 0, cuda_graphs: bool = False
 ) -> LoadedModel:
     """Load the model in `path` on the calling thread (torch's thread count is per
     thread: call it on the thread that will run the forward passes)."""

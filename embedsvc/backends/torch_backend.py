@@ -192,17 +192,27 @@ def _trace(eager: Any, device: str) -> Any:
 
     try:
         with torch.inference_mode(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # tracer warnings: the probes below decide
+            # The tracer's own warnings (branches on values it fixes): the probes below
+            # decide. Others, such as torch.jit's deprecation, stay visible.
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
             traced = torch.jit.trace(eager, probe(2, 8, True), check_trace=False)
             for rows, cols, padded in ((3, 13, True), (5, 4, True), (4, 6, False)):
                 ids, mask = probe(rows, cols, padded)
                 a, b = eager(ids, mask).float(), traced(ids, mask).float()
                 tol = 1e-4 if a.dtype == torch.float32 else 1e-2
                 if a.shape != b.shape or not torch.allclose(a, b, atol=tol, rtol=tol):
-                    log.info("traced transformer differs from the eager one; running eagerly")
+                    log.warning(
+                        "traced transformer differs from the eager one; running eagerly "
+                        "(slower by the Python of each pass)"
+                    )
                     return None
     except Exception as e:  # a model that cannot be traced runs eagerly
-        log.info("transformer cannot be traced (%s: %s); running eagerly", type(e).__name__, e)
+        log.warning(
+            "transformer cannot be traced (%s: %s); running eagerly (slower by the Python of "
+            "each pass)",
+            type(e).__name__,
+            e,
+        )
         return None
     return traced
 
