@@ -280,6 +280,89 @@ def test_openai_batch_file(server: Server, model_dir: Path, tmp_path: Path) -> N
     assert bad[2]["response"] is None and "url" in bad[2]["error"]["message"]
 
 
+def test_overwrite_removes_only_job_files_and_never_the_input(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`embed corpus.jsonl --output . --overwrite` used to delete the corpus (every
+    *.jsonl in the folder went): an output folder that holds the input is refused, and
+    --overwrite removes only the files a job writes."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    src = write_jsonl(folder / "corpus.jsonl", corpus(20))
+    for out in (folder, tmp_path):  # holds the input, directly or below
+        capsys.readouterr()
+        assert embed(model_dir, str(src), "--output", str(out), "--model", "tiny-bge",
+                     "--overwrite") == 2  # fmt: skip
+        assert "holds the input" in capsys.readouterr().err and src.is_file()
+    inside = folder / "vectors"
+    assert embed(model_dir, str(folder), "--output", str(inside), "--model", "tiny-bge") == 2
+    assert "inside the input folder" in capsys.readouterr().err
+    out = tmp_path / "out"
+    args = [str(src), "--output", str(out), "--model", "tiny-bge"]
+    assert embed(model_dir, *args) == 0
+    keep = [out / "notes.jsonl", out / "README.md", out / "other.parquet"]
+    for f in keep:
+        f.write_text("mine")
+    (out / "part-00007.parquet.tmp").write_bytes(b"left by a killed run")
+    assert embed(model_dir, *args, "--overwrite") == 0
+    assert all(f.read_text() == "mine" for f in keep)
+    assert not (out / "part-00007.parquet.tmp").exists()
+    assert read_output_files(out).num_rows == 20
+
+
+def read_output_files(out: Path) -> pa.Table:
+    """The job's shards (the folder may hold other files of its owner's)."""
+    return pa.concat_tables(pq.read_table(f) for f in sorted(out.glob("part-*.parquet")))
+
+
+def test_resume_redoes_a_shard_that_is_missing_or_changed(model_dir: Path, tmp_path: Path) -> None:
+    """Resume trusted the manifest: a deleted or truncated shard went unnoticed. Every
+    committed shard is checked (size, sha256); from the first bad one on, shards and their
+    error rows are redone, and the output is what an untouched run gives."""
+    rows = corpus(40, seed=3)
+    rows[25]["text"] = None  # an error row in shard 2, one in shard 3
+    rows[33]["text"] = 12
+    src = write_jsonl(tmp_path / "in.jsonl", rows)
+    whole, out = tmp_path / "whole", tmp_path / "out"
+    for folder in (whole, out):
+        assert embed(model_dir, str(src), "--output", str(folder), "--model", "tiny-bge",
+                     "--shard-rows", "10") == 1  # fmt: skip
+    want = read_output(whole)
+    errors = (whole / "_errors.jsonl").read_text()
+    for damage in ("truncate", "delete", "flip"):
+        shard = out / "part-00001.parquet"
+        if damage == "truncate":
+            shard.write_bytes(shard.read_bytes()[:-100])
+        elif damage == "delete":
+            shard.unlink()
+        else:
+            data = bytearray(shard.read_bytes())
+            data[len(data) // 2] ^= 0xFF
+            shard.write_bytes(bytes(data))
+        assert embed(model_dir, str(src), "--output", str(out), "--model", "tiny-bge",
+                     "--shard-rows", "10") == 1  # fmt: skip
+        assert read_output(out).equals(want), damage
+        assert (out / "_errors.jsonl").read_text() == errors  # each error row once
+        manifest = json.loads((out / "_manifest.json").read_text())
+        assert manifest["complete"] and [s["index"] for s in manifest["shards"]] == [0, 1, 2, 3]
+
+
+def test_openai_batch_repeated_custom_ids_are_error_lines(model_dir: Path, tmp_path: Path) -> None:
+    line = {"method": "POST", "url": "/v1/embeddings", "body": {"model": "tiny-bge", "input": "x"}}
+    ids = ["a", "b", "a", "c", "b"]
+    src = write_jsonl(tmp_path / "batch.jsonl", [{"custom_id": i, **line} for i in ids])
+    out = tmp_path / "out"
+    assert embed(model_dir, str(src), "--format", "openai-batch", "--output", str(out)) == 1
+    ok = [json.loads(x) for x in (out / "output.jsonl").read_text().splitlines()]
+    bad = [json.loads(x) for x in (out / "errors.jsonl").read_text().splitlines()]
+    assert [x["custom_id"] for x in ok] == ["a", "b", "c"]
+    assert [(x["custom_id"], x["error"]["code"]) for x in bad] == [
+        ("a", "duplicate_custom_id"),
+        ("b", "duplicate_custom_id"),
+    ]
+    assert bad[0]["error"]["message"].startswith("line 3: custom_id 'a' is used by an earlier")
+
+
 def c_error(server: Server, body: dict[str, Any]) -> Any:
     with server.client() as c:
         return c.post("/v1/embeddings", json=body).json()

@@ -144,7 +144,7 @@ def run(opts: Options, ray: str | None = None, num_actors: int = 0) -> int:
         engine = engines.default
         prompt_name = resolve_prompt_name(engine, opts)
         job = describe_job(engine, opts, source.description, source.fingerprint)
-        manifest = open_output(opts.output, job, opts.overwrite)
+        manifest = open_output(opts.output, job, opts.overwrite, inputs=[opts.input])
         if manifest.complete:
             log.info("%s is complete already: %s", opts.output, manifest.summary)
             return EXIT_ROWS_FAILED if manifest.summary.get("failed") else 0

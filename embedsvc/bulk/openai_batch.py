@@ -29,7 +29,7 @@ from embedsvc.bulk.job import EXIT_ROWS_FAILED, engine_settings, load
 from embedsvc.bulk.output import MANIFEST, open_output, write_atomic
 from embedsvc.bulk.progress import Progress
 from embedsvc.bulk.sources import digest
-from embedsvc.errors import EmbedsvcError
+from embedsvc.errors import ConfigError, EmbedsvcError
 from embedsvc.metrics import Metrics
 
 log = logging.getLogger("embedsvc.embed")
@@ -73,7 +73,7 @@ def run_batch_file(
         "models": {e.name: f"{e.spec.hf_id}@{e.spec.revision}" for e in engines},
     }
     try:
-        manifest = open_output(out, job, overwrite, ERRORS)
+        manifest = open_output(out, job, overwrite, ERRORS, inputs=[str(path)], own=(OUTPUT,))
         if manifest.complete:
             log.info("%s is complete already: %s", out, manifest.summary)
             return EXIT_ROWS_FAILED if manifest.summary.get("failed") else 0
@@ -121,6 +121,26 @@ async def answer(service: Service, line: bytes, n: int) -> tuple[bool, bytes]:
     )
 
 
+def _custom_id(line: bytes) -> str | None:
+    try:
+        request = orjson.loads(line)
+    except ValueError:
+        return None
+    custom_id = request.get("custom_id") if isinstance(request, dict) else None
+    return custom_id if isinstance(custom_id, str) else None
+
+
+def _duplicate(custom_id: str | None, n: int) -> asyncio.Future[tuple[bool, bytes]]:
+    """The error line of a custom_id an earlier line used (OpenAI refuses such files;
+    here the first line is answered and each repeat is an error)."""
+    rid = "batch_req_" + secrets.token_hex(12)
+    message = f"line {n}: custom_id {custom_id!r} is used by an earlier line; each must be unique"
+    done: asyncio.Future[tuple[bool, bytes]] = asyncio.get_running_loop().create_future()
+    done.set_result((False, _line(rid, custom_id, None, {"code": "duplicate_custom_id",
+                                                         "message": message})))  # fmt: skip
+    return done
+
+
 def _validate(raw: dict[str, Any]) -> OpenAIEmbeddingsBody:
     import pydantic
 
@@ -143,6 +163,12 @@ async def _run(path: Path, out: Path, service: Service, manifest: Any) -> int:
     service.engines.start(asyncio.get_running_loop())
     state = manifest.summary.get("progress") or {"lines": 0, "output_bytes": 0, "failed": 0}
     outputs = out / OUTPUT
+    size = outputs.stat().st_size if outputs.exists() else 0
+    if size < state["output_bytes"]:
+        raise ConfigError(
+            f"{outputs} holds {size} bytes, fewer than the {state['output_bytes']} its "
+            "manifest recorded: it was changed since; use --overwrite to start over"
+        )
     with open(outputs, "ab") as fh:
         fh.truncate(state["output_bytes"])  # lines after the last commit are redone
     with open(path, "rb") as f:
@@ -150,7 +176,8 @@ async def _run(path: Path, out: Path, service: Service, manifest: Any) -> int:
     progress = Progress(total, state["lines"], unit="lines")
     ok_out = open(outputs, "ab")  # noqa: SIM115 (closed below)
     err_out = open(out / ERRORS, "ab")  # noqa: SIM115 (closed below)
-    inflight: deque[asyncio.Task[tuple[bool, bytes]]] = deque()
+    inflight: deque[asyncio.Future[tuple[bool, bytes]]] = deque()
+    seen: set[str] = set()  # custom_ids so far, earlier runs' lines included
     lines_done = state["lines"]
     failed = state["failed"]
 
@@ -181,9 +208,16 @@ async def _run(path: Path, out: Path, service: Service, manifest: Any) -> int:
                 if not line.strip():
                     continue
                 n += 1
+                custom_id = _custom_id(line)
+                repeated = custom_id in seen
+                if custom_id is not None:
+                    seen.add(custom_id)
                 if n <= state["lines"]:
                     continue  # answered by an earlier run
-                inflight.append(asyncio.ensure_future(answer(service, line, number)))
+                if repeated:
+                    inflight.append(_duplicate(custom_id, number))
+                else:
+                    inflight.append(asyncio.ensure_future(answer(service, line, number)))
                 if len(inflight) >= WINDOW:
                     await settle()
         while inflight:

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,8 @@ from typing import Any
 import numpy as np
 
 from embedsvc.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "_manifest.json"
 # A leading underscore, like _manifest.json: pyarrow, pandas, datasets, polars and Spark skip
@@ -72,10 +76,47 @@ class Manifest:
         return {int(s["index"]) for s in self.shards}
 
 
+def job_file(name: str, own: tuple[str, ...] = ()) -> bool:
+    """Whether a file of this name is one a job writes (what --overwrite may remove)."""
+    return (
+        re.fullmatch(r"part-\d{5}\.parquet(\.tmp)?", name) is not None
+        or name in (MANIFEST, MANIFEST + ".tmp", ERRORS)
+        or name in own
+    )
+
+
+def check_not_inside(out: Path, inputs: list[str]) -> None:
+    """Refuse an output folder that holds an input (--overwrite would empty it, a rerun
+    would read its own output), or an input folder that holds the output."""
+    where = out.resolve()
+    for raw in inputs:
+        path = Path(raw)
+        if not path.exists():
+            continue  # a dataset name or a pattern, not a path on this machine
+        source = path.resolve()
+        if source == where or where in source.parents:
+            raise ConfigError(
+                f"the output folder {out} holds the input {raw}; choose an output folder of its own"
+            )
+        if source.is_dir() and source in where.parents:
+            raise ConfigError(
+                f"the output folder {out} is inside the input folder {raw}, so a rerun would "
+                "read its own output; choose an output folder outside it"
+            )
+
+
 def open_output(
-    out: Path, job: dict[str, Any], overwrite: bool, errors_name: str = ERRORS
+    out: Path,
+    job: dict[str, Any],
+    overwrite: bool,
+    errors_name: str = ERRORS,
+    inputs: list[str] | None = None,
+    own: tuple[str, ...] = (),
 ) -> Manifest:
-    """The manifest to continue (same job), or a fresh one in an emptied folder."""
+    """The manifest to continue (same job, its committed shards checked), or a fresh one
+    in a folder cleared of the files a job writes (`own`: more names of this job's)."""
+    check_not_inside(out, inputs or [])
+    own = (*own, errors_name)
     path = out / MANIFEST
     if path.is_file() and not overwrite:
         try:
@@ -93,20 +134,68 @@ def open_output(
         m = Manifest(job, old.get("shards", []), int(old.get("errors_bytes", 0)))
         m.complete = bool(old.get("complete"))
         m.summary = old.get("summary", {})
+        committed = len(m.shards)
+        _keep_good_shards(out, m)
         errors = out / errors_name
-        if errors.exists() and errors.stat().st_size > m.errors_bytes:
+        size = errors.stat().st_size if errors.exists() else 0
+        if size < m.errors_bytes:
+            raise ConfigError(
+                f"{errors} holds {size} bytes, fewer than the {m.errors_bytes} its manifest "
+                "recorded: it was changed since; use --overwrite to start over"
+            )
+        if size > m.errors_bytes:
             with open(errors, "r+b") as fh:  # error rows of a shard that did not finish
                 fh.truncate(m.errors_bytes)
+        if m.complete and len(m.shards) < committed:
+            m.complete = False  # a finished job with a shard to redo
         return m
     if out.exists() and any(out.iterdir()) and not path.is_file() and not overwrite:
         raise ConfigError(f"{out} exists and is not an embedsvc output folder; choose another")
     out.mkdir(parents=True, exist_ok=True)
-    for f in out.iterdir():
-        if f.is_file() and (f.suffix in (".parquet", ".tmp", ".jsonl") or f.name == MANIFEST):
+    for f in out.iterdir():  # only what a job writes: never an input or another file
+        if f.is_file() and job_file(f.name, own):
             f.unlink()
     m = Manifest(job)
     write_atomic(path, m.to_json())
     return m
+
+
+def _keep_good_shards(out: Path, m: Manifest) -> None:
+    """Check every committed shard (its file there, with the size and sha256 recorded);
+    from the first that fails on, drop the shards and their error rows, to be redone."""
+    for k, shard in enumerate(m.shards):
+        problem = _shard_problem(out, shard)
+        if problem is None:
+            continue
+        if any("errors_bytes" not in s for s in m.shards[k:]):
+            raise ConfigError(
+                f"{out}: {problem}, and this manifest predates per-shard error offsets; "
+                "use --overwrite to start over"
+            )
+        log.warning("%s: %s; redoing it and the %d shards after it", out, problem,
+                    len(m.shards) - k - 1)  # fmt: skip
+        m.errors_bytes = int(m.shards[k - 1]["errors_bytes"]) if k else 0
+        for later in m.shards[k:]:
+            if later.get("file"):
+                (out / later["file"]).unlink(missing_ok=True)
+        del m.shards[k:]
+        write_atomic(out / MANIFEST, m.to_json())
+        return
+
+
+def _shard_problem(out: Path, shard: dict[str, Any]) -> str | None:
+    name = shard.get("file")
+    if not name:
+        return None  # every row of it failed: no file
+    path = out / name
+    if not path.is_file():
+        return f"shard {name} is missing"
+    if path.stat().st_size != shard.get("bytes"):
+        size, recorded = path.stat().st_size, shard.get("bytes")
+        return f"shard {name} has {size} bytes, not the {recorded} recorded"
+    if sha256_file(path) != shard.get("sha256"):
+        return f"shard {name} differs from the file committed (sha256)"
+    return None
 
 
 class ShardWriter:
@@ -217,6 +306,7 @@ class OutputWriter:
         record = self._shard.close(self._input_rows)
         self.errors.flush()
         os.fsync(self.errors.fileno())
+        record["errors_bytes"] = self.errors.tell()  # where a redo of the next one cuts
         self.manifest.shards.append(record)
         self.manifest.errors_bytes = self.errors.tell()
         write_atomic(self.out / MANIFEST, self.manifest.to_json())

@@ -137,7 +137,7 @@ def _run(ray: Any, opts: Options, num_actors: int) -> int:
     source = _source(opts)
     job = ray.get(ray.remote(_describe_remote).remote(asdict(opts), source.description,
                                                      source.fingerprint))  # fmt: skip
-    manifest = open_output(opts.output, job, opts.overwrite)
+    manifest = open_output(opts.output, job, opts.overwrite, inputs=[opts.input])
     if manifest.complete:
         log.info("%s is complete already: %s", opts.output, manifest.summary)
         return 1 if manifest.summary.get("failed") else 0
