@@ -41,7 +41,7 @@ ENV VIRTUAL_ENV=/opt/embedsvc \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
-COPY pyproject.toml README.md models.yaml ./
+COPY pyproject.toml README.md models.yaml models.lock.json ./
 COPY requirements ./requirements
 # The torch build for this variant first (CUDA or CPU wheel index, with the CUDA runtime
 # packages it brings), then the lock with every hash checked, then embedsvc alone.
@@ -49,8 +49,9 @@ RUN python3 -m venv /opt/embedsvc \
     && pip install --index-url "$TORCH_INDEX_URL" -r requirements/torch.txt \
     && pip install --require-hashes --no-deps -r "requirements/${LOCK:-$EMBEDSVC_LOCK}.lock"
 COPY embedsvc ./embedsvc
-# embedsvc/models.yaml is a link to the top-level file in the repository; ship a copy.
-RUN rm -f embedsvc/models.yaml && cp models.yaml embedsvc/models.yaml \
+# embedsvc/models.yaml and its lock are links to the top-level files; ship copies.
+RUN rm -f embedsvc/models.yaml embedsvc/models.lock.json \
+    && cp models.yaml models.lock.json embedsvc/ \
     && pip install --no-deps --no-build-isolation . && pip check && rm -rf /src
 
 # jemalloc keeps resident memory flat under the many tensor shapes continuous batching
@@ -65,8 +66,11 @@ ENV HF_HOME=/data/hf \
     EMBEDSVC_PORT=8080
 
 ARG PULL_MODELS=""
+# As root: the pull records each file's sha256 in the image's models lock (beside the
+# packaged models.yaml), which the service checks at every start.
+RUN if [ -n "$PULL_MODELS" ]; then \
+        embedsvc pull --models "$PULL_MODELS" && chown -R embedsvc /data/hf; fi
 USER 10001
-RUN if [ -n "$PULL_MODELS" ]; then embedsvc pull --models "$PULL_MODELS"; fi
 # Serving never downloads: models come from the image, the mounted cache, or local_dir.
 ENV HF_HUB_OFFLINE=1
 VOLUME ["/data/hf"]

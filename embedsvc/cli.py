@@ -95,7 +95,8 @@ def pull(args: argparse.Namespace) -> int:
     import numpy as np
 
     from embedsvc.backends import PaddedBatch, load_model
-    from embedsvc.model_files import pull_model
+    from embedsvc.model_files import pull_model, verify_model_files
+    from embedsvc.model_lock import lock_path
     from embedsvc.registry import load_registry
 
     setup_logging("info")
@@ -107,7 +108,13 @@ def pull(args: argparse.Namespace) -> int:
             log.info("model %s comes from %s; nothing to pull", spec.name, spec.source)
             continue
         local = os.path.join(args.local_dir, spec.name) if args.local_dir else None
-        path = pull_model(spec, cache_dir=args.cache_dir, local_dir=local)
+        lock = lock_path(registry.path)
+        path = pull_model(spec, cache_dir=args.cache_dir, local_dir=local, lock=lock)
+        # The files as fetched against the hashes just recorded (the Hub's, for weights).
+        spec = load_registry(registry.path).models[spec.name]
+        verify_model_files(spec, path)
+        log.info("model %s: sha256 of %d files recorded in %s", spec.name,
+                 len(spec.lock.files) + len(spec.lock.code) if spec.lock else 0, lock)  # fmt: skip
         model = load_model(spec, path)
         ids = np.array([model.tokenizer.encode("embedsvc pull check").ids], dtype=np.int64)
         out = model.backend.forward(PaddedBatch(ids, np.ones_like(ids)))

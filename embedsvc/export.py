@@ -43,6 +43,8 @@ class ExportTarget(Protocol):
     def onnx_dir(self) -> str | None: ...
     @property
     def trust_remote_code(self) -> bool: ...
+    @property
+    def code_revision(self) -> str | None: ...
 
 
 OPSET = 18
@@ -188,9 +190,11 @@ def _export_fp32(spec: ExportTarget, model_dir: Path, target: Path) -> None:
     import torch
     from transformers import AutoModel
 
+    code: dict[str, Any] = {"code_revision": spec.code_revision} if spec.code_revision else {}
     model = AutoModel.from_pretrained(
         str(model_dir),
         trust_remote_code=spec.trust_remote_code,
+        **code,
         use_safetensors=True,
         local_files_only=True,
         attn_implementation="sdpa",

@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 from embedsvc.errors import ConfigError
+from embedsvc.model_lock import LockedFiles, hash_folder, lock_key, verify, write_entry
 from embedsvc.registry import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -108,6 +109,74 @@ def check_model_dir(spec: ModelSpec, path: Path) -> None:
                 f"model {spec.name}: config.json asks for remote code ({custom}); set "
                 "trust_remote_code: true in models.yaml only if you trust this pinned revision"
             )
+        return
+    repo = remote_code_repo(path)
+    if repo is None:
+        return  # the code is in the model's own folder, pinned with it
+    if not spec.code_revision:
+        raise ConfigError(
+            f"model {spec.name}: config.json takes its code from another repository, {repo}, "
+            "whose revision is not pinned: what runs would be whatever its main branch holds. "
+            f"Set code_revision: <40-hex commit of {repo}> in models.yaml"
+        )
+    code_dir(spec.name, repo, spec.code_revision)  # in the cache, or stop here
+
+
+def remote_code_repo(path: Path) -> str | None:
+    """The repository config.json's auto_map takes code from when it names another one
+    ("org/repo--module.Class"); None when the code lives in the model's folder."""
+    try:
+        cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    auto = cfg.get("auto_map") if isinstance(cfg, dict) else None
+    if not isinstance(auto, dict):
+        return None
+    refs = [v for value in auto.values() for v in (value if isinstance(value, list) else [value])]
+    repos = {v.split("--", 1)[0] for v in refs if isinstance(v, str) and "--" in v}
+    if len(repos) > 1:
+        raise ConfigError(f"{path}/config.json takes code from several repositories: {repos}")
+    return repos.pop() if repos else None
+
+
+def code_dir(name: str, repo: str, revision: str, cache_dir: str | None = None) -> Path:
+    """The remote code of a model at its pinned commit, from the Hugging Face cache."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(
+            snapshot_download(
+                repo_id=repo,
+                revision=revision,
+                cache_dir=cache_dir,
+                local_files_only=True,
+                allow_patterns=["*.py"],
+            )
+        )
+    except LocalEntryNotFoundError:
+        raise ConfigError(
+            f"model {name}: its code, {repo}@{revision[:12]}, is not in the Hugging Face "
+            f"cache; run `embedsvc pull --models {name}` where the Hub is reachable"
+        ) from None
+
+
+def verify_model_files(spec: ModelSpec, path: Path) -> bool:
+    """Check the folder (and remote code) against the models lock: True when verified,
+    False when the lock has no entry for this model; a difference stops start-up."""
+    if spec.lock is None:
+        log.warning(
+            "model %s: no entry for %s@%s in the models lock; its files are not verified "
+            "(embedsvc pull records them)",
+            spec.name, spec.hf_id, spec.revision[:12],
+        )  # fmt: skip
+        return False
+    verify(f"model {spec.name}", path, spec.lock.files)
+    repo = remote_code_repo(path) if spec.trust_remote_code else None
+    if repo is not None and spec.code_revision:
+        code = code_dir(spec.name, repo, spec.code_revision)
+        verify(f"model {spec.name}: code {repo}@{spec.code_revision[:12]}", code, spec.lock.code)
+    return True
 
 
 def _needs_remote_code(path: Path) -> str:
@@ -129,9 +198,14 @@ def _needs_remote_code(path: Path) -> str:
 
 
 def pull_model(
-    spec: ModelSpec, *, cache_dir: str | None = None, local_dir: str | None = None
+    spec: ModelSpec,
+    *,
+    cache_dir: str | None = None,
+    local_dir: str | None = None,
+    lock: Path | None = None,
 ) -> Path:
-    """Download `spec` at its pinned revision: serving files only, safetensors only.
+    """Download `spec` at its pinned revision: serving files only, safetensors only, and
+    its remote code at code_revision; record every file's sha256 in `lock`.
 
     The repository listing is checked first, so a pickle-only model is refused before
     anything is downloaded. HF_TOKEN and HF_ENDPOINT are honoured by huggingface_hub.
@@ -139,11 +213,14 @@ def pull_model(
     from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub.hf_api import RepoFile
 
-    files = [
-        f.path
+    listing = [
+        f
         for f in HfApi().list_repo_tree(spec.hf_id, revision=spec.revision, recursive=True)
         if isinstance(f, RepoFile)
     ]
+    files = [f.path for f in listing]
+    # The Hub's own sha256 of each LFS file (the weights): what the lock records for them.
+    hub_sha = {f.path: f.lfs.sha256 for f in listing if f.lfs is not None}
     top = [f for f in files if "/" not in f]
     if not any(f.endswith(".safetensors") for f in top):
         pickles = [f for f in top if f.endswith((".bin", ".pt", ".pth", ".ckpt"))]
@@ -173,7 +250,22 @@ def pull_model(
             spec.hf_id, "sparse_linear.pt", revision=spec.revision,
             cache_dir=cache_dir, local_dir=local_dir,
         )  # fmt: skip
+    code: dict[str, str] = {}
+    if spec.trust_remote_code and spec.code_revision:
+        repo = remote_code_repo(result)
+        if repo is not None:
+            snapshot_download(
+                repo_id=repo, revision=spec.code_revision, cache_dir=cache_dir,
+                allow_patterns=["*.py"],
+            )  # fmt: skip
+            code = hash_folder(code_dir(spec.name, repo, spec.code_revision, cache_dir))
     check_model_dir(spec, result)
+    if lock is not None:
+        write_entry(
+            lock,
+            lock_key(spec.hf_id, spec.revision),
+            LockedFiles(hash_folder(result, hub_sha), code),
+        )
     return result
 
 

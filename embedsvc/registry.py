@@ -6,6 +6,7 @@ the offending key, so a wrong file stops start-up with a message a person can ac
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 import yaml
 
 from embedsvc.errors import ConfigError
+from embedsvc.model_lock import LockedFiles, lock_key, lock_path, read_lock
 
 SHA_RE = re.compile(r"^[0-9a-f]{40}$")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")
@@ -53,11 +55,16 @@ class ModelSpec:
     matryoshka_dims: tuple[int, ...] = ()
     matryoshka_layer_norm: bool = False
     trust_remote_code: bool = False
+    # With trust_remote_code, the commit of the repository that holds the code when
+    # config.json takes it from another one (Nomic: nomic-ai/nomic-bert-2048).
+    code_revision: str | None = None
     # BGE-M3: the folder's sparse_linear head gives lexical weights on /embed_sparse.
     lexical_weights: bool = False
     onnx_variant: str = "auto"  # auto: int8 on CPU, fp16 on CUDA
     onnx_dir: str | None = None  # where `embedsvc export` put the model (default: see export.py)
     description: str = ""
+    # The files' sha256 from the models lock beside the models file (model_lock.py).
+    lock: LockedFiles | None = field(default=None, compare=False, repr=False)
 
     @property
     def source(self) -> str:
@@ -102,7 +109,7 @@ class Registry:
         return None
 
 
-_ALLOWED_KEYS = {f for f in ModelSpec.__dataclass_fields__}
+_ALLOWED_KEYS = {f for f in ModelSpec.__dataclass_fields__} - {"lock", "default_prompt_set"}
 _TOP_KEYS = {"default_models", "models"}
 
 
@@ -114,7 +121,13 @@ def load_registry(path: str | Path | None = None) -> Registry:
         raise ConfigError(f"models file not found: {p}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: not valid YAML: {e}") from None
-    return parse_registry(raw, p)
+    registry = parse_registry(raw, p)
+    locked = read_lock(lock_path(p))
+    for name, spec in registry.models.items():
+        entry = locked.get(lock_key(spec.hf_id, spec.revision))
+        if entry is not None:
+            registry.models[name] = dataclasses.replace(spec, lock=entry)
+    return registry
 
 
 def parse_registry(raw: Any, path: Path) -> Registry:
@@ -190,6 +203,15 @@ def _parse_entry(entry: Any, where: str, base_dir: Path) -> ModelSpec:
     for key in ("matryoshka_layer_norm", "trust_remote_code", "lexical_weights"):
         if not isinstance(entry.get(key, False), bool):
             raise ConfigError(f"{where}: {key} must be true or false")
+    code_revision = entry.get("code_revision")
+    if code_revision is not None:
+        if not isinstance(code_revision, str) or not SHA_RE.match(code_revision):
+            raise ConfigError(
+                f"{where}: code_revision {code_revision!r} is not a 40-hex commit SHA of the "
+                "repository that holds the model's code"
+            )
+        if not entry.get("trust_remote_code"):
+            raise ConfigError(f"{where}: code_revision applies with trust_remote_code: true")
     if entry.get("matryoshka_layer_norm") and not dims:
         raise ConfigError(f"{where}: matryoshka_layer_norm needs matryoshka_dims")
     local_dir = entry.get("local_dir")
@@ -237,6 +259,7 @@ def _parse_entry(entry: Any, where: str, base_dir: Path) -> ModelSpec:
         matryoshka_dims=tuple(sorted(set(dims), reverse=True)),
         matryoshka_layer_norm=bool(entry.get("matryoshka_layer_norm", False)),
         trust_remote_code=bool(entry.get("trust_remote_code", False)),
+        code_revision=code_revision,
         lexical_weights=bool(entry.get("lexical_weights", False)),
         onnx_variant=choice("onnx_variant", ONNX_VARIANTS, "auto"),
         onnx_dir=str((base_dir / str(entry["onnx_dir"])).resolve())

@@ -341,7 +341,14 @@ def test_resume_redoes_a_shard_that_is_missing_or_changed(model_dir: Path, tmp_p
             shard.write_bytes(bytes(data))
         assert embed(model_dir, str(src), "--output", str(out), "--model", "tiny-bge",
                      "--shard-rows", "10") == 1  # fmt: skip
-        assert read_output(out).equals(want), damage
+        got = read_output(out)  # the same rows; vectors within batch-shape rounding
+        assert got.column("id").equals(want.column("id")), damage
+        assert got.column("n_tokens").equals(want.column("n_tokens")), damage
+        np.testing.assert_allclose(
+            np.array(got.column("embedding").to_pylist()),
+            np.array(want.column("embedding").to_pylist()),
+            atol=1e-5,
+        )
         assert (out / "_errors.jsonl").read_text() == errors  # each error row once
         manifest = json.loads((out / "_manifest.json").read_text())
         assert manifest["complete"] and [s["index"] for s in manifest["shards"]] == [0, 1, 2, 3]

@@ -84,6 +84,17 @@ def test_pull_then_serve_offline(hub: tuple[HubEmulator, str], tmp_path: Path) -
     snapshot = tmp_path / "hf" / "hub" / "models--org--tiny-bge" / "snapshots" / COMMIT
     assert (snapshot / "model.safetensors").is_file()
     assert "hf_test_token" not in proc.stderr + proc.stdout
+    # The pull recorded every fetched file's sha256 beside models.yaml: the Hub's own for
+    # the weights (LFS), the bytes' for the others.
+    import hashlib
+    import json
+
+    locked = json.loads((tmp_path / "models.lock.json").read_text())["models"]
+    files = locked[f"org/tiny-bge@{COMMIT}"]["files"]
+    repo = emu.repos["org/tiny-bge"].files
+    assert set(files) == {n for n in repo if n.endswith((".json", ".safetensors", ".txt"))}
+    for name, digest in files.items():
+        assert digest == hashlib.sha256(repo[name]).hexdigest()
 
     # Now serve with the Hub unreachable: only the cache is used.
     emu.requests.clear()
@@ -115,6 +126,7 @@ def test_pull_then_serve_offline(hub: tuple[HubEmulator, str], tmp_path: Path) -
         assert r.status_code == 200 and len(r.json()[0]) == 32
         info = httpx.get(f"http://127.0.0.1:{port}/info").json()
         assert info["model_sha"] == COMMIT and info["models"][0]["source"] == "hf_cache"
+        assert info["models"][0]["files_verified"] is True
     finally:
         server.terminate()
         server.communicate(timeout=60)
@@ -176,3 +188,118 @@ def test_pull_fetches_the_bge_m3_sparse_head(model_dir: Path, tmp_path: Path) ->
         assert "sparse_linear.pt" in got and "colbert_linear.pt" not in got
     finally:
         emu.stop()
+
+
+def test_a_changed_or_added_file_stops_loading_with_its_name(
+    hub: tuple[HubEmulator, str], tmp_path: Path
+) -> None:
+    """Files are checked against the lock at load: one that differs (even a config), or
+    one the lock does not list, is named; a model with no lock entry loads unverified."""
+    from embedsvc.errors import ConfigError
+    from embedsvc.model_files import verify_model_files
+    from embedsvc.registry import load_registry
+
+    _, url = hub
+    cfg = models_yaml(tmp_path)
+    env = base_env(tmp_path, url)
+    assert run(["pull", "--models-file", str(cfg), "--models", "tiny-bge"], env).returncode == 0
+    spec = load_registry(cfg).models["tiny-bge"]
+    path = tmp_path / "hf" / "hub" / "models--org--tiny-bge" / "snapshots" / COMMIT
+    assert verify_model_files(spec, path) is True
+    blob = (path / "tokenizer_config.json").resolve()  # the cache's blob behind the link
+    original = blob.read_bytes()
+    blob.write_bytes(original.replace(b"}", b', "model_max_length": 9}', 1))
+    with pytest.raises(ConfigError, match=r"tokenizer_config.json differs from the pinned"):
+        verify_model_files(spec, path)
+    blob.write_bytes(original)
+    assert verify_model_files(spec, path) is True
+    (path / "extra.safetensors").write_bytes(b"not pulled")
+    with pytest.raises(ConfigError, match=r"files the lock does not list \(extra.safetensors"):
+        verify_model_files(spec, path)
+    (path / "extra.safetensors").unlink()
+    (tmp_path / "models.lock.json").unlink()
+    unlocked = load_registry(cfg).models["tiny-bge"]
+    assert unlocked.lock is None and verify_model_files(unlocked, path) is False
+
+
+def test_the_bundled_default_model_is_verified() -> None:
+    """The default model's package files have the sha256 the shipped lock records."""
+    from embedsvc.model_files import resolve_model_dir, verify_model_files
+    from embedsvc.registry import load_registry
+
+    spec = load_registry().models["all-minilm-l6-v2"]
+    assert spec.lock is not None and "model.safetensors" in spec.lock.files
+    assert verify_model_files(spec, resolve_model_dir(spec)) is True
+
+
+CODE_COMMIT = "c0de0000000000000000000000000000c0de0000"
+REMOTE_CODE = b"""from transformers import BertModel
+
+
+class TinyRemoteModel(BertModel):
+    \"\"\"A model class from another repository, as Nomic's config names its code.\"\"\"
+"""
+
+
+def test_remote_code_from_another_repository_is_pinned(model_dir: Path, tmp_path: Path) -> None:
+    """An entry whose config.json takes code from another repository: refused until
+    code_revision pins that repository; then `pull` fetches the code at that commit and
+    records its sha256, the model loads with it offline, and changed code is refused."""
+    import json
+
+    repo = tmp_path / "remote"
+    shutil.copytree(model_dir / "tiny-bge", repo)
+    config = json.loads((repo / "config.json").read_text())
+    config["auto_map"] = {"AutoModel": "org/tiny-code--modeling_tiny.TinyRemoteModel"}
+    (repo / "config.json").write_text(json.dumps(config))
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "modeling_tiny.py").write_bytes(REMOTE_CODE)
+    emu = HubEmulator()
+    emu.add_folder("org/tiny-remote", COMMIT, repo)
+    emu.add_folder("org/tiny-code", CODE_COMMIT, code)
+    url = emu.start()
+    entry = (f"default_models: [tiny-remote]\nmodels:\n  - name: tiny-remote\n"
+             f"    hf_id: org/tiny-remote\n    revision: {COMMIT}\n    pooling: cls\n"
+             f"    trust_remote_code: true\n")  # fmt: skip
+    try:
+        env = base_env(tmp_path, url)
+        cfg = tmp_path / "models.yaml"
+        cfg.write_text(entry)
+        proc = run(["pull", "--models-file", str(cfg)], env)
+        assert proc.returncode == 2, proc.stderr
+        assert "takes its code from another repository, org/tiny-code" in proc.stderr
+        assert "code_revision" in proc.stderr
+        cfg.write_text(entry + f"    code_revision: {CODE_COMMIT}\n")
+        proc = run(["pull", "--models-file", str(cfg)], env)
+        assert proc.returncode == 0, proc.stderr
+        assert "modeling_tiny.py" in emu.downloaded()
+        assert "remote code at c0de00000000" in proc.stderr  # loaded with the pinned code
+        locked = json.loads((tmp_path / "models.lock.json").read_text())["models"]
+        import hashlib
+
+        assert locked[f"org/tiny-remote@{COMMIT}"]["code"] == {
+            "modeling_tiny.py": hashlib.sha256(REMOTE_CODE).hexdigest()
+        }
+        offline = dict(env, HF_HUB_OFFLINE="1", HF_ENDPOINT="http://127.0.0.1:9")
+        snapshot = tmp_path / "hf" / "hub" / "models--org--tiny-code" / "snapshots" / CODE_COMMIT
+        blob = (snapshot / "modeling_tiny.py").resolve()
+        blob.write_bytes(REMOTE_CODE + b"\nprint('changed')\n")
+        said = refused_start(cfg, offline)
+        assert "code org/tiny-code@c0de00000000" in said
+        assert "modeling_tiny.py differs from the pinned" in said
+        shutil.rmtree(snapshot)  # and code that is not there at all
+        said = refused_start(cfg, offline)
+        assert "its code, org/tiny-code@c0de00000000, is not in the Hugging Face" in said
+    finally:
+        emu.stop()
+
+
+def refused_start(cfg: Path, env: dict[str, str]) -> str:
+    """`embedsvc serve` with this models file, which must stop at start: what it said."""
+    served = subprocess.run(
+        [sys.executable, "-m", "embedsvc", "serve", "--models-file", str(cfg), "--port", "0"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert served.returncode != 0
+    return served.stderr

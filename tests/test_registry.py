@@ -55,6 +55,10 @@ def test_shipped_registry_has_every_family_pinned() -> None:
     assert (e5.prompts["query"], e5.prompts["passage"]) == ("query: ", "passage: ")
     # Everything except the bundled model defaults to no remote code.
     assert [s.name for s in reg.models.values() if s.trust_remote_code] == ["nomic-embed-text-v1.5"]
+    # ... and its code, from nomic-ai/nomic-bert-2048, is pinned to a commit too.
+    assert reg.models["nomic-embed-text-v1.5"].code_revision == (
+        "7710840340a098cfb869c4f65e87cf2b1b70caca"
+    )
 
 
 @pytest.mark.parametrize(
@@ -72,6 +76,9 @@ def test_shipped_registry_has_every_family_pinned() -> None:
         ({"trust_remote_code": "yes"}, "trust_remote_code must be true or false"),
         ({"package": "x"}, "either local_dir or package"),
         ({"pooling": "max"}, "pooling 'max' is not one of"),
+        ({"code_revision": "a" * 40}, "code_revision applies with trust_remote_code: true"),
+        ({"trust_remote_code": True, "code_revision": "main"}, "code_revision 'main' is not"),
+        ({"lock": {}}, "unknown key(s) lock"),
     ],
 )
 def test_entry_errors_name_the_model_and_key(change: dict, message: str) -> None:

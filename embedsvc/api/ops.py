@@ -25,6 +25,9 @@ def model_info(e: ModelEngine) -> dict[str, Any]:
         "model_id": spec.hf_id,
         "model_sha": spec.revision,
         "source": spec.source,
+        "code_revision": spec.code_revision,
+        # Every file it loaded (and its remote code) has the sha256 the models lock records.
+        "files_verified": info.files_verified,
         "path": info.path,
         "backend": spec.backend,
         "device": info.device,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -58,6 +58,14 @@ class BackendSpec:
     task: str = "embed"
     lexical_weights: bool = False
     cuda_graphs: bool = False  # small passes on a CUDA device as CUDA graphs (cuda_graphs.py)
+    code_revision: str | None = None  # the commit of the remote code, when pinned
+
+    def remote_code(self) -> dict[str, Any]:
+        """from_pretrained's arguments for remote code: allowed (or not), at which commit."""
+        kw: dict[str, Any] = {"trust_remote_code": self.trust_remote_code}
+        if self.trust_remote_code and self.code_revision:
+            kw["code_revision"] = self.code_revision
+        return kw
 
     @classmethod
     def of(cls, spec: ModelSpec, threads: int = 0, cuda_graphs: bool = False) -> BackendSpec:
@@ -77,6 +85,7 @@ class BackendSpec:
             task=spec.task,
             lexical_weights=spec.lexical_weights,
             cuda_graphs=cuda_graphs,
+            code_revision=spec.code_revision,
         )
 
 

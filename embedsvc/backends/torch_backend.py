@@ -148,7 +148,6 @@ def _hf_transformer(modules: Any) -> Any:
     """The Hugging Face model in the first (sentence-transformers Transformer) module as
     a module of (input_ids, attention_mask) -> token states, or None when that module
     does more than call it."""
-    import torch
 
     first = modules[0]
     text = getattr(first, "modality_config", {}).get("text", {})
@@ -161,6 +160,13 @@ def _hf_transformer(modules: Any) -> Any:
     ):
         return None
 
+    return _hidden(first.model)
+
+
+def _hidden(model: Any) -> Any:
+    """A transformers model as a module of (input_ids, attention_mask) -> token states."""
+    import torch
+
     class Hidden(torch.nn.Module):
         def __init__(self, model: Any) -> None:
             super().__init__()
@@ -171,7 +177,59 @@ def _hf_transformer(modules: Any) -> Any:
                 "last_hidden_state"
             ]
 
-    return Hidden(first.model).eval()
+    return Hidden(model).eval()
+
+
+# sentence-transformers modules a remote-code model may list (anything else is refused).
+_REMOTE_CODE_MODULES = ("Transformer", "Pooling", "Normalize")
+_POOLING_KEYS = {
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_lasttoken": "lasttoken",
+}
+
+
+def _load_remote_code(spec: BackendSpec, path: Path) -> _Parts:
+    """A model whose code lives in another repository, loaded with transformers' AutoModel
+    at the pinned `code_revision`, with the entry's pooling. (sentence-transformers drops
+    `code_revision` from model_kwargs when it resolves its own module classes, so through
+    it the code would come from the code repository's main branch.)"""
+    from transformers import AutoModel
+
+    modules = bert.read_json(path / "modules.json") or []
+    kinds = [str(m.get("type", "")).rsplit(".", 1)[-1] for m in modules]
+    other = [k for k in kinds if k not in _REMOTE_CODE_MODULES]
+    if other:
+        raise ConfigError(
+            f"model {spec.name}: remote code with sentence-transformers modules "
+            f"{', '.join(other)} is not supported; only {', '.join(_REMOTE_CODE_MODULES)}"
+        )
+    pooling_dir = next((m.get("path") for m in modules if "Pooling" in str(m.get("type"))), None)
+    pooling_cfg = bert.read_json(path / str(pooling_dir) / "config.json") if pooling_dir else None
+    declared = [v for k, v in _POOLING_KEYS.items() if (pooling_cfg or {}).get(k)]
+    pooling = spec.pooling or (declared[0] if declared else "")
+    if pooling not in ("cls", "mean", "lasttoken"):
+        raise ConfigError(f"model {spec.name}: set pooling in models.yaml (cls, mean, lasttoken)")
+    model, device, _, tokenizer = load_transformers_model(spec, path, AutoModel)
+    hidden = _hidden(model)
+
+    def pool(features: dict[str, Any]) -> dict[str, Any]:
+        states, mask = features["token_embeddings"], features["attention_mask"]
+        features["sentence_embedding"] = bert.pool(states, mask, pooling)
+        return features
+
+    config = bert.read_json(path / "config.json") or {}
+    sbert = bert.read_json(path / "sentence_bert_config.json") or {}
+    return _Parts(
+        encoder=_trace(hidden, device) or hidden,
+        head=[pool],
+        pooling=pooling,
+        dimension=int(model.config.hidden_size),
+        tokenizer=tokenizer,
+        pad_token_id=pad_token_id_of(path, tokenizer, config),
+        max_seq_length=sbert.get("max_seq_length"),
+        via=f"transformers, remote code at {(spec.code_revision or '')[:12]}",
+    )
 
 
 def _trace(eager: Any, device: str) -> Any:
@@ -245,6 +303,8 @@ def load_torch_model(spec: BackendSpec, path: Path) -> LoadedModel:
             parts = _load_lean(lean, path, device, dtype, states=spec.lexical_weights)
         except ValueError as e:  # weights named otherwise: the library knows more layouts
             log.info("model %s: %s; loading it with sentence-transformers", spec.name, e)
+    if parts is None and spec.trust_remote_code and spec.code_revision:
+        parts = _load_remote_code(spec, path)
     if parts is None:
         parts = _load_sentence_transformers(spec, path, device, dtype)
     if spec.pooling and parts.pooling != spec.pooling:
@@ -336,9 +396,7 @@ def load_transformers_model(
     if dtype != "float32":
         kwargs["dtype"] = getattr(torch, dtype)
     try:
-        model = auto_class.from_pretrained(
-            str(path), trust_remote_code=spec.trust_remote_code, **kwargs
-        )
+        model = auto_class.from_pretrained(str(path), **spec.remote_code(), **kwargs)
     except Exception as e:  # the library raises many types; report the reason plainly
         raise ConfigError(f"model {spec.name}: cannot load {path}: {type(e).__name__}: {e}") from e
     model.to(device).eval()

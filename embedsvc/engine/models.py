@@ -16,7 +16,7 @@ from embedsvc.engine.types import ModelInfo
 from embedsvc.engine.worker import ModelWorker
 from embedsvc.errors import ConfigError, ModelNotFoundError
 from embedsvc.metrics import Metrics
-from embedsvc.model_files import check_model_dir, resolve_model_dir
+from embedsvc.model_files import check_model_dir, resolve_model_dir, verify_model_files
 from embedsvc.registry import ModelSpec
 from embedsvc.settings import Settings
 
@@ -84,11 +84,13 @@ def load_workers(
     for spec in specs:
         path = resolve_model_dir(spec)
         check_model_dir(spec, path)
+        verified = verify_model_files(spec, path)
         # Load on the compute thread, where every forward pass will run (compute.py).
         model = compute_thread().call(
             functools.partial(load_model, spec, path, settings.cpu_threads(), settings.cuda_graphs)
         )
         worker = ModelWorker(spec, model, settings, metrics)
+        worker.files_verified = verified
         worker.on_fatal = on_fatal
         worker.warmup()
         workers[spec.name] = worker

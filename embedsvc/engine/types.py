@@ -75,6 +75,7 @@ class ModelInfo:
     # texts (engine/calibration.py), measured at warm-up.
     calibration: dict[int, tuple[list[float], list[float]]] = field(default_factory=dict)
     score_activation: str = ""  # task rerank: sigmoid | identity
+    files_verified: bool = False  # every file's sha256 as the models lock records it
 
     @property
     def task(self) -> str:

@@ -62,6 +62,7 @@ class ModelWorker:
         self.spec = spec
         self.model = model
         self._special: frozenset[int] | None = None
+        self.files_verified = False  # checked against the models lock at load
         self.name = spec.name
         self.settings = settings
         self.m = metrics.for_model(spec.name)
@@ -135,6 +136,7 @@ class ModelWorker:
             tokens_per_second=self.rate.rate,
             calibration=self.calibration,
             score_activation=m.score_activation,
+            files_verified=self.files_verified,
         )
 
     @property

@@ -1,0 +1,171 @@
+"""The sha256 of every file a model loads, kept beside models.yaml and checked at load.
+
+`models.lock.json` (the models file's name with `.lock.json`) holds, per pinned model
+(`hf_id@revision`), the sha256 of each file of its folder and, for an entry with remote
+code, of each file of the code repository at `code_revision`. `embedsvc pull` writes it
+(the Hub's own sha256 for LFS files, the fetched bytes' for the others); the shipped one
+covers the bundled default model. At load every listed file must be there with its hash,
+and no other file that a loader reads may be: a file that differs stops start-up with its
+name. Hashing is cached by path, size and mtime (`~/.cache/embedsvc/sha256.json`), so a
+restart does not read the weights again. A model without an entry loads unverified (a
+WARNING, and `/info` says so).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from embedsvc.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+LOCK_VERSION = 1
+# Files a loader reads (weights, configs, tokenizers, remote code, the BGE-M3 head).
+LOADED_SUFFIXES = (".safetensors", ".json", ".py", ".txt", ".model", ".pt")
+
+
+@dataclass(frozen=True)
+class LockedFiles:
+    """One model's recorded hashes: folder files and remote-code files, by relative path."""
+
+    files: dict[str, str]
+    code: dict[str, str] = field(default_factory=dict)
+
+
+def lock_path(models_file: Path) -> Path:
+    return models_file.with_name(models_file.stem + ".lock.json")
+
+
+def lock_key(hf_id: str, revision: str) -> str:
+    return f"{hf_id}@{revision}"
+
+
+def read_lock(path: Path) -> dict[str, LockedFiles]:
+    if not path.is_file():
+        return {}
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        return {
+            key: LockedFiles(dict(entry["files"]), dict(entry.get("code", {})))
+            for key, entry in raw["models"].items()
+        }
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ConfigError(f"{path}: not a models lock ({type(e).__name__}: {e})") from None
+
+
+def write_entry(path: Path, key: str, locked: LockedFiles) -> None:
+    """Add or replace one model's entry, the file replaced atomically."""
+    raw: dict[str, Any] = {"version": LOCK_VERSION, "models": {}}
+    if path.is_file():
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    entry: dict[str, Any] = {"files": dict(sorted(locked.files.items()))}
+    if locked.code:
+        entry["code"] = dict(sorted(locked.code.items()))
+    raw["models"][key] = entry
+    raw["models"] = dict(sorted(raw["models"].items()))
+    body = json.dumps(raw, indent=1) + "\n"
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(body)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise ConfigError(
+            f"cannot write the models lock {path} ({e}); keep models.yaml (and its lock) in "
+            "a folder you can write, and pass --models-file"
+        ) from None
+
+
+def folder_files(folder: Path) -> list[str]:
+    """Relative paths of the files under `folder` that a loader may read."""
+    return sorted(
+        str(p.relative_to(folder))
+        for p in folder.rglob("*")
+        if p.is_file() and p.name.endswith(LOADED_SUFFIXES)
+    )
+
+
+def sha256_of(path: Path) -> str:
+    """The file's sha256, from the cache when its size and mtime are as cached."""
+    real = os.path.realpath(path)
+    st = os.stat(real)
+    cache = _HashCache.get()
+    hit = cache.entries.get(real)
+    if hit is not None and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
+        return str(hit[2])
+    h = hashlib.sha256()
+    with open(real, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    digest = h.hexdigest()
+    cache.entries[real] = [st.st_size, st.st_mtime_ns, digest]
+    cache.dirty = True
+    return digest
+
+
+def hash_folder(folder: Path, known: dict[str, str] | None = None) -> dict[str, str]:
+    """sha256 per loaded file of `folder`; `known` (e.g. the Hub's LFS hashes) first."""
+    known = known or {}
+    return {rel: known.get(rel) or sha256_of(folder / rel) for rel in folder_files(folder)}
+
+
+def verify(what: str, folder: Path, expected: dict[str, str]) -> None:
+    """Every file of `expected` in `folder` with its sha256, and no other loaded file."""
+    for rel, want in sorted(expected.items()):
+        path = folder / rel
+        if not path.is_file():
+            raise ConfigError(f"{what}: {rel} is missing from {folder} (the lock lists it)")
+        got = sha256_of(path)
+        if got != want:
+            raise ConfigError(
+                f"{what}: {path} differs from the pinned file (sha256 {got[:16]}..., the lock "
+                f"says {want[:16]}...); fetch it again with `embedsvc pull`"
+            )
+    extra = [rel for rel in folder_files(folder) if rel not in expected]
+    if extra:
+        raise ConfigError(
+            f"{what}: {folder} holds files the lock does not list ({', '.join(extra[:5])}); "
+            "remove them, or pull the model again to record them"
+        )
+    _HashCache.get().save()
+
+
+class _HashCache:
+    """path -> [size, mtime_ns, sha256], one file per user."""
+
+    _instance: _HashCache | None = None
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.dirty = False
+        try:
+            self.entries: dict[str, list[Any]] = json.loads(path.read_text())
+        except (OSError, ValueError):
+            self.entries = {}
+
+    @classmethod
+    def get(cls) -> _HashCache:
+        if cls._instance is None:
+            base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+            cls._instance = cls(Path(base) / "embedsvc" / "sha256.json")
+        return cls._instance
+
+    def save(self) -> None:
+        if not self.dirty:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent)
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.entries, f)
+            os.replace(tmp, self.path)
+            self.dirty = False
+        except OSError as e:  # a read-only home: hashing again next start, nothing worse
+            log.debug("cannot write %s: %s", self.path, e)
