@@ -83,13 +83,22 @@ def write_entry(path: Path, key: str, locked: LockedFiles) -> None:
         ) from None
 
 
+# Folders inside a model folder that are not the model's: `embedsvc export`'s ONNX
+# exports (checked against their export.json), and hidden ones (huggingface_hub's .cache).
+NOT_THE_MODEL = ("embedsvc-onnx",)
+
+
 def folder_files(folder: Path) -> list[str]:
     """Relative paths of the files under `folder` that a loader may read."""
-    return sorted(
-        str(p.relative_to(folder))
-        for p in folder.rglob("*")
-        if p.is_file() and p.name.endswith(LOADED_SUFFIXES)
-    )
+    out = []
+    for p in folder.rglob("*"):
+        rel = p.relative_to(folder)
+        top = rel.parts[0]
+        if top in NOT_THE_MODEL or any(part.startswith(".") for part in rel.parts):
+            continue
+        if p.is_file() and p.name.endswith(LOADED_SUFFIXES):
+            out.append(str(rel))
+    return sorted(out)
 
 
 def sha256_of(path: Path) -> str:

@@ -217,6 +217,10 @@ def test_a_changed_or_added_file_stops_loading_with_its_name(
     with pytest.raises(ConfigError, match=r"files the lock does not list \(extra.safetensors"):
         verify_model_files(spec, path)
     (path / "extra.safetensors").unlink()
+    export = path / "embedsvc-onnx" / "int8"  # where `embedsvc export` puts its output
+    export.mkdir(parents=True)
+    (export / "export.json").write_text("{}")
+    assert verify_model_files(spec, path) is True
     (tmp_path / "models.lock.json").unlink()
     unlocked = load_registry(cfg).models["tiny-bge"]
     assert unlocked.lock is None and verify_model_files(unlocked, path) is False
