@@ -388,7 +388,7 @@ def main() -> None:
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--engine-alone"]:
-        from embedsvc.cli import exit_now
+        from embedsvc.process import exit_now
 
         _engine_alone(float(sys.argv[2]))
         # Without the interpreter's teardown, as `embedsvc serve` exits: torch's idle

@@ -7,11 +7,12 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any, NoReturn
+from typing import Any
 
 from embedsvc import __version__
 from embedsvc.errors import ConfigError
 from embedsvc.logs import setup_logging
+from embedsvc.process import exit_now
 from embedsvc.settings import Settings
 
 log = logging.getLogger("embedsvc")
@@ -75,18 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def models_file(args: argparse.Namespace) -> str | None:
     """--models-file, else EMBEDSVC_MODELS_FILE (as for `serve`), else the shipped file."""
-    return args.models_file or os.environ.get("EMBEDSVC_MODELS_FILE") or None
-
-
-def exit_now(code: int) -> NoReturn:
-    """End a server process without the interpreter's teardown. Native thread pools
-    (torch, onnxruntime, tokenizers) still running then can abort it ("terminate called
-    without an active exception", exit -6) after a clean drain; everything worth keeping
-    (logs, metrics files, the run folder) is flushed or removed by now."""
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    return Settings.from_sources({"models_file": args.models_file}, os.environ).models_file or None
 
 
 def pull(args: argparse.Namespace) -> int:
@@ -101,8 +91,7 @@ def pull(args: argparse.Namespace) -> int:
 
     setup_logging("info")
     registry = load_registry(models_file(args))
-    chosen = args.models or os.environ.get("EMBEDSVC_MODELS", "")
-    names = [m.strip() for m in chosen.split(",") if m.strip()]
+    names = Settings.from_sources({"models": args.models}, os.environ).model_names()
     for spec in registry.select(names):
         if spec.source != "hf_cache":
             log.info("model %s comes from %s; nothing to pull", spec.name, spec.source)

@@ -38,6 +38,7 @@ from embedsvc.http_protocol import ConnectionLimits, http_protocol
 from embedsvc.logs import setup_logging
 from embedsvc.memory import settle_gc, tune_allocator
 from embedsvc.metrics import Metrics
+from embedsvc.process import exit_now
 from embedsvc.registry import ModelSpec, load_registry
 from embedsvc.settings import Settings
 
@@ -142,6 +143,7 @@ def _uvicorn_config(app: Any, settings: Settings, **kw: Any) -> uvicorn.Config:
 
 def serve(settings: Settings) -> int:
     setup_logging(settings.log_level, settings.log_format)
+    log.info("embedsvc %s settings: %s", __version__, settings.describe())
     # Each tokenizer call runs on the thread that makes it. The tokenizer library's own
     # thread pool spins up for every call, however small: on a busy server it took as
     # much CPU as the tokenizing itself, and front-end processes (and the tokenizer
@@ -233,8 +235,6 @@ def run_frontend(
     _quiet_signals()
     server.run(sockets=[sock])
     _ignore_signals()
-    from embedsvc.cli import exit_now
-
     exit_now(0)
 
 

@@ -18,8 +18,9 @@ from embedsvc.errors import ConfigError
 ENV_PREFIX = "EMBEDSVC_"
 
 
-def _setting(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
+def _setting(default: Any, help: str, secret: bool = False) -> Any:
+    """One setting; a `secret` one never shows in a repr or the start-up log."""
+    return field(default=default, repr=not secret, metadata={"help": help, "secret": secret})
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,7 @@ class Settings:
         "",
         "comma-separated API keys; when set, every route but /health and /metrics needs "
         "'Authorization: Bearer KEY'",
+        secret=True,
     )
     api_key_file: str = _setting("", "file with one API key per line (adds to --api-key)")
     auth_health_metrics: bool = _setting(False, "require the API key on /health and /metrics too")
@@ -151,6 +153,15 @@ class Settings:
     )
     log_level: str = _setting("info", "debug, info, warning or error")
     log_format: str = _setting("text", "text or json (one JSON object per line)")
+
+    def describe(self) -> str:
+        """Every setting as name=value, secrets as *** (the start-up log line)."""
+        parts = []
+        for f in self.fields():
+            value = getattr(self, f.name)
+            shown = "***" if f.metadata["secret"] and value else repr(value)
+            parts.append(f"{f.name}={shown}")
+        return ", ".join(parts)
 
     @classmethod
     def fields(cls) -> list[dataclasses.Field[Any]]:

@@ -270,6 +270,16 @@ def test_settings_from_flags_env_and_defaults() -> None:
             Settings.from_sources({name: bad}, {})
 
 
+def test_secrets_never_show_and_the_effective_settings_are_described() -> None:
+    s = Settings.from_sources({"port": "9001"}, {"EMBEDSVC_API_KEY": "s3cret-key"})
+    assert s.api_keys() == ["s3cret-key"]
+    assert "s3cret" not in repr(s) and "s3cret" not in s.describe()
+    described = dict(part.split("=", 1) for part in s.describe().split(", "))
+    assert described["api_key"] == "***" and described["port"] == "9001"
+    assert set(described) == {f.name for f in Settings.fields()}
+    assert dict(p.split("=", 1) for p in Settings().describe().split(", "))["api_key"] == "''"
+
+
 def test_api_workers_auto_and_explicit() -> None:
     from embedsvc.settings import available_cpus
 

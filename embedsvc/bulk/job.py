@@ -88,7 +88,7 @@ def engine_settings(extra_inputs: int = 0, threads: int = 0) -> Settings:
 
 
 def load(models_file: str | None, names: list[str], settings: Settings) -> EngineSet:
-    registry = load_registry(models_file or os.environ.get("EMBEDSVC_MODELS_FILE") or None)
+    registry = load_registry(models_file or settings.models_file or None)
     return load_engines(registry.select(names), settings, Metrics())
 
 

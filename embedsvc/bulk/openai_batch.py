@@ -60,9 +60,9 @@ def run_batch_file(
 ) -> int:
     from embedsvc.registry import load_registry
 
-    registry = load_registry(models_file or os.environ.get("EMBEDSVC_MODELS_FILE") or None)
-    wanted = [model] if model else [m for m in models_named(path) if m in registry.models]
     settings = engine_settings()
+    registry = load_registry(models_file or settings.models_file or None)
+    wanted = [model] if model else [m for m in models_named(path) if m in registry.models]
     engines = load(models_file, wanted, settings)
     service = Service(settings, Metrics())
     service.engines = engines
