@@ -215,7 +215,11 @@ def embed(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         models_file=models_file(args),
     )
-    return run(opts, args.ray, args.num_actors)
+    if args.ray is not None:
+        from embedsvc.bulk.ray_job import run_ray
+
+        return run_ray(opts, args.ray, args.num_actors)
+    return run(opts)
 
 
 def list_models(args: argparse.Namespace) -> int:

@@ -124,18 +124,19 @@ def describe_job(
     }
 
 
-def run(opts: Options, ray: str | None = None, num_actors: int = 0) -> int:
-    """Run the job here, or on a Ray cluster when `ray` is an address ("" = local)."""
+def check_options(opts: Options) -> None:
+    """What a job refuses before it reads anything (here or on Ray)."""
     if opts.dtype not in ("float32", "float16"):
         raise ConfigError(f"--dtype must be float32 or float16, got {opts.dtype!r}")
     if opts.on_error not in ("skip", "fail"):
         raise ConfigError(f"--on-error must be skip or fail, got {opts.on_error!r}")
     if opts.shard_rows < 1:
         raise ConfigError("--shard-rows must be at least 1")
-    if ray is not None:
-        from embedsvc.bulk.ray_job import run_ray
 
-        return run_ray(opts, ray, num_actors)
+
+def run(opts: Options) -> int:
+    """Run the job on this machine (bulk/ray_job.py runs it on a Ray cluster)."""
+    check_options(opts)
     source = open_source(
         opts.input, opts.format, split=opts.split, revision=opts.revision, streaming=opts.streaming
     )

@@ -25,6 +25,7 @@ from embedsvc.bulk.job import (
     Chunk,
     ChunkEmbedder,
     Options,
+    check_options,
     chunks,
     describe_job,
     engine_settings,
@@ -122,6 +123,8 @@ class EmbedActor:
 
 
 def run_ray(opts: Options, address: str | None, num_actors: int) -> int:
+    """Run the job on a Ray cluster at `address` ("" = a local one)."""
+    check_options(opts)
     try:
         import ray
     except ImportError:
