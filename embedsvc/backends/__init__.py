@@ -3,12 +3,7 @@
 They return pooled float32 vectors and never see HTTP, prompts or Matryoshka.
 """
 
-from embedsvc.backends.base import (
-    Backend,
-    BackendOutOfMemory,
-    LoadedModel,
-    PaddedBatch,
-    load_model,
-)
+from embedsvc.backends.base import Backend, BackendOutOfMemory, LoadedModel, PaddedBatch
+from embedsvc.backends.loaders import load_model
 
 __all__ = ["Backend", "BackendOutOfMemory", "LoadedModel", "PaddedBatch", "load_model"]

@@ -101,28 +101,3 @@ class LoadedModel:
     pooling: str
     # task rerank: what turns the model's logit into a score by default (sigmoid | identity)
     score_activation: str = ""
-
-
-def load_model(
-    entry: ModelSpec | BackendSpec, path: Path, threads: int = 0, cuda_graphs: bool = False
-) -> LoadedModel:
-    """Load the model in `path` on the calling thread (torch's thread count is per
-    thread: call it on the thread that will run the forward passes)."""
-    spec = entry if isinstance(entry, BackendSpec) else BackendSpec.of(entry, threads, cuda_graphs)
-    if spec.task == "rerank":
-        from embedsvc.backends.cross_encoder import load_cross_encoder
-
-        return load_cross_encoder(spec, path)
-    if spec.task == "sparse":
-        from embedsvc.backends.splade import load_splade
-
-        return load_splade(spec, path)
-    if spec.backend == "torch":
-        from embedsvc.backends.torch_backend import load_torch_model
-
-        return load_torch_model(spec, path)
-    if spec.backend == "onnx":
-        from embedsvc.backends.onnx_backend import load_onnx_model
-
-        return load_onnx_model(spec, path)
-    raise ValueError(f"unknown backend {spec.backend}")

@@ -15,7 +15,7 @@ import numpy as np
 
 from embedsvc.backends.base import BackendSpec, LoadedModel, PaddedBatch
 from embedsvc.backends.bert import read_json
-from embedsvc.backends.torch_backend import (
+from embedsvc.backends.torch_common import (
     TorchThreads,
     guarded,
     load_transformers_model,

@@ -8,7 +8,7 @@ import functools
 import logging
 from collections.abc import Callable, Iterator
 
-from embedsvc.backends.base import load_model
+from embedsvc.backends.loaders import load_model
 from embedsvc.engine.compute import compute_thread, cpu_lanes
 from embedsvc.engine.core import CoreLink, LocalCore
 from embedsvc.engine.engine import Frontend, ModelEngine

@@ -1,0 +1,32 @@
+"""Which loader loads a model: a table by (task, backend), each loader a module of its own
+imported only when a model needs it (onnxruntime, transformers' classes)."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+from embedsvc.backends.base import BackendSpec, LoadedModel
+from embedsvc.registry import ModelSpec
+
+# (task, backend) -> "module:function" taking (BackendSpec, folder) -> LoadedModel
+LOADERS = {
+    ("embed", "torch"): "embedsvc.backends.torch_backend:load_torch_model",
+    ("embed", "onnx"): "embedsvc.backends.onnx_backend:load_onnx_model",
+    ("rerank", "torch"): "embedsvc.backends.cross_encoder:load_cross_encoder",
+    ("sparse", "torch"): "embedsvc.backends.splade:load_splade",
+}
+
+
+def load_model(
+    entry: ModelSpec | BackendSpec, path: Path, threads: int = 0, cuda_graphs: bool = False
+) -> LoadedModel:
+    """Load the model in `path` on the calling thread (torch's thread count is per
+    thread: call it on the thread that will run the forward passes)."""
+    spec = entry if isinstance(entry, BackendSpec) else BackendSpec.of(entry, threads, cuda_graphs)
+    target = LOADERS.get((spec.task, spec.backend))
+    if target is None:  # the registry refuses these combinations first
+        raise ValueError(f"no loader for task {spec.task} on backend {spec.backend}")
+    module, _, function = target.partition(":")
+    loaded: LoadedModel = getattr(importlib.import_module(module), function)(spec, path)
+    return loaded
