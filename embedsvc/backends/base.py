@@ -1,4 +1,5 @@
-"""The backend protocol and the loader that picks an implementation for a ModelSpec."""
+"""The backend contract: the batch a forward pass takes, what a loaded model offers, and
+what loading needs of a models.yaml entry. Types only: loaders.py picks the loader."""
 
 from __future__ import annotations
 
@@ -32,9 +33,20 @@ class Backend(Protocol):
     device: str
     dtype: str
     dimension: int
+    # Declared capabilities (the engine reads these; it never probes for methods):
+    # forward appends one weight per position of the batch after each vector (BGE-M3's
+    # lexical weights), so rows are [dimension + seq] wide;
+    token_weights: bool
+    # cpu_threads(n) sets the intra-op threads of the calling thread for its next passes
+    # (torch); False where they are fixed when the model loads (onnxruntime).
+    per_pass_threads: bool
 
     def forward(self, batch: PaddedBatch) -> np.ndarray:
         """Pooled (not normalized) float32 vectors, shape [batch, dimension]."""
+        ...
+
+    def cpu_threads(self, n: int | None = None) -> int:
+        """The forward pass's CPU threads: set to `n` first where per_pass_threads."""
         ...
 
 

@@ -30,6 +30,9 @@ _ST_POOLING = {
 
 
 class OnnxBackend:
+    per_pass_threads = False  # onnxruntime fixes its threads when the session is made
+    token_weights = False
+
     def __init__(self, session: Any, pooling: str, device: str, dtype: str, dimension: int) -> None:
         self.session = session
         self.pooling = pooling
@@ -37,6 +40,11 @@ class OnnxBackend:
         self.dtype = dtype
         self.dimension = dimension
         self._inputs = {i.name for i in session.get_inputs()}
+
+    def cpu_threads(self, n: int | None = None) -> int:
+        if n is not None:
+            raise ValueError("onnxruntime's threads are fixed when the session is made")
+        return int(self.session.get_session_options().intra_op_num_threads)
 
     def forward(self, batch: PaddedBatch) -> np.ndarray:
         feed = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}

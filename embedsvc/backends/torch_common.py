@@ -35,6 +35,9 @@ def resolve_dtype(dtype: str, device: str) -> str:
 class TorchThreads:
     """`cpu_threads` for the backends that run torch."""
 
+    per_pass_threads = True
+    token_weights = False  # TorchBackend sets it for a model with lexical weights
+
     def cpu_threads(self, n: int | None = None) -> int:
         """torch's intra-op threads for the calling thread: set to `n` if given; the count."""
         import torch

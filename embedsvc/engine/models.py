@@ -98,7 +98,7 @@ def load_workers(
         # No model gains from intra-op threads: run them on one, so the cores stay free
         # for the front end (forward passes all run on the compute thread).
         first = next(iter(workers.values())).model.backend
-        compute_thread().call(lambda: first.cpu_threads(1))  # type: ignore[attr-defined]
+        compute_thread().call(lambda: first.cpu_threads(1))
         log.info("forward passes run on one CPU thread (the models gain nothing from more)")
     elif all(_cpu_torch(w) for w in workers.values()):
         # Passes side by side under a backlog (compute.Lanes). Only where every model runs
@@ -117,7 +117,7 @@ def load_workers(
 
 def _cpu_torch(w: ModelWorker) -> bool:
     backend = w.model.backend
-    return backend.device == "cpu" and hasattr(backend, "cpu_threads")
+    return backend.device == "cpu" and backend.per_pass_threads
 
 
 def load_engines(

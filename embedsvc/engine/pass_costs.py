@@ -65,8 +65,8 @@ def measure_pass_costs(model: LoadedModel, name: str) -> PassCosts:
         pad_cost=PadCost(fixed, per_width),
         tokens_per_second=256 / max(t_large, 1e-9),
     )
-    threads = getattr(model.backend, "cpu_threads", None)
-    if threads is None or threads() <= 1:
+    threads = model.backend.cpu_threads
+    if not model.backend.per_pass_threads or threads() <= 1:
         return costs
     # Does the model gain from parallel threads? A tiny one does not, and idle threads
     # spinning after each op take cores from the event loop. The two settings take turns

@@ -148,7 +148,7 @@ class ModelWorker:
         self._lanes = lanes
         self._slots = threading.Semaphore(len(lanes.threads))
         # torch's threads for the calling thread (taken now: tests wrap the backend later)
-        self._set_threads: Callable[[int], int] = self.model.backend.cpu_threads  # type: ignore[attr-defined]
+        self._set_threads: Callable[[int], int] = self.model.backend.cpu_threads
 
     def start(self, sink: Sink) -> None:
         self.sink = sink
@@ -165,7 +165,7 @@ class ModelWorker:
         items.sort(key=lambda it: it.length)  # batches of similar length: little padding
         batches = [pad(items[k : k + 16], m.pad_token_id) for k in range(0, len(items), 16)]
         outs = self.compute.call(lambda: [m.backend.forward(b) for b in batches])
-        extra = getattr(m.backend, "token_weights", False)
+        extra = m.backend.token_weights
         for b, o in zip(batches, outs, strict=True):
             width = m.backend.dimension + (b.shape[1] if extra else 0)
             if o.shape != (b.shape[0], width):
