@@ -3,7 +3,7 @@
     python bench/loop_cost.py                   # about a minute
     python bench/loop_cost.py --zero-passes     # forward passes replaced by zeros
 
-64 connections are driven through embedsvc's HTTP protocol (`http_protocol.py`) in this
+64 connections are driven through embedsvc's HTTP protocol (`embedsvc/http/`) in this
 process: each sends a TEI `/embed` body with one short query, and sends the next as soon as
 its answer is written, to an app and engine built as `embedsvc serve` builds them, around
 the tests' tiny BERT (2 layers, 32 wide). No kernel, no load generator, no second process
@@ -84,7 +84,7 @@ async def run(requests: int, models_file: str) -> dict[str, float]:
 
     from embedsvc.api import create_app
     from embedsvc.engine.models import load_engines
-    from embedsvc.http_protocol import EmbedsvcHttpProtocol
+    from embedsvc.http.protocol import EmbedsvcHttpProtocol
     from embedsvc.memory import settle_gc
     from embedsvc.metrics import Metrics
     from embedsvc.registry import load_registry

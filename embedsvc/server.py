@@ -34,7 +34,8 @@ from embedsvc.api.cl100k import Cl100kDecoder
 from embedsvc.api.service import Service
 from embedsvc.engine import EngineSet, load_engines
 from embedsvc.errors import UnhealthyError
-from embedsvc.http_protocol import ConnectionLimits, http_protocol
+from embedsvc.http.protocol import ConnectionLimits
+from embedsvc.http.uvicorn_check import http_protocol
 from embedsvc.logs import setup_logging
 from embedsvc.memory import settle_gc, tune_allocator
 from embedsvc.metrics import Metrics
@@ -136,7 +137,7 @@ def _uvicorn_config(app: Any, settings: Settings, **kw: Any) -> uvicorn.Config:
         access_log=settings.log_level.lower() == "debug",
         timeout_graceful_shutdown=settings.drain_timeout + DRAIN_GRACE,
         timeout_keep_alive=settings.keep_alive_timeout,  # type: ignore[arg-type]
-        http=protocol,  # one write per response, direct routes, bounds (http_protocol.py)
+        http=protocol,  # one write per response, direct routes, bounds (http/)
         **kw,
     )
 

@@ -1,4 +1,4 @@
-"""Responses in one write (embedsvc/http_protocol.py): what reaches the socket, and the
+"""Responses in one write (embedsvc/http/): what reaches the socket, and the
 cases where a head has no body right after it, through a real server."""
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ from typing import Any
 import httpx
 import orjson
 
-from embedsvc.http_protocol import LARGE, _HeadWithBody, header_lines, header_pairs
+from embedsvc.http.answer import header_lines, header_pairs
+from embedsvc.http.one_write import LARGE, _HeadWithBody
 
 
 class Recording(asyncio.Transport):
@@ -350,7 +351,7 @@ def test_without_the_uvicorn_internals_it_needs_uvicorns_own_protocol_serves(
     every request goes through the app; --no-http-direct does the same on purpose."""
     import uvicorn
 
-    from embedsvc.http_protocol import _METHODS, direct_route_problem
+    from embedsvc.http.uvicorn_check import _METHODS, direct_route_problem
     from tests.conftest import run_server
 
     assert direct_route_problem() is None  # the locked uvicorn has everything

@@ -24,7 +24,7 @@ from embedsvc.api.service import Service
 from embedsvc.api.tei import tei_router
 from embedsvc.engine import EngineSet
 from embedsvc.errors import ClientDisconnected, ErrorKind
-from embedsvc.http_protocol import Answer, DirectRoute
+from embedsvc.http.answer import Answer, DirectRoute
 from embedsvc.memory import settle_gc
 from embedsvc.metrics import Metrics
 from embedsvc.settings import Settings
@@ -125,7 +125,7 @@ def create_app(
             allow_headers=["authorization", "content-type", "x-request-id"],
             expose_headers=["x-request-id", "x-total-time", "x-compute-tokens"],
         )
-    # The embedding routes straight from embedsvc's HTTP protocol (http_protocol.py);
+    # The embedding routes straight from embedsvc's HTTP protocol (http/protocol.py);
     # with CORS on, every answer needs the CORS middleware's headers: no direct route.
     return EmbedsvcApp(app, outer, None if origins else middleware.direct)
 

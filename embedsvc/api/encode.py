@@ -11,7 +11,7 @@ import orjson
 from embedsvc.api.precision import INTEGER_FORMATS, Calibration, quantize
 from embedsvc.engine import EmbedResult
 from embedsvc.engine.sparse import SparseRow
-from embedsvc.http_protocol import header_pairs
+from embedsvc.http.answer import header_pairs
 
 _NUMPY = orjson.OPT_SERIALIZE_NUMPY
 

@@ -24,7 +24,7 @@ from embedsvc.api.service import Service
 from embedsvc.api.tei import TRUNCATION_DIRECTIONS
 from embedsvc.engine import EmbedRequest, EmbedResult, ModelEngine
 from embedsvc.errors import ClientDisconnected, EmbedsvcError, ErrorKind
-from embedsvc.http_protocol import Answer, header_lines, header_pairs
+from embedsvc.http.answer import Answer, header_lines, header_pairs
 from embedsvc.logs import request_id_var
 
 log = logging.getLogger(__name__)

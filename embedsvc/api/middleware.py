@@ -13,7 +13,7 @@
   sends a form type by default); a body that is not JSON still gets a 422 that says so.
 - The embedding routes take the lean path (fast.py) when their body allows it; every
   other request, and every body the lean path declines, goes on to the FastAPI app.
-- `direct`: the same for embedsvc's HTTP protocol (http_protocol.py), which offers it
+- `direct`: the same for embedsvc's HTTP protocol (http/protocol.py), which offers it
   each small POST before it would run the app; it answers the lean path's requests
   through a callback (no task, no ASGI messages) and declines the rest.
 """
@@ -184,7 +184,7 @@ class RequestMiddleware:
         disconnected: Callable[[], bool],
         respond: Callable[[Answer], None],
     ) -> bool:
-        """The embedding routes straight from the HTTP protocol (http_protocol.py), for a
+        """The embedding routes straight from the HTTP protocol (http/protocol.py), for a
         POST whose whole body has arrived: what `__call__` does for it, without the ASGI
         messages and the task. False (nothing done) for anything `__call__` would answer
         otherwise than through the lean path: draining, a missing or wrong API key, a bad

@@ -1,15 +1,7 @@
-"""uvicorn's httptools protocol, writing a response's head and body in one write, and
-answering the embedding routes without an ASGI task.
-
-One write (OneWriteHttpProtocol):
-
-uvicorn writes the status line and headers when the app sends `http.response.start` and
-the body on `http.response.body`: two writes, and with TCP_NODELAY two TCP segments, for
-every small response such as an embedding. Here the connection's transport holds a
-response head back until the next write (the body, which the app sends next) and sends
-both together. A head with nothing after it in the same turn of the event loop (a HEAD
-request, a streamed response whose body comes later) goes out at the end of that turn;
-closing the connection sends anything held first. Interim `1xx` heads are not held.
+"""embedsvc's HTTP protocol: uvicorn's httptools protocol with one write per response
+(one_write.py), the embedding routes answered without an ASGI task, and the bounds on what
+a connection holds (ConnectionLimits, write backpressure). One class over about 400 lines:
+its methods are uvicorn's callbacks, overridden together, and read best side by side.
 
 Direct route (EmbedsvcHttpProtocol): uvicorn runs every request as a task that calls the
 ASGI app with receive/send coroutines and message dicts; for single short queries that
@@ -31,101 +23,20 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import inspect
-import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import httptools
-import uvicorn
 from uvicorn.protocols.http import flow_control, httptools_impl
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
+from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 
-log = logging.getLogger("embedsvc")
+from embedsvc.http.answer import Answer, DirectRoute, header_lines
+from embedsvc.http.one_write import OneWriteHttpProtocol
 
-LARGE = 1 << 16
 # What uvicorn buffers of a body before the app reads; its status lines, ready to write.
 HIGH_WATER_LIMIT: int = getattr(flow_control, "HIGH_WATER_LIMIT", 1 << 16)
 STATUS_LINE: dict[int, bytes] = getattr(httptools_impl, "STATUS_LINE", {})
-
-# The parts of uvicorn's httptools protocol (not a public API) that the classes below
-# override or call, checked at start by `direct_route_problem`.
-_METHODS = {
-    "_start_asgi_task": ["self", "cycle", "app"],
-    "_unset_keepalive_if_required": ["self"],
-    "on_message_begin": ["self"],
-    "on_url": ["self", "url"],
-    "on_header": ["self", "name", "value"],
-    "on_headers_complete": ["self"],
-    "on_message_complete": ["self"],
-    "on_response_complete": ["self"],
-    "connection_made": ["self", "transport"],
-    "connection_lost": ["self", "exc"],
-    "data_received": ["self", "data"],
-    "send_400_response": ["self", "msg"],
-    "resume_writing": ["self"],
-    "_should_upgrade": ["self"],
-    "handle_websocket_upgrade": ["self"],
-    "_unsupported_upgrade_warning": ["self"],
-}
-_ATTRIBUTES = (
-    "self.config", "self.loop", "self.parser", "self.flow", "self.pipeline", "self.cycle",
-    "self.scope", "self.headers", "self.url", "self.expect_100_continue", "self.root_path",
-    "self.server_state", "self.connections", "self.timeout_keep_alive_task",
-    "self.timeout_keep_alive", "self.access_log", "self.access_logger", "self.client",
-    "self.transport", "self.app", "self.logger",
-)  # fmt: skip
-_CYCLE_PARAMETERS = [
-    "self", "scope", "transport", "flow", "logger", "access_logger", "access_log",
-    "default_headers", "message_event", "expect_100_continue", "keep_alive", "on_response",
-]  # fmt: skip
-
-
-def direct_route_problem() -> str | None:
-    """What of uvicorn's internals the direct route relies on is missing or has another
-    shape in the installed uvicorn; None when all of it is there."""
-    if not STATUS_LINE or not hasattr(flow_control, "HIGH_WATER_LIMIT"):
-        return "uvicorn.protocols.http has no STATUS_LINE or HIGH_WATER_LIMIT"
-    for name, parameters in _METHODS.items():
-        method = getattr(HttpToolsProtocol, name, None)
-        if method is None:
-            return f"HttpToolsProtocol.{name} is missing"
-        if list(inspect.signature(method).parameters) != parameters:
-            return f"HttpToolsProtocol.{name} takes other arguments"
-    source = inspect.getsource(HttpToolsProtocol)
-    for attribute in _ATTRIBUTES:
-        if attribute not in source:
-            return f"HttpToolsProtocol has no {attribute[5:]}"
-    on_header = inspect.getsource(HttpToolsProtocol.on_header)
-    if "100-continue" not in on_header or "self.headers.append" not in on_header:
-        return "HttpToolsProtocol.on_header does more than embedsvc's copy of it"
-    if list(inspect.signature(RequestResponseCycle.__init__).parameters) != _CYCLE_PARAMETERS:
-        return "RequestResponseCycle takes other arguments"
-    return None
-
-
-def http_protocol(direct: bool, limits: ConnectionLimits | None = None) -> Any:
-    """uvicorn's `http` setting: embedsvc's protocol with these limits when `direct` and
-    the installed uvicorn has what it needs (else a WARNING), uvicorn's own httptools
-    protocol otherwise: slower for small requests, the same answers (of the limits, only
-    the connection cap holds there, as uvicorn's limit_concurrency)."""
-    if not direct:
-        log.info("HTTP: uvicorn's httptools protocol (--no-http-direct)")
-        return "httptools"
-    problem = direct_route_problem()
-    if problem is not None:
-        log.warning(
-            "HTTP: uvicorn %s does not have what embedsvc's direct route needs (%s); serving "
-            "with uvicorn's own protocol, slower for small requests. The tested uvicorn "
-            "releases are in requirements/dev.lock",
-            uvicorn.__version__,
-            problem,
-        )
-        return "httptools"
-    if limits is None or limits == EmbedsvcHttpProtocol.limits:
-        return EmbedsvcHttpProtocol
-    return type("EmbedsvcHttpProtocol", (EmbedsvcHttpProtocol,), {"limits": limits})
 
 
 @dataclass(frozen=True)
@@ -139,98 +50,6 @@ class ConnectionLimits:
 
 class _Refused(Exception):
     """Raised from a parser callback to stop parsing; the refusal is then written."""
-
-
-class _HeadWithBody:
-    """An asyncio transport that joins a response head to the write after it."""
-
-    __slots__ = ("_held", "_loop", "_transport")
-
-    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
-        self._transport = transport
-        self._loop = loop
-        self._held: bytes | None = None
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        held = self._held
-        if held is not None:
-            self._held = None
-            if len(data) > LARGE:  # joining would copy the body; two writes cost less
-                self._transport.write(held)
-                self._transport.write(data)
-            else:
-                self._transport.write(held + bytes(data))
-        elif data[:9] == b"HTTP/1.1 " and data[9:10] != b"1":
-            self._held = bytes(data)
-            self._loop.call_soon(self._flush)
-        else:
-            self._transport.write(data)
-
-    def write_response(self, data: bytes) -> None:
-        """A whole response (head and body): after anything held, never held itself."""
-        held = self._held
-        if held is not None:
-            self._held = None
-            data = held + data
-        self._transport.write(data)
-
-    def _flush(self) -> None:
-        held = self._held
-        if held is not None:
-            self._held = None
-            if not self._transport.is_closing():
-                self._transport.write(held)
-
-    def is_closing(self) -> bool:  # asked after every response: not through __getattr__
-        return self._transport.is_closing()
-
-    def close(self) -> None:
-        self._flush()
-        self._transport.close()
-
-    def write_eof(self) -> None:
-        self._flush()
-        self._transport.write_eof()
-
-    def abort(self) -> None:
-        self._held = None
-        self._transport.abort()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._transport, name)
-
-
-class OneWriteHttpProtocol(HttpToolsProtocol):
-    """HttpToolsProtocol whose responses leave in one write each (see the module)."""
-
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        self.joining = _HeadWithBody(transport, self.loop)
-        super().connection_made(self.joining)  # type: ignore[arg-type]
-
-
-# A response: status, header lines (b"name: value\r\n" each), body. Header lines, not
-# pairs: a direct answer's head is joined from a few byte strings, none built per header.
-Answer = tuple[int, bytes, bytes]
-
-
-def header_lines(headers: Iterable[tuple[bytes, bytes]]) -> bytes:
-    return b"".join(b"%s: %s\r\n" % (name, value) for name, value in headers)
-
-
-def header_pairs(lines: bytes) -> list[tuple[bytes, bytes]]:
-    """`header_lines` back as (name, value) pairs (for an ASGI response)."""
-    pairs = []
-    for line in lines.split(b"\r\n"):
-        if line:
-            name, _, value = line.partition(b": ")
-            pairs.append((name, value))
-    return pairs
-
-
-# The app's direct route: (path, headers, body, disconnected, respond) -> taken.
-DirectRoute = Callable[
-    [str, list[tuple[bytes, bytes]], bytes, Callable[[], bool], Callable[[Answer], None]], bool
-]
 
 
 class _NoWaiters:
