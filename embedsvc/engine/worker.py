@@ -28,9 +28,10 @@ from pathlib import Path
 import numpy as np
 
 from embedsvc.backends.base import BackendOutOfMemory, LoadedModel, PaddedBatch
-from embedsvc.engine import calibration
 from embedsvc.engine.admission import RateEstimate, retry_after
 from embedsvc.engine.batcher import BatchQueue, Item, pad
+from embedsvc.engine.calibration import TEXTS as CALIBRATION_TEXTS
+from embedsvc.engine.calibration import ranges as calibration_ranges
 from embedsvc.engine.compute import Lanes, compute_thread
 from embedsvc.engine.job import Job
 from embedsvc.engine.pass_costs import measure_pass_costs
@@ -160,7 +161,7 @@ class ModelWorker:
         """Run a forward pass before reporting ready (first-call costs, shape checks): the
         calibration texts, whose vectors give the int8/uint8 ranges."""
         m = self.model
-        encoded = m.tokenizer.encode_batch(list(calibration.TEXTS))
+        encoded = m.tokenizer.encode_batch(list(CALIBRATION_TEXTS))
         items = [Item(None, i, e.ids[: m.max_seq_length]) for i, e in enumerate(encoded)]
         items.sort(key=lambda it: it.length)  # batches of similar length: little padding
         batches = [pad(items[k : k + 16], m.pad_token_id) for k in range(0, len(items), 16)]
@@ -173,7 +174,7 @@ class ModelWorker:
         out = np.concatenate([o[:, : m.backend.dimension] for o in outs])
         if self.spec.task == "embed":
             sizes = sorted({m.backend.dimension, *self.spec.matryoshka_dims})
-            self.calibration = calibration.ranges(out, sizes, self.spec.matryoshka_layer_norm)
+            self.calibration = calibration_ranges(out, sizes, self.spec.matryoshka_layer_norm)
         costs = self.compute.call(functools.partial(measure_pass_costs, m, self.name))
         self.rate = RateEstimate(costs.tokens_per_second)
         self.queue.overhead_tokens = costs.overhead_tokens
