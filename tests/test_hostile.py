@@ -315,3 +315,21 @@ def test_tokenize_is_bounded_like_embedding(server: Server) -> None:
         assert "tokens in total, more than max_request_tokens (300000)" in r.json()["error"]
         ok = c.post("/tokenize", json={"inputs": ["a b"] * 3})
         assert ok.status_code == 200 and [t["text"] for t in ok.json()[0]][1:3] == ["a", "b"]
+
+
+def test_similarity_is_bounded_like_embedding(server: Server) -> None:
+    """/similarity embeds its sentences through the engine: the same bounds as /embed
+    (characters and inputs before tokenizing, each input's tokens before queuing)."""
+    with server.client() as c:
+        body = {"inputs": {"source_sentence": "a", "sentences": ["b"] * 4096}}
+        r = c.post("/similarity", json=body)  # 4097 texts with the source sentence
+        assert r.status_code == 413 and "max_concurrent_inputs" in r.json()["error"]
+        body = {"inputs": {"source_sentence": "a " * 100_001, "sentences": ["b"]}}
+        r = c.post("/similarity", json=body)
+        assert r.status_code == 422 and "max_input_chars (200000)" in r.json()["error"]
+        body = {"inputs": {"source_sentence": "a", "sentences": ["a " * 99_999] * 9}}
+        r = c.post("/similarity", json=body)  # each one past the model's 256 tokens
+        assert r.status_code == 422 and "more than" in r.json()["error"], r.text
+        assert "256" in r.json()["error"]
+        ok = c.post("/similarity", json={"inputs": {"source_sentence": "a", "sentences": ["a"]}})
+        assert ok.status_code == 200 and abs(ok.json()[0] - 1.0) < 1e-5
