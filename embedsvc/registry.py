@@ -10,7 +10,7 @@ import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TypeVar, cast, get_args
 
 import yaml
 
@@ -19,15 +19,25 @@ from embedsvc.model_lock import LockedFiles, lock_key, lock_path, read_lock
 
 SHA_RE = re.compile(r"^[0-9a-f]{40}$")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")
-BACKENDS = ("torch", "onnx")
+# The kinds an entry names, as types mypy checks (a comparison with a string outside one
+# is an error) and as the tuples the file is checked against.
+BackendName = Literal["torch", "onnx"]
 # embed: a sentence-transformers model (vectors); rerank: a cross-encoder (a score per
 # (query, document) pair: a sequence-classification model with one label); sparse: a SPLADE
 # model (sentence-transformers SparseEncoder: a weight per vocabulary entry).
-TASKS = ("embed", "rerank", "sparse")
-ONNX_VARIANTS = ("auto", "fp32", "int8", "fp16")
-DEVICES = ("auto", "cpu", "cuda")
-DTYPES = ("auto", "float32", "float16", "bfloat16")
-POOLINGS = ("cls", "mean", "lasttoken")
+Task = Literal["embed", "rerank", "sparse"]
+OnnxVariant = Literal["auto", "fp32", "int8", "fp16"]
+Device = Literal["auto", "cpu", "cuda"]
+Dtype = Literal["auto", "float32", "float16", "bfloat16"]
+Pooling = Literal["cls", "mean", "lasttoken"]
+BACKENDS: tuple[BackendName, ...] = get_args(BackendName)
+TASKS: tuple[Task, ...] = get_args(Task)
+ONNX_VARIANTS: tuple[OnnxVariant, ...] = get_args(OnnxVariant)
+DEVICES: tuple[Device, ...] = get_args(Device)
+DTYPES: tuple[Dtype, ...] = get_args(Dtype)
+POOLINGS: tuple[Pooling, ...] = get_args(Pooling)
+
+K = TypeVar("K", bound=str)
 
 DEFAULT_MODELS_FILE = Path(__file__).with_name("models.yaml")
 
@@ -39,12 +49,12 @@ class ModelSpec:
     revision: str
     package: str | None = None
     local_dir: str | None = None
-    task: str = "embed"
-    backend: str = "torch"
-    device: str = "auto"
-    dtype: str = "auto"
+    task: Task = "embed"
+    backend: BackendName = "torch"
+    device: Device = "auto"
+    dtype: Dtype = "auto"
     max_seq_length: int | None = None
-    pooling: str | None = None
+    pooling: Pooling | None = None
     prompts: dict[str, str] = field(default_factory=dict)
     query_prompt: str | None = None
     passage_prompt: str | None = None
@@ -60,7 +70,7 @@ class ModelSpec:
     code_revision: str | None = None
     # BGE-M3: the folder's sparse_linear head gives lexical weights on /embed_sparse.
     lexical_weights: bool = False
-    onnx_variant: str = "auto"  # auto: int8 on CPU, fp16 on CUDA
+    onnx_variant: OnnxVariant = "auto"  # auto: int8 on CPU, fp16 on CUDA
     onnx_dir: str | None = None  # where `embedsvc export` put the model (default: see export.py)
     description: str = ""
     # The files' sha256 from the models lock beside the models file (model_lock.py).
@@ -177,11 +187,11 @@ def _parse_entry(entry: Any, where: str, base_dir: Path) -> ModelSpec:
             "not a branch or tag"
         )
 
-    def choice(key: str, allowed: tuple[str, ...], default: str) -> str:
+    def choice(key: str, allowed: tuple[K, ...], default: K) -> K:
         v = entry.get(key, default)
         if v not in allowed:
             raise ConfigError(f"{where}: {key} {v!r} is not one of {', '.join(allowed)}")
-        return str(v)
+        return cast(K, v)
 
     prompts = entry.get("prompts") or {}
     if not isinstance(prompts, dict) or not all(
@@ -236,7 +246,7 @@ def _parse_entry(entry: Any, where: str, base_dir: Path) -> ModelSpec:
         task != "embed" or entry.get("backend", "torch") != "torch"
     ):
         raise ConfigError(f"{where}: lexical_weights needs task embed on the torch backend")
-    pooling = entry.get("pooling")
+    pooling: Pooling | None = entry.get("pooling")
     if pooling is not None and pooling not in POOLINGS:
         raise ConfigError(f"{where}: pooling {pooling!r} is not one of {', '.join(POOLINGS)}")
     return ModelSpec(

@@ -10,7 +10,15 @@ from typing import Any, Protocol
 import numpy as np
 from tokenizers import Tokenizer
 
-from embedsvc.registry import ModelSpec
+from embedsvc.registry import (
+    BackendName,
+    Device,
+    Dtype,
+    ModelSpec,
+    OnnxVariant,
+    Pooling,
+    Task,
+)
 
 
 @dataclass
@@ -58,16 +66,16 @@ class BackendSpec:
     name: str
     hf_id: str
     revision: str
-    backend: str
-    device: str
-    dtype: str
-    pooling: str | None
+    backend: BackendName
+    device: Device
+    dtype: Dtype
+    pooling: Pooling | None
     max_seq_length: int | None
     trust_remote_code: bool
-    onnx_variant: str
+    onnx_variant: OnnxVariant
     onnx_dir: str | None
     threads: int = 0  # CPU threads for a forward pass; 0: the library's default
-    task: str = "embed"
+    task: Task = "embed"
     lexical_weights: bool = False
     cuda_graphs: bool = False  # small passes on a CUDA device as CUDA graphs (cuda_graphs.py)
     code_revision: str | None = None  # the commit of the remote code, when pinned

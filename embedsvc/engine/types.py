@@ -14,7 +14,7 @@ import numpy as np
 
 from embedsvc.engine.sparse import SparseRow
 from embedsvc.errors import ErrorKind
-from embedsvc.registry import ModelSpec
+from embedsvc.registry import ModelSpec, Task
 
 # `prompt_name` NO_PROMPT: no prompt, not even the model's default; None: the default.
 NO_PROMPT = ""
@@ -25,7 +25,7 @@ class EmbedRequest:
     texts: list[str] | None = None
     token_ids: list[list[int]] | None = None
     pairs: list[tuple[str, str]] | None = None  # (query, document), for task rerank
-    task: str = "embed"  # what the route asks of the model: embed | rerank | sparse
+    task: Task = "embed"  # what the route asks of the model
     prompt_name: str | None = None
     normalize: bool = True
     truncate: bool | None = None

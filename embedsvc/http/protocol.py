@@ -301,7 +301,8 @@ class EmbedsvcHttpProtocol(OneWriteHttpProtocol):
     def on_message_complete(self) -> None:
         super().on_message_complete()
         cycle = self._deferred
-        if cycle is not None and cycle is self.cycle:
+        # self.cycle holds a DirectCycle or uvicorn's (typed as uvicorn's by uvicorn)
+        if cycle is not None and cycle is self.cycle:  # type: ignore[comparison-overlap]
             self._deferred = None
             if not cycle.response_complete:
                 self._start_direct(cycle)
@@ -346,8 +347,8 @@ class EmbedsvcHttpProtocol(OneWriteHttpProtocol):
         )
         cycle.body, cycle.more_body, cycle.disconnected = d.body, False, d.disconnected
         cycle.message_event.set()
-        if self.cycle is d:
-            self.cycle = cycle
+        if self.cycle is d:  # type: ignore[comparison-overlap]
+            self.cycle = cycle  # it held the DirectCycle till now
         return cycle
 
     def on_response_complete(self) -> None:
