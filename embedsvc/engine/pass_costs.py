@@ -70,11 +70,15 @@ def measure_pass_costs(model: LoadedModel, name: str) -> PassCosts:
         return costs
     # Does the model gain from parallel threads? A tiny one does not, and idle threads
     # spinning after each op take cores from the event loop. The two settings take turns
-    # (best of 7 each), so a passing hiccup decides nothing.
+    # (best of 7 each, of 28 for a cheap pass), so a passing hiccup decides nothing.
+    # A pass that looks cheap gets more turns (they cost milliseconds): its decision rests
+    # on times near the noise of a busy machine.
     many = threads()
     t_many: list[float] = []
     t_one: list[float] = []
-    for _ in range(7):
+    rounds = 0
+    while rounds < 7 or (rounds < 28 and min(t_one) < 5 * ONE_THREAD_MAX_PASS_S):
+        rounds += 1
         for n, times in ((many, t_many), (1, t_one)):
             threads(n)
             t0 = time.perf_counter()
