@@ -13,16 +13,15 @@ WARNING, and `/info` says so).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from embedsvc.errors import ConfigError
+from embedsvc.files import sha256_file, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +69,8 @@ def write_entry(path: Path, key: str, locked: LockedFiles) -> None:
         entry["code"] = dict(sorted(locked.code.items()))
     raw["models"][key] = entry
     raw["models"] = dict(sorted(raw["models"].items()))
-    body = json.dumps(raw, indent=1) + "\n"
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(body)
-        os.replace(tmp, path)
+        write_atomic(path, (json.dumps(raw, indent=1) + "\n").encode())
     except OSError as e:
         raise ConfigError(
             f"cannot write the models lock {path} ({e}); keep models.yaml (and its lock) in "
@@ -109,11 +104,7 @@ def sha256_of(path: Path) -> str:
     hit = cache.entries.get(real)
     if hit is not None and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
         return str(hit[2])
-    h = hashlib.sha256()
-    with open(real, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    digest = h.hexdigest()
+    digest = sha256_file(Path(real))
     cache.entries[real] = [st.st_size, st.st_mtime_ns, digest]
     cache.dirty = True
     return digest
@@ -171,10 +162,7 @@ class _HashCache:
             return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.path.parent)
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.entries, f)
-            os.replace(tmp, self.path)
+            write_atomic(self.path, json.dumps(self.entries).encode())
             self.dirty = False
         except OSError as e:  # a read-only home: hashing again next start, nothing worse
             log.debug("cannot write %s: %s", self.path, e)

@@ -30,12 +30,12 @@ from embedsvc.bulk.output import (
     Manifest,
     OutputWriter,
     open_output,
-    write_atomic,
 )
 from embedsvc.bulk.progress import Progress
 from embedsvc.bulk.sources import MISSING, BadRow, Source, open_source
 from embedsvc.engine import EmbedRequest, EngineSet, ModelEngine, load_engines
 from embedsvc.errors import ConfigError, EmbedsvcError
+from embedsvc.files import write_atomic
 from embedsvc.metrics import Metrics
 from embedsvc.registry import load_registry
 from embedsvc.settings import Settings

@@ -11,7 +11,6 @@ or in the errors.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -23,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from embedsvc.errors import ConfigError
+from embedsvc.files import sha256_file, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -32,23 +32,6 @@ MANIFEST = "_manifest.json"
 ERRORS = "_errors.jsonl"
 FORMAT_VERSION = 1
 ROW_GROUP_ROWS = 8192
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 @dataclass
