@@ -42,7 +42,7 @@ TEI_CASES = [
     ({"inputs": "x", "prompt_name": "query"}, 422, "Validation",
      ["this model has no prompts"]),
     ({"inputs": "x", "dimensions": 100}, 422, "Validation", ["dimensions 100", "allowed: 384"]),
-    ({"inputs": "x", "dimensions": 0}, 422, "Validation", ["dimensions", "greater than 0"]),
+    ({"inputs": "x", "dimensions": 0}, 422, "Validation", ["dimensions", "at least 1", "got 0"]),
     ({"inputs": "x", "dimensions": "64"}, 422, "Validation", ["dimensions"]),
     ({"inputs": LONG}, 422, "Validation", ["inputs has 402 tokens", "limit of 256"]),
     ({"inputs": ["ok", LONG]}, 422, "Validation", ["inputs[1] has 402 tokens"]),

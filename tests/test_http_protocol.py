@@ -155,8 +155,8 @@ def counting(app: Any) -> Any:
 
 
 def test_the_embedding_routes_are_answered_without_the_asgi_app(server_factory: Any) -> None:
-    """Plain bodies take the direct route; token ids, other routes and a wrong key the
-    app, on the same connection."""
+    """Every engine route's body takes the direct route, token ids and refusals of the
+    body included; other routes and a wrong key go to the app, on the same connection."""
     with server_factory(["all-minilm-l6-v2"], wrap=counting, api_key="k1") as s:
         app = s.app
         key = {"authorization": "Bearer k1"}
@@ -171,8 +171,11 @@ def test_the_embedding_routes_are_answered_without_the_asgi_app(server_factory: 
             bad = c.post("/embed", json={"inputs": "q", "model": "nope"})  # direct, an error
             assert bad.status_code == 422 and "nope" in bad.json()["error"]
             assert app.calls == 0
-            ids = c.post("/embed", json={"inputs": [[101, 7592, 102]]})  # the routes
-            assert ids.status_code == 200 and app.calls == 1
+            ids = c.post("/embed", json={"inputs": [[101, 7592, 102]]})
+            typo = c.post("/v1/embeddings", json={"input": "q", "dimensions": "8"})
+            assert ids.status_code == 200 and typo.status_code == 422 and app.calls == 0
+            tok = c.post("/tokenize", json={"inputs": "x"})  # not an engine route: the app
+            assert tok.status_code == 200 and app.calls == 1
             wrong = c.post("/embed", json={"inputs": "x"}, headers={"authorization": "Bearer no"})
             assert wrong.status_code == 401 and app.calls == 2
             assert c.get("/health").status_code == 200 and app.calls == 3
@@ -182,7 +185,7 @@ def test_pipelined_requests_are_answered_in_order(server: Any) -> None:
     """Direct and app-answered requests sent in one write: answers in the order asked."""
     requests = [
         _post(b"/embed", b'{"inputs": "first"}'),
-        _post(b"/embed", b'{"inputs": [[101, 2117, 102]]}'),  # token ids: the app
+        _post(b"/tokenize", b'{"inputs": "second"}'),  # the app
         _post(b"/v1/embeddings", b'{"input": "third"}'),
         b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n",
         _post(b"/embed", b'{"inputs": ""}'),  # a direct error
@@ -193,7 +196,7 @@ def test_pipelined_requests_are_answered_in_order(server: Any) -> None:
         answers = _read_responses(s, len(requests))
     statuses = [line.split(b" ")[1] for line, _, _ in answers]
     assert statuses == [b"200", b"200", b"200", b"200", b"400", b"200"]
-    assert b'"object":"list"' in answers[2][2]
+    assert b'"object":"list"' in answers[2][2] and b'"text":"second"' in answers[1][2]
     assert b"Empty" in answers[4][2]
     first = httpx.post(server.url + "/embed", json={"inputs": "first"}).json()
     assert orjson.loads(answers[0][2]) == first

@@ -15,11 +15,12 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from embedsvc import __version__
+from embedsvc.api.bodies import documented, json_schema
 from embedsvc.api.errors import dump_json, error_body, install_error_handlers, is_openai_path
 from embedsvc.api.middleware import RequestMiddleware
 from embedsvc.api.openai import openai_router
 from embedsvc.api.ops import ops_router
-from embedsvc.api.rerank import rerank_router
+from embedsvc.api.routes import ROUTES, EngineRoutes
 from embedsvc.api.service import Service
 from embedsvc.api.tei import tei_router
 from embedsvc.engine import EngineSet
@@ -102,15 +103,28 @@ def create_app(
         return Response(status_code=499)  # nobody reads it; the client has gone
 
     app.add_exception_handler(ClientDisconnected, disconnected)
+    routes = EngineRoutes(service)
+    for route in ROUTES.values():
+        app.add_api_route(
+            route.path,
+            routes.fastapi_endpoint(route.path),
+            methods=["POST"],
+            summary=route.summary,
+            tags=[route.tag],
+            name=route.name or route.call.__name__,
+            response_class=Response,
+            openapi_extra=documented(route.body),
+        )
     app.include_router(tei_router())
     app.include_router(openai_router())
-    app.include_router(rerank_router())
     app.include_router(ops_router())
+    _document_bodies(app)
     # Outside FastAPI's own middleware stack (error pages, telemetry hooks, body limits):
     # the lean path for the embedding routes pays for none of it.
     middleware = RequestMiddleware(
         app,
         service=service,
+        routes=routes,
         api_keys=settings.api_keys(),
         protect_ops=settings.auth_health_metrics,
         max_payload_bytes=settings.max_payload_bytes,
@@ -128,6 +142,20 @@ def create_app(
     # The embedding routes straight from embedsvc's HTTP protocol (http/protocol.py);
     # with CORS on, every answer needs the CORS middleware's headers: no direct route.
     return EmbedsvcApp(app, outer, None if origins else middleware.direct)
+
+
+def _document_bodies(app: FastAPI) -> None:
+    """/openapi.json with the request bodies' schemas (api/bodies.py) among its components."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = build()
+            schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+            schemas.update(json_schema()[1])
+        return app.openapi_schema or schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 class EmbedsvcApp:

@@ -6,14 +6,6 @@ from typing import Any
 
 from embedsvc.errors import ValidationError
 
-INPUTS_SCHEMA: dict[str, Any] = {
-    "anyOf": [
-        {"type": "string"},
-        {"type": "array", "items": {"type": "string"}},
-        {"type": "array", "items": {"type": "integer"}},
-        {"type": "array", "items": {"type": "array", "items": {"type": "integer"}}},
-    ]
-}
 SHAPES = "a string, a list of strings, a list of token ids, or a list of token-id lists"
 
 

@@ -11,11 +11,11 @@
   is still sending it reads the answer instead of a broken pipe.
 - Content type: POST bodies are read as JSON whatever the content type says (`curl -d`
   sends a form type by default); a body that is not JSON still gets a 422 that says so.
-- The embedding routes take the lean path (fast.py) when their body allows it; every
-  other request, and every body the lean path declines, goes on to the FastAPI app.
+- The engine routes (routes.py) are answered here, without FastAPI's routing; every
+  other request goes on to the FastAPI app.
 - `direct`: the same for embedsvc's HTTP protocol (http/protocol.py), which offers it
-  each small POST before it would run the app; it answers the lean path's requests
-  through a callback (no task, no ASGI messages) and declines the rest.
+  each small POST before it would run the app; it answers the engine routes through a
+  callback (no task, no ASGI messages) and declines the rest.
 """
 
 from __future__ import annotations
@@ -30,9 +30,10 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from embedsvc.api.errors import error_response, internal_error_response
-from embedsvc.api.fast import FAST_PATHS, Answer, FastEmbed
+from embedsvc.api.routes import ROUTES, EngineRoutes
 from embedsvc.api.service import disconnect_probe
 from embedsvc.errors import ErrorKind
+from embedsvc.http.answer import Answer
 from embedsvc.logs import request_id_var
 
 OPS_PATHS = frozenset({"/health", "/metrics"})
@@ -47,6 +48,7 @@ class RequestMiddleware:
         app: ASGIApp,
         *,
         service: Any,
+        routes: EngineRoutes,
         api_keys: list[str],
         protect_ops: bool,
         max_payload_bytes: int,
@@ -56,7 +58,7 @@ class RequestMiddleware:
         self.keys = [k.encode() for k in api_keys]
         self.protect_ops = protect_ops
         self.max_payload = max_payload_bytes
-        self.fast = FastEmbed(service)
+        self.routes = routes
         # Request ids: unique per process (random prefix) and cheap (a counter).
         self._rid_prefix = os.urandom(8).hex()
         self._rid_counter = itertools.count(1)
@@ -159,9 +161,8 @@ class RequestMiddleware:
                 break
         body_read = True
         body = b"".join(chunks)
-        if path in FAST_PATHS and await self.fast.handle(
-            path, body, send_with_id, rid, probe, timeout
-        ):
+        if path in ROUTES:
+            await self.routes.handle(path, body, send_with_id, rid, probe, timeout)
             return
         replayed = False
 
@@ -184,14 +185,14 @@ class RequestMiddleware:
         disconnected: Callable[[], bool],
         respond: Callable[[Answer], None],
     ) -> bool:
-        """The embedding routes straight from the HTTP protocol (http/protocol.py), for a
+        """The engine routes straight from the HTTP protocol (http/protocol.py), for a
         POST whose whole body has arrived: what `__call__` does for it, without the ASGI
         messages and the task. False (nothing done) for anything `__call__` would answer
-        otherwise than through the lean path: draining, a missing or wrong API key, a bad
-        x-request-timeout, a body too large or not in the common shape; the protocol then
-        runs the app. Else `respond(answer)` is called once, now or later on the loop,
-        with the x-request-id header among the answer's."""
-        if path not in FAST_PATHS or self.service.draining:
+        otherwise: a route that is not an engine route, draining, a missing or wrong API
+        key, a bad x-request-timeout, a body too large; the protocol then runs the app.
+        Else `respond(answer)` is called once, now or later on the loop, with the
+        x-request-id header among the answer's."""
+        if path not in ROUTES or self.service.draining:
             return False
         rid, auth, timeout_header, _, _ = _scan(headers, keep=False)
         if self.keys and not self._authorized(auth):
@@ -214,7 +215,8 @@ class RequestMiddleware:
         # share one context: set, then put back).
         token = request_id_var.set(rid)
         try:
-            return self.fast.begin(path, body, rid, timeout, disconnected, with_id)
+            self.routes.begin(path, body, rid, timeout, disconnected, with_id)
+            return True
         finally:
             request_id_var.reset(token)
 

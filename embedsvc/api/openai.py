@@ -1,40 +1,23 @@
 """OpenAI dialect: POST /v1/embeddings (and /embeddings), GET /v1/models.
 
-Extensions beyond OpenAI's schema: `input_type` (query|passage|document, as Cohere,
-Voyage and NIM name it) picks the model's query or passage prompt; `prompt_name` picks a
-prompt by name; `truncate` overrides the server's auto-truncate setting.
+The body and its extensions beyond OpenAI's schema: api/bodies.py.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
 
 import orjson
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 from starlette.responses import Response
 
-from embedsvc.api.encode import openai_embeddings_body, timing_headers
-from embedsvc.api.inputs import INPUTS_SCHEMA, parse_inputs
+from embedsvc.api.bodies import OpenAIEmbeddingsBody
+from embedsvc.api.calls import Call, Context, Route
+from embedsvc.api.encode import openai_embeddings_body
+from embedsvc.api.inputs import parse_inputs
 from embedsvc.api.service import Service
-from embedsvc.engine import NO_PROMPT, EmbedRequest, ModelEngine
+from embedsvc.engine import NO_PROMPT, EmbedRequest, EmbedResult, ModelEngine
 from embedsvc.errors import ValidationError
-
-INPUT_TYPES = ("query", "passage", "document")
-
-
-class OpenAIEmbeddingsBody(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    input: Any = Field(json_schema_extra=INPUTS_SCHEMA)
-    model: StrictStr | None = None
-    encoding_format: Literal["float", "base64", "int8", "uint8", "binary", "ubinary"] = "float"
-    dimensions: StrictInt | None = Field(default=None, gt=0)
-    user: StrictStr | None = None
-    input_type: Literal["query", "passage", "document"] | None = None
-    prompt_name: StrictStr | None = None
-    truncate: StrictBool | None = None
 
 
 def openai_prompt(
@@ -76,32 +59,29 @@ def openai_request(
     return engine, req
 
 
+def embeddings(service: Service, body: OpenAIEmbeddingsBody, ctx: Context) -> Call:
+    engine, req = openai_request(service, body, ctx.request_id, ctx.timeout)
+    fmt, name, calibration = body.encoding_format, body.model or engine.name, None
+    if fmt not in ("float", "base64"):
+        calibration = engine.info.calibration
+
+    def render(result: EmbedResult) -> bytes:
+        return openai_embeddings_body(result, fmt, name, calibration)
+
+    return Call(engine, req, render, "/v1/embeddings")
+
+
+ROUTES = [
+    Route(path, OpenAIEmbeddingsBody, embeddings, "Create embeddings (OpenAI)", "OpenAI",
+          name=f"embeddings{path.replace('/', '_')}")
+    for path in ("/v1/embeddings", "/embeddings")
+]  # fmt: skip
+
+
 def openai_router() -> APIRouter:
+    """GET /v1/models (the embeddings routes are engine routes: ROUTES)."""
     router = APIRouter(tags=["OpenAI"])
     started = int(time.time())
-
-    async def embeddings(body: OpenAIEmbeddingsBody, request: Request) -> Response:
-        service: Service = request.app.state.service
-        engine, req = openai_request(
-            service,
-            body,
-            request_id=getattr(request.state, "request_id", ""),
-            timeout=getattr(request.state, "request_timeout", None),
-        )
-        result = await service.embed(request, engine, req)
-        engine.metrics.requests["/v1/embeddings"].inc()
-        name = body.model or engine.name
-        return Response(
-            openai_embeddings_body(result, body.encoding_format, name, engine.info.calibration),
-            media_type="application/json",
-            headers=timing_headers(result),
-        )
-
-    for path in ("/v1/embeddings", "/embeddings"):
-        router.add_api_route(
-            path, embeddings, methods=["POST"], response_class=Response,
-            summary="Create embeddings (OpenAI)", name=f"embeddings{path.replace('/', '_')}",
-        )  # fmt: skip
 
     @router.get("/v1/models", summary="Loaded models (OpenAI)")
     async def models(request: Request) -> Response:

@@ -14,47 +14,16 @@ logit itself.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import orjson
-from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
-from starlette.responses import Response
 
-from embedsvc.api.encode import timing_headers
+from embedsvc.api.bodies import RerankBody, TEIRerankBody
+from embedsvc.api.calls import Call, Context, Route
 from embedsvc.api.service import Service
 from embedsvc.engine import EmbedRequest, EmbedResult, ModelEngine
 from embedsvc.errors import EmptyInputError
-
-
-class TEIRerankBody(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    query: StrictStr
-    texts: list[StrictStr]
-    raw_scores: StrictBool = False
-    return_text: StrictBool = False
-    truncate: StrictBool | None = None
-    truncation_direction: Literal["Right", "right"] = "Right"
-    model: StrictStr | None = None
-
-
-class DocumentText(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    text: StrictStr
-
-
-class RerankBody(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    query: StrictStr
-    documents: list[StrictStr | DocumentText]
-    model: StrictStr | None = None
-    top_n: StrictInt | None = Field(default=None, gt=0)
-    return_documents: StrictBool = False
-    truncate: StrictBool = True  # Cohere and Jina cut long documents
 
 
 def scores(engine: ModelEngine, result: EmbedResult, raw: bool) -> np.ndarray:
@@ -64,15 +33,15 @@ def scores(engine: ModelEngine, result: EmbedResult, raw: bool) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-logits))
 
 
-async def score_pairs(
-    request: Request,
+def pairs_request(
+    service: Service,
     model: str | None,
     query: str,
     docs: list[str],
     truncate: bool | None,
     param: str,
-) -> tuple[ModelEngine, EmbedResult]:
-    service: Service = request.app.state.service
+    ctx: Context,
+) -> tuple[ModelEngine, EmbedRequest]:
     engine = service.engine_set().get(model, task="rerank")
     if not docs:
         raise EmptyInputError(f"{param} is empty", param=param)
@@ -85,61 +54,58 @@ async def score_pairs(
         normalize=False,
         truncate=truncate,
         input_param=param,
-        request_id=getattr(request.state, "request_id", ""),
-        timeout=getattr(request.state, "request_timeout", None),
+        request_id=ctx.request_id,
+        timeout=ctx.timeout,
     )
-    result = await service.embed(request, engine, req)
-    engine.metrics.requests["/rerank"].inc()
-    return engine, result
+    return engine, req
 
 
-def rerank_router() -> APIRouter:
-    router = APIRouter(tags=["Rerank"])
+def tei_rerank(service: Service, body: TEIRerankBody, ctx: Context) -> Call:
+    engine, req = pairs_request(
+        service, body.model, body.query, body.texts, body.truncate, "texts", ctx
+    )
 
-    @router.post("/rerank", summary="Rerank texts against a query (TEI)")
-    async def tei_rerank(body: TEIRerankBody, request: Request) -> Response:
-        engine, result = await score_pairs(
-            request, body.model, body.query, body.texts, body.truncate, "texts"
-        )
+    def render(result: EmbedResult) -> bytes:
         s = scores(engine, result, body.raw_scores)
-        order = np.argsort(-s, kind="stable")
         out: list[dict[str, Any]] = []
-        for i in order:
+        for i in np.argsort(-s, kind="stable"):
             item: dict[str, Any] = {"index": int(i), "score": float(s[i])}
             if body.return_text:
                 item["text"] = body.texts[i]
             out.append(item)
-        return Response(
-            orjson.dumps(out),
-            media_type="application/json",
-            headers=timing_headers(result),
-        )
+        return orjson.dumps(out)
 
-    @router.post("/v1/rerank", summary="Rerank documents against a query (Cohere / Jina)")
-    async def rerank(body: RerankBody, request: Request) -> Response:
-        docs = [d if isinstance(d, str) else d.text for d in body.documents]
-        engine, result = await score_pairs(
-            request, body.model, body.query, docs, body.truncate, "documents"
-        )
+    return Call(engine, req, render, "/rerank")
+
+
+def rerank(service: Service, body: RerankBody, ctx: Context) -> Call:
+    docs = [d if isinstance(d, str) else d.text for d in body.documents]
+    engine, req = pairs_request(
+        service, body.model, body.query, docs, body.truncate, "documents", ctx
+    )
+
+    def render(result: EmbedResult) -> bytes:
         s = scores(engine, result, raw=False)
-        order = np.argsort(-s, kind="stable")[: body.top_n]
         results: list[dict[str, Any]] = []
-        for i in order:
+        for i in np.argsort(-s, kind="stable")[: body.top_n]:
             item: dict[str, Any] = {"index": int(i), "relevance_score": float(s[i])}
             if body.return_documents:
                 item["document"] = {"text": docs[i]}
             results.append(item)
         payload = {
-            "id": getattr(request.state, "request_id", ""),
+            "id": ctx.request_id,
             "model": body.model or engine.name,
             "results": results,
             "usage": {"total_tokens": result.prompt_tokens},
             "meta": {"billed_units": {"search_units": 1}},
         }
-        return Response(
-            orjson.dumps(payload),
-            media_type="application/json",
-            headers=timing_headers(result),
-        )
+        return orjson.dumps(payload)
 
-    return router
+    return Call(engine, req, render, "/rerank")
+
+
+ROUTES = [
+    Route("/rerank", TEIRerankBody, tei_rerank, "Rerank texts against a query (TEI)", "Rerank"),
+    Route("/v1/rerank", RerankBody, rerank,
+          "Rerank documents against a query (Cohere / Jina)", "Rerank"),
+]  # fmt: skip

@@ -21,9 +21,10 @@ from typing import Any
 
 import orjson
 
+from embedsvc.api.bodies import OpenAIEmbeddingsBody, convert
 from embedsvc.api.encode import openai_embeddings_body
-from embedsvc.api.errors import describe_validation_errors, error_body
-from embedsvc.api.openai import OpenAIEmbeddingsBody, openai_request
+from embedsvc.api.errors import error_body
+from embedsvc.api.openai import openai_request
 from embedsvc.api.service import Service
 from embedsvc.bulk.job import EXIT_ROWS_FAILED, engine_settings, load
 from embedsvc.bulk.output import MANIFEST, open_output
@@ -107,7 +108,7 @@ async def answer(service: Service, line: bytes, n: int) -> tuple[bool, bytes]:
         error = {"code": "invalid_request", "message": f"line {n}: {problem}"}
         return False, _line(rid, custom_id, None, error)
     try:
-        body = _validate(request["body"])
+        body = convert(OpenAIEmbeddingsBody, request["body"])
         engine, req = openai_request(service, body, rid, None)
         result = await engine.embed(req)
     except EmbedsvcError as e:
@@ -140,18 +141,6 @@ def _duplicate(custom_id: str | None, n: int) -> asyncio.Future[tuple[bool, byte
     done.set_result((False, _line(rid, custom_id, None, {"code": "duplicate_custom_id",
                                                          "message": message})))  # fmt: skip
     return done
-
-
-def _validate(raw: dict[str, Any]) -> OpenAIEmbeddingsBody:
-    import pydantic
-
-    from embedsvc.errors import ValidationError
-
-    try:
-        return OpenAIEmbeddingsBody.model_validate(raw)
-    except pydantic.ValidationError as e:
-        message, param = describe_validation_errors(e.errors())
-        raise ValidationError(message, param=param) from None
 
 
 def _line(rid: str, custom_id: Any, response: Any, error: Any) -> bytes:

@@ -1,0 +1,292 @@
+"""Every POST body, declared once.
+
+Each body is a msgspec `Struct`: its decoder reads and checks a request in one step, at
+orjson's speed, strictly (no string for a number, no number for a boolean); unknown
+fields are ignored as TEI and OpenAI ignore them. The same declarations give the OpenAPI
+document (`json_schema`) and, through `decode`, the 422 wording of both dialects: a new
+field is one line here and nowhere else.
+
+`inputs`/`input` take any JSON value here; `api/inputs.py` tells its four shapes apart
+(a string, strings, token ids, lists of token ids) with messages that name the item.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal, TypeVar
+
+import msgspec
+import orjson
+
+from embedsvc.errors import ValidationError
+
+INPUTS_SCHEMA: dict[str, Any] = {
+    "anyOf": [
+        {"type": "string"},
+        {"type": "array", "items": {"type": "string"}},
+        {"type": "array", "items": {"type": "integer"}},
+        {"type": "array", "items": {"type": "array", "items": {"type": "integer"}}},
+    ]
+}
+
+Inputs = Annotated[Any, msgspec.Meta(extra_json_schema=INPUTS_SCHEMA)]
+PositiveInt = Annotated[int, msgspec.Meta(gt=0)]
+Direction = Literal["Left", "Right", "left", "right"]
+TeiFormat = Literal["float", "int8", "uint8", "binary", "ubinary"]
+OpenAIFormat = Literal["float", "base64", "int8", "uint8", "binary", "ubinary"]
+
+
+class TEIEmbedBody(msgspec.Struct):
+    inputs: Inputs
+    normalize: bool = True
+    truncate: bool | None = None
+    truncation_direction: Direction = "Right"
+    prompt_name: str | None = None
+    dimensions: PositiveInt | None = None
+    model: str | None = None
+    encoding_format: TeiFormat = "float"
+    # POST / with {source_sentence, sentences} inputs: /similarity's parameters.
+    parameters: Annotated[Any, msgspec.Meta(description="similarity parameters (POST / only)")] = (
+        None
+    )
+
+
+class TEISparseBody(msgspec.Struct):
+    inputs: Inputs
+    truncate: bool | None = None
+    truncation_direction: Direction = "Right"
+    prompt_name: str | None = None
+    model: str | None = None
+
+
+class SimilarityInputs(msgspec.Struct, forbid_unknown_fields=True):
+    source_sentence: str
+    sentences: list[str]
+
+
+class SimilarityParameters(msgspec.Struct):
+    truncate: bool | None = None
+    truncation_direction: Direction = "Right"
+    prompt_name: str | None = None
+
+
+class TEISimilarityBody(msgspec.Struct):
+    """TEI's /similarity (and the Hugging Face Inference API's sentence-similarity task,
+    which `huggingface_hub.InferenceClient.sentence_similarity` posts to the base URL)."""
+
+    inputs: SimilarityInputs
+    parameters: SimilarityParameters | None = None
+    model: str | None = None
+
+
+class TEITokenizeBody(msgspec.Struct):
+    inputs: str | list[str]
+    add_special_tokens: bool = True
+    prompt_name: str | None = None
+    model: str | None = None
+
+
+class TEIDecodeBody(msgspec.Struct):
+    # One sequence or several: [int] | [[int]] (checked in the route: msgspec takes one
+    # array type per field).
+    ids: Annotated[
+        list[Any],
+        msgspec.Meta(
+            extra_json_schema={
+                "anyOf": [
+                    {"type": "array", "items": {"type": "integer"}},
+                    {"type": "array", "items": {"type": "array", "items": {"type": "integer"}}},
+                ]
+            }
+        ),
+    ]
+    skip_special_tokens: bool = True
+    model: str | None = None
+
+
+class OpenAIEmbeddingsBody(msgspec.Struct):
+    """OpenAI's schema, and three extensions: `input_type` (query|passage|document, as
+    Cohere, Voyage and NIM name it) picks the model's query or passage prompt;
+    `prompt_name` picks a prompt by name; `truncate` overrides --auto-truncate."""
+
+    input: Inputs
+    model: str | None = None
+    encoding_format: OpenAIFormat = "float"
+    dimensions: PositiveInt | None = None
+    user: str | None = None
+    input_type: Literal["query", "passage", "document"] | None = None
+    prompt_name: str | None = None
+    truncate: bool | None = None
+
+
+class TEIRerankBody(msgspec.Struct):
+    query: str
+    texts: list[str]
+    raw_scores: bool = False
+    return_text: bool = False
+    truncate: bool | None = None
+    truncation_direction: Literal["Right", "right"] = "Right"
+    model: str | None = None
+
+
+class DocumentText(msgspec.Struct):
+    text: str
+
+
+class RerankBody(msgspec.Struct):
+    """Cohere's and Jina's rerank body (what LangChain, LlamaIndex and Haystack send)."""
+
+    query: str
+    documents: list[str | DocumentText]
+    model: str | None = None
+    top_n: PositiveInt | None = None
+    return_documents: bool = False
+    truncate: bool = True  # Cohere and Jina cut long documents
+
+
+BODIES: tuple[type[msgspec.Struct], ...] = (
+    TEIEmbedBody,
+    TEISparseBody,
+    TEISimilarityBody,
+    TEITokenizeBody,
+    TEIDecodeBody,
+    OpenAIEmbeddingsBody,
+    TEIRerankBody,
+    RerankBody,
+)
+
+B = TypeVar("B", bound=msgspec.Struct)
+_DECODERS: dict[type[Any], msgspec.json.Decoder[Any]] = {
+    body: msgspec.json.Decoder(body) for body in BODIES
+}
+
+
+def decode(body: type[B], raw: bytes) -> B:
+    """The body `raw` holds, checked; ValidationError (422) in words a person can act on."""
+    try:
+        decoded: B = _DECODERS[body].decode(raw)
+    except msgspec.ValidationError as e:
+        raise _invalid(body, str(e), raw) from None
+    except msgspec.DecodeError as e:
+        raise _malformed(str(e)) from None
+    return decoded
+
+
+def convert(body: type[B], value: Any) -> B:
+    """`decode` for a value already parsed (a batch line, a body read for another route)."""
+    try:
+        converted: B = msgspec.convert(value, body)
+    except msgspec.ValidationError as e:
+        raise _invalid(body, str(e), value) from None
+    return converted
+
+
+def json_schema() -> tuple[dict[type[Any], dict[str, Any]], dict[str, Any]]:
+    """Each body's schema (a $ref) and the components they refer to, for OpenAPI."""
+    refs, components = msgspec.json.schema_components(
+        BODIES, ref_template="#/components/schemas/{name}"
+    )
+    return dict(zip(BODIES, refs, strict=True)), components
+
+
+# msgspec's messages: "<what> - at `$.a.b[0]`" (no "at" for the top level).
+_AT = re.compile(r"^(?P<what>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
+_EXPECTED = re.compile(r"^Expected `(?P<want>[^`]+)`(?:, got `(?P<got>[^`]+)`)?(?P<rest>.*)$")
+_WORDS = {
+    "str": "a string",
+    "int": "an integer",
+    "float": "a number",
+    "bool": "a boolean",
+    "null": "null",
+    "array": "a list",
+    "object": "an object",
+}
+
+
+def _malformed(message: str) -> ValidationError:
+    if "surrogate" in message:
+        return ValidationError(
+            "request body contains an unpaired UTF-16 surrogate (\\ud800-\\udfff), which is "
+            "not valid text"
+        )
+    return ValidationError(f"request body is not valid JSON ({message})")
+
+
+def _invalid(body: type[Any], message: str, raw: Any) -> ValidationError:
+    m = _AT.match(message)
+    assert m is not None  # the pattern matches any text
+    what, path = m["what"], m["path"] or ""
+    keys = [k for k in re.split(r"\.|\[(\d+)\]", path) if k]
+    field = ".".join(keys).replace(".[", "[") if keys else ""
+    field = re.sub(r"\.(\d+)", r"[\1]", field)
+    param = keys[0] if keys else None
+    if what.startswith("Object missing required field"):
+        name = what.rsplit("`", 2)[-2]
+        full = f"{field}.{name}" if field else name
+        return ValidationError(f"{full} is required", param=param or name)
+    if what.startswith("Object contains unknown field"):
+        name = what.rsplit("`", 2)[-2]
+        return ValidationError(f"{field or 'body'} has an unknown field {name!r}", param=param)
+    if not keys and isinstance(raw, (bytes, bytearray, memoryview)):
+        try:  # msgspec stops at the first value of the wrong type, before the end
+            orjson.loads(raw)
+        except orjson.JSONDecodeError as error:
+            return _malformed(str(error))
+    got = _shown(raw, keys)
+    if what.startswith("Invalid enum value"):
+        allowed = ", ".join(repr(v) for v in _enum(body, keys))
+        return ValidationError(f"{field} must be one of {allowed}; got {got}", param=param)
+    e = _EXPECTED.match(what)
+    if e is not None:
+        want = " or ".join(_WORDS.get(t.strip(), t.strip()) for t in e["want"].split("|"))
+        bound = e["rest"].strip()
+        if bound:  # a bound: "Expected `int` >= 1"
+            number = bound.split()[-1]
+            words = {">=": "of at least", ">": "greater than", "<=": "of at most", "<": "less than"}
+            bound = f" {words.get(bound.split()[0], bound.split()[0])} {number}"
+        where = field or "request body"
+        if got == "another value" and e["got"]:
+            got = _WORDS.get(e["got"], e["got"])
+        return ValidationError(f"{where} must be {want}{bound}; got {got}", param=param)
+    return ValidationError(f"{field or 'request body'}: {what}", param=param)
+
+
+def _shown(raw: Any, keys: list[str]) -> str:
+    """The value at `keys` of the request, short, for the message."""
+    try:
+        value = orjson.loads(raw) if isinstance(raw, (bytes, bytearray, memoryview)) else raw
+        for k in keys:
+            value = value[int(k)] if k.isdigit() else value[k]
+        text = orjson.dumps(value).decode()
+    except (ValueError, TypeError, KeyError, IndexError):
+        return "another value"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _enum(body: type[Any], keys: list[str]) -> list[Any]:
+    """The values a Literal field allows, found by walking the body's schema."""
+    schema: Any = msgspec.json.schema(body)
+    defs = schema.get("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        while isinstance(node, dict) and "$ref" in node:
+            node = defs[node["$ref"].rsplit("/", 1)[-1]]
+        return node
+
+    node = resolve(schema)
+    for k in keys:
+        node = resolve(node)
+        if "anyOf" in node:
+            node = next((resolve(a) for a in node["anyOf"] if "properties" in resolve(a)), node)
+        node = node.get("properties", {}).get(k, {}) if not k.isdigit() else node.get("items", {})
+    node = resolve(node)
+    for option in [node, *node.get("anyOf", [])]:
+        if "enum" in resolve(option):
+            return list(resolve(option)["enum"])
+    return []
+
+
+def documented(body: type[msgspec.Struct]) -> dict[str, Any]:
+    """FastAPI's `openapi_extra` for a route that reads `body` (app.py adds the schemas)."""
+    ref = {"$ref": f"#/components/schemas/{body.__name__}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}

@@ -1,0 +1,48 @@
+"""What an engine route is: a body type, how a decoded body becomes an engine request, and
+how the engine's result becomes the 200's body.
+
+The dialect modules (tei.py, openai.py, rerank.py) each declare their engine routes as
+`Route`s; routes.py answers every one of them the same way, from the HTTP protocol's
+direct route, from the request middleware, or from the FastAPI app.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from embedsvc.api.service import Service
+from embedsvc.engine import EmbedRequest, EmbedResult, ModelEngine
+
+
+@dataclass(slots=True, frozen=True)
+class Context:
+    """What a route knows of the HTTP request besides its body."""
+
+    path: str
+    request_id: str
+    timeout: float | None  # seconds (x-request-timeout), None: the server's limit
+
+
+@dataclass(slots=True)
+class Call:
+    """A request on its way: the engine, what it asks of it, and how its result is
+    answered. `metric` is the route label of embedsvc_requests."""
+
+    engine: ModelEngine
+    req: EmbedRequest
+    render: Callable[[EmbedResult], bytes]
+    metric: str
+
+
+@dataclass(frozen=True)
+class Route:
+    path: str
+    body: type[msgspec.Struct]
+    call: Callable[[Service, Any, Context], Call]  # raises EmbedsvcError to refuse
+    summary: str
+    tag: str
+    name: str = ""  # the OpenAPI operation name, where one function serves several paths
