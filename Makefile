@@ -1,6 +1,7 @@
 # Two entry points for a fresh machine (Python 3.11-3.13 and make):
 #   make serve   create .venv, install embedsvc, serve the bundled default model on :8080
 #   make test    create .venv, install embedsvc with test tools, run lint, types and tests
+#                (make test-unit: the unit tests alone, under a minute)
 # Both install from the locks in requirements/ (exact versions, sha256 checked); `make lock`
 # writes them anew from pyproject.toml with the newest releases.
 VENV ?= .venv
@@ -10,7 +11,7 @@ PIP_VERSION := 26.3
 UV_VERSION := 0.13.9
 ARGS ?=
 
-.PHONY: install install-test install-bench serve test lint bench lock
+.PHONY: install install-test install-bench serve test test-unit lint bench lock
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -48,6 +49,10 @@ lint: install-test
 
 test: lint
 	$(VENV)/bin/pytest -q $(ARGS)
+
+# tests/unit alone (no sockets, no processes): under a minute.
+test-unit: install-test
+	$(VENV)/bin/pytest -q -m unit $(ARGS)
 
 bench: install-bench
 	$(PY) bench/throughput.py $(ARGS)

@@ -52,7 +52,7 @@ def run(model, ids: list[list[int]], groups: list[list[int]]) -> tuple[float, np
     t0 = time.perf_counter()
     for g in groups:
         out = model.backend.forward(pad([Item(None, i, ids[i]) for i in g], model.pad_token_id))
-        vecs[g] = out
+        vecs[g] = out.pooled
     rate = len(ids) / (time.perf_counter() - t0)
     return rate, vecs / np.linalg.norm(vecs, axis=1, keepdims=True)
 
@@ -82,15 +82,19 @@ def matmul_ceiling(k: int, n: int, rows: int = 2048, reps: int = 30) -> float:
                 numpy_helper.from_array(np.full((n,), 0.01, np.float32), "S"),
                 numpy_helper.from_array(np.zeros((n,), np.int8), "Z"),
             ]
-            node = helper.make_node("DynamicQuantizeMatMul", ["X", "W", "S", "Z"], ["Y"],
-                                    domain="com.microsoft")  # fmt: skip
+            node = helper.make_node(
+                "DynamicQuantizeMatMul", ["X", "W", "S", "Z"], ["Y"], domain="com.microsoft"
+            )
         else:
             inits = [numpy_helper.from_array(rng.standard_normal((k, n)).astype(np.float32), "W")]
             node = helper.make_node("MatMul", ["X", "W"], ["Y"])
         graph = helper.make_graph(
-            [node], "matmul", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [rows, k])],
-            [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [rows, n])], inits,
-        )  # fmt: skip
+            [node],
+            "matmul",
+            [helper.make_tensor_value_info("X", TensorProto.FLOAT, [rows, k])],
+            [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [rows, n])],
+            inits,
+        )
         model = helper.make_model(
             graph,
             opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)],
@@ -132,8 +136,10 @@ def profile_ops(
             spent[event["args"]["op_name"]] += event["dur"]
     trace.unlink()
     total = sum(spent.values())
-    print(f"  {model_file.parent.name}: " + ", ".join(
-        f"{op} {100 * t / total:.0f}%" for op, t in spent.most_common(9)))  # fmt: skip
+    print(
+        f"  {model_file.parent.name}: "
+        + ", ".join(f"{op} {100 * t / total:.0f}%" for op, t in spent.most_common(9))
+    )
 
 
 def main() -> None:
@@ -168,25 +174,33 @@ def main() -> None:
     for r in range(args.rounds):
         for name, model in models.items():
             rates[name].append(run(model, ids, groups)[0])
-        print(f"round {r + 1}: " + ", ".join(f"{n} {v[-1]:.1f}/s" for n, v in rates.items()),
-              flush=True)  # fmt: skip
+        print(
+            f"round {r + 1}: " + ", ".join(f"{n} {v[-1]:.1f}/s" for n, v in rates.items()),
+            flush=True,
+        )
     base = rates["torch fp32"]
     print()
-    print(f"{len(texts)} texts (RAG mix), batches of <= {args.budget} padded tokens, "
-          f"{args.rounds} rounds (median of per-round ratios)")  # fmt: skip
+    print(
+        f"{len(texts)} texts (RAG mix), batches of <= {args.budget} padded tokens, "
+        f"{args.rounds} rounds (median of per-round ratios)"
+    )
     for name in models:
         cos = (vecs[name] * vecs["torch fp32"]).sum(axis=1)
         ratio = float(np.median([a / b for a, b in zip(rates[name], base, strict=True)]))
-        print(f"ratio {name:10s} / torch fp32 = {ratio:.2f}  ({np.median(rates[name]):.1f} "
-              f"inputs/s; cos min {cos.min():.4f}, mean {cos.mean():.4f})")  # fmt: skip
+        print(
+            f"ratio {name:10s} / torch fp32 = {ratio:.2f}  ({np.median(rates[name]):.1f} "
+            f"inputs/s; cos min {cos.min():.4f}, mean {cos.mean():.4f})"
+        )
     if args.profile:
         print("time per operator type (onnxruntime profiler, one pass):")
         for variant in ("fp32", "int8"):
             profile_ops(exports / variant / "model.onnx", ids, groups, torch_model.pad_token_id)
     hidden = torch_model.backend.dimension
     ceiling = matmul_ceiling(hidden, 4 * hidden)
-    print(f"this CPU: int8 matmul / fp32 matmul ({hidden}x{4 * hidden}, 2048 rows) = "
-          f"{ceiling:.2f}; int8 dot-product extensions: {cpu_int8_features()}")  # fmt: skip
+    print(
+        f"this CPU: int8 matmul / fp32 matmul ({hidden}x{4 * hidden}, 2048 rows) = "
+        f"{ceiling:.2f}; int8 dot-product extensions: {cpu_int8_features()}"
+    )
 
 
 if __name__ == "__main__":

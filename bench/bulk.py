@@ -51,8 +51,19 @@ def run_embed(
     src: Path, out: Path, extra: list[str]
 ) -> tuple[dict, float, list[tuple[float, float]]]:
     """Run `embedsvc embed`; its manifest summary, wall seconds and (rows done, RSS MB)."""
-    cmd = [sys.executable, "-m", "embedsvc", "embed", str(src), "--output", str(out),
-           "--overwrite", "--log-level", "warning", *extra]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "embedsvc",
+        "embed",
+        str(src),
+        "--output",
+        str(out),
+        "--overwrite",
+        "--log-level",
+        "warning",
+        *extra,
+    ]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=dict(os.environ, HF_HUB_OFFLINE="1"))
     samples: list[tuple[float, float]] = []
@@ -70,7 +81,7 @@ def run_embed(
 
 
 def tiny_models_file(folder: Path) -> Path:
-    from tests.models import build_tiny_bert
+    from tests.support.models import build_tiny_bert
 
     build_tiny_bert(folder / "tiny", pooling="mean", seed=1)
     path = folder / "models.yaml"
@@ -98,16 +109,20 @@ def main() -> None:
         summary, wall, _ = run_embed(src, work / "out", [])
         ours = summary["this_run_rows_per_second"]
         seconds, tokens_s = summary["this_run_seconds"], summary["this_run_tokens_per_second"]
-        print(f"  embedsvc embed: {ours:8.1f} rows/s ({seconds:.1f} s; {wall:.1f} s with "
-              f"start-up), {tokens_s:.0f} tokens/s")  # fmt: skip
+        print(
+            f"  embedsvc embed: {ours:8.1f} rows/s ({seconds:.1f} s; {wall:.1f} s with "
+            f"start-up), {tokens_s:.0f} tokens/s"
+        )
         print(f"ratio embedsvc embed / best encode (batch {bs}): {ours / st_rate:.2f}")
     if args.rss_rows:
         big = work / "million.jsonl"
         write_jsonl(big, rag_mix(args.rss_rows, seed=2, passage_words=(30, 120)))
         models = tiny_models_file(work)
         summary, wall, samples = run_embed(big, work / "out-big", ["--models-file", str(models)])
-        print(f"{args.rss_rows:,} rows, near-free model: {summary['this_run_rows_per_second']:.0f} "
-              f"rows/s, {wall:.0f} s")  # fmt: skip
+        print(
+            f"{args.rss_rows:,} rows, near-free model: {summary['this_run_rows_per_second']:.0f} "
+            f"rows/s, {wall:.0f} s"
+        )
         for share in (0.1, 0.5, 1.0):
             target = share * args.rss_rows
             rss = next((m for rows, m in samples if rows >= target), samples[-1][1])

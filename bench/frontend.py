@@ -74,8 +74,11 @@ def write_bodies(
     with path.open("w") as f:
         for k in range(0, len(texts) - per_request + 1, per_request):
             inputs = texts[k] if per_request == 1 else texts[k : k + per_request]
-            body = {"input": inputs, "model": openai_model} if openai_model else {
-                "inputs": inputs, "truncate": True}  # fmt: skip
+            body = (
+                {"input": inputs, "model": openai_model}
+                if openai_model
+                else {"inputs": inputs, "truncate": True}
+            )
             f.write(json.dumps(body) + "\n")
     return path
 
@@ -118,8 +121,20 @@ def wrk(
     url: str, bodies: Path, lua: Path, seconds: float, connections: int, threads: int = 1
 ) -> dict:
     """`url` is the full URL posted to (its path included)."""
-    cmd = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds:.0f}s", "--timeout", "30s",
-           "--latency", "-s", str(lua), url, "--", str(bodies)]  # fmt: skip
+    cmd = [
+        "wrk",
+        f"-t{threads}",
+        f"-c{connections}",
+        f"-d{seconds:.0f}s",
+        "--timeout",
+        "30s",
+        "--latency",
+        "-s",
+        str(lua),
+        url,
+        "--",
+        str(bodies),
+    ]
     t0 = os.times()
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     t1 = os.times()
@@ -175,8 +190,20 @@ def load_server(
 
 
 def serve(models_file: str, model: str, port: int, workers: int) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "embedsvc", "serve", "--port", str(port), "--models", model,
-           "--api-workers", str(workers), "--log-level", "warning"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "embedsvc",
+        "serve",
+        "--port",
+        str(port),
+        "--models",
+        model,
+        "--api-workers",
+        str(workers),
+        "--log-level",
+        "warning",
+    ]
     if models_file:
         cmd += ["--models-file", models_file]
     return start(cmd, port)
@@ -190,15 +217,19 @@ def offline_rate(model: Any, texts: list[str], batch_size: int) -> float:
 
 
 def show(label: str, r: dict, per_request: int = 1) -> None:
-    cpu = (f"CPU/request: front end {r['front_ms']:.3f} ms, engine {r['engine_ms']:.3f} ms, "
-           f"machine {r['machine_ms']:.3f} ms ({r['idle']:.0%} idle)")  # fmt: skip
+    cpu = (
+        f"CPU/request: front end {r['front_ms']:.3f} ms, engine {r['engine_ms']:.3f} ms, "
+        f"machine {r['machine_ms']:.3f} ms ({r['idle']:.0%} idle)"
+    )
     errs = r["errors"] + (1 if r["socket_errors"] else 0)
-    print(f"  {label:34s} {r['rps'] * per_request:9.1f} inputs/s  p50 {r['p50']:>8s}  "
-          f"p99 {r['p99']:>8s}  {cpu}  errors {errs}  (wrk CPU {r['wrk_cpu']:.1f} s)")  # fmt: skip
+    print(
+        f"  {label:34s} {r['rps'] * per_request:9.1f} inputs/s  p50 {r['p50']:>8s}  "
+        f"p99 {r['p99']:>8s}  {cpu}  errors {errs}  (wrk CPU {r['wrk_cpu']:.1f} s)"
+    )
 
 
 def tiny_models_file(folder: Path) -> str:
-    from tests.models import build_tiny_bert
+    from tests.support.models import build_tiny_bert
 
     build_tiny_bert(folder / "tiny", pooling="mean", seed=1)
     path = folder / "models.yaml"
@@ -215,8 +246,10 @@ def engine_alone(seconds: float) -> float:
     runs slower on a thread other than the one where it first ran, so not in this one)."""
     out = subprocess.run(
         [sys.executable, __file__, "--engine-alone", str(seconds)],
-        capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     return float(out.strip().splitlines()[-1])
 
 
@@ -263,8 +296,10 @@ def main() -> None:
         "short": write_bodies(tmp, "short", short, 1),
         "mix32": write_bodies(tmp, "mix32", mix, 32),
     }
-    print(f"machine: {os.cpu_count()} CPUs; python {sys.version.split()[0]}; wrk -t1 -c64; "
-          f"{args.rounds} rounds of {secs:.0f} s runs")  # fmt: skip
+    print(
+        f"machine: {os.cpu_count()} CPUs; python {sys.version.split()[0]}; wrk -t1 -c64; "
+        f"{args.rounds} rounds of {secs:.0f} s runs"
+    )
 
     path = model_dir("all-minilm-l6-v2")
     offline = SentenceTransformer(path, device="cpu", local_files_only=True)
@@ -273,8 +308,10 @@ def main() -> None:
     for name, texts in (("mix", mix[:600]), ("short", short[:1000])):
         rates = {bs: offline_rate(offline, texts, bs) for bs in (32, 64, 128)}
         sizes[name] = max(rates, key=lambda bs: rates[bs])
-        print(f"offline batch size for {name}: {sizes[name]} "
-              f"({', '.join(f'{bs}: {r:.0f}/s' for bs, r in rates.items())})")  # fmt: skip
+        print(
+            f"offline batch size for {name}: {sizes[name]} "
+            f"({', '.join(f'{bs}: {r:.0f}/s' for bs, r in rates.items())})"
+        )
 
     tiny = tiny_models_file(tmp)
     names = ["m1", "m2", "bare", "t1", "t2"] + (["inf_m", "inf_t"] if args.infinity else [])
@@ -299,9 +336,23 @@ def main() -> None:
     }
     if args.infinity:
         for key, folder in (("inf_m", path), ("inf_t", str(tmp / "tiny"))):
-            procs[key] = start([args.infinity, "v2", "--model-id", folder, "--engine", "torch",
-                                "--device", "cpu", "--host", "127.0.0.1", "--port",
-                                str(ports[key])], ports[key])  # fmt: skip
+            procs[key] = start(
+                [
+                    args.infinity,
+                    "v2",
+                    "--model-id",
+                    folder,
+                    "--engine",
+                    "torch",
+                    "--device",
+                    "cpu",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(ports[key]),
+                ],
+                ports[key],
+            )
     url = {k: f"http://127.0.0.1:{p}{paths[k]}" for k, p in ports.items()}
     runs: dict[str, list[dict]] = defaultdict(list)
     ratios: dict[str, list[float]] = defaultdict(list)
@@ -323,8 +374,10 @@ def main() -> None:
             r = run("MiniLM 1-input short", "m1", "short")
             ratios["MiniLM 1-input short queries / offline"].append(r["rps"] / off_short)
             rate = engine_alone(secs)
-            print(f"  MiniLM engine alone (no HTTP), 64 concurrent 1-input short queries: "
-                  f"{rate:.1f} inputs/s")  # fmt: skip
+            print(
+                f"  MiniLM engine alone (no HTTP), 64 concurrent 1-input short queries: "
+                f"{rate:.1f} inputs/s"
+            )
             ratios["MiniLM engine alone (no HTTP), 1-input short / offline"].append(
                 rate / off_short
             )
@@ -342,8 +395,12 @@ def main() -> None:
                 )
             if args.infinity:
                 for key, model in (("m", "MiniLM"), ("t", "near-free model")):
-                    ours = run(f"{model} short, OpenAI dialect", f"{key}1", f"oa_{key}",
-                               path="/v1/embeddings")  # fmt: skip
+                    ours = run(
+                        f"{model} short, OpenAI dialect",
+                        f"{key}1",
+                        f"oa_{key}",
+                        path="/v1/embeddings",
+                    )
                     peer = run(f"Infinity, {model} short", f"inf_{key}", f"inf_{key}")
                     ratios[f"embedsvc / Infinity, {model}, 1-input short queries"].append(
                         ours["rps"] / peer["rps"]
@@ -354,13 +411,17 @@ def main() -> None:
         print("latency (MiniLM, --api-workers 1)")
         base = url["m1"].removesuffix("/embed")
         one = asyncio.run(closed_loop(base, Load(short, 1), 1, secs))
-        print(f"  concurrency 1, short queries: p50 {one['p50_ms']:.2f} ms  "
-              f"p99 {one['p99_ms']:.2f} ms; in the server outside the forward pass "
-              f"p50 {one['internal_p50_ms']:.2f} ms")  # fmt: skip
+        print(
+            f"  concurrency 1, short queries: p50 {one['p50_ms']:.2f} ms  "
+            f"p99 {one['p99_ms']:.2f} ms; in the server outside the forward pass "
+            f"p50 {one['internal_p50_ms']:.2f} ms"
+        )
         rate = statistics.median(r["rps"] for r in runs["MiniLM 1-input RAG mix"]) / 2
         half = asyncio.run(open_loop(base, Load(mix, 1), rate, secs))
-        print(f"  RAG mix at half of saturation ({rate:.0f} req/s, open loop): "
-              f"p50 {half['p50_ms']:.1f} ms  p99 {half['p99_ms']:.1f} ms")  # fmt: skip
+        print(
+            f"  RAG mix at half of saturation ({rate:.0f} req/s, open loop): "
+            f"p50 {half['p50_ms']:.1f} ms  p99 {half['p99_ms']:.1f} ms"
+        )
     finally:
         for p in procs.values():
             stop(p)
@@ -372,18 +433,24 @@ def main() -> None:
         keys = ("rps", "front_ms", "engine_ms", "machine_ms", "idle")
         med = {k: statistics.median(r[k] for r in rs) for k in keys}
         per = 32 if "32-input" in key else 1
-        print(f"  {key:40s} {med['rps'] * per:9.1f} inputs/s  CPU/request: front end "
-              f"{med['front_ms']:.3f} ms, engine {med['engine_ms']:.3f} ms, machine "
-              f"{med['machine_ms']:.3f} ms ({med['idle']:.0%} idle)")  # fmt: skip
+        print(
+            f"  {key:40s} {med['rps'] * per:9.1f} inputs/s  CPU/request: front end "
+            f"{med['front_ms']:.3f} ms, engine {med['engine_ms']:.3f} ms, machine "
+            f"{med['machine_ms']:.3f} ms ({med['idle']:.0%} idle)"
+        )
     failed = [k for k, rs in runs.items() if any(r["errors"] or r["socket_errors"] for r in rs)]
     if failed:
         print(f"  RUNS WITH ERRORS (their numbers do not count): {', '.join(failed)}")
     print("ratios (median of the rounds, each round measured back to back):")
     for key, vals in ratios.items():
-        print(f"  {key:55s} {statistics.median(vals):.2f}   "
-              f"(rounds: {', '.join(f'{v:.2f}' for v in vals)})")  # fmt: skip
-    print(f"  short query at concurrency 1, in-server time outside the forward pass p50: "
-          f"{one['internal_p50_ms']:.2f} ms")  # fmt: skip
+        print(
+            f"  {key:55s} {statistics.median(vals):.2f}   "
+            f"(rounds: {', '.join(f'{v:.2f}' for v in vals)})"
+        )
+    print(
+        f"  short query at concurrency 1, in-server time outside the forward pass p50: "
+        f"{one['internal_p50_ms']:.2f} ms"
+    )
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from workload import queries, rag_mix
 
 from embedsvc.backends import load_model
-from embedsvc.engine import EmbedRequest, EngineSet, load_engines
+from embedsvc.engine import EmbedRequest, EngineSet, Texts, load_engines
 from embedsvc.metrics import Metrics
 from embedsvc.model_files import resolve_model_dir
 from embedsvc.registry import load_registry
@@ -83,7 +83,7 @@ async def engine_saturation(
         while time.perf_counter() < stop:
             chunk = [texts[(k + j) % len(texts)] for j in range(per_job)]
             k += per_job
-            await engine.embed(EmbedRequest(texts=chunk, truncate=True))
+            await engine.embed(EmbedRequest(Texts(chunk), truncate=True))
             done += len(chunk)
 
     t0 = time.perf_counter()
@@ -113,23 +113,28 @@ def graph_passes(spec, path, probe: list[str], dev: str, dtype: str) -> None:
         times = {}
         for g, m in models.items():
             for _ in range(3):
-                out = m.backend.forward(batch)
+                out = m.backend.forward(batch).pooled
             ts = []
             for _ in range(30):
                 t0 = time.perf_counter()
-                out = m.backend.forward(batch)
+                out = m.backend.forward(batch).pooled
                 ts.append(time.perf_counter() - t0)
             times[g] = (sorted(ts)[len(ts) // 2] * 1e3, out)
         c = cos_rows(times[False][1], times[True][1])
         shape = graphs.shape_for(*batch.shape)
-        print(f"  {rows:4d} x {batch.shape[1]:3d} (graph {shape}): {times[False][0]:7.3f} ms vs "
-              f"{times[True][0]:7.3f} ms = {times[False][0] / times[True][0]:5.2f}x; "
-              f"cosine min {c.min():.5f}")  # fmt: skip
+        print(
+            f"  {rows:4d} x {batch.shape[1]:3d} (graph {shape}): {times[False][0]:7.3f} ms vs "
+            f"{times[True][0]:7.3f} ms = {times[False][0] / times[True][0]:5.2f}x; "
+            f"cosine min {c.min():.5f}"
+        )
         check(f"CUDA graph vectors, {rows} inputs", c.min() >= 0.999, f"cosine min {c.min():.5f}")
     varied_shapes(models, ids, dev, dtype, path)
     captured = sum(g is not None for g in graphs._graphs.values())
-    check("CUDA graphs captured", graphs.enabled and captured > 0,
-          f"{captured} of {len(graphs._graphs)} shapes")  # fmt: skip
+    check(
+        "CUDA graphs captured",
+        graphs.enabled and captured > 0,
+        f"{captured} of {len(graphs._graphs)} shapes",
+    )
 
 
 def varied_shapes(models, ids: list[list[int]], dev: str, dtype: str, path: Path) -> None:
@@ -160,8 +165,9 @@ def varied_shapes(models, ids: list[list[int]], dev: str, dtype: str, path: Path
 
         def run_eager(batch):
             with torch.inference_mode():
-                ids_, mask = (torch.from_numpy(a).to(dev) for a in (batch.input_ids,
-                              batch.attention_mask))  # fmt: skip
+                ids_, mask = (
+                    torch.from_numpy(a).to(dev) for a in (batch.input_ids, batch.attention_mask)
+                )
                 return eager(ids_, mask).float().cpu().numpy()
 
         runs["eager"] = run_eager
@@ -270,11 +276,14 @@ def main() -> int:
         model = load_model(onnx_spec, path)
         tok = TextTokenizer(model.tokenizer, model.max_seq_length)
         ids = tok.encode(probe, prefix="", truncate=True, direction="right", param="x")
-        got = model.backend.forward(pad([Item(None, i, x) for i, x in enumerate(ids)], 0))
+        got = model.backend.forward(pad([Item(None, i, x) for i, x in enumerate(ids)], 0)).pooled
         c = cos_rows(ref, got)
         providers = model.backend.session.get_providers()  # type: ignore[attr-defined]
-        check("onnxruntime CUDA fp16 vs torch fp32", c.min() >= 0.999,
-              f"cosine min {c.min():.5f}; providers {providers}")  # fmt: skip
+        check(
+            "onnxruntime CUDA fp16 vs torch fp32",
+            c.min() >= 0.999,
+            f"cosine min {c.min():.5f}; providers {providers}",
+        )
         all_ids = tok.encode(texts, prefix="", truncate=True, direction="right", param="x")
         order = sorted(range(len(all_ids)), key=lambda i: len(all_ids[i]))
         t0 = time.perf_counter()

@@ -41,8 +41,13 @@ class GpuUtilization:
         self.mean: float | None = None
 
     def __enter__(self) -> GpuUtilization:
-        cmd = ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
-               "-lms", "200"]  # fmt: skip
+        cmd = [
+            "nvidia-smi",
+            "--query-gpu=utilization.gpu",
+            "--format=csv,noheader,nounits",
+            "-lms",
+            "200",
+        ]
         try:
             self._proc: subprocess.Popen | None = subprocess.Popen(
                 cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
@@ -128,9 +133,11 @@ def main() -> int:
     lua.write_text(LUA)
     bodies = write_bodies(tmp, "short", short, 1)
     gpu = torch.cuda.get_device_name(0) if args.device == "cuda" else "none (dry run on CPU)"
-    print(f"GPU: {gpu}; {os.cpu_count()} CPUs; model {args.model}"
-          f"{' (random weights)' if args.random_weights else ''}; wrk -t{args.threads} "
-          f"-c{args.connections}, {args.seconds:.0f} s runs")  # fmt: skip
+    print(
+        f"GPU: {gpu}; {os.cpu_count()} CPUs; model {args.model}"
+        f"{' (random weights)' if args.random_weights else ''}; wrk -t{args.threads} "
+        f"-c{args.connections}, {args.seconds:.0f} s runs"
+    )
 
     kwargs = {"dtype": getattr(torch, dtype)}
     model = SentenceTransformer(str(path), device=args.device, model_kwargs=kwargs)
@@ -140,8 +147,16 @@ def main() -> int:
     if args.device == "cuda":
         torch.cuda.empty_cache()
 
-    cmd = [sys.executable, "-m", "embedsvc", "serve", "--models", args.model,
-           "--log-level", "warning"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "embedsvc",
+        "serve",
+        "--models",
+        args.model,
+        "--log-level",
+        "warning",
+    ]
     if models_file:
         cmd += ["--models-file", models_file]
     results = []
@@ -158,8 +173,9 @@ def main() -> int:
                 url = f"http://127.0.0.1:{port}/embed"
                 before = server_stats(port)
                 with GpuUtilization() as util:
-                    r = load_server(url, proc.pid, bodies, lua, args.seconds, 3,
-                                    args.connections, args.threads)  # fmt: skip
+                    r = load_server(
+                        url, proc.pid, bodies, lua, args.seconds, 3, args.connections, args.threads
+                    )
                 after = server_stats(port)
                 d = {k: after[k] - before[k] for k in after}
                 n, per = d["passes"], max(d["requests"], 1)
@@ -168,13 +184,17 @@ def main() -> int:
                 show(label, r)
                 busy = f"{util.mean:.0f}%" if util.mean is not None else "?"
                 queued, inside = d["queue"] / per * 1e3, d["inference"] / per * 1e3
-                print(f"  {label}: {n:.0f} forward passes, {d['inputs'] / max(n, 1):.1f} inputs "
-                      f"each; per request {queued:.2f} ms queued, {inside:.2f} ms in its pass "
-                      "(warm-up included)")  # fmt: skip
+                print(
+                    f"  {label}: {n:.0f} forward passes, {d['inputs'] / max(n, 1):.1f} inputs "
+                    f"each; per request {queued:.2f} ms queued, {inside:.2f} ms in its pass "
+                    "(warm-up included)"
+                )
                 one = asyncio.run(closed_loop(url.removesuffix("/embed"), Load(short, 1), 1, 5))
-                print(f"  {label}: GPU utilization {busy}; concurrency 1: p50 "
-                      f"{one['p50_ms']:.2f} ms, p99 {one['p99_ms']:.2f} ms, in the server "
-                      f"outside the forward pass p50 {one['internal_p50_ms']:.2f} ms")  # fmt: skip
+                print(
+                    f"  {label}: GPU utilization {busy}; concurrency 1: p50 "
+                    f"{one['p50_ms']:.2f} ms, p99 {one['p99_ms']:.2f} ms, in the server "
+                    f"outside the forward pass p50 {one['internal_p50_ms']:.2f} ms"
+                )
                 results.append((label, r["rps"], r["errors"] or r["socket_errors"]))
             finally:
                 stop(proc)
@@ -184,8 +204,10 @@ def main() -> int:
     print(f"offline limit ({dtype}, batch {best_bs}): {limit:.0f} short queries/s")
     for label, rps, errors in results:
         note = "  (RUN HAD ERRORS: does not count)" if errors else ""
-        print(f"ratio 1-input short queries over HTTP, {label} / offline = {rps / limit:.2f} "
-              f"({rps:.0f} requests/s){note}")  # fmt: skip
+        print(
+            f"ratio 1-input short queries over HTTP, {label} / offline = {rps / limit:.2f} "
+            f"({rps:.0f} requests/s){note}"
+        )
     return 0
 
 

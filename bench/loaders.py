@@ -58,9 +58,11 @@ def main() -> None:
                     n += 1
                 times[name].append((time.perf_counter() - t0) / n * 1000)
         a, b = times["own encoder"], times["sentence-transformers"]
-        print(f"{rows:3d} x {cols:3d} tokens: own {a[0]:.2f}/{a[1]:.2f} ms, "
-              f"sentence-transformers {b[0]:.2f}/{b[1]:.2f} ms, "
-              f"ratio {min(a) / min(b):.3f}")  # fmt: skip
+        print(
+            f"{rows:3d} x {cols:3d} tokens: own {a[0]:.2f}/{a[1]:.2f} ms, "
+            f"sentence-transformers {b[0]:.2f}/{b[1]:.2f} ms, "
+            f"ratio {min(a) / min(b):.3f}"
+        )
 
 
 if __name__ == "__main__":

@@ -67,12 +67,12 @@ def zero_passes() -> None:
     """Every torch forward pass returns zeros (with a 1 in front: a unit vector)."""
     import numpy as np
 
-    from embedsvc.backends import torch_backend
+    from embedsvc.backends import ForwardOutput, torch_backend
 
     def forward(self: Any, batch: Any) -> Any:
         out = np.zeros((batch.input_ids.shape[0], self.dimension), np.float32)
         out[:, 0] = 1
-        return out
+        return ForwardOutput(out)
 
     torch_backend.TorchBackend.forward = forward  # type: ignore[method-assign]
 
@@ -132,8 +132,7 @@ async def run(requests: int, models_file: str) -> dict[str, float]:
                 raise RuntimeError(f"unexpected answer: {data[:200]!r}")
             answered += 1
             if answered == WARMUP:
-                marks.update(wall=time.perf_counter(), cpu=time.thread_time(),
-                             gc=collections)  # fmt: skip
+                marks.update(wall=time.perf_counter(), cpu=time.thread_time(), gc=collections)
             if answered == WARMUP + requests and not finished.done():
                 finished.set_result(None)
             if answered < WARMUP + requests:

@@ -59,8 +59,10 @@ def show(label: str, r: dict) -> None:
     for key in ("200", "429"):
         xs = lat[key]
         if xs:
-            print(f"    {key}: p50 {pct(xs, 50) / 1000:6.2f} s  p99 {pct(xs, 99) / 1000:6.2f} s  "
-                  f"max {max(xs):6.2f} s")  # fmt: skip
+            print(
+                f"    {key}: p50 {pct(xs, 50) / 1000:6.2f} s  p99 {pct(xs, 99) / 1000:6.2f} s  "
+                f"max {max(xs):6.2f} s"
+            )
     status, ms = r["after"]
     print(f"    right after the burst: {status} in {ms:.0f} ms")
 
@@ -75,12 +77,27 @@ def main() -> None:
     texts = rag_mix(3000, seed=13, passage_words=(30, 290))
     for queue_time in ("5", "0"):
         port = free_port()
-        cmd = [sys.executable, "-m", "embedsvc", "serve", "--port", str(port), "--models",
-               args.model, "--max-queue-time", queue_time, "--log-level", "warning"]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "embedsvc",
+            "serve",
+            "--port",
+            str(port),
+            "--models",
+            args.model,
+            "--max-queue-time",
+            queue_time,
+            "--log-level",
+            "warning",
+        ]
         proc = start(cmd, port)
         try:
-            r = asyncio.run(burst(f"http://127.0.0.1:{port}", Load(texts, 32), args.requests,
-                                  args.client_timeout))  # fmt: skip
+            r = asyncio.run(
+                burst(
+                    f"http://127.0.0.1:{port}", Load(texts, 32), args.requests, args.client_timeout
+                )
+            )
         finally:
             stop(proc)
         show(f"--max-queue-time {queue_time}, {args.requests} x 32 inputs at once", r)

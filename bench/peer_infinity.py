@@ -52,20 +52,48 @@ def main() -> None:
     print(f"model {args.model} ({path}); {os.cpu_count()} CPUs")
 
     port = free_port()
-    proc = start([sys.executable, "-m", "embedsvc", "serve", "--port", str(port), "--models",
-                  args.model, "--auto-truncate"], port)  # fmt: skip
+    proc = start(
+        [
+            sys.executable,
+            "-m",
+            "embedsvc",
+            "serve",
+            "--port",
+            str(port),
+            "--models",
+            args.model,
+            "--auto-truncate",
+        ],
+        port,
+    )
     try:
         print("embedsvc (torch, OpenAI dialect)")
-        ours = measure(f"http://127.0.0.1:{port}", "/v1/embeddings", args.model, texts,
-                       args.duration)  # fmt: skip
+        ours = measure(
+            f"http://127.0.0.1:{port}", "/v1/embeddings", args.model, texts, args.duration
+        )
     finally:
         stop(proc)
 
     port = free_port()
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("INFINITY_ANONYMOUS_USAGE_STATS", "0")
-    proc = start([args.infinity, "v2", "--model-id", path, "--engine", "torch", "--device", "cpu",
-                  "--host", "127.0.0.1", "--port", str(port)], port)  # fmt: skip
+    proc = start(
+        [
+            args.infinity,
+            "v2",
+            "--model-id",
+            path,
+            "--engine",
+            "torch",
+            "--device",
+            "cpu",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        port,
+    )
     try:
         print("Infinity (torch)")
         peer = measure(f"http://127.0.0.1:{port}", "/embeddings", path, texts, args.duration)

@@ -63,8 +63,20 @@ def main() -> None:
     try:
         for policy in POLICIES:
             port = free_port()
-            cmd = [sys.executable, "-m", "embedsvc", "serve", "--port", str(port), "--models",
-                   args.model, "--batch-policy", policy, "--log-level", "warning"]  # fmt: skip
+            cmd = [
+                sys.executable,
+                "-m",
+                "embedsvc",
+                "serve",
+                "--port",
+                str(port),
+                "--models",
+                args.model,
+                "--batch-policy",
+                policy,
+                "--log-level",
+                "warning",
+            ]
             servers[policy] = (start(cmd, port), f"http://127.0.0.1:{port}")
         results: dict[str, list[dict]] = {p: [] for p in POLICIES}
         bursts: dict[str, list[dict]] = {p: [] for p in POLICIES}
@@ -73,16 +85,23 @@ def main() -> None:
                 url = servers[policy][1]
                 b = asyncio.run(burst(url, Load(texts, 32, seed=100 + r), args.burst))
                 bursts[policy].append(b)
-                print(f"  round {r + 1} {policy:8s}: burst of {args.burst}: p50 "
-                      f"{b['p50_ms'] / 1000:5.2f} s  p99 {b['p99_ms'] / 1000:5.2f} s  last "
-                      f"{b['last_ms'] / 1000:5.2f} s", flush=True)  # fmt: skip
+                print(
+                    f"  round {r + 1} {policy:8s}: burst of {args.burst}: p50 "
+                    f"{b['p50_ms'] / 1000:5.2f} s  p99 {b['p99_ms'] / 1000:5.2f} s  last "
+                    f"{b['last_ms'] / 1000:5.2f} s",
+                    flush=True,
+                )
                 asyncio.run(closed_loop(url, Load(texts, 32, seed=r), args.clients, 5))  # warm
-                res = asyncio.run(closed_loop(url, Load(texts, 32, seed=r), args.clients,
-                                              args.duration))  # fmt: skip
+                res = asyncio.run(
+                    closed_loop(url, Load(texts, 32, seed=r), args.clients, args.duration)
+                )
                 results[policy].append(res)
-                print(f"  round {r + 1} {policy:8s}: {res['inputs_per_s']:6.1f} inputs/s  "
-                      f"p50 {res['p50_ms'] / 1000:5.2f} s  p99 {res['p99_ms'] / 1000:5.2f} s  "
-                      f"errors {res['errors']}", flush=True)  # fmt: skip
+                print(
+                    f"  round {r + 1} {policy:8s}: {res['inputs_per_s']:6.1f} inputs/s  "
+                    f"p50 {res['p50_ms'] / 1000:5.2f} s  p99 {res['p99_ms'] / 1000:5.2f} s  "
+                    f"errors {res['errors']}",
+                    flush=True,
+                )
     finally:
         for proc, _ in servers.values():
             stop(proc)
@@ -91,15 +110,21 @@ def main() -> None:
     med = {p: {k: statistics.median(x[k] for x in results[p]) for k in keys} for p in POLICIES}
     for p in POLICIES:
         m = med[p]
-        print(f"{p:8s} (median of rounds): {m['inputs_per_s']:6.1f} inputs/s  "
-              f"p50 {m['p50_ms'] / 1000:5.2f} s  p99 {m['p99_ms'] / 1000:5.2f} s")  # fmt: skip
+        print(
+            f"{p:8s} (median of rounds): {m['inputs_per_s']:6.1f} inputs/s  "
+            f"p50 {m['p50_ms'] / 1000:5.2f} s  p99 {m['p99_ms'] / 1000:5.2f} s"
+        )
     for p in POLICIES:
         m = {k: statistics.median(x[k] for x in bursts[p]) for k in ("p50_ms", "p99_ms", "last_ms")}
-        print(f"{p:8s} burst of {args.burst} (median of rounds): p50 {m['p50_ms'] / 1000:5.2f} s  "
-              f"p99 {m['p99_ms'] / 1000:5.2f} s  last {m['last_ms'] / 1000:5.2f} s")  # fmt: skip
+        print(
+            f"{p:8s} burst of {args.burst} (median of rounds): p50 {m['p50_ms'] / 1000:5.2f} s  "
+            f"p99 {m['p99_ms'] / 1000:5.2f} s  last {m['last_ms'] / 1000:5.2f} s"
+        )
     a, b = med["arrival"], med["length"]
-    print(f"arrival / length, overload: throughput {a['inputs_per_s'] / b['inputs_per_s']:.2f}, "
-          f"p50 {a['p50_ms'] / b['p50_ms']:.2f}, p99 {a['p99_ms'] / b['p99_ms']:.2f}")  # fmt: skip
+    print(
+        f"arrival / length, overload: throughput {a['inputs_per_s'] / b['inputs_per_s']:.2f}, "
+        f"p50 {a['p50_ms'] / b['p50_ms']:.2f}, p99 {a['p99_ms'] / b['p99_ms']:.2f}"
+    )
 
 
 if __name__ == "__main__":

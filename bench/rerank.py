@@ -34,7 +34,7 @@ from workload import passage, query
 def build_reranker(folder: Path) -> Path:
     from transformers import BertForSequenceClassification
 
-    from tests.models import MINILM_PATH, TOKENIZER_FILES
+    from tests.support.models import MINILM_PATH, TOKENIZER_FILES
 
     model = BertForSequenceClassification.from_pretrained(str(MINILM_PATH), num_labels=1)
     model.save_pretrained(str(folder), safe_serialization=True)
@@ -122,17 +122,29 @@ def main() -> None:
     print(f"{len(reqs)} requests, {n_pairs} pairs (1 query x 20-100 passages of 30-120 words)")
     best = offline(folder, reqs, [int(b) for b in args.batch_sizes.split(",")])
     port = free_port()
-    cmd = [sys.executable, "-m", "embedsvc", "serve", "--port", str(port), "--log-level",
-           "warning", "--models-file", str(models)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "embedsvc",
+        "serve",
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+        "--models-file",
+        str(models),
+    ]
     proc = start(cmd, port)
     try:
         url = f"http://127.0.0.1:{port}"
         asyncio.run(clients(url, reqs, 1, 3))  # warm up
         for n in (1, 4):
             r = asyncio.run(clients(url, reqs, n, args.seconds))
-            print(f"  embedsvc /v1/rerank, {n} client(s): {r['pairs_per_s']:7.1f} pairs/s, "
-                  f"p50 {r['p50']:.0f} ms, p99 {r['p99']:.0f} ms, non-200 {r['errors'] or 'none'}; "
-                  f"ratio to the best predict: {r['pairs_per_s'] / best:.2f}")  # fmt: skip
+            print(
+                f"  embedsvc /v1/rerank, {n} client(s): {r['pairs_per_s']:7.1f} pairs/s, "
+                f"p50 {r['p50']:.0f} ms, p99 {r['p99']:.0f} ms, non-200 {r['errors'] or 'none'}; "
+                f"ratio to the best predict: {r['pairs_per_s'] / best:.2f}"
+            )
     finally:
         stop(proc)
 

@@ -127,9 +127,10 @@ def main() -> None:
     ap.add_argument("--models-file", default="")
     ap.add_argument("--env", action="append", default=[], help="KEY=VALUE for the server")
     ap.add_argument(
-        "--saturation-only", action="store_true",
+        "--saturation-only",
+        action="store_true",
         help="measure saturation (--probe seconds), print it and RSS, and stop",
-    )  # fmt: skip
+    )
     ap.add_argument("serve_args", nargs="*", help="more `embedsvc serve` arguments (after --)")
     args = ap.parse_args()
 
@@ -137,8 +138,19 @@ def main() -> None:
     load = Load(texts, 1)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "embedsvc", "serve", "--port", str(port), "--models",
-           args.model, "--log-level", "warning", *args.serve_args]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "embedsvc",
+        "serve",
+        "--port",
+        str(port),
+        "--models",
+        args.model,
+        "--log-level",
+        "warning",
+        *args.serve_args,
+    ]
     if args.models_file:
         cmd += ["--models-file", args.models_file]
     for kv in args.env:
@@ -152,8 +164,10 @@ def main() -> None:
         if not rate:
             sat = asyncio.run(closed_loop(url, load, 16, args.probe))
             rate = sat["requests_per_s"] * args.fraction
-            print(f"saturation {sat['requests_per_s']:.1f} req/s (16 clients, {args.probe:.0f} s); "
-                  f"soak at {rate:.1f} req/s")  # fmt: skip
+            print(
+                f"saturation {sat['requests_per_s']:.1f} req/s (16 clients, {args.probe:.0f} s); "
+                f"soak at {rate:.1f} req/s"
+            )
         if args.saturation_only:
             print(f"RSS after the probe: {rss_mb(proc.pid):.1f} MB")
             return
@@ -167,15 +181,21 @@ def main() -> None:
     first = [m for t, m in rss if t <= args.window]
     last = [m for t, m in rss if t >= rss[-1][0] - args.window]
     print()
-    print(f"load generator CPU: {client:.1f} s over {args.minutes:.0f} min "
-          f"({client / (args.minutes * 60) * 100:.1f}% of a core)")  # fmt: skip
+    print(
+        f"load generator CPU: {client:.1f} s over {args.minutes:.0f} min "
+        f"({client / (args.minutes * 60) * 100:.1f}% of a core)"
+    )
     # Peaks, not single samples: a trimmed heap swings by tens of MB between samples.
-    print(f"RSS: start {rss[0][1]:.1f} MB, peak in the first window {max(first):.1f} MB, "
-          f"peak in the last window {max(last):.1f} MB: growth after the first window "
-          f"{(max(last) / max(first) - 1) * 100:+.1f}%")  # fmt: skip
+    print(
+        f"RSS: start {rss[0][1]:.1f} MB, peak in the first window {max(first):.1f} MB, "
+        f"peak in the last window {max(last):.1f} MB: growth after the first window "
+        f"{(max(last) / max(first) - 1) * 100:+.1f}%"
+    )
     if len(w) > 1:
-        print(f"last window / first: throughput {w[-1]['rps'] / w[0]['rps']:.2f}, "
-              f"p99 {w[-1]['p99'] / w[0]['p99']:.2f}")  # fmt: skip
+        print(
+            f"last window / first: throughput {w[-1]['rps'] / w[0]['rps']:.2f}, "
+            f"p99 {w[-1]['p99'] / w[0]['p99']:.2f}"
+        )
 
 
 if __name__ == "__main__":

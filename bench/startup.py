@@ -27,8 +27,17 @@ from throughput import free_port, stop
 
 def one_start(extra: list[str]) -> tuple[float, float]:
     port = free_port()
-    cmd = [sys.executable, "-m", "embedsvc", "serve", "--port", str(port),
-           "--log-level", "warning", *extra]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "embedsvc",
+        "serve",
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+        *extra,
+    ]
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -60,8 +69,10 @@ def main() -> None:
         up, ok = one_start(args.serve_args)
         ready.append(ok)
         print(f"  run {i + 1}: port answers after {up:.2f} s, /health 200 after {ok:.2f} s")
-    print(f"ready: median {statistics.median(ready):.2f} s (range {min(ready):.2f}-"
-          f"{max(ready):.2f} s over {args.runs} starts)")  # fmt: skip
+    print(
+        f"ready: median {statistics.median(ready):.2f} s (range {min(ready):.2f}-"
+        f"{max(ready):.2f} s over {args.runs} starts)"
+    )
 
 
 if __name__ == "__main__":

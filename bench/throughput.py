@@ -241,14 +241,18 @@ def main() -> None:
     print("(a) offline limit")
     best_bs, offline = offline_limit(path, texts, [16, 32, 64, 128])
     forward_p50 = raw_forward_p50(path, short, 300)
-    print(f"  best: batch_size={best_bs}, {offline:.1f} inputs/s; raw forward p50 "
-          f"(one short query) {forward_p50 * 1000:.2f} ms")  # fmt: skip
+    print(
+        f"  best: batch_size={best_bs}, {offline:.1f} inputs/s; raw forward p50 "
+        f"(one short query) {forward_p50 * 1000:.2f} ms"
+    )
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     usage0 = resource.getrusage(resource.RUSAGE_SELF)
-    proc = start([sys.executable, "-m", "embedsvc", "serve", "--port", str(port),
-                  "--models", args.model], port)  # fmt: skip
+    proc = start(
+        [sys.executable, "-m", "embedsvc", "serve", "--port", str(port), "--models", args.model],
+        port,
+    )
     try:
         print("(b) embedsvc at saturation")
         ours = measure_server(url, texts, args.duration, "embedsvc")
@@ -257,8 +261,10 @@ def main() -> None:
         print(f"  concurrency 1, short query: p50 {c1['p50_ms']:.2f} ms  p99 {c1['p99_ms']:.2f} ms")
         half_rate = ours[1]["requests_per_s"] / 2
         half = asyncio.run(open_loop(url, Load(texts, 1), half_rate, args.duration))
-        print(f"  open loop at {half_rate:.0f} req/s (half of saturation), RAG mix: "
-              f"p50 {half['p50_ms']:.1f} ms  p99 {half['p99_ms']:.1f} ms")  # fmt: skip
+        print(
+            f"  open loop at {half_rate:.0f} req/s (half of saturation), RAG mix: "
+            f"p50 {half['p50_ms']:.1f} ms  p99 {half['p99_ms']:.1f} ms"
+        )
     finally:
         stop(proc)
     usage1 = resource.getrusage(resource.RUSAGE_SELF)
@@ -274,10 +280,12 @@ def main() -> None:
     client_cpu = (usage1.ru_utime + usage1.ru_stime) - (usage0.ru_utime + usage0.ru_stime)
     print(f"load generator CPU time during the embedsvc runs: {client_cpu:.1f} s")
     overhead = c1["p50_ms"] - forward_p50 * 1000
-    print("(e) overhead of one short query: end-to-end p50 (client included) - raw forward "
-          f"p50 = {c1['p50_ms']:.2f} - {forward_p50 * 1000:.2f} = {overhead:.2f} ms; inside "
-          "the server, time outside the forward pass p50 = "
-          f"{c1['internal_p50_ms']:.2f} ms")  # fmt: skip
+    print(
+        "(e) overhead of one short query: end-to-end p50 (client included) - raw forward "
+        f"p50 = {c1['p50_ms']:.2f} - {forward_p50 * 1000:.2f} = {overhead:.2f} ms; inside "
+        "the server, time outside the forward pass p50 = "
+        f"{c1['internal_p50_ms']:.2f} ms"
+    )
     print()
     print(f"ratio embedsvc 1-input  / offline = {ours[1]['inputs_per_s'] / offline:.2f}")
     print(f"ratio embedsvc 32-input / offline = {ours[32]['inputs_per_s'] / offline:.2f}")

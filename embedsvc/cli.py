@@ -102,15 +102,23 @@ def pull(args: argparse.Namespace) -> int:
         # The files as fetched against the hashes just recorded (the Hub's, for weights).
         spec = load_registry(registry.path).models[spec.name]
         verify_model_files(spec, path)
-        log.info("model %s: sha256 of %d files recorded in %s", spec.name,
-                 len(spec.lock.files) + len(spec.lock.code) if spec.lock else 0, lock)  # fmt: skip
+        log.info(
+            "model %s: sha256 of %d files recorded in %s",
+            spec.name,
+            len(spec.lock.files) + len(spec.lock.code) if spec.lock else 0,
+            lock,
+        )
         model = load_model(spec, path)
         ids = np.array([model.tokenizer.encode("embedsvc pull check").ids], dtype=np.int64)
-        out = model.backend.forward(PaddedBatch(ids, np.ones_like(ids)))
+        out = model.backend.forward(PaddedBatch(ids, np.ones_like(ids))).pooled
         log.info(
             "model %s: %s@%s at %s loads offline (dim %d)",
-            spec.name, spec.hf_id, spec.revision[:12], path, out.shape[1],
-        )  # fmt: skip
+            spec.name,
+            spec.hf_id,
+            spec.revision[:12],
+            path,
+            out.shape[1],
+        )
         if local:
             log.info("serve it with local_dir: %s in models.yaml", local)
     return 0
@@ -144,13 +152,20 @@ def add_embed_parser(sub: Any) -> None:
         "as the server, into Parquet shards under --output. Rerunning the same command "
         "continues where the last run stopped.",
     )
-    p.add_argument("input", help="a file or folder (JSONL, Parquet, CSV, Arrow), a dataset "
-                   "saved with datasets.save_to_disk, or a Hugging Face dataset id")  # fmt: skip
+    p.add_argument(
+        "input",
+        help="a file or folder (JSONL, Parquet, CSV, Arrow), a dataset "
+        "saved with datasets.save_to_disk, or a Hugging Face dataset id",
+    )
     p.add_argument("--output", required=True, help="output folder")
     p.add_argument("--model", default=None, help="served name (default: the default model)")
     p.add_argument("--text-column", default="text")
-    p.add_argument("--id-column", default="id", help="kept as the id of each vector "
-                   "(default id; the row number when the input has no such column)")  # fmt: skip
+    p.add_argument(
+        "--id-column",
+        default="id",
+        help="kept as the id of each vector "
+        "(default id; the row number when the input has no such column)",
+    )
     prompt = p.add_mutually_exclusive_group()
     prompt.add_argument("--input-type", choices=["query", "passage", "document"], default=None)
     prompt.add_argument("--prompt-name", default=None)
@@ -167,15 +182,23 @@ def add_embed_parser(sub: Any) -> None:
     p.add_argument("--split", default=None, help="dataset split")
     p.add_argument("--revision", default=None, help="dataset commit on the Hub (required there)")
     p.add_argument("--streaming", action="store_true", help="stream a Hub dataset")
-    p.add_argument("--on-error", choices=["skip", "fail"], default="skip",
-                   help="a bad row: write it to errors.jsonl and go on, or stop")  # fmt: skip
+    p.add_argument(
+        "--on-error",
+        choices=["skip", "fail"],
+        default="skip",
+        help="a bad row: write it to errors.jsonl and go on, or stop",
+    )
     p.add_argument("--shard-rows", type=int, default=100_000, help="rows per Parquet shard")
     p.add_argument("--overwrite", action="store_true", help="start over in --output")
     p.add_argument("--models-file", default=None, help="path of models.yaml")
     ray_help = "run on a Ray cluster: ADDRESS, else RAY_ADDRESS, else a local one"
     p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS", help=ray_help)
-    p.add_argument("--num-actors", type=int, default=0,
-                   help="model replicas on Ray (default: one per GPU, else one)")  # fmt: skip
+    p.add_argument(
+        "--num-actors",
+        type=int,
+        default=0,
+        help="model replicas on Ray (default: one per GPU, else one)",
+    )
     p.add_argument("--log-level", default="info")
 
 

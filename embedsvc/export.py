@@ -162,9 +162,12 @@ def export_model(spec: ExportTarget, model_dir: Path, variant: str, out_dir: Pat
     }
     (out_dir / "export.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     log.info(
-        "exported %s (%s) to %s in %.1fs", spec.name, variant, target,
+        "exported %s (%s) to %s in %.1fs",
+        spec.name,
+        variant,
+        target,
         time.perf_counter() - started,
-    )  # fmt: skip
+    )
     return out_dir
 
 
@@ -180,8 +183,9 @@ def _fuse_for_ort(path: Path) -> None:
         ir.save(model, str(path))
         log.info("fused for onnxruntime: %s", {k: v for k, v in stats.items() if v})
     except Exception:  # an unfused graph is still correct, only slower
-        log.warning("could not fuse %s for onnxruntime; keeping the plain graph", path,
-                    exc_info=True)  # fmt: skip
+        log.warning(
+            "could not fuse %s for onnxruntime; keeping the plain graph", path, exc_info=True
+        )
 
 
 def _export_fp32(spec: ExportTarget, model_dir: Path, target: Path) -> None:

@@ -52,55 +52,84 @@ _SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 _TOKEN_BUCKETS = (16, 64, 256, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
 
 
+def enable_multiprocess(folder: str) -> None:
+    """prometheus_client's multiprocess mode for this process: every value created from
+    here on lives in a file of `folder`. What the library requires (it reads the folder
+    from the environment when it creates each value file, and its value class is
+    process-wide); done once by each server process at its start (server.py), before its
+    `Metrics(multiprocess_dir=folder)`."""
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
+    values.ValueClass = values.MultiProcessValue()
+
+
 class Metrics:
     content_type = CONTENT_TYPE_LATEST
 
     def __init__(self, multiprocess_dir: str | None = None) -> None:
+        """A server's metrics; `multiprocess_dir`: render every process's values from that
+        folder (after `enable_multiprocess(multiprocess_dir)` in this process)."""
+        if multiprocess_dir and os.environ.get("PROMETHEUS_MULTIPROC_DIR") != multiprocess_dir:
+            raise RuntimeError("enable_multiprocess(folder) first: values would stay private")
         self.multiprocess_dir = multiprocess_dir
-        if multiprocess_dir:
-            # Values created from here on live in files of this folder (the library reads
-            # the folder from the environment when it creates each value file).
-            os.environ["PROMETHEUS_MULTIPROC_DIR"] = multiprocess_dir
-            values.ValueClass = values.MultiProcessValue()
         r = self.registry = CollectorRegistry()
         # The engine process alone sets these gauges; "live" drops a dead process's values.
         self.model_ready = Gauge(
-            "embedsvc_model_ready", "1 once the model is loaded and warmed", ["model"],
-            registry=r, multiprocess_mode="livemax",
-        )  # fmt: skip
+            "embedsvc_model_ready",
+            "1 once the model is loaded and warmed",
+            ["model"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
         self.queue_size = Gauge(
-            "embedsvc_queue_size", "inputs waiting for a forward pass", ["model"],
-            registry=r, multiprocess_mode="livesum",
-        )  # fmt: skip
+            "embedsvc_queue_size",
+            "inputs waiting for a forward pass",
+            ["model"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.inflight_inputs = Gauge(
-            "embedsvc_inflight_inputs", "inputs admitted and not yet answered", ["model"],
-            registry=r, multiprocess_mode="livesum",
-        )  # fmt: skip
+            "embedsvc_inflight_inputs",
+            "inputs admitted and not yet answered",
+            ["model"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.service_rate = Gauge(
             "embedsvc_service_rate_tokens_per_second",
             "moving estimate of real tokens a second the model's forward passes get through",
-            ["model"], registry=r, multiprocess_mode="livemax",
-        )  # fmt: skip
+            ["model"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
         self.wait_estimate = Gauge(
             "embedsvc_queue_time_estimate_seconds",
             "estimated wait of a request admitted now: tokens queued ahead / service rate",
-            ["model"], registry=r, multiprocess_mode="livemax",
-        )  # fmt: skip
+            ["model"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
         self.refusals = Counter(
             "embedsvc_refusals",
             "requests refused (429) by admission: capacity (inputs in flight), queue_time "
             "(estimated wait over the limit), deadline (dropped after waiting past it)",
-            ["model", "reason"], registry=r,
-        )  # fmt: skip
+            ["model", "reason"],
+            registry=r,
+        )
         self.batches = Counter("embedsvc_batches", "forward passes run", ["model"], registry=r)
         self.batch_size = Histogram(
-            "embedsvc_batch_size", "inputs per forward pass", ["model"],
-            buckets=_SIZE_BUCKETS, registry=r,
-        )  # fmt: skip
+            "embedsvc_batch_size",
+            "inputs per forward pass",
+            ["model"],
+            buckets=_SIZE_BUCKETS,
+            registry=r,
+        )
         self.batch_tokens = Histogram(
-            "embedsvc_batch_tokens", "padded tokens per forward pass", ["model"],
-            buckets=_TOKEN_BUCKETS, registry=r,
-        )  # fmt: skip
+            "embedsvc_batch_tokens",
+            "padded tokens per forward pass",
+            ["model"],
+            buckets=_TOKEN_BUCKETS,
+            registry=r,
+        )
         self.duration = Histogram(
             "embedsvc_request_duration_seconds",
             "time per request by phase (tokenization, queue, inference, total)",
@@ -112,18 +141,21 @@ class Metrics:
             "embedsvc_requests", "embedding requests answered", ["model", "route"], registry=r
         )
         self.failures = Counter(
-            "embedsvc_request_failures", "requests failed, by error kind", ["route", "kind"],
+            "embedsvc_request_failures",
+            "requests failed, by error kind",
+            ["route", "kind"],
             registry=r,
-        )  # fmt: skip
+        )
         self.inputs = Counter("embedsvc_inputs", "inputs embedded", ["model"], registry=r)
         self.tokens = Counter(
             "embedsvc_tokens", "real (unpadded) tokens embedded", ["model"], registry=r
         )
 
         self.malloc_trims = Counter(
-            "embedsvc_malloc_trims", "times free heap memory was handed back to the OS",
+            "embedsvc_malloc_trims",
+            "times free heap memory was handed back to the OS",
             registry=r,
-        )  # fmt: skip
+        )
         # process_* (CPU, resident memory, open files) of the process that answers /metrics,
         # and the resident memory of the whole server (engine process and front ends).
         self.process = ProcessCollector(registry=r)

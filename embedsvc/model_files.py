@@ -168,8 +168,10 @@ def verify_model_files(spec: ModelSpec, path: Path) -> bool:
         log.warning(
             "model %s: no entry for %s@%s in the models lock; its files are not verified "
             "(embedsvc pull records them)",
-            spec.name, spec.hf_id, spec.revision[:12],
-        )  # fmt: skip
+            spec.name,
+            spec.hf_id,
+            spec.revision[:12],
+        )
         return False
     verify(f"model {spec.name}", path, spec.lock.files)
     repo = remote_code_repo(path) if spec.trust_remote_code else None
@@ -247,17 +249,22 @@ def pull_model(
         from huggingface_hub import hf_hub_download
 
         hf_hub_download(
-            spec.hf_id, "sparse_linear.pt", revision=spec.revision,
-            cache_dir=cache_dir, local_dir=local_dir,
-        )  # fmt: skip
+            spec.hf_id,
+            "sparse_linear.pt",
+            revision=spec.revision,
+            cache_dir=cache_dir,
+            local_dir=local_dir,
+        )
     code: dict[str, str] = {}
     if spec.trust_remote_code and spec.code_revision:
         repo = remote_code_repo(result)
         if repo is not None:
             snapshot_download(
-                repo_id=repo, revision=spec.code_revision, cache_dir=cache_dir,
+                repo_id=repo,
+                revision=spec.code_revision,
+                cache_dir=cache_dir,
                 allow_patterns=["*.py"],
-            )  # fmt: skip
+            )
             code = hash_folder(code_dir(spec.name, repo, spec.code_revision, cache_dir))
     check_model_dir(spec, result)
     if lock is not None:
@@ -286,6 +293,7 @@ def default_prompt_name(spec: ModelSpec, path: Path) -> str | None:
         log.warning(
             "model %s: the folder's default_prompt_name %r is not one of the prompts in "
             "models.yaml; no default prompt",
-            spec.name, name,
-        )  # fmt: skip
+            spec.name,
+            name,
+        )
     return None

@@ -14,7 +14,7 @@ and set the quantization step for the whole batch. So before quantizing:
    largest magnitude of each token's row, so the per-tensor activation scale becomes in effect
    a per-token one (worst cosine 0.991-0.995 instead of 0.976-0.984).
 
-Both rewrites leave the fp32 graph's outputs unchanged (tests/test_onnx.py checks this).
+Both rewrites leave the fp32 graph's outputs unchanged (tests/api/test_onnx.py checks this).
 """
 
 from __future__ import annotations
@@ -43,8 +43,11 @@ def quantize_int8(fp32: Path, target: Path) -> None:
             onnx.save(model, str(prepared))
             diff = max_difference(fp32, prepared)
             if diff > 1e-3:
-                log.warning("int8: attention keeps fp32 (its mask is not only padding: the "
-                            "rewrite moved outputs by %.3g)", diff)  # fmt: skip
+                log.warning(
+                    "int8: attention keeps fp32 (its mask is not only padding: the "
+                    "rewrite moved outputs by %.3g)",
+                    diff,
+                )
                 model, attention = onnx.load(str(fp32)), []
         matmuls = scale_per_token(model)
         onnx.save(model, str(prepared))
@@ -58,8 +61,9 @@ def quantize_int8(fp32: Path, target: Path) -> None:
         )
     log.info(
         "int8: %d attention ops, %d weight matmuls with per-token scaling",
-        len(attention), len(matmuls),
-    )  # fmt: skip
+        len(attention),
+        len(matmuls),
+    )
 
 
 def max_difference(a: Path, b: Path) -> float:
@@ -115,10 +119,12 @@ def attention_with_padding_mask(model: Any) -> list[str]:
         if (
             packed is None
             or not inputs[2]  # QAttention needs the bias
-            or any(inputs[3:5]) or inputs[6]  # mask_index, past, past_sequence_length
-            or attrs.get("unidirectional") or attrs.get("do_rotary")
+            or any(inputs[3:5])
+            or inputs[6]  # mask_index, past, past_sequence_length
+            or attrs.get("unidirectional")
+            or attrs.get("do_rotary")
             or len(set(sizes)) > 1
-        ):  # fmt: skip
+        ):
             nodes.append(node)
             continue
         name = node.name or f"attention_{i}"
@@ -126,10 +132,14 @@ def attention_with_padding_mask(model: Any) -> list[str]:
         kept = {k: v for k, v in attrs.items() if k in ("num_heads", "scale", "mask_filter_value")}
         nodes.append(
             helper.make_node(
-                "Attention", [inputs[0], f"{name}/qkv_weight", inputs[2], mask],
-                list(node.output), name=name, domain=_MS, **kept,
+                "Attention",
+                [inputs[0], f"{name}/qkv_weight", inputs[2], mask],
+                list(node.output),
+                name=name,
+                domain=_MS,
+                **kept,
             )
-        )  # fmt: skip
+        )
         names.append(name)
     if names:
         del model.graph.node[:]

@@ -38,7 +38,7 @@ from embedsvc.http.protocol import ConnectionLimits
 from embedsvc.http.uvicorn_check import http_protocol
 from embedsvc.logs import setup_logging
 from embedsvc.memory import settle_gc, tune_allocator
-from embedsvc.metrics import Metrics
+from embedsvc.metrics import Metrics, enable_multiprocess
 from embedsvc.process import exit_now
 from embedsvc.registry import ModelSpec, load_registry
 from embedsvc.settings import Settings
@@ -217,6 +217,7 @@ def run_frontend(
 
     setup_logging(settings.log_level, settings.log_format)
     tune_allocator(settings.malloc)
+    enable_multiprocess(metrics_dir)
     metrics = Metrics(multiprocess_dir=metrics_dir)
 
     async def connect() -> EngineSet:
@@ -261,6 +262,7 @@ class Supervisor:
         from embedsvc.engine.models import load_workers
         from embedsvc.engine.remote import EngineServer
 
+        enable_multiprocess(self.metrics_dir)
         metrics = Metrics(multiprocess_dir=self.metrics_dir)
         sock = self._bind()
         server = EngineServer(self.address)
@@ -288,8 +290,11 @@ class Supervisor:
         host = f"[{self.settings.host}]" if ":" in self.settings.host else self.settings.host
         log.info(
             "embedsvc %s listening on http://%s:%d with %d front-end processes",
-            __version__, host, sock.getsockname()[1], self.n,
-        )  # fmt: skip
+            __version__,
+            host,
+            sock.getsockname()[1],
+            self.n,
+        )
         try:
             self._watch(ctx, sock, server, metrics)
         finally:

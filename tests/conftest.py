@@ -1,32 +1,21 @@
-"""Shared fixtures: tiny models, a models.yaml, and real uvicorn servers on loopback."""
+"""Shared fixtures: tiny models, a models.yaml, and real uvicorn servers on loopback.
+
+The tests are laid out like the code's kinds of work, each directory a pytest marker:
+tests/unit (no sockets, no processes), tests/api (one server in this process, real
+clients), tests/integration (processes, signals, bulk jobs, Ray, the bench scripts).
+`make test-unit` runs the first alone; helpers live in tests/support."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import os
-import signal
-import socket
-import subprocess
-import sys
-import threading
-import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
-import uvicorn
 
-from embedsvc.api import create_app
-from embedsvc.engine import EngineSet, load_engines
-from embedsvc.metrics import Metrics
 from embedsvc.registry import Registry, load_registry
-from embedsvc.server import _uvicorn_config
-from embedsvc.settings import Settings
-from tests.models import (
+from tests.support import Server, ServerProcess, run_server
+from tests.support.models import (
     MINILM_PATH,
     build_tiny_bert,
     build_tiny_cross_encoder,
@@ -73,6 +62,17 @@ BOTH_PROTOCOLS = {
 }
 
 
+KINDS = ("unit", "api", "integration")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Each test gets its directory's marker (`pytest -m unit`)."""
+    for item in items:
+        kind = Path(str(item.path)).parent.name
+        if kind in KINDS:
+            item.add_marker(getattr(pytest.mark, kind))
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     module = metafunc.module.__name__.rpartition(".")[2]
     if "http_direct" in metafunc.fixturenames and module in BOTH_PROTOCOLS:
@@ -85,64 +85,6 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 def http_direct(request: pytest.FixtureRequest) -> bool:
     """Settings.http_direct of the test servers (True but in BOTH_PROTOCOLS modules)."""
     return bool(getattr(request, "param", True))
-
-
-@dataclass
-class Server:
-    url: str
-    engines: EngineSet
-    metrics: Metrics
-    settings: Settings
-    app: Any = None  # what uvicorn runs
-
-    def client(self, **kw: Any) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=60, **kw)
-
-    def metric(self, name: str, **labels: str) -> float:
-        value = self.metrics.registry.get_sample_value(name, labels)
-        return float(value or 0.0)
-
-
-def free_socket() -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    return sock
-
-
-@contextlib.contextmanager
-def run_server(
-    registry: Registry,
-    models: list[str],
-    wrap: Callable[[Any], Any] | None = None,
-    **overrides: Any,
-) -> Iterator[Server]:
-    """Load `models`, serve them with uvicorn on a free loopback port, stop afterwards.
-    `wrap(app)` may put another ASGI app around embedsvc's."""
-    settings = Settings(**overrides)
-    metrics = Metrics()
-    engines = load_engines(registry.select(models), settings, metrics)
-    app = create_app(settings, metrics, engines=engines)
-    if wrap is not None:
-        app = wrap(app)
-    sock = free_socket()
-    port = sock.getsockname()[1]
-    config = _uvicorn_config(app, settings, lifespan="on")  # as `embedsvc serve` runs it
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("test server did not start")
-        time.sleep(0.02)
-    try:
-        yield Server(f"http://127.0.0.1:{port}", engines, metrics, settings, app)
-    finally:
-        server.should_exit = True
-        thread.join(timeout=15)
-        engines.stop()
-        sock.close()
 
 
 @pytest.fixture(scope="session")
@@ -162,64 +104,6 @@ def server_factory(registry: Registry, http_direct: bool) -> Callable[..., Any]:
         return run_server(registry, models or ["all-minilm-l6-v2"], **overrides)
 
     return make
-
-
-def cosine(a: Any, b: Any) -> float:
-    import numpy as np
-
-    a = np.asarray(a, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
-    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
-
-
-class ServerProcess:
-    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
-        sock = free_socket()
-        self.port = sock.getsockname()[1]
-        sock.close()
-        self.url = f"http://127.0.0.1:{self.port}"
-        full_env = dict(os.environ, HF_HUB_OFFLINE="1", **(env or {}))
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "embedsvc", "serve", "--port", str(self.port), *args],
-            env=full_env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        # Several front ends: the first 200 may come from one while another is still
-        # connecting to the engine (its requests get 503 "still loading"), so then wait
-        # for 16 connections opened at once, which every front end shares, all to say 200.
-        probes = (
-            16 if "--api-workers" in args and args[args.index("--api-workers") + 1] != "1" else 1
-        )
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if all(code == 200 for code in _health(self.url, probes)):
-                    return
-            except httpx.TransportError:
-                pass
-            assert self.proc.poll() is None, self.proc.communicate()[0]
-            time.sleep(0.1)
-        raise RuntimeError("server did not become healthy")
-
-    def stop(self) -> tuple[int, str]:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        out, _ = self.proc.communicate(timeout=60)
-        return self.proc.returncode, out
-
-
-def _health(url: str, connections: int) -> list[int]:
-    """/health's status on `connections` connections opened at once."""
-
-    async def probe() -> list[int]:
-        limits = httpx.Limits(max_connections=connections, max_keepalive_connections=0)
-        async with httpx.AsyncClient(base_url=url, timeout=2, limits=limits) as c:
-            answers = await asyncio.gather(*(c.get("/health") for _ in range(connections)))
-        return [r.status_code for r in answers]
-
-    return asyncio.run(probe())
 
 
 @pytest.fixture()

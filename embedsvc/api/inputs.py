@@ -4,26 +4,27 @@ from __future__ import annotations
 
 from typing import Any
 
+from embedsvc.engine import Texts, TokenIds
 from embedsvc.errors import ValidationError
 
 SHAPES = "a string, a list of strings, a list of token ids, or a list of token-id lists"
 
 
-def parse_inputs(value: Any, param: str) -> tuple[list[str] | None, list[list[int]] | None]:
-    """Return (texts, token_ids); exactly one is not None."""
+def parse_inputs(value: Any, param: str) -> Texts | TokenIds:
+    """The texts or the token-id sequences `value` holds."""
     if isinstance(value, str):
         _check_text(value, param)
-        return [value], None
+        return Texts([value])
     if not isinstance(value, list):
         raise ValidationError(f"{param} must be {SHAPES}; got {_kind(value)}", param=param)
     if not value:
-        return [], None
+        return Texts([])
     if all(isinstance(v, str) for v in value):
         for i, v in enumerate(value):
             _check_text(v, f"{param}[{i}]")
-        return list(value), None
+        return Texts(list(value))
     if all(_is_int(v) for v in value):
-        return None, [list(value)]
+        return TokenIds([list(value)])
     if all(isinstance(v, list) for v in value):
         for i, seq in enumerate(value):
             bad = next((v for v in seq if not _is_int(v)), None)
@@ -32,7 +33,7 @@ def parse_inputs(value: Any, param: str) -> tuple[list[str] | None, list[list[in
                 raise ValidationError(
                     f"{param}[{i}] {what}; a token-id list holds integers", param=param
                 )
-        return None, [list(s) for s in value]
+        return TokenIds([list(s) for s in value])
     cats = [type(v).__name__ for v in value]
     i = next((k for k, c in enumerate(cats) if c != cats[0]), 0)
     raise ValidationError(

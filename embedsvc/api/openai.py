@@ -16,7 +16,14 @@ from embedsvc.api.calls import Call, Context, Route
 from embedsvc.api.encode import openai_embeddings_body
 from embedsvc.api.inputs import parse_inputs
 from embedsvc.api.service import Service
-from embedsvc.engine import NO_PROMPT, EmbedRequest, EmbedResult, ModelEngine
+from embedsvc.engine import (
+    NO_PROMPT,
+    EmbedRequest,
+    EmbedResult,
+    ModelEngine,
+    Texts,
+    TokenIds,
+)
 from embedsvc.errors import ValidationError
 
 
@@ -40,14 +47,14 @@ def openai_request(
     """The engine and the request a validated body asks for (also used by
     `embedsvc embed --format openai-batch`, so batch lines read exactly like requests)."""
     engine = service.engine_set().get(body.model)
-    texts, ids = parse_inputs(body.input, "input")
-    if ids is not None and service.cl100k is not None:
+    inputs: Texts | TokenIds = parse_inputs(body.input, "input")
+    if isinstance(inputs, TokenIds) and service.cl100k is not None:
         # OpenAI's ids: embedded exactly as the text they encode (prompt included).
-        texts, ids = service.cl100k.decode(ids, "input"), None
-    prompt_name = openai_prompt(engine, body.prompt_name, body.input_type, ids is not None)
+        inputs = Texts(service.cl100k.decode(inputs.ids, "input"))
+    ids = isinstance(inputs, TokenIds)
+    prompt_name = openai_prompt(engine, body.prompt_name, body.input_type, ids)
     req = EmbedRequest(
-        texts=texts,
-        token_ids=ids,
+        inputs,
         prompt_name=prompt_name,
         normalize=True,
         truncate=body.truncate,

@@ -22,12 +22,12 @@ import orjson
 from embedsvc.api.bodies import RerankBody, TEIRerankBody
 from embedsvc.api.calls import Call, Context, Route
 from embedsvc.api.service import Service
-from embedsvc.engine import EmbedRequest, EmbedResult, ModelEngine
+from embedsvc.engine import EmbedRequest, EmbedResult, ModelEngine, Pairs
 from embedsvc.errors import EmptyInputError
 
 
 def scores(engine: ModelEngine, result: EmbedResult, raw: bool) -> np.ndarray:
-    logits = result.vectors[:, 0].astype(np.float64)
+    logits = result.scores
     if raw or engine.info.score_activation == "identity":
         return logits
     return 1.0 / (1.0 + np.exp(-logits))
@@ -48,7 +48,7 @@ def pairs_request(
     if not query:
         raise EmptyInputError("query is an empty string", param="query")
     req = EmbedRequest(
-        pairs=[(query, d) for d in docs],
+        Pairs(query, docs),
         task="rerank",
         prompt_name=None,
         normalize=False,

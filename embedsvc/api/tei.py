@@ -30,12 +30,11 @@ from embedsvc.errors import EmptyInputError, ValidationError
 
 def embed(service: Service, body: TEIEmbedBody, ctx: Context) -> Call:
     engine = service.engine_set().get(body.model)
-    texts, ids = parse_inputs(body.inputs, "inputs")
+    inputs = parse_inputs(body.inputs, "inputs")
     fmt = body.encoding_format
     check_format(fmt, body.normalize)
     req = EmbedRequest(
-        texts=texts,
-        token_ids=ids,
+        inputs,
         prompt_name=body.prompt_name,
         normalize=body.normalize,
         truncate=body.truncate,
@@ -54,10 +53,8 @@ def embed(service: Service, body: TEIEmbedBody, ctx: Context) -> Call:
 def embed_sparse(service: Service, body: TEISparseBody, ctx: Context) -> Call:
     """SPLADE weights: the non-zero vocabulary entries of each input, by index."""
     engine = service.engine_set().get(body.model, task="sparse")
-    texts, ids = parse_inputs(body.inputs, "inputs")
     req = EmbedRequest(
-        texts=texts,
-        token_ids=ids,
+        parse_inputs(body.inputs, "inputs"),
         task="sparse",
         prompt_name=body.prompt_name,
         normalize=False,
@@ -83,9 +80,8 @@ def similarity(service: Service, body: TEISimilarityBody, ctx: Context) -> Call:
     if not sentences:
         raise EmptyInputError("inputs.sentences is empty", param="inputs.sentences")
     texts = [body.inputs.source_sentence, *sentences]
-    parse_inputs(texts, "inputs")
     req = EmbedRequest(
-        texts=texts,
+        parse_inputs(texts, "inputs"),
         prompt_name=params.prompt_name,
         truncate=params.truncate,
         truncation_direction=params.truncation_direction.lower(),

@@ -33,6 +33,20 @@ class PaddedBatch:
         return (int(self.input_ids.shape[0]), int(self.input_ids.shape[1]))
 
 
+@dataclass(slots=True)
+class ForwardOutput:
+    """What one forward pass gives, float32 on the host, one row per input of the batch.
+
+    `pooled` [batch, dimension]: the pooled vector (task embed, not normalized), the
+    vocabulary-wide weights (task sparse: dimension = vocabulary), or the logits (task
+    rerank: dimension = labels, 1). `token_weights` [batch, seq]: one weight per position
+    of the batch (0 at padding), from a backend that declares `token_weights` (BGE-M3's
+    lexical weights); per-token outputs such as token vectors join here as fields."""
+
+    pooled: np.ndarray
+    token_weights: np.ndarray | None = None
+
+
 class BackendOutOfMemory(Exception):
     """The device ran out of memory for this batch; the engine splits it and retries."""
 
@@ -42,15 +56,14 @@ class Backend(Protocol):
     dtype: str
     dimension: int
     # Declared capabilities (the engine reads these; it never probes for methods):
-    # forward appends one weight per position of the batch after each vector (BGE-M3's
-    # lexical weights), so rows are [dimension + seq] wide;
+    # forward's output carries token_weights (BGE-M3's lexical weights);
     token_weights: bool
     # cpu_threads(n) sets the intra-op threads of the calling thread for its next passes
     # (torch); False where they are fixed when the model loads (onnxruntime).
     per_pass_threads: bool
 
-    def forward(self, batch: PaddedBatch) -> np.ndarray:
-        """Pooled (not normalized) float32 vectors, shape [batch, dimension]."""
+    def forward(self, batch: PaddedBatch) -> ForwardOutput:
+        """One pass over `batch` (raises BackendOutOfMemory where the device ran out)."""
         ...
 
     def cpu_threads(self, n: int | None = None) -> int:

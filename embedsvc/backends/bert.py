@@ -213,9 +213,13 @@ def _encoder_class() -> Any:
 
     @torch.jit.script
     def attend(
-        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor,
-        bias: torch.Tensor, short: int,
-    ) -> torch.Tensor:  # fmt: skip
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        keep: torch.Tensor,
+        bias: torch.Tensor,
+        short: int,
+    ) -> torch.Tensor:
         """Attention over [batch, heads, seq, head_dim]. Up to `short` positions as three
         plain kernels (scores, softmax, weighted sum): for short sequences on a CPU they
         take 0.6-0.8x the time of the fused kernel on one thread, 0.2-0.6x on two (it
@@ -249,9 +253,15 @@ def _encoder_class() -> Any:
             del self.attention.self
 
         def forward_packed(
-            self, x: torch.Tensor, real: torch.Tensor, slot: torch.Tensor, b: int, s: int,
-            keep: torch.Tensor, bias: torch.Tensor,
-        ) -> torch.Tensor:  # fmt: skip
+            self,
+            x: torch.Tensor,
+            real: torch.Tensor,
+            slot: torch.Tensor,
+            b: int,
+            s: int,
+            keep: torch.Tensor,
+            bias: torch.Tensor,
+        ) -> torch.Tensor:
             """`x`: the real tokens' states [n, hidden] (positions `real` of the flattened
             batch; `slot`: each position's row of `x`). Only attention sees the padded
             layout, gathered from `x` (a padded position gets a copy of a real token,

@@ -14,9 +14,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from embedsvc.backends.base import BackendSpec, LoadedModel, PaddedBatch
+from embedsvc.backends.base import BackendSpec, ForwardOutput, LoadedModel, PaddedBatch
 from embedsvc.backends.bert import read_json
 from embedsvc.backends.torch_common import (
     TorchThreads,
@@ -39,7 +37,7 @@ class CrossEncoderBackend(TorchThreads):
         self.dimension = 1
         self._sep_id = sep_id  # None: the model has no segment embeddings
 
-    def forward(self, batch: PaddedBatch) -> np.ndarray:
+    def forward(self, batch: PaddedBatch) -> ForwardOutput:
         import torch
 
         ids = torch.from_numpy(batch.input_ids).to(self.device)
@@ -48,9 +46,10 @@ class CrossEncoderBackend(TorchThreads):
         if self._sep_id is not None:
             sep = (ids == self._sep_id).long()
             kwargs["token_type_ids"] = ((torch.cumsum(sep, dim=1) - sep) > 0).long()
-        return guarded(
+        logits = guarded(
             self.device, lambda: self._model(**kwargs).logits.to(torch.float32).cpu().numpy()
         )
+        return ForwardOutput(logits)
 
 
 def _read(path: Path) -> dict[str, Any]:
@@ -111,8 +110,15 @@ def load_cross_encoder(spec: BackendSpec, path: Path) -> LoadedModel:
     backend = CrossEncoderBackend(model, device, dtype, sep_id)
     log.info(
         "loaded %s (%s@%s) from %s on %s/%s: reranker, score %s, max_seq_length=%d",
-        spec.name, spec.hf_id, spec.revision[:12], path, device, dtype, activation, max_len,
-    )  # fmt: skip
+        spec.name,
+        spec.hf_id,
+        spec.revision[:12],
+        path,
+        device,
+        dtype,
+        activation,
+        max_len,
+    )
     return LoadedModel(
         path=path,
         backend=backend,

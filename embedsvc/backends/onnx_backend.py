@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
-from embedsvc.backends.base import BackendSpec, LoadedModel, PaddedBatch
+from embedsvc.backends.base import BackendSpec, ForwardOutput, LoadedModel, PaddedBatch
 from embedsvc.backends.pooling import pool
 from embedsvc.errors import ConfigError
 
@@ -46,7 +46,7 @@ class OnnxBackend:
             raise ValueError("onnxruntime's threads are fixed when the session is made")
         return int(self.session.get_session_options().intra_op_num_threads)
 
-    def forward(self, batch: PaddedBatch) -> np.ndarray:
+    def forward(self, batch: PaddedBatch) -> ForwardOutput:
         feed = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
         if "token_type_ids" in self._inputs:
             feed["token_type_ids"] = np.zeros_like(batch.input_ids)
@@ -59,7 +59,7 @@ class OnnxBackend:
             hidden = binding.copy_outputs_to_cpu()[0]
         else:
             hidden = self.session.run(["last_hidden_state"], feed)[0]
-        return pool(hidden, batch.attention_mask, self.pooling)
+        return ForwardOutput(pool(hidden, batch.attention_mask, self.pooling))
 
 
 def make_session(model_file: Path, device: str, threads: int = 0) -> tuple[Any, str]:
@@ -76,8 +76,9 @@ def make_session(model_file: Path, device: str, threads: int = 0) -> tuple[Any, 
                 "device cuda was requested for an onnx model but onnxruntime has no CUDA "
                 "provider; install embedsvc[onnx-gpu]"
             )
-        providers = [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider")
-                     if p in available] + ["CPUExecutionProvider"]  # fmt: skip
+        providers = [
+            p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in available
+        ] + ["CPUExecutionProvider"]
     else:
         providers = ["CPUExecutionProvider"]
     session = ort.InferenceSession(str(model_file), sess_options=opts, providers=providers)
@@ -127,9 +128,16 @@ def load_onnx_model(spec: BackendSpec, path: Path) -> LoadedModel:
     dtype = {"fp32": "float32", "int8": "int8", "fp16": "float16"}[variant]
     log.info(
         "loaded %s (%s@%s) as ONNX %s from %s on %s: dim=%d pooling=%s max_seq_length=%d",
-        spec.name, spec.hf_id, spec.revision[:12], variant, export_dir, provider, dimension,
-        pooling, max_len,
-    )  # fmt: skip
+        spec.name,
+        spec.hf_id,
+        spec.revision[:12],
+        variant,
+        export_dir,
+        provider,
+        dimension,
+        pooling,
+        max_len,
+    )
     return LoadedModel(
         path=path,
         backend=OnnxBackend(session, pooling, device, dtype, dimension),

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from embedsvc.backends.base import BackendSpec, LoadedModel, PaddedBatch
+from embedsvc.backends.base import BackendSpec, ForwardOutput, LoadedModel, PaddedBatch
 from embedsvc.backends.bert import read_json
 from embedsvc.backends.torch_common import (
     TorchThreads,
@@ -35,7 +35,7 @@ class SpladeBackend(TorchThreads):
         self._pooling = pooling
         self._twice = twice
 
-    def forward(self, batch: PaddedBatch) -> np.ndarray:
+    def forward(self, batch: PaddedBatch) -> ForwardOutput:
         import torch
 
         ids = torch.from_numpy(batch.input_ids).to(self.device)
@@ -49,7 +49,7 @@ class SpladeBackend(TorchThreads):
             pooled = x.amax(dim=1) if self._pooling == "max" else x.sum(dim=1)
             return pooled.to(torch.float32).cpu().numpy()
 
-        return guarded(self.device, run)
+        return ForwardOutput(guarded(self.device, run))
 
 
 def load_splade(spec: BackendSpec, path: Path) -> LoadedModel:
@@ -81,9 +81,16 @@ def load_splade(spec: BackendSpec, path: Path) -> LoadedModel:
     backend = SpladeBackend(model, device, dtype, pooling, activation == "log1p_relu")
     log.info(
         "loaded %s (%s@%s) from %s on %s/%s: SPLADE, %s pooling, %d dims, max_seq_length=%d",
-        spec.name, spec.hf_id, spec.revision[:12], path, device, dtype, pooling,
-        backend.dimension, max_len,
-    )  # fmt: skip
+        spec.name,
+        spec.hf_id,
+        spec.revision[:12],
+        path,
+        device,
+        dtype,
+        pooling,
+        backend.dimension,
+        max_len,
+    )
     config = read_json(path / "config.json") or {}
     return LoadedModel(
         path=path,

@@ -3,6 +3,10 @@ when the model folder is one, else sentence-transformers' modules minus the fina
 
 The engine owns normalization (and Nomic's layer norm, and Matryoshka truncation), so
 this backend stops at pooling (plus any Dense projection the model declares).
+
+Somewhat over 400 lines: the three ways a folder loads (the own encoder, the
+sentence-transformers modules, remote code at a pinned commit) and the trace kept only if
+it matches the eager module are one decision, tried in order, and read best together.
 """
 
 from __future__ import annotations
@@ -13,11 +17,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from tokenizers import Tokenizer
 
 from embedsvc.backends import bert
-from embedsvc.backends.base import BackendOutOfMemory, BackendSpec, LoadedModel, PaddedBatch
+from embedsvc.backends.base import (
+    BackendOutOfMemory,
+    BackendSpec,
+    ForwardOutput,
+    LoadedModel,
+    PaddedBatch,
+)
 from embedsvc.backends.cuda_graphs import BucketGraphs
 from embedsvc.backends.torch_common import (
     TorchThreads,
@@ -60,14 +69,14 @@ class TorchBackend(TorchThreads):
         self.token_weights = lexical is not None
         self.graphs: BucketGraphs | None = None
 
-    def forward(self, batch: PaddedBatch) -> np.ndarray:
+    def forward(self, batch: PaddedBatch) -> ForwardOutput:
         import torch
 
         graphs = self.graphs
         if graphs is not None:
             vectors = guarded(self.device, lambda: graphs.forward(batch))
             if vectors is not None:
-                return vectors
+                return ForwardOutput(vectors)
         if self._pooled and self.device == "cpu":
             # One call into the traced model and nothing else that enters torch's
             # dispatcher: each torch call from Python lets go of the GIL, and taking it
@@ -76,7 +85,7 @@ class TorchBackend(TorchThreads):
             # than pooling in Python after the traced encoder; MiniLM gained 3%.
             ids, mask = torch.from_numpy(batch.input_ids), torch.from_numpy(batch.attention_mask)
             with torch.inference_mode():  # called from the compute thread only
-                return self._encoder(ids, mask).numpy()
+                return ForwardOutput(self._encoder(ids, mask).numpy())
         features: dict[str, Any] = {
             "input_ids": torch.from_numpy(batch.input_ids).to(self.device, non_blocking=True),
             "attention_mask": torch.from_numpy(batch.attention_mask).to(
@@ -94,12 +103,12 @@ class TorchBackend(TorchThreads):
                 states = features.get("token_embeddings")
                 for module in self._head:
                     features = module(features)
-                out = features["sentence_embedding"].to(torch.float32)
-                if self._lexical is not None:
-                    mask = features["attention_mask"]
-                    weights = torch.relu(self._lexical(states)).squeeze(-1).to(torch.float32)
-                    out = torch.cat([out, weights * mask.to(torch.float32)], dim=1)
-                return out.cpu().numpy()
+                out = features["sentence_embedding"].to(torch.float32).cpu().numpy()
+                if self._lexical is None:
+                    return ForwardOutput(out)
+                mask = features["attention_mask"].to(torch.float32)
+                weights = torch.relu(self._lexical(states)).squeeze(-1).to(torch.float32)
+                return ForwardOutput(out, (weights * mask).cpu().numpy())
         except torch.OutOfMemoryError as e:
             del features
             if self.device.startswith("cuda"):

@@ -33,7 +33,7 @@ from embedsvc.bulk.output import (
 )
 from embedsvc.bulk.progress import Progress
 from embedsvc.bulk.sources import MISSING, BadRow, Source, open_source
-from embedsvc.engine import EmbedRequest, EngineSet, ModelEngine, load_engines
+from embedsvc.engine import EmbedRequest, EngineSet, ModelEngine, Texts, load_engines
 from embedsvc.errors import ConfigError, EmbedsvcError
 from embedsvc.files import write_atomic
 from embedsvc.metrics import Metrics
@@ -219,7 +219,7 @@ class ChunkEmbedder:
 
     def _request(self, texts: list[str]) -> EmbedRequest:
         return EmbedRequest(
-            texts=texts,
+            Texts(texts),
             prompt_name=self.prompt_name,
             truncate=self.opts.truncate,
             dimensions=self.opts.dimensions,
@@ -340,9 +340,17 @@ def finish(out: Path, manifest: Manifest, progress: Progress, elapsed: float) ->
     log.info(
         "done: %s rows embedded, %s failed (see %s), %s tokens in %.1f s this run "
         "(%.0f rows/s, %.0f tokens/s); output %s in %d shards, %.1f MB",
-        f"{rows:,}", f"{failed:,}", out / ERRORS, f"{tokens:,}", elapsed, rows_s, tokens_s,
-        out, len([s for s in shards if s.get("file")]), size / 1e6,
-    )  # fmt: skip
+        f"{rows:,}",
+        f"{failed:,}",
+        out / ERRORS,
+        f"{tokens:,}",
+        elapsed,
+        rows_s,
+        tokens_s,
+        out,
+        len([s for s in shards if s.get("file")]),
+        size / 1e6,
+    )
     return EXIT_ROWS_FAILED if failed else 0
 
 

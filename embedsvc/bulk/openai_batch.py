@@ -113,8 +113,9 @@ async def answer(service: Service, line: bytes, n: int) -> tuple[bool, bytes]:
         result = await engine.embed(req)
     except EmbedsvcError as e:
         status, payload = error_body(True, e.kind, e.message, e.param)
-        return False, _line(rid, custom_id, {"status_code": status, "request_id": rid,
-                                             "body": payload}, None)  # fmt: skip
+        return False, _line(
+            rid, custom_id, {"status_code": status, "request_id": rid, "body": payload}, None
+        )
     payload = orjson.loads(
         openai_embeddings_body(result, body.encoding_format, body.model or engine.name)
     )
@@ -138,8 +139,9 @@ def _duplicate(custom_id: str | None, n: int) -> asyncio.Future[tuple[bool, byte
     rid = "batch_req_" + secrets.token_hex(12)
     message = f"line {n}: custom_id {custom_id!r} is used by an earlier line; each must be unique"
     done: asyncio.Future[tuple[bool, bytes]] = asyncio.get_running_loop().create_future()
-    done.set_result((False, _line(rid, custom_id, None, {"code": "duplicate_custom_id",
-                                                         "message": message})))  # fmt: skip
+    done.set_result(
+        (False, _line(rid, custom_id, None, {"code": "duplicate_custom_id", "message": message}))
+    )
     return done
 
 
@@ -220,6 +222,7 @@ async def _run(path: Path, out: Path, service: Service, manifest: Any) -> int:
     manifest.complete = True
     manifest.summary = {"lines": lines_done, "failed": failed, "output": OUTPUT, "errors": ERRORS}
     write_atomic(out / MANIFEST, manifest.to_json())
-    log.info("done: %d lines, %d failed (%s), answers in %s", lines_done, failed,
-             out / ERRORS, outputs)  # fmt: skip
+    log.info(
+        "done: %d lines, %d failed (%s), answers in %s", lines_done, failed, out / ERRORS, outputs
+    )
     return EXIT_ROWS_FAILED if failed else 0

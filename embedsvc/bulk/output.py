@@ -155,8 +155,9 @@ def _keep_good_shards(out: Path, m: Manifest) -> None:
                 f"{out}: {problem}, and this manifest predates per-shard error offsets; "
                 "use --overwrite to start over"
             )
-        log.warning("%s: %s; redoing it and the %d shards after it", out, problem,
-                    len(m.shards) - k - 1)  # fmt: skip
+        log.warning(
+            "%s: %s; redoing it and the %d shards after it", out, problem, len(m.shards) - k - 1
+        )
         m.errors_bytes = int(m.shards[k - 1]["errors_bytes"]) if k else 0
         for later in m.shards[k:]:
             if later.get("file"):

@@ -65,8 +65,15 @@ class Progress:
                 eta = f", about {(self.total - self.rows) / rows_s:,.0f} s left"
             log.info(
                 "%s %s%s embedded (%d failed): %.0f %s/s, %.0f tokens/s%s",
-                f"{self.rows:,}", self.unit, of, self.failed, rows_s, self.unit, tokens_s, eta,
-            )  # fmt: skip
+                f"{self.rows:,}",
+                self.unit,
+                of,
+                self.failed,
+                rows_s,
+                self.unit,
+                tokens_s,
+                eta,
+            )
 
     def close(self) -> None:
         if self._bar is not None:

@@ -138,8 +138,9 @@ def run_ray(opts: Options, address: str | None, num_actors: int) -> int:
 
 def _run(ray: Any, opts: Options, num_actors: int) -> int:
     source = _source(opts)
-    job = ray.get(ray.remote(_describe_remote).remote(asdict(opts), source.description,
-                                                     source.fingerprint))  # fmt: skip
+    job = ray.get(
+        ray.remote(_describe_remote).remote(asdict(opts), source.description, source.fingerprint)
+    )
     manifest = open_output(opts.output, job, opts.overwrite, inputs=[opts.input])
     if manifest.complete:
         log.info("%s is complete already: %s", opts.output, manifest.summary)
@@ -183,8 +184,15 @@ def _run(ray: Any, opts: Options, num_actors: int) -> int:
             for r in batch.to_pylist():
                 vectors = np.frombuffer(r["vectors"], np.float32).reshape(-1, dim)
                 errors = [line + b"\n" for line in r["errors"].split(b"\n") if line]
-                chunk = Chunk(r["shard"], r["first_row"], r["input_rows"], json.loads(r["ids"]),
-                              vectors, list(r["tokens"]), errors)  # fmt: skip
+                chunk = Chunk(
+                    r["shard"],
+                    r["first_row"],
+                    r["input_rows"],
+                    json.loads(r["ids"]),
+                    vectors,
+                    list(r["tokens"]),
+                    errors,
+                )
                 if chunk.errors and opts.on_error == "fail":
                     log.error("stopped (--on-error fail): %s", json.loads(errors[0])["error"])
                     return 3

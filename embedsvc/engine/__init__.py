@@ -2,14 +2,27 @@
 
 from embedsvc.engine.engine import ModelEngine
 from embedsvc.engine.models import EngineSet, load_engines
-from embedsvc.engine.types import NO_PROMPT, EmbedRequest, EmbedResult, ModelInfo
+from embedsvc.engine.types import (
+    NO_PROMPT,
+    EmbedRequest,
+    EmbedResult,
+    Inputs,
+    ModelInfo,
+    Pairs,
+    Texts,
+    TokenIds,
+)
 
 __all__ = [
     "NO_PROMPT",
     "EmbedRequest",
     "EmbedResult",
     "EngineSet",
+    "Inputs",
     "ModelEngine",
     "ModelInfo",
+    "Pairs",
+    "Texts",
+    "TokenIds",
     "load_engines",
 ]

@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import math
 import threading
+from dataclasses import dataclass
+
+from embedsvc.errors import ErrorKind
 
 # Each forward pass's weight in the estimate decays by this factor per pass: about the
 # last 20 passes count.
@@ -49,3 +52,53 @@ class RateEstimate:
 def retry_after(wait: float, limit: float) -> int:
     """Seconds after which the same request would likely be admitted (at least 1)."""
     return max(1, math.ceil(wait - limit))
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why a request is not admitted: its error, and the refusals counter it counts in
+    (capacity | queue_time; "" for none)."""
+
+    kind: ErrorKind
+    message: str
+    counter: str = ""
+    retry_after: int | None = None
+
+
+def refusal(
+    model: str,
+    *,
+    healthy: bool,
+    inflight: int,
+    limit: int,
+    inputs: int,
+    tokens: int,
+    ahead: int,
+    rate: RateEstimate,
+    max_wait: float,
+) -> Refusal | None:
+    """The admission decision for one request of `inputs` inputs and `tokens` tokens,
+    with `inflight` inputs admitted (of `limit`) and `ahead` tokens queued ahead of it;
+    `max_wait` seconds (0: no limit). None: admit it. A request with nothing ahead of it
+    is admitted whatever its size (it could never be admitted otherwise)."""
+    if not healthy:
+        return Refusal(ErrorKind.UNHEALTHY, f"model {model} is not healthy")
+    if inflight + inputs > limit:
+        return Refusal(
+            ErrorKind.OVERLOADED,
+            f"model {model} is at capacity ({inflight} of {limit} inputs in flight); retry shortly",
+            "capacity",
+            retry_after=1,
+        )
+    if max_wait > 0 and ahead > 0:
+        wait = rate.wait(ahead, tokens)
+        if wait > max_wait:
+            return Refusal(
+                ErrorKind.OVERLOADED,
+                f"model {model} would answer this request in about {wait:.1f} s ({ahead} "
+                f"tokens queued ahead, about {rate.rate:.0f} tokens/s), more than its "
+                f"limit of {max_wait:g} s; retry later or elsewhere",
+                "queue_time",
+                retry_after=retry_after(wait, max_wait),
+            )
+    return None

@@ -118,9 +118,12 @@ class BatchQueue:
             if self.policy == "arrival":
                 pool = oldest(pool, 4 * self.max_batch_size, 4 * self.max_batch_tokens)
             batch = select_batch(
-                pool, self.max_batch_tokens, self.max_batch_size, self.overhead_tokens,
+                pool,
+                self.max_batch_tokens,
+                self.max_batch_size,
+                self.overhead_tokens,
                 self.pad_cost,
-            )  # fmt: skip
+            )
             chosen = {id(it) for it in batch}
             self._pending = [it for it in self._pending if id(it) not in chosen]
             self.tokens -= sum(it.length for it in batch)
@@ -217,7 +220,8 @@ def pad(items: list[Item], pad_id: int) -> PaddedBatch:
     ids = np.full((len(items), width), pad_id, dtype=np.int64)
     # Row-major order of the real positions is the ids one after the other.
     ids[real] = np.fromiter(
-        itertools.chain.from_iterable(it.ids for it in items), dtype=np.int64,
+        itertools.chain.from_iterable(it.ids for it in items),
+        dtype=np.int64,
         count=int(lengths.sum()),
-    )  # fmt: skip
+    )
     return PaddedBatch(input_ids=ids, attention_mask=real.astype(np.int64))

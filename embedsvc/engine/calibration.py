@@ -83,16 +83,22 @@ TEXTS = (
 )
 
 
-def ranges(
-    pooled: np.ndarray, sizes: list[int], layer_norm: bool
-) -> dict[int, tuple[list[float], list[float]]]:
+# Per served size: each dimension's (min, max).
+Ranges = dict[int, tuple[list[float], list[float]]]
+
+
+def ranges(pooled: np.ndarray, sizes: list[int], layer_norm: bool) -> Ranges:
     """Per served size: each dimension's (min, max) over the calibration vectors, as the
     engine finalizes them (normalized; Nomic's layer norm before truncation)."""
     full = pooled.shape[1]
     out = {}
     for size in sizes:
         dims = size if size < full else None
-        v = finalize(pooled, dimensions=dims, normalize=True,
-                     layer_norm_first=layer_norm and dims is not None)  # fmt: skip
+        v = finalize(
+            pooled,
+            dimensions=dims,
+            normalize=True,
+            layer_norm_first=layer_norm and dims is not None,
+        )
         out[size] = (v.min(axis=0).tolist(), v.max(axis=0).tolist())
     return out

@@ -47,9 +47,22 @@ class Job:
         deadline = now + cj.max_wait if cj.max_wait > 0 else math.inf
         # Positional: the field order above (keywords took twice as long per request).
         job = cls(
-            origin, cj.key, n, cj.tokens, cj.dimensions, cj.normalize, cj.layer_norm,
-            cj.lexical, None, n, [n], [], False, now, deadline,
-        )  # fmt: skip
+            origin,
+            cj.key,
+            n,
+            cj.tokens,
+            cj.dimensions,
+            cj.normalize,
+            cj.layer_norm,
+            cj.lexical,
+            None,
+            n,
+            [n],
+            [],
+            False,
+            now,
+            deadline,
+        )
         if cj.sparse:
             job.sparse_rows = []
         if n == 1:

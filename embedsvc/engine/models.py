@@ -11,7 +11,8 @@ from collections.abc import Callable, Iterator
 from embedsvc.backends.loaders import load_model
 from embedsvc.engine.compute import compute_thread, cpu_lanes
 from embedsvc.engine.core import CoreLink, LocalCore
-from embedsvc.engine.engine import Frontend, ModelEngine
+from embedsvc.engine.engine import ModelEngine
+from embedsvc.engine.frontend import Frontend
 from embedsvc.engine.types import ModelInfo
 from embedsvc.engine.worker import ModelWorker
 from embedsvc.errors import ConfigError, ModelNotFoundError
@@ -110,8 +111,9 @@ def load_workers(
                     w.use_lanes(lanes)
             log.info(
                 "forward passes: up to %d side by side under a backlog, %d CPU threads each",
-                len(lanes.threads), lanes.per_lane,
-            )  # fmt: skip
+                len(lanes.threads),
+                lanes.per_lane,
+            )
     return workers
 
 

@@ -87,8 +87,11 @@ def measure_pass_costs(model: LoadedModel, name: str) -> PassCosts:
     threads(many)
     log.info(
         "model %s: an 8x32 pass takes %.1f ms on one thread, %.2fx that on %d",
-        name, min(t_one) * 1e3, min(t_many) / min(t_one), many,
-    )  # fmt: skip
+        name,
+        min(t_one) * 1e3,
+        min(t_many) / min(t_one),
+        many,
+    )
     # Only a cheap pass can run on one thread: a busy neighbour at start-up (another server
     # loading, say) makes threads look useless for a while, and taking them from a model
     # that needs them would halve it for good.

@@ -1,8 +1,16 @@
-"""Vector post-processing, pure numpy: Nomic layer norm, Matryoshka truncation, L2 norm."""
+"""Post-processing of a forward pass's rows, pure numpy: Nomic layer norm, Matryoshka
+truncation, L2 norm; sparse rows (engine/sparse.py) for the jobs that ask for them."""
 
 from __future__ import annotations
 
+from collections import defaultdict
+from collections.abc import Callable
+
 import numpy as np
+
+from embedsvc.backends.base import ForwardOutput
+from embedsvc.engine.batcher import Item
+from embedsvc.engine.sparse import SparseRow, from_dense, from_token_weights
 
 LAYER_NORM_EPS = 1e-5  # torch.nn.functional.layer_norm's default, as the Nomic card uses
 NORM_EPS = 1e-12  # torch.nn.functional.normalize's default
@@ -33,3 +41,38 @@ def finalize(
     if normalize:
         x = l2_normalize(x)
     return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def finalize_rows(
+    items: list[Item],
+    output: ForwardOutput,
+    sparse_task: bool,
+    special_ids: Callable[[], frozenset[int]],
+) -> list[np.ndarray | SparseRow] | np.ndarray:
+    """Rows in the order of `items`, each finalized as its job asks. Sparse outputs
+    leave here as their non-zero entries: a SPLADE model's vocabulary-wide rows
+    (`sparse_task`), and the token weights a lexical-weight job asks for (BGE-M3; special
+    tokens, from `special_ids()`, have none)."""
+    pooled = output.pooled
+    if sparse_task:
+        return [from_dense(row) for row in pooled]
+    keys = [(it.job.dimensions, it.job.normalize, it.job.layer_norm) for it in items]
+    first = keys[0]
+    lexical = [it.job.lexical for it in items]
+    if not any(lexical) and all(k == first for k in keys):  # the common case
+        dims, normalize, ln = first
+        return finalize(pooled, dimensions=dims, normalize=normalize, layer_norm_first=ln)
+    groups: dict[tuple[int | None, bool, bool], list[int]] = defaultdict(list)
+    out: list[np.ndarray | SparseRow] = [pooled[0]] * len(items)
+    for row, key in enumerate(keys):
+        if lexical[row]:
+            assert output.token_weights is not None  # the model's lexical head (registry)
+            weights = output.token_weights[row]
+            out[row] = from_token_weights(items[row].ids, weights, special_ids())
+        else:
+            groups[key].append(row)
+    for (dims, normalize, ln), rows in groups.items():
+        vecs = finalize(pooled[rows], dimensions=dims, normalize=normalize, layer_norm_first=ln)
+        for k, row in enumerate(rows):
+            out[row] = vecs[k]
+    return out

@@ -7,7 +7,7 @@ from tokenizers import Tokenizer
 
 from embedsvc.engine.pairs import PairTemplate, pair_ids
 from embedsvc.engine.tokenize import TextTokenizer
-from embedsvc.engine.types import NO_PROMPT, EmbedRequest, ModelInfo
+from embedsvc.engine.types import NO_PROMPT, EmbedRequest, ModelInfo, Pairs, Texts
 from embedsvc.errors import (
     EmbedsvcError,
     EmptyInputError,
@@ -75,11 +75,12 @@ class Preparer:
         n = req.size
         if n == 0:
             raise EmptyInputError(f"{req.input_param} is empty", param=req.input_param)
-        if req.pairs is not None:  # one query with many documents (the rerank routes)
-            self._check_texts([req.pairs[0][0]], "query")
-            self._check_texts([d for _, d in req.pairs], req.input_param)
-        elif req.texts is not None:
-            self._check_texts(req.texts, req.input_param)
+        inputs = req.inputs
+        if isinstance(inputs, Pairs):  # one query with many documents (the rerank routes)
+            self._check_texts([inputs.query], "query")
+            self._check_texts(inputs.documents, req.input_param)
+        elif isinstance(inputs, Texts):
+            self._check_texts(inputs.texts, req.input_param)
         elif req.prompt_name:
             raise ValidationError(
                 "a prompt cannot be applied to token-id input; send text, or tokenize the "
@@ -136,17 +137,14 @@ class Preparer:
             param="model",
         )
 
-    def _pair_ids(self, req: EmbedRequest) -> list[list[int]]:
+    def _pair_ids(self, req: EmbedRequest, pairs: Pairs) -> list[list[int]]:
         """Each pair's ids. The query and each document are tokenized once, and the
         request's bounds checked on the pairs' lengths before any pair is built."""
-        assert req.pairs is not None
         truncate = self.settings.auto_truncate if req.truncate is None else req.truncate
         limit = self.info.max_seq_length
         tok = self._plain
-        query = tok.encode(req.pairs[0][0], add_special_tokens=False).ids
-        docs = [
-            e.ids for e in tok.encode_batch([d for _, d in req.pairs], add_special_tokens=False)
-        ]
+        query = tok.encode(pairs.query, add_special_tokens=False).ids
+        docs = [e.ids for e in tok.encode_batch(pairs.documents, add_special_tokens=False)]
         special = (
             self._template.special
             if self._template is not None
@@ -163,7 +161,8 @@ class Preparer:
         self._check_total(sum(min(n, limit) for n in lengths), req.input_param)
         if self._template is not None:
             return pair_ids(self._template, query, docs, limit)
-        return [e.ids for e in self._pairs_cut.encode_batch(req.pairs)]
+        both = [(pairs.query, d) for d in pairs.documents]
+        return [e.ids for e in self._pairs_cut.encode_batch(both)]
 
     def _check_total(self, total: int, param: str) -> None:
         if total > self.settings.max_request_tokens:
@@ -180,9 +179,10 @@ class Preparer:
         spans: list[tuple[int, int]] = []
         for req in reqs:
             start = len(full)
-            if req.texts is not None:
+            inputs = req.inputs
+            if isinstance(inputs, Texts):
                 prefix = self.resolve_prompt(req.prompt_name)
-                full.extend([prefix + t for t in req.texts] if prefix else req.texts)
+                full.extend([prefix + t for t in inputs.texts] if prefix else inputs.texts)
             spans.append((start, len(full)))
         encoded = self.tokenizer.encode_full(full) if full else []
         out: list[list[list[int]] | EmbedsvcError] = []
@@ -196,9 +196,10 @@ class Preparer:
     def _fit(self, req: EmbedRequest, ids: list[list[int]], full: list[str]) -> list[list[int]]:
         truncate = self.settings.auto_truncate if req.truncate is None else req.truncate
         direction = req.truncation_direction
-        if req.pairs is not None:
-            ids = self._pair_ids(req)
-        elif req.texts is not None:
+        inputs = req.inputs
+        if isinstance(inputs, Pairs):
+            ids = self._pair_ids(req, inputs)
+        elif isinstance(inputs, Texts):
             ids = self.tokenizer.fit(
                 ids,
                 full,
@@ -208,9 +209,8 @@ class Preparer:
                 param=req.input_param,
             )
         else:
-            assert req.token_ids is not None
             ids = self.tokenizer.check_ids(
-                req.token_ids, truncate=truncate, direction=direction, param=req.input_param
+                inputs.ids, truncate=truncate, direction=direction, param=req.input_param
             )
         self._check_total(sum(len(x) for x in ids), req.input_param)
         return ids

@@ -20,11 +20,35 @@ from embedsvc.registry import ModelSpec, Task
 NO_PROMPT = ""
 
 
+@dataclass(slots=True, frozen=True)
+class Texts:
+    """Texts to embed (a prompt may be put before each)."""
+
+    texts: list[str]
+
+
+@dataclass(slots=True, frozen=True)
+class TokenIds:
+    """Token-id sequences, embedded as given (special tokens included)."""
+
+    ids: list[list[int]]
+
+
+@dataclass(slots=True, frozen=True)
+class Pairs:
+    """One query and the documents to score against it (task rerank)."""
+
+    query: str
+    documents: list[str]
+
+
+# What a request holds: exactly one of these kinds.
+Inputs = Texts | TokenIds | Pairs
+
+
 @dataclass(slots=True)
 class EmbedRequest:
-    texts: list[str] | None = None
-    token_ids: list[list[int]] | None = None
-    pairs: list[tuple[str, str]] | None = None  # (query, document), for task rerank
+    inputs: Inputs
     task: Task = "embed"  # what the route asks of the model
     prompt_name: str | None = None
     normalize: bool = True
@@ -37,14 +61,18 @@ class EmbedRequest:
 
     @property
     def size(self) -> int:
-        if self.texts is not None:
-            return len(self.texts)
-        return len(self.token_ids if self.token_ids is not None else self.pairs or [])
+        inputs = self.inputs
+        if isinstance(inputs, Texts):
+            return len(inputs.texts)
+        return len(inputs.ids) if isinstance(inputs, TokenIds) else len(inputs.documents)
 
 
 @dataclass(slots=True)
 class EmbedResult:
-    vectors: np.ndarray  # float32 [n, d] ([n, 0] for sparse requests)
+    """The rows of a request, in input order: vectors (task embed), logits (task rerank:
+    read them as `scores`), or sparse rows (task sparse: `sparse`, and `vectors` [n, 0])."""
+
+    vectors: np.ndarray  # float32 [n, d]
     prompt_tokens: int
     tokenization_time: float
     queue_time: float
@@ -52,6 +80,11 @@ class EmbedResult:
     total_time: float
     input_tokens: list[int] = field(default_factory=list)  # per input, as embedded
     sparse: list[SparseRow] | None = None  # task sparse: each input's non-zero entries
+
+    @property
+    def scores(self) -> np.ndarray:
+        """Task rerank: the model's logit for each pair, float64 [n]."""
+        return self.vectors[:, 0].astype(np.float64)
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,12 @@ per request. It runs on threads of the process that holds the model:
       batch itself while the queue is not empty. A torch model on a CPU of 2 or more cores
       has lanes (compute.Lanes): under a backlog, passes run side by side, each on its
       share of the cores; a pass with nothing queued behind it runs on every free core
+
+Why one module of this size: every method here reads or changes the same jobs, counts and
+queue under one lock, from those three kinds of threads; split, the lock's rules would be
+spread over modules. What needs no lock is elsewhere: the admission decision
+(admission.py), the warm-up (warmup.py), the rows' post-processing (postprocess.py), the
+queue's batch choice (batcher.py) and one request's rows (job.py).
 """
 
 from __future__ import annotations
@@ -27,17 +33,14 @@ from pathlib import Path
 
 import numpy as np
 
-from embedsvc.backends.base import BackendOutOfMemory, LoadedModel, PaddedBatch
-from embedsvc.engine.admission import RateEstimate, retry_after
+from embedsvc.backends.base import BackendOutOfMemory, ForwardOutput, LoadedModel, PaddedBatch
+from embedsvc.engine.admission import RateEstimate, refusal
 from embedsvc.engine.batcher import BatchQueue, Item, pad
-from embedsvc.engine.calibration import TEXTS as CALIBRATION_TEXTS
-from embedsvc.engine.calibration import ranges as calibration_ranges
 from embedsvc.engine.compute import Lanes, compute_thread
 from embedsvc.engine.job import Job
-from embedsvc.engine.pass_costs import measure_pass_costs
-from embedsvc.engine.postprocess import finalize
-from embedsvc.engine.sparse import SparseRow, from_dense, from_token_weights
+from embedsvc.engine.postprocess import finalize_rows
 from embedsvc.engine.types import CoreJob, JobDone, JobFailed, ModelInfo
+from embedsvc.engine.warmup import warm_up
 from embedsvc.errors import ConfigError, ErrorKind
 from embedsvc.memory import TRIMMER
 from embedsvc.metrics import Metrics, observe_many
@@ -62,7 +65,7 @@ class ModelWorker:
     ) -> None:
         self.spec = spec
         self.model = model
-        self._special: frozenset[int] | None = None
+        self._special: frozenset[int] | None = None  # special token ids, when first asked
         self.files_verified = False  # checked against the models lock at load
         self.name = spec.name
         self.settings = settings
@@ -160,22 +163,9 @@ class ModelWorker:
     def warmup(self) -> None:
         """Run a forward pass before reporting ready (first-call costs, shape checks): the
         calibration texts, whose vectors give the int8/uint8 ranges."""
-        m = self.model
-        encoded = m.tokenizer.encode_batch(list(CALIBRATION_TEXTS))
-        items = [Item(None, i, e.ids[: m.max_seq_length]) for i, e in enumerate(encoded)]
-        items.sort(key=lambda it: it.length)  # batches of similar length: little padding
-        batches = [pad(items[k : k + 16], m.pad_token_id) for k in range(0, len(items), 16)]
-        outs = self.compute.call(lambda: [m.backend.forward(b) for b in batches])
-        extra = m.backend.token_weights
-        for b, o in zip(batches, outs, strict=True):
-            width = m.backend.dimension + (b.shape[1] if extra else 0)
-            if o.shape != (b.shape[0], width):
-                raise RuntimeError(f"warm-up returned shape {o.shape}")
-        out = np.concatenate([o[:, : m.backend.dimension] for o in outs])
-        if self.spec.task == "embed":
-            sizes = sorted({m.backend.dimension, *self.spec.matryoshka_dims})
-            self.calibration = calibration_ranges(out, sizes, self.spec.matryoshka_layer_norm)
-        costs = self.compute.call(functools.partial(measure_pass_costs, m, self.name))
+        done = warm_up(self.model, self.spec, self.compute)
+        self.calibration = done.calibration
+        costs = done.costs
         self.rate = RateEstimate(costs.tokens_per_second)
         self.queue.overhead_tokens = costs.overhead_tokens
         self.queue.pad_cost = costs.pad_cost
@@ -183,9 +173,11 @@ class ModelWorker:
         log.info(
             "model %s: a forward pass costs about %.0f tokens' worth besides its tokens, "
             "a padded position %.2f of a token at a width of 32, %.2f at 128",
-            self.name, self.queue.overhead_tokens, self.queue.pad_cost.at(32),
+            self.name,
+            self.queue.overhead_tokens,
+            self.queue.pad_cost.at(32),
             self.queue.pad_cost.at(128),
-        )  # fmt: skip
+        )
         self.ready = True
         self.m.ready.set(1)
 
@@ -222,29 +214,24 @@ class ModelWorker:
             ahead = self.tokens_ahead
             for cj in jobs:
                 n = len(cj.ids)
-                if not self.healthy:
+                no = refusal(
+                    self.name,
+                    healthy=self.healthy,
+                    inflight=self._inflight,
+                    limit=limit,
+                    inputs=n,
+                    tokens=cj.tokens,
+                    ahead=ahead,
+                    rate=self.rate,
+                    max_wait=cj.max_wait,
+                )
+                if no is not None:
+                    if no.counter:
+                        self.m.refusals[no.counter].inc()
                     refused.append(
-                        JobFailed(cj.key, ErrorKind.UNHEALTHY, f"model {self.name} is not healthy")
+                        JobFailed(cj.key, no.kind, no.message, retry_after=no.retry_after)
                     )
                     continue
-                if self._inflight + n > limit:
-                    self.m.refusals["capacity"].inc()
-                    refused.append(
-                        JobFailed(
-                            cj.key,
-                            ErrorKind.OVERLOADED,
-                            f"model {self.name} is at capacity ({self._inflight} of {limit} "
-                            "inputs in flight); retry shortly",
-                            retry_after=1,
-                        )
-                    )
-                    continue
-                if cj.max_wait > 0 and ahead > 0:
-                    wait = self.rate.wait(ahead, cj.tokens)
-                    if wait > cj.max_wait:
-                        self.m.refusals["queue_time"].inc()
-                        refused.append(self._too_long(cj, ahead, wait))
-                        continue
                 job, items = Job.admit(origin, cj, self.settings.max_client_batch_size)
                 self._jobs[(origin, cj.key)] = job
                 self._inflight += n
@@ -257,16 +244,6 @@ class ModelWorker:
             self.queue.put(queued)
         self.m.inflight.set(inflight)
         return refused
-
-    def _too_long(self, cj: CoreJob, ahead: int, wait: float) -> JobFailed:
-        return JobFailed(
-            cj.key,
-            ErrorKind.OVERLOADED,
-            f"model {self.name} would answer this request in about {wait:.1f} s ({ahead} "
-            f"tokens queued ahead, about {self.rate.rate:.0f} tokens/s), more than its "
-            f"limit of {cj.max_wait:g} s; retry later or elsewhere",
-            retry_after=retry_after(wait, cj.max_wait),
-        )
 
     def cancel(self, origin: Hashable, keys: list[int]) -> None:
         """Drop jobs whose client has gone: their queued inputs are skipped."""
@@ -405,8 +382,8 @@ class ModelWorker:
             if cores and self._lanes is not None and self._lanes.set_threads[lane] != cores:
                 self._set_threads(cores)
                 self._lanes.set_threads[lane] = cores
-            pooled = self._forward(items, batch)
-            rows = self._finalize(items, pooled)
+            output = self._forward(items, batch)
+            rows = finalize_rows(items, output, self.spec.task == "sparse", self._special_ids)
         except Exception:
             log.exception("model %s: forward pass of %d inputs failed", self.name, len(items))
             self._failed_in_a_row += 1
@@ -416,8 +393,9 @@ class ModelWorker:
                 # Unhealthy first: a client told of this failure then finds /health red.
                 log.critical(
                     "model %s: %d forward passes in a row failed; reporting unhealthy",
-                    self.name, self._failed_in_a_row,
-                )  # fmt: skip
+                    self.name,
+                    self._failed_in_a_row,
+                )
                 self._worker_died(f"{self._failed_in_a_row} forward passes in a row failed")
             self._fail([it.job for it in items])  # those not failed with the rest above
             return
@@ -466,57 +444,33 @@ class ModelWorker:
         self.m.inputs.inc(sum(j.size for j in jobs))
         self.m.tokens.inc(sum(j.tokens for j in jobs))
 
-    def _forward(self, items: list[Item], batch: PaddedBatch) -> np.ndarray:
+    def _forward(self, items: list[Item], batch: PaddedBatch) -> ForwardOutput:
         """Forward pass; on out-of-memory, split the batch in halves and retry."""
         try:
-            pooled = self.model.backend.forward(batch)
+            output = self.model.backend.forward(batch)
         except BackendOutOfMemory:
             if len(items) == 1:
                 raise
             half = len(items) // 2
             log.warning(
                 "model %s: out of memory on %d inputs x %d tokens; splitting",
-                self.name, len(items), batch.shape[1],
-            )  # fmt: skip
+                self.name,
+                len(items),
+                batch.shape[1],
+            )
             parts = [items[:half], items[half:]]
             outs = [self._forward(p, pad(p, self.model.pad_token_id)) for p in parts]
-            width = max(o.shape[1] for o in outs)  # token weights follow each half's length
-            return np.concatenate([np.pad(o, ((0, 0), (0, width - o.shape[1]))) for o in outs])
+            pooled = np.concatenate([o.pooled for o in outs])
+            halves = [o.token_weights for o in outs if o.token_weights is not None]
+            if len(halves) < 2:
+                return ForwardOutput(pooled)
+            width = batch.shape[1]  # each half is padded to its own longest input
+            weights = [np.pad(w, ((0, 0), (0, width - w.shape[1]))) for w in halves]
+            return ForwardOutput(pooled, np.concatenate(weights))
         self.m.batches.inc()
         self.m.batch_size.observe(len(items))
         self.m.batch_tokens.observe(batch.shape[0] * batch.shape[1])
-        return pooled
-
-    def _finalize(
-        self, items: list[Item], pooled: np.ndarray
-    ) -> list[np.ndarray | SparseRow] | np.ndarray:
-        """Rows in the order of `items`, each finalized as its job asks. Sparse outputs
-        leave here as their non-zero entries (engine/sparse.py): a SPLADE model's
-        vocabulary-wide rows, and the token weights that a lexical-weight job takes from
-        after the vector (one per position of the batch)."""
-        if self.spec.task == "sparse":
-            return [from_dense(row) for row in pooled]
-        dim = self.model.backend.dimension
-        extra = pooled[:, dim:]
-        pooled = pooled[:, :dim]
-        keys = [(it.job.dimensions, it.job.normalize, it.job.layer_norm) for it in items]
-        first = keys[0]
-        lexical = [it.job.lexical for it in items]
-        if not any(lexical) and all(k == first for k in keys):  # the common case
-            dims, normalize, ln = first
-            return finalize(pooled, dimensions=dims, normalize=normalize, layer_norm_first=ln)
-        groups: dict[tuple[int | None, bool, bool], list[int]] = defaultdict(list)
-        out: list[np.ndarray | SparseRow] = [pooled[0]] * len(items)
-        for row, key in enumerate(keys):
-            if lexical[row]:
-                out[row] = from_token_weights(items[row].ids, extra[row], self._special_ids())
-            else:
-                groups[key].append(row)
-        for (dims, normalize, ln), rows in groups.items():
-            vecs = finalize(pooled[rows], dimensions=dims, normalize=normalize, layer_norm_first=ln)
-            for k, row in enumerate(rows):
-                out[row] = vecs[k]
-        return out
+        return output
 
     def _special_ids(self) -> frozenset[int]:
         """Special tokens ([CLS], </s>, padding, ...): no lexical weight of their own."""

@@ -84,7 +84,7 @@ class DirectCycle:
         "response_complete",
         "response_started",
         "waiting_for_100_continue",
-    )  # fmt: skip
+    )
 
     def __init__(
         self,

@@ -1,0 +1,127 @@
+"""What a connection may hold of the server before (and while) its requests are answered:
+write backpressure, the request-head size cap and timeout, the connection cap. Each
+through a real server on loopback with raw sockets."""
+
+from __future__ import annotations
+
+import socket
+import time
+from typing import Any
+
+import httpx
+import orjson
+
+from tests.support import raw_connect, raw_post, read_responses, wait_for
+
+
+def _answered(s: Any) -> float:
+    return s.metric("embedsvc_requests_total", model="tiny-bge", route="/embed")
+
+
+def _settled(s: Any, seconds: float = 1.0, deadline: float = 60.0) -> float:
+    """The count of answered requests once it has not moved for `seconds`."""
+    end = time.monotonic() + deadline
+    last, since = _answered(s), time.monotonic()
+    while time.monotonic() < end:
+        time.sleep(0.1)
+        now = _answered(s)
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= seconds:
+            return now
+    raise AssertionError("the server kept answering")
+
+
+def test_a_client_that_does_not_read_is_not_answered_ahead(server_factory: Any) -> None:
+    """40 pipelined requests with about 1.3 MB of JSON each, from a client that reads
+    nothing: the server answers only what the socket buffers take (then stops reading the
+    connection), not all 40 into memory; once the client reads, every answer arrives in
+    order and the server serves on."""
+    n = 40
+    body = orjson.dumps({"inputs": ["a"] * 2048})
+    with server_factory(["tiny-bge"], max_client_batch_size=2048) as s:
+        host, port = s.url.removeprefix("http://").split(":")
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+        sock.connect((host, int(port)))
+        sock.settimeout(60)
+        before = _answered(s)
+        sock.sendall(raw_post(b"/embed", body) * n)
+        stalled = _settled(s) - before
+        assert 1 <= stalled <= 8, f"{stalled} of {n} answers made for a client that reads none"
+        answers = read_responses(sock, n)
+        assert [line for line, _, _ in answers] == [b"HTTP/1.1 200 OK"] * n
+        first = orjson.loads(answers[0][2])
+        assert len(first) == 2048 and all(orjson.loads(a[2]) == first for a in answers[-2:])
+        sock.close()
+        with httpx.Client(base_url=s.url, timeout=30) as c:
+            assert c.post("/embed", json={"inputs": "next"}).status_code == 200
+
+
+def test_an_oversized_head_gets_431_in_the_routes_dialect(server_factory: Any) -> None:
+    with server_factory(["tiny-bge"], max_header_bytes=4096) as s:
+        for path, tei in ((b"/embed", True), (b"/v1/embeddings", False)):
+            with raw_connect(s) as sock:
+                sock.sendall(raw_post(path, b'{"inputs": "a"}', b"x-big: " + b"b" * 5000 + b"\r\n"))
+                [(line, headers, body)] = read_responses(sock, 1)
+                assert line == b"HTTP/1.1 431 Request Header Fields Too Large"
+                assert headers[b"connection"] == b"close"
+                err = orjson.loads(body)
+                message = err["error"] if tei else err["error"]["message"]
+                assert "exceed 4096 bytes" in message
+                assert sock.recv(10) == b""  # closed
+        with raw_connect(s) as sock:  # headers that never end are cut off at the cap
+            sock.sendall(b"POST /embed HTTP/1.1\r\n")
+            for _ in range(100):
+                try:
+                    sock.sendall(b"x-more: " + b"c" * 100 + b"\r\n")
+                except (BrokenPipeError, ConnectionResetError):
+                    break
+            [(line, _, _)] = read_responses(sock, 1)
+            assert line.startswith(b"HTTP/1.1 431 ")
+        with httpx.Client(base_url=s.url, timeout=30) as c:
+            ok = c.post("/embed", json={"inputs": "a"}, headers={"x-fine": "b" * 3000})
+            assert ok.status_code == 200
+
+
+def test_a_slow_or_missing_head_is_cut_off_after_the_header_timeout(server_factory: Any) -> None:
+    with server_factory(["tiny-bge"], header_timeout=0.5) as s:
+        with raw_connect(s) as sock:  # part of a head, then nothing
+            sock.sendall(b"POST /v1/embeddings HTTP/1.1\r\nhost: x\r\n")
+            started = time.monotonic()
+            [(line, _, body)] = read_responses(sock, 1)
+            assert line == b"HTTP/1.1 408 Request Timeout"
+            assert orjson.loads(body)["error"]["code"] == "request_timeout"
+            assert 0.3 < time.monotonic() - started < 5
+        with raw_connect(s) as sock:  # nothing at all: closed without an answer
+            assert sock.recv(10) == b""
+        with raw_connect(s) as sock:  # a kept-alive connection idle between requests is not cut
+            for _ in range(2):
+                sock.sendall(raw_post(b"/embed", b'{"inputs": "a"}'))
+                [(line, _, _)] = read_responses(sock, 1)
+                assert line == b"HTTP/1.1 200 OK"
+                time.sleep(0.7)
+            sock.sendall(raw_post(b"/embed", b'{"inputs": "a"}'))
+            assert read_responses(sock, 1)[0][0] == b"HTTP/1.1 200 OK"
+
+
+def test_connections_past_the_cap_get_503_and_close(server_factory: Any) -> None:
+    with server_factory(["tiny-bge"], max_connections=2) as s:
+        held = [raw_connect(s) for _ in range(2)]
+        for sock in held:  # both served
+            sock.sendall(raw_post(b"/embed", b'{"inputs": "a"}'))
+            assert read_responses(sock, 1)[0][0] == b"HTTP/1.1 200 OK"
+        with raw_connect(s) as extra:
+            extra.sendall(raw_post(b"/embed", b'{"inputs": "a"}'))
+            [(line, headers, body)] = read_responses(extra, 1)
+            assert line == b"HTTP/1.1 503 Service Unavailable"
+            assert headers[b"connection"] == b"close"
+            assert orjson.loads(body)["error_type"] == "Overloaded"
+            assert "most open connections (2 per process)" in orjson.loads(body)["error"]
+        held.pop().close()
+        connections = s.uvicorn.server_state.connections
+        wait_for(lambda: len(connections) < 2, what="the server seeing the close")
+        with httpx.Client(base_url=s.url, timeout=30) as c:
+            assert c.post("/embed", json={"inputs": "a"}).status_code == 200
+        for sock in held:
+            sock.close()

@@ -1,0 +1,344 @@
+"""`embedsvc pull` end to end against a local Hub emulation, then serving offline."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.support.hub_emulator import HubEmulator
+from tests.support.models import MINILM_PATH
+
+COMMIT = "89abcdef0123456789abcdef0123456789abcdef"
+PICKLE_COMMIT = "fedcba9876543210fedcba9876543210fedcba98"
+
+
+@pytest.fixture()
+def hub(model_dir: Path, tmp_path: Path) -> Iterator[tuple[HubEmulator, str]]:
+    emu = HubEmulator()
+    repo = tmp_path / "repo"
+    shutil.copytree(model_dir / "tiny-bge", repo)
+    # Files a serving pull must skip: pickle weights and an ONNX copy.
+    (repo / "pytorch_model.bin").write_bytes(b"pickle, never to be downloaded")
+    (repo / "onnx").mkdir()
+    (repo / "onnx" / "model.onnx").write_bytes(b"onnx copy")
+    emu.add_folder("org/tiny-bge", COMMIT, repo)
+    pickled = tmp_path / "pickled"
+    shutil.copytree(MINILM_PATH, pickled)
+    (pickled / "model.safetensors").rename(pickled / "pytorch_model.bin")
+    emu.add_folder("org/pickled", PICKLE_COMMIT, pickled)
+    url = emu.start()
+    yield emu, url
+    emu.stop()
+
+
+def models_yaml(tmp_path: Path) -> Path:
+    path = tmp_path / "models.yaml"
+    path.write_text(f"""
+models:
+  - name: tiny-bge
+    hf_id: org/tiny-bge
+    revision: {COMMIT}
+    pooling: cls
+    prompts: {{query: "q: "}}
+    query_prompt: query
+  - name: pickled
+    hf_id: org/pickled
+    revision: {PICKLE_COMMIT}
+""")
+    return path
+
+
+def run(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "embedsvc", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def base_env(tmp_path: Path, url: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "EMBEDSVC_"))}
+    env.update(
+        HF_ENDPOINT=url,
+        HF_HOME=str(tmp_path / "hf"),
+        HF_TOKEN="hf_test_token",
+        HF_HUB_DISABLE_XET="1",
+    )
+    return env
+
+
+def test_pull_then_serve_offline(hub: tuple[HubEmulator, str], tmp_path: Path) -> None:
+    emu, url = hub
+    cfg = models_yaml(tmp_path)
+    env = base_env(tmp_path, url)
+    proc = run(["pull", "--models-file", str(cfg), "--models", "tiny-bge"], env)
+    assert proc.returncode == 0, proc.stderr
+    assert "loads offline (dim 32)" in proc.stderr
+    got = emu.downloaded()
+    assert "model.safetensors" in got and "tokenizer.json" in got and "1_Pooling/config.json" in got
+    assert "pytorch_model.bin" not in got and "onnx/model.onnx" not in got
+    model_routes = [r for r in emu.requests if "/tree/" in r[1] or "/resolve/" in r[1]]
+    assert model_routes and all(auth == "Bearer hf_test_token" for _, _, auth in model_routes)
+    snapshot = tmp_path / "hf" / "hub" / "models--org--tiny-bge" / "snapshots" / COMMIT
+    assert (snapshot / "model.safetensors").is_file()
+    assert "hf_test_token" not in proc.stderr + proc.stdout
+    # The pull recorded every fetched file's sha256 beside models.yaml: the Hub's own for
+    # the weights (LFS), the bytes' for the others.
+    import hashlib
+    import json
+
+    locked = json.loads((tmp_path / "models.lock.json").read_text())["models"]
+    files = locked[f"org/tiny-bge@{COMMIT}"]["files"]
+    repo = emu.repos["org/tiny-bge"].files
+    assert set(files) == {n for n in repo if n.endswith((".json", ".safetensors", ".txt"))}
+    for name, digest in files.items():
+        assert digest == hashlib.sha256(repo[name]).hexdigest()
+
+    # Now serve with the Hub unreachable: only the cache is used.
+    emu.requests.clear()
+    offline = dict(env, HF_HUB_OFFLINE="1", HF_ENDPOINT="http://127.0.0.1:9")
+    from tests.support import free_socket
+
+    sock = free_socket()
+    port = sock.getsockname()[1]
+    sock.close()
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "embedsvc",
+            "serve",
+            "--models-file",
+            str(cfg),
+            "--models",
+            "tiny-bge",
+            "--port",
+            str(port),
+        ],
+        env=offline,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        import time
+
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert server.poll() is None, server.communicate()[0]
+            time.sleep(0.2)
+        r = httpx.post(
+            f"http://127.0.0.1:{port}/embed", json={"inputs": "hello", "prompt_name": "query"}
+        )
+        assert r.status_code == 200 and len(r.json()[0]) == 32
+        info = httpx.get(f"http://127.0.0.1:{port}/info").json()
+        assert info["model_sha"] == COMMIT and info["models"][0]["source"] == "hf_cache"
+        assert info["models"][0]["files_verified"] is True
+    finally:
+        server.terminate()
+        server.communicate(timeout=60)
+    assert emu.requests == []  # serving never called the Hub
+
+
+def test_pull_to_local_dir(hub: tuple[HubEmulator, str], tmp_path: Path) -> None:
+    _, url = hub
+    cfg = models_yaml(tmp_path)
+    out = tmp_path / "models"
+    proc = run(
+        ["pull", "--models-file", str(cfg), "--models", "tiny-bge", "--local-dir", str(out)],
+        base_env(tmp_path, url),
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "tiny-bge" / "model.safetensors").is_file()
+    assert not (out / "tiny-bge" / "pytorch_model.bin").exists()
+
+
+def test_pull_refuses_pickle_only(hub: tuple[HubEmulator, str], tmp_path: Path) -> None:
+    emu, url = hub
+    proc = run(
+        ["pull", "--models-file", str(models_yaml(tmp_path)), "--models", "pickled"],
+        base_env(tmp_path, url),
+    )
+    assert proc.returncode == 2
+    assert "only pickle weights (pytorch_model.bin)" in proc.stderr
+    assert emu.downloaded() == set()  # refused before downloading anything
+
+
+def test_pull_unknown_revision_is_a_clear_error(
+    hub: tuple[HubEmulator, str], tmp_path: Path
+) -> None:
+    _, url = hub
+    cfg = tmp_path / "m.yaml"
+    cfg.write_text(
+        "models:\n  - name: gone\n    hf_id: org/tiny-bge\n"
+        "    revision: 0000000000000000000000000000000000000000\n"
+    )
+    proc = run(["pull", "--models-file", str(cfg)], base_env(tmp_path, url))
+    assert proc.returncode != 0
+    assert "gone" in proc.stderr or "org/tiny-bge" in proc.stderr
+
+
+def test_pull_fetches_the_bge_m3_sparse_head(model_dir: Path, tmp_path: Path) -> None:
+    """lexical_weights: the pickled sparse_linear.pt is fetched (and only that pickle), and
+    the pulled model loads with it (torch.load(weights_only=True))."""
+    import torch
+
+    repo = tmp_path / "m3"
+    shutil.copytree(model_dir / "tiny-bge", repo)
+    torch.save({"weight": torch.randn(1, 32), "bias": torch.zeros(1)}, repo / "sparse_linear.pt")
+    torch.save({"weight": torch.randn(32, 32)}, repo / "colbert_linear.pt")
+    emu = HubEmulator()
+    emu.add_folder("org/tiny-m3", COMMIT, repo)
+    url = emu.start()
+    try:
+        cfg = tmp_path / "models.yaml"
+        cfg.write_text(
+            f"models:\n  - name: tiny-m3\n    hf_id: org/tiny-m3\n"
+            f"    revision: {COMMIT}\n    lexical_weights: true\n"
+        )
+        proc = run(
+            ["pull", "--models-file", str(cfg), "--models", "tiny-m3"], base_env(tmp_path, url)
+        )
+        assert proc.returncode == 0, proc.stderr
+        got = emu.downloaded()
+        assert "sparse_linear.pt" in got and "colbert_linear.pt" not in got
+    finally:
+        emu.stop()
+
+
+def test_a_changed_or_added_file_stops_loading_with_its_name(
+    hub: tuple[HubEmulator, str], tmp_path: Path
+) -> None:
+    """Files are checked against the lock at load: one that differs (even a config), or
+    one the lock does not list, is named; a model with no lock entry loads unverified."""
+    from embedsvc.errors import ConfigError
+    from embedsvc.model_files import verify_model_files
+    from embedsvc.registry import load_registry
+
+    _, url = hub
+    cfg = models_yaml(tmp_path)
+    env = base_env(tmp_path, url)
+    assert run(["pull", "--models-file", str(cfg), "--models", "tiny-bge"], env).returncode == 0
+    spec = load_registry(cfg).models["tiny-bge"]
+    path = tmp_path / "hf" / "hub" / "models--org--tiny-bge" / "snapshots" / COMMIT
+    assert verify_model_files(spec, path) is True
+    blob = (path / "tokenizer_config.json").resolve()  # the cache's blob behind the link
+    original = blob.read_bytes()
+    blob.write_bytes(original.replace(b"}", b', "model_max_length": 9}', 1))
+    with pytest.raises(ConfigError, match=r"tokenizer_config.json differs from the pinned"):
+        verify_model_files(spec, path)
+    blob.write_bytes(original)
+    assert verify_model_files(spec, path) is True
+    (path / "extra.safetensors").write_bytes(b"not pulled")
+    with pytest.raises(ConfigError, match=r"files the lock does not list \(extra.safetensors"):
+        verify_model_files(spec, path)
+    (path / "extra.safetensors").unlink()
+    export = path / "embedsvc-onnx" / "int8"  # where `embedsvc export` puts its output
+    export.mkdir(parents=True)
+    (export / "export.json").write_text("{}")
+    assert verify_model_files(spec, path) is True
+    (tmp_path / "models.lock.json").unlink()
+    unlocked = load_registry(cfg).models["tiny-bge"]
+    assert unlocked.lock is None and verify_model_files(unlocked, path) is False
+
+
+def test_the_bundled_default_model_is_verified() -> None:
+    """The default model's package files have the sha256 the shipped lock records."""
+    from embedsvc.model_files import resolve_model_dir, verify_model_files
+    from embedsvc.registry import load_registry
+
+    spec = load_registry().models["all-minilm-l6-v2"]
+    assert spec.lock is not None and "model.safetensors" in spec.lock.files
+    assert verify_model_files(spec, resolve_model_dir(spec)) is True
+
+
+CODE_COMMIT = "c0de0000000000000000000000000000c0de0000"
+REMOTE_CODE = b"""from transformers import BertModel
+
+
+class TinyRemoteModel(BertModel):
+    \"\"\"A model class from another repository, as Nomic's config names its code.\"\"\"
+"""
+
+
+def test_remote_code_from_another_repository_is_pinned(model_dir: Path, tmp_path: Path) -> None:
+    """An entry whose config.json takes code from another repository: refused until
+    code_revision pins that repository; then `pull` fetches the code at that commit and
+    records its sha256, the model loads with it offline, and changed code is refused."""
+    import json
+
+    repo = tmp_path / "remote"
+    shutil.copytree(model_dir / "tiny-bge", repo)
+    config = json.loads((repo / "config.json").read_text())
+    config["auto_map"] = {"AutoModel": "org/tiny-code--modeling_tiny.TinyRemoteModel"}
+    (repo / "config.json").write_text(json.dumps(config))
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "modeling_tiny.py").write_bytes(REMOTE_CODE)
+    emu = HubEmulator()
+    emu.add_folder("org/tiny-remote", COMMIT, repo)
+    emu.add_folder("org/tiny-code", CODE_COMMIT, code)
+    url = emu.start()
+    entry = (
+        f"default_models: [tiny-remote]\nmodels:\n  - name: tiny-remote\n"
+        f"    hf_id: org/tiny-remote\n    revision: {COMMIT}\n    pooling: cls\n"
+        f"    trust_remote_code: true\n"
+    )
+    try:
+        env = base_env(tmp_path, url)
+        cfg = tmp_path / "models.yaml"
+        cfg.write_text(entry)
+        proc = run(["pull", "--models-file", str(cfg)], env)
+        assert proc.returncode == 2, proc.stderr
+        assert "takes its code from another repository, org/tiny-code" in proc.stderr
+        assert "code_revision" in proc.stderr
+        cfg.write_text(entry + f"    code_revision: {CODE_COMMIT}\n")
+        proc = run(["pull", "--models-file", str(cfg)], env)
+        assert proc.returncode == 0, proc.stderr
+        assert "modeling_tiny.py" in emu.downloaded()
+        assert "remote code at c0de00000000" in proc.stderr  # loaded with the pinned code
+        locked = json.loads((tmp_path / "models.lock.json").read_text())["models"]
+        import hashlib
+
+        assert locked[f"org/tiny-remote@{COMMIT}"]["code"] == {
+            "modeling_tiny.py": hashlib.sha256(REMOTE_CODE).hexdigest()
+        }
+        offline = dict(env, HF_HUB_OFFLINE="1", HF_ENDPOINT="http://127.0.0.1:9")
+        snapshot = tmp_path / "hf" / "hub" / "models--org--tiny-code" / "snapshots" / CODE_COMMIT
+        blob = (snapshot / "modeling_tiny.py").resolve()
+        blob.write_bytes(REMOTE_CODE + b"\nprint('changed')\n")
+        said = refused_start(cfg, offline)
+        assert "code org/tiny-code@c0de00000000" in said
+        assert "modeling_tiny.py differs from the pinned" in said
+        shutil.rmtree(snapshot)  # and code that is not there at all
+        said = refused_start(cfg, offline)
+        assert "its code, org/tiny-code@c0de00000000, is not in the Hugging Face" in said
+    finally:
+        emu.stop()
+
+
+def refused_start(cfg: Path, env: dict[str, str]) -> str:
+    """`embedsvc serve` with this models file, which must stop at start: what it said."""
+    served = subprocess.run(
+        [sys.executable, "-m", "embedsvc", "serve", "--models-file", str(cfg), "--port", "0"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert served.returncode != 0
+    return served.stderr
