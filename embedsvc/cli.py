@@ -169,6 +169,11 @@ def add_embed_parser(sub: Any) -> None:
     prompt = p.add_mutually_exclusive_group()
     prompt.add_argument("--input-type", choices=["query", "passage", "document"], default=None)
     prompt.add_argument("--prompt-name", default=None)
+    prompt.add_argument(
+        "--instruction",
+        default=None,
+        help="a task instruction before each text (models with an instruction_template)",
+    )
     p.add_argument("--dimensions", type=int, default=None, help="Matryoshka size")
     p.add_argument("--dtype", choices=["float32", "float16"], default="float32")
     p.add_argument(
@@ -226,6 +231,7 @@ def embed(args: argparse.Namespace) -> int:
         id_column=args.id_column or None,
         input_type=args.input_type,
         prompt_name=args.prompt_name,
+        instruction=args.instruction,
         dimensions=args.dimensions,
         dtype=args.dtype,
         truncate=args.truncate,

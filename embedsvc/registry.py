@@ -62,6 +62,16 @@ class ModelSpec:
     # not say, and the model folder's config_sentence_transformers.json decides.
     default_prompt_name: str | None = None
     default_prompt_set: bool = False
+    # A request's own task instruction (`instruction` on /embed and /v1/embeddings) as the
+    # prefix of each text: "{instruction}" is replaced by it (decoder embedders trained
+    # with task instructions: Qwen3-Embedding, e5-mistral). None: the model takes none.
+    instruction_template: str | None = None
+    # Queries built with in-context examples as FlagEmbedding's FlagICLModel builds them
+    # (bge-en-icl, engine/icl.py): the examples (instruct, query, response) before each
+    # query, its instruction and text cut to query_max_tokens.
+    icl: bool = False
+    examples: tuple[tuple[str, str, str], ...] = ()
+    query_max_tokens: int = 512
     matryoshka_dims: tuple[int, ...] = ()
     matryoshka_layer_norm: bool = False
     trust_remote_code: bool = False
@@ -164,6 +174,20 @@ def parse_registry(raw: Any, path: Path) -> Registry:
     return Registry(models=models, default_models=tuple(defaults), path=path)
 
 
+def parse_examples(raw: Any) -> tuple[tuple[str, str, str], ...] | None:
+    """In-context examples from a list of {instruct, query, response} (None if malformed)."""
+    if not isinstance(raw, list):
+        return None
+    out = []
+    for e in raw:
+        if not isinstance(e, dict) or set(e) != {"instruct", "query", "response"}:
+            return None
+        if not all(isinstance(e[k], str) for k in ("instruct", "query", "response")):
+            return None
+        out.append((e["instruct"], e["query"], e["response"]))
+    return tuple(out)
+
+
 def _parse_entry(entry: Any, where: str, base_dir: Path) -> ModelSpec:
     if not isinstance(entry, dict):
         raise ConfigError(f"{where}: each model must be a mapping")
@@ -204,6 +228,30 @@ def _parse_entry(entry: Any, where: str, base_dir: Path) -> ModelSpec:
             raise ConfigError(
                 f"{where}: {key} {v!r} is not one of the prompts ({', '.join(prompts) or 'none'})"
             )
+    template = entry.get("instruction_template")
+    if template is not None and (
+        not isinstance(template, str) or template.count("{instruction}") != 1
+    ):
+        raise ConfigError(
+            f"{where}: instruction_template must be a string with '{{instruction}}' once "
+            "(the text follows it), such as 'Instruct: {instruction}\\nQuery:'"
+        )
+    if template is not None and entry.get("task", "embed") != "embed":
+        raise ConfigError(f"{where}: instruction_template applies to embedding models")
+    icl = entry.get("icl", False)
+    if not isinstance(icl, bool):
+        raise ConfigError(f"{where}: icl must be true or false")
+    raw_examples = entry.get("examples") or []
+    examples = parse_examples(raw_examples)
+    if examples is None:
+        raise ConfigError(
+            f"{where}: examples must be a list of {{instruct, query, response}} strings"
+        )
+    if (examples or "query_max_tokens" in entry) and not icl:
+        raise ConfigError(f"{where}: examples and query_max_tokens apply with icl: true")
+    query_max = entry.get("query_max_tokens", 512)
+    if not isinstance(query_max, int) or query_max < 16:
+        raise ConfigError(f"{where}: query_max_tokens must be an integer of at least 16")
     dims = entry.get("matryoshka_dims") or []
     if not isinstance(dims, list) or not all(isinstance(d, int) and d > 0 for d in dims):
         raise ConfigError(f"{where}: matryoshka_dims must be a list of positive integers")
@@ -266,6 +314,10 @@ def _parse_entry(entry: Any, where: str, base_dir: Path) -> ModelSpec:
         passage_prompt=entry.get("passage_prompt"),
         default_prompt_name=entry.get("default_prompt_name"),
         default_prompt_set="default_prompt_name" in entry,
+        instruction_template=template,
+        icl=icl,
+        examples=examples,
+        query_max_tokens=query_max,
         matryoshka_dims=tuple(sorted(set(dims), reverse=True)),
         matryoshka_layer_norm=bool(entry.get("matryoshka_layer_norm", False)),
         trust_remote_code=bool(entry.get("trust_remote_code", False)),

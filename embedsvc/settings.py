@@ -52,6 +52,12 @@ class Settings:
         "the CPUs this process may use (affinity and cgroup quota)",
     )
     max_batch_size: int = _setting(128, "inputs per forward pass")
+    dtype: str = _setting(
+        "",
+        "the weights' dtype for every model (torch backend): auto, float32, float16 or "
+        "bfloat16; empty: each model's dtype in models.yaml. auto: float32 on a CPU; on a GPU "
+        "bfloat16 for weights that ship in it (when the GPU has it), else float16",
+    )
     cuda_graphs: bool = _setting(
         False,
         "on a CUDA device, run forward passes of up to 4096 padded tokens as CUDA graphs "
@@ -241,6 +247,10 @@ class Settings:
             raise ConfigError(f"port must be 0..65535, got {self.port}")
         if self.log_format not in ("text", "json"):
             raise ConfigError(f"log_format must be text or json, got {self.log_format}")
+        if self.dtype not in ("", "auto", "float32", "float16", "bfloat16"):
+            raise ConfigError(
+                f"dtype must be auto|float32|float16|bfloat16 (or empty), got {self.dtype!r}"
+            )
         if self.batch_policy not in ("arrival", "length"):
             raise ConfigError(f"batch_policy must be arrival|length, got {self.batch_policy!r}")
         if self.openai_token_ids not in ("model", "cl100k"):

@@ -32,8 +32,39 @@ INPUTS_SCHEMA: dict[str, Any] = {
 Inputs = Annotated[Any, msgspec.Meta(extra_json_schema=INPUTS_SCHEMA)]
 PositiveInt = Annotated[int, msgspec.Meta(gt=0)]
 Direction = Literal["Left", "Right", "left", "right"]
+Instruction = Annotated[
+    str,
+    msgspec.Meta(
+        description="a task instruction for the query, put before each input through the "
+        "model's instruction_template (in place of a prompt; see /info)"
+    ),
+]
 TeiFormat = Literal["float", "int8", "uint8", "binary", "ubinary"]
 OpenAIFormat = Literal["float", "base64", "int8", "uint8", "binary", "ubinary"]
+
+
+class Example(msgspec.Struct, forbid_unknown_fields=True):
+    """An in-context example for a query (models with icl: bge-en-icl)."""
+
+    instruct: str
+    query: str
+    response: str
+
+
+Examples = Annotated[
+    list[Example],
+    msgspec.Meta(
+        max_length=32,
+        description="in-context examples put before each query, in place of the model's "
+        "(models with icl: true; see /info)",
+    ),
+]
+
+
+def example_tuples(examples: list[Example] | None) -> tuple[tuple[str, str, str], ...] | None:
+    if examples is None:
+        return None
+    return tuple((e.instruct, e.query, e.response) for e in examples)
 
 
 class TEIEmbedBody(msgspec.Struct):
@@ -42,6 +73,8 @@ class TEIEmbedBody(msgspec.Struct):
     truncate: bool | None = None
     truncation_direction: Direction = "Right"
     prompt_name: str | None = None
+    instruction: Instruction | None = None
+    examples: Examples | None = None
     dimensions: PositiveInt | None = None
     model: str | None = None
     encoding_format: TeiFormat = "float"
@@ -105,9 +138,10 @@ class TEIDecodeBody(msgspec.Struct):
 
 
 class OpenAIEmbeddingsBody(msgspec.Struct):
-    """OpenAI's schema, and three extensions: `input_type` (query|passage|document, as
+    """OpenAI's schema, and four extensions: `input_type` (query|passage|document, as
     Cohere, Voyage and NIM name it) picks the model's query or passage prompt;
-    `prompt_name` picks a prompt by name; `truncate` overrides --auto-truncate."""
+    `prompt_name` picks a prompt by name; `instruction` is a task instruction for models
+    trained with them; `truncate` overrides --auto-truncate."""
 
     input: Inputs
     model: str | None = None
@@ -116,6 +150,8 @@ class OpenAIEmbeddingsBody(msgspec.Struct):
     user: str | None = None
     input_type: Literal["query", "passage", "document"] | None = None
     prompt_name: str | None = None
+    instruction: Instruction | None = None
+    examples: Examples | None = None
     truncate: bool | None = None
 
 

@@ -11,7 +11,7 @@ import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from embedsvc.api.bodies import OpenAIEmbeddingsBody
+from embedsvc.api.bodies import OpenAIEmbeddingsBody, example_tuples
 from embedsvc.api.calls import Call, Context, Route
 from embedsvc.api.encode import openai_embeddings_body
 from embedsvc.api.inputs import parse_inputs
@@ -52,10 +52,18 @@ def openai_request(
         # OpenAI's ids: embedded exactly as the text they encode (prompt included).
         inputs = Texts(service.cl100k.decode(inputs.ids, "input"))
     ids = isinstance(inputs, TokenIds)
+    if body.instruction is not None and body.input_type is not None:
+        raise ValidationError(
+            "give either instruction or input_type, not both: the instruction takes the "
+            "query prompt's place",
+            param="instruction",
+        )
     prompt_name = openai_prompt(engine, body.prompt_name, body.input_type, ids)
     req = EmbedRequest(
         inputs,
         prompt_name=prompt_name,
+        instruction=body.instruction,
+        examples=example_tuples(body.examples),
         normalize=True,
         truncate=body.truncate,
         dimensions=body.dimensions,

@@ -18,6 +18,7 @@ from embedsvc.api.bodies import (
     convert,
     decode,
     documented,
+    example_tuples,
 )
 from embedsvc.api.calls import Call, Context, Route
 from embedsvc.api.encode import sparse_body, tei_embed_body
@@ -36,6 +37,8 @@ def embed(service: Service, body: TEIEmbedBody, ctx: Context) -> Call:
     req = EmbedRequest(
         inputs,
         prompt_name=body.prompt_name,
+        instruction=body.instruction,
+        examples=example_tuples(body.examples),
         normalize=body.normalize,
         truncate=body.truncate,
         truncation_direction=body.truncation_direction.lower(),

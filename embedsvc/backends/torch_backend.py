@@ -30,6 +30,7 @@ from embedsvc.backends.base import (
 from embedsvc.backends.cuda_graphs import BucketGraphs
 from embedsvc.backends.torch_common import (
     TorchThreads,
+    check_fits,
     guarded,
     load_transformers_model,
     pad_token_id_of,
@@ -265,7 +266,8 @@ def load_torch_model(spec: BackendSpec, path: Path) -> LoadedModel:
     import torch
 
     device = resolve_device(spec.device)
-    dtype = resolve_dtype(spec.dtype, device)
+    dtype = resolve_dtype(spec.dtype, device, path)
+    check_fits(spec.name, path, dtype, device)
     if spec.threads:
         torch.set_num_threads(spec.threads)
     parts = None

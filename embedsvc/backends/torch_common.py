@@ -1,9 +1,12 @@
 """What every backend that runs torch shares: device and dtype choice, thread counts, the
-out-of-memory guard, loading a transformers model from a folder, the pad token."""
+out-of-memory guard, whether the weights fit (before loading), loading a transformers
+model from a folder, the pad token."""
 
 from __future__ import annotations
 
 import json
+import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -26,10 +29,83 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def resolve_dtype(dtype: str, device: str) -> str:
-    if dtype == "auto":
-        return "float16" if device == "cuda" else "float32"
-    return dtype
+def resolve_dtype(dtype: str, device: str, path: Path | None = None) -> str:
+    """auto: float32 on a CPU; on a GPU bfloat16 for weights that ship in bfloat16
+    (config.json's torch_dtype: Qwen3-Embedding, decoders whose activations can overflow
+    float16) when the GPU has it, else float16."""
+    if dtype != "auto":
+        return dtype
+    if not device.startswith("cuda"):
+        return "float32"
+    shipped = _config(path).get("torch_dtype") or _config(path).get("dtype")
+    if shipped == "bfloat16":
+        import torch
+
+        if torch.cuda.is_bf16_supported():
+            return "bfloat16"
+    return "float16"
+
+
+def _config(path: Path | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+BYTES_PER = {"float32": 4, "float16": 2, "bfloat16": 2}
+# The share of the free memory the weights may take: the rest is for activations, the
+# tokenizer, and the process around them.
+WEIGHTS_SHARE = 0.9
+
+
+def weights_bytes(path: Path, dtype: str) -> int:
+    """The bytes the folder's weights take at `dtype`, from the safetensors headers alone
+    (the tensors' shapes; nothing is loaded). 0 when the folder has none at the top."""
+    elements = 0
+    for file in sorted(path.glob("*.safetensors")):
+        with open(file, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if not 0 < size < 100_000_000:
+                raise ConfigError(f"{file}: not a safetensors file (header size {size})")
+            header = json.loads(f.read(size))
+        for name, tensor in header.items():
+            if name != "__metadata__":
+                elements += math.prod(tensor.get("shape", []))
+    return elements * BYTES_PER.get(dtype, 4)
+
+
+def free_memory(device: str) -> int:
+    """Bytes free for the weights: on the GPU, or the memory the system can give."""
+    if device.startswith("cuda"):
+        import torch
+
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        return int(free)
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def check_fits(name: str, path: Path, dtype: str, device: str) -> None:
+    """Refuse, before loading, weights that cannot fit the device."""
+    need = weights_bytes(path, dtype)
+    have = free_memory(device)
+    if need > WEIGHTS_SHARE * have:
+        gib = 1024**3
+        raise ConfigError(
+            f"model {name}: its weights take {need / gib:.1f} GiB as {dtype}, and {device} "
+            f"has {have / gib:.1f} GiB free (at most {WEIGHTS_SHARE:.0%} of it for weights); "
+            "choose a smaller model or dtype (dtype in models.yaml, --dtype), or a device "
+            "with more memory"
+        )
 
 
 class TorchThreads:
@@ -71,7 +147,8 @@ def load_transformers_model(
     if not (path / "tokenizer.json").is_file():
         raise ConfigError(f"model {spec.name}: needs a fast tokenizer (tokenizer.json)")
     device = resolve_device(spec.device)
-    dtype = resolve_dtype(spec.dtype, device)
+    dtype = resolve_dtype(spec.dtype, device, path)
+    check_fits(spec.name, path, dtype, device)
     if spec.threads:
         torch.set_num_threads(spec.threads)
     kwargs: dict[str, Any] = {"use_safetensors": True, "local_files_only": True}

@@ -57,6 +57,7 @@ class Options:
     id_column: str | None = "id"
     input_type: str | None = None
     prompt_name: str | None = None
+    instruction: str | None = None  # a task instruction (models with instruction_template)
     dimensions: int | None = None
     dtype: str = "float32"
     truncate: bool = True
@@ -102,6 +103,19 @@ def resolve_prompt_name(engine: ModelEngine, opts: Options) -> str | None:
     return opts.prompt_name
 
 
+def job_prefix(engine: ModelEngine, opts: Options) -> str:
+    """What goes before each row's text: the instruction through the model's template, or
+    the prompt (ConfigError for an instruction the model cannot take)."""
+    if opts.instruction is None:
+        return engine.resolve_prompt(resolve_prompt_name(engine, opts))
+    template = engine.spec.instruction_template
+    if template is None:
+        raise ConfigError(f"model {engine.name} takes no --instruction (no instruction_template)")
+    if not opts.instruction:
+        raise ConfigError("--instruction is empty")
+    return template.replace("{instruction}", opts.instruction)
+
+
 def describe_job(
     engine: ModelEngine, opts: Options, description: dict[str, Any], fingerprint: str
 ) -> dict[str, Any]:
@@ -111,7 +125,7 @@ def describe_job(
         "model": engine.name,
         "hf_id": engine.spec.hf_id,
         "revision": engine.spec.revision,
-        "prompt": engine.resolve_prompt(resolve_prompt_name(engine, opts)),
+        "prompt": job_prefix(engine, opts),
         "dimensions": opts.dimensions or engine.dimension,
         "normalized": True,
         "dtype": opts.dtype,
@@ -221,6 +235,7 @@ class ChunkEmbedder:
         return EmbedRequest(
             Texts(texts),
             prompt_name=self.prompt_name,
+            instruction=self.opts.instruction,
             truncate=self.opts.truncate,
             dimensions=self.opts.dimensions,
             input_param=self.opts.text_column,

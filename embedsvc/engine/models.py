@@ -4,9 +4,11 @@ loading them into this process."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 from collections.abc import Callable, Iterator
+from typing import cast
 
 from embedsvc.backends.loaders import load_model
 from embedsvc.engine.compute import compute_thread, cpu_lanes
@@ -18,7 +20,7 @@ from embedsvc.engine.worker import ModelWorker
 from embedsvc.errors import ConfigError, ModelNotFoundError
 from embedsvc.metrics import Metrics
 from embedsvc.model_files import check_model_dir, resolve_model_dir, verify_model_files
-from embedsvc.registry import ModelSpec
+from embedsvc.registry import Dtype, ModelSpec
 from embedsvc.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -86,6 +88,8 @@ def load_workers(
         path = resolve_model_dir(spec)
         check_model_dir(spec, path)
         verified = verify_model_files(spec, path)
+        if settings.dtype:  # --dtype: every model at this dtype
+            spec = dataclasses.replace(spec, dtype=cast(Dtype, settings.dtype))
         # Load on the compute thread, where every forward pass will run (compute.py).
         model = compute_thread().call(
             functools.partial(load_model, spec, path, settings.cpu_threads(), settings.cuda_graphs)

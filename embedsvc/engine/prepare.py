@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from tokenizers import Tokenizer
 
+from embedsvc.engine.icl import IclQueries
 from embedsvc.engine.pairs import PairTemplate, pair_ids
 from embedsvc.engine.tokenize import TextTokenizer
 from embedsvc.engine.types import NO_PROMPT, EmbedRequest, ModelInfo, Pairs, Texts
@@ -32,6 +33,10 @@ class Preparer:
         # query tokenized once (engine/pairs.py); a tokenizer whose pair template is not
         # special tokens around the two texts tokenizes each pair whole instead.
         self._plain = tok
+        # Queries with in-context examples (bge-en-icl): built before tokenizing (icl.py).
+        self._icl = (
+            IclQueries.of(tok, info.path, self.spec.query_max_tokens) if self.spec.icl else None
+        )
         self._template: PairTemplate | None
         try:
             self._template = PairTemplate.of(tok)
@@ -58,6 +63,63 @@ class Preparer:
             )
         return prompts[prompt_name]
 
+    def prefix(self, req: EmbedRequest) -> str:
+        """What goes before each of the request's texts: its instruction through the
+        model's template, or its prompt."""
+        if req.instruction is not None:
+            template = self.spec.instruction_template or "{instruction}"
+            return template.replace("{instruction}", req.instruction)
+        return self.resolve_prompt(req.prompt_name)
+
+    def _check_instruction(self, req: EmbedRequest) -> None:
+        instruction = req.instruction
+        if instruction is None:
+            return
+        if self.spec.instruction_template is None:
+            raise ValidationError(
+                f"model {self.name} takes no task instruction (it has no "
+                "instruction_template); use prompt_name, or a model that does",
+                param="instruction",
+            )
+        if req.prompt_name is not None:
+            raise ValidationError(
+                "give either instruction or a prompt (prompt_name, input_type), not both: the "
+                "instruction takes the query prompt's place",
+                param="instruction",
+            )
+        if not instruction:
+            raise EmptyInputError("instruction is an empty string", param="instruction")
+        if len(instruction) > self.settings.max_input_chars:
+            raise ValidationError(
+                f"instruction has {len(instruction)} characters, more than max_input_chars "
+                f"({self.settings.max_input_chars})",
+                param="instruction",
+            )
+
+    def _check_examples(self, req: EmbedRequest) -> None:
+        examples = req.examples
+        if examples is None:
+            return
+        if not self.spec.icl:
+            raise ValidationError(
+                f"model {self.name} takes no in-context examples (only models with icl: "
+                "true, such as bge-en-icl)",
+                param="examples",
+            )
+        if not isinstance(req.inputs, Texts) or not self.prefix(req):
+            raise ValidationError(
+                "examples go with queries: send them with an instruction, a prompt_name or "
+                "input_type query (documents take none)",
+                param="examples",
+            )
+        chars = sum(len(part) for example in examples for part in example)
+        if chars > self.settings.max_input_chars:
+            raise ValidationError(
+                f"examples have {chars} characters in all, more than max_input_chars "
+                f"({self.settings.max_input_chars})",
+                param="examples",
+            )
+
     def check_dimensions(self, dimensions: int | None) -> None:
         if dimensions is None:
             return
@@ -81,14 +143,17 @@ class Preparer:
             self._check_texts(inputs.documents, req.input_param)
         elif isinstance(inputs, Texts):
             self._check_texts(inputs.texts, req.input_param)
-        elif req.prompt_name:
+        elif req.prompt_name or req.instruction is not None:
+            what = "an instruction" if req.instruction is not None else "a prompt"
             raise ValidationError(
-                "a prompt cannot be applied to token-id input; send text, or tokenize the "
+                f"{what} cannot be applied to token-id input; send text, or tokenize the "
                 "prompt and the text together with /tokenize",
-                param="prompt_name",
+                param="instruction" if req.instruction is not None else "prompt_name",
             )
         self._check_count(n, req.input_param)
-        self.resolve_prompt(req.prompt_name)
+        self._check_instruction(req)
+        self._check_examples(req)
+        self.prefix(req)
         self.check_dimensions(req.dimensions)
 
     def check_inputs(self, texts: list[str], param: str) -> None:
@@ -177,23 +242,50 @@ class Preparer:
         requests go through one `encode_batch` call, which runs in Rust without the GIL."""
         full: list[str] = []
         spans: list[tuple[int, int]] = []
-        for req in reqs:
+        built: dict[int, EmbedsvcError | None] = {}  # icl queries: whole texts, or the error
+        for k, req in enumerate(reqs):
             start = len(full)
             inputs = req.inputs
             if isinstance(inputs, Texts):
-                prefix = self.resolve_prompt(req.prompt_name)
-                full.extend([prefix + t for t in inputs.texts] if prefix else inputs.texts)
+                prefix = self.prefix(req)
+                texts = [prefix + t for t in inputs.texts] if prefix else inputs.texts
+                if self._icl is not None and prefix:
+                    try:
+                        texts = self._icl_queries(req, texts)
+                        built[k] = None
+                    except EmbedsvcError as e:
+                        built[k], texts = e, []
+                full.extend(texts)
             spans.append((start, len(full)))
         encoded = self.tokenizer.encode_full(full) if full else []
         out: list[list[list[int]] | EmbedsvcError] = []
-        for req, (a, b) in zip(reqs, spans, strict=True):
+        for k, (req, (a, b)) in enumerate(zip(reqs, spans, strict=True)):
+            error = built.get(k)
+            if error is not None:
+                out.append(error)
+                continue
             try:
-                out.append(self._fit(req, encoded[a:b], full[a:b]))
+                out.append(self._fit(req, encoded[a:b], full[a:b], whole=k in built))
             except EmbedsvcError as e:
                 out.append(e)
         return out
 
-    def _fit(self, req: EmbedRequest, ids: list[list[int]], full: list[str]) -> list[list[int]]:
+    def _icl_queries(self, req: EmbedRequest, texts: list[str]) -> list[str]:
+        assert self._icl is not None
+        truncate = self.settings.auto_truncate if req.truncate is None else req.truncate
+        examples = self.spec.examples if req.examples is None else req.examples
+        return self._icl.build(
+            texts,
+            examples,
+            truncate=truncate,
+            direction=req.truncation_direction,
+            param=req.input_param,
+        )
+
+    def _fit(
+        self, req: EmbedRequest, ids: list[list[int]], full: list[str], whole: bool = False
+    ) -> list[list[int]]:
+        """`whole`: the texts are complete (icl queries): no prompt to keep in truncation."""
         truncate = self.settings.auto_truncate if req.truncate is None else req.truncate
         direction = req.truncation_direction
         inputs = req.inputs
@@ -203,7 +295,7 @@ class Preparer:
             ids = self.tokenizer.fit(
                 ids,
                 full,
-                prefix=self.resolve_prompt(req.prompt_name),
+                prefix="" if whole else self.prefix(req),
                 truncate=truncate,
                 direction=direction,
                 param=req.input_param,

@@ -51,6 +51,11 @@ class EmbedRequest:
     inputs: Inputs
     task: Task = "embed"  # what the route asks of the model
     prompt_name: str | None = None
+    # A task instruction, put before each text through the model's instruction_template
+    # (in place of a prompt).
+    instruction: str | None = None
+    # In-context examples (instruct, query, response) in place of the model's (icl models).
+    examples: tuple[tuple[str, str, str], ...] | None = None
     normalize: bool = True
     truncate: bool | None = None
     truncation_direction: str = "right"

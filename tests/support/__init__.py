@@ -251,3 +251,13 @@ async def refused_after_signal(url: str, timeout: float = 10) -> Any:
             return status
         await asyncio.sleep(0.02)
     return "still listening"
+
+
+def rows_close(got: Any, expected: Any, floor: float = 0.9999) -> None:
+    """Row by row, the cosine of `got` and `expected` is at least `floor`."""
+    import numpy as np
+
+    a, b = np.asarray(got, dtype=np.float64), np.asarray(expected, dtype=np.float64)
+    assert a.shape == b.shape
+    cosines = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cosines.min() >= floor, cosines

