@@ -379,10 +379,25 @@ def load_lexical_head(spec: BackendSpec, path: Path, device: str, dtype: str) ->
     return head.to(device=device, dtype=getattr(torch, dtype)).eval()
 
 
+def _foreign_modules(path: Path) -> list[str]:
+    """The modules.json entries that are not sentence-transformers' own classes."""
+    modules = bert.read_json(path / "modules.json") or []
+    kinds = [str(m.get("type", "")) for m in modules if isinstance(m, dict)]
+    return [k for k in kinds if not k.startswith("sentence_transformers.")]
+
+
 def _load_sentence_transformers(spec: BackendSpec, path: Path, device: str, dtype: str) -> _Parts:
     import torch
     from sentence_transformers import SentenceTransformer
 
+    foreign = _foreign_modules(path)
+    if foreign:
+        raise ConfigError(
+            f"model {spec.name}: {path} declares module(s) {', '.join(foreign)} in modules.json, "
+            "which sentence-transformers cannot run as saved (a PyLate ColBERT model's Dense "
+            "projection and query/document markers, say); embedsvc serves no model it cannot "
+            "compute exactly. Multi-vector (ColBERT) models are not served yet"
+        )
     model_kwargs: dict[str, Any] = {"use_safetensors": True}
     if dtype != "float32":
         model_kwargs["dtype"] = getattr(torch, dtype)  # float16 | bfloat16

@@ -15,6 +15,7 @@ import torch
 from embedsvc.backends import bert
 from embedsvc.backends.base import PaddedBatch
 from embedsvc.backends.torch_backend import load_torch_model
+from embedsvc.errors import ConfigError
 from tests.support import spec
 from tests.support.models import MINILM_PATH
 
@@ -181,3 +182,21 @@ def test_a_model_the_tracer_cannot_follow_runs_eagerly_with_a_warning(caplog: An
             assert _trace(module.eval(), "cpu") is None
         [record] = [r for r in caplog.records if "running eagerly" in r.getMessage()]
         assert record.levelname == "WARNING" and said in record.getMessage()
+
+
+def test_a_pylate_colbert_folder_is_refused_not_served_approximately(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    """PyLate saves a ColBERT model as a Transformer and its own Dense projection (plus
+    query/document markers in its configuration); sentence-transformers would load the
+    backbone alone and give vectors the model never produces. Refused at load, naming the
+    module."""
+    folder = tmp_path / "colbert"
+    shutil.copytree(model_dir / "tiny-bge", folder)
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Dense", "type": "pylate.models.Dense.Dense"},
+    ]
+    (folder / "modules.json").write_text(json.dumps(modules))
+    with pytest.raises(ConfigError, match=r"pylate\.models\.Dense\.Dense.*not served yet"):
+        load_torch_model(spec("colbert"), folder)
