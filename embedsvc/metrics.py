@@ -203,7 +203,14 @@ class ModelMetrics:
         self.phase = {
             p: m.duration.labels(model, p) for p in ("tokenization", "queue", "inference", "total")
         }
-        routes = ("/embed", "/v1/embeddings", "/similarity", "/rerank", "/embed_sparse")
+        routes = (
+            "/embed",
+            "/v1/embeddings",
+            "/similarity",
+            "/rerank",
+            "/embed_sparse",
+            "/embed_multivector",
+        )
         self.requests = {r: m.requests.labels(model, r) for r in routes}
 
 

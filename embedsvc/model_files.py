@@ -243,14 +243,22 @@ def pull_model(
         ignore_patterns=IGNORE_PATTERNS,
     )
     result = Path(path)
-    if spec.lexical_weights and "sparse_linear.pt" in top:
-        # BGE-M3's sparse head ships as a torch pickle: fetched into the same snapshot and
-        # read with torch.load(weights_only=True) (tensors only, no code) when it loads.
+    heads = [
+        name
+        for name, wanted in (
+            ("sparse_linear.pt", spec.lexical_weights),
+            ("colbert_linear.pt", spec.multivector),
+        )
+        if wanted and name in top
+    ]
+    for name in heads:
+        # BGE-M3's heads ship as torch pickles: fetched into the same snapshot and read
+        # with torch.load(weights_only=True) (tensors only, no code) when it loads.
         from huggingface_hub import hf_hub_download
 
         hf_hub_download(
             spec.hf_id,
-            "sparse_linear.pt",
+            name,
             revision=spec.revision,
             cache_dir=cache_dir,
             local_dir=local_dir,

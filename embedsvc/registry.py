@@ -80,6 +80,8 @@ class ModelSpec:
     code_revision: str | None = None
     # BGE-M3: the folder's sparse_linear head gives lexical weights on /embed_sparse.
     lexical_weights: bool = False
+    # BGE-M3: the folder's colbert_linear head gives token vectors on /embed_multivector.
+    multivector: bool = False
     onnx_variant: OnnxVariant = "auto"  # auto: int8 on CPU, fp16 on CUDA
     onnx_dir: str | None = None  # where `embedsvc export` put the model (default: see export.py)
     description: str = ""
@@ -258,7 +260,7 @@ def _parse_entry(entry: Any, where: str, base_dir: Path) -> ModelSpec:
     msl = entry.get("max_seq_length")
     if msl is not None and (not isinstance(msl, int) or msl < 1):
         raise ConfigError(f"{where}: max_seq_length must be a positive integer")
-    for key in ("matryoshka_layer_norm", "trust_remote_code", "lexical_weights"):
+    for key in ("matryoshka_layer_norm", "trust_remote_code", "lexical_weights", "multivector"):
         if not isinstance(entry.get(key, False), bool):
             raise ConfigError(f"{where}: {key} must be true or false")
     code_revision = entry.get("code_revision")
@@ -294,6 +296,8 @@ def _parse_entry(entry: Any, where: str, base_dir: Path) -> ModelSpec:
         task != "embed" or entry.get("backend", "torch") != "torch"
     ):
         raise ConfigError(f"{where}: lexical_weights needs task embed on the torch backend")
+    if entry.get("multivector") and (task != "embed" or entry.get("backend", "torch") != "torch"):
+        raise ConfigError(f"{where}: multivector needs task embed on the torch backend")
     pooling: Pooling | None = entry.get("pooling")
     if pooling is not None and pooling not in POOLINGS:
         raise ConfigError(f"{where}: pooling {pooling!r} is not one of {', '.join(POOLINGS)}")
@@ -323,6 +327,7 @@ def _parse_entry(entry: Any, where: str, base_dir: Path) -> ModelSpec:
         trust_remote_code=bool(entry.get("trust_remote_code", False)),
         code_revision=code_revision,
         lexical_weights=bool(entry.get("lexical_weights", False)),
+        multivector=bool(entry.get("multivector", False)),
         onnx_variant=choice("onnx_variant", ONNX_VARIANTS, "auto"),
         onnx_dir=str((base_dir / str(entry["onnx_dir"])).resolve())
         if entry.get("onnx_dir")

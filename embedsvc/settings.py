@@ -52,6 +52,11 @@ class Settings:
         "the CPUs this process may use (affinity and cgroup quota)",
     )
     max_batch_size: int = _setting(128, "inputs per forward pass")
+    max_multivector_values: int = _setting(
+        2_097_152,
+        "numbers one /embed_multivector answer may hold (tokens x dimension, all inputs "
+        "together; 413 beyond): 2048 tokens of a 1024-dimension model",
+    )
     dtype: str = _setting(
         "",
         "the weights' dtype for every model (torch backend): auto, float32, float16 or "
@@ -232,6 +237,7 @@ class Settings:
             raise ConfigError(f"api_workers must be 0 (auto) or more, got {self.api_workers}")
         positive = (
             "max_batch_size",
+            "max_multivector_values",
             "max_concurrent_inputs",
             "max_client_batch_size",
             "tokenization_workers",

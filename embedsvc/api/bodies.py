@@ -92,6 +92,19 @@ class TEISparseBody(msgspec.Struct):
     model: str | None = None
 
 
+class TEIMultivectorBody(msgspec.Struct):
+    """Token vectors (BGE-M3's ColBERT output): per input, one vector per token after the
+    first, normalized. base64: each input's vectors as one little-endian float32 matrix,
+    row after row (its width: the model's dimension in /info)."""
+
+    inputs: Inputs
+    truncate: bool | None = None
+    truncation_direction: Direction = "Right"
+    prompt_name: str | None = None
+    model: str | None = None
+    encoding_format: Literal["float", "base64"] = "float"
+
+
 class SimilarityInputs(msgspec.Struct, forbid_unknown_fields=True):
     source_sentence: str
     sentences: list[str]
@@ -183,6 +196,7 @@ class RerankBody(msgspec.Struct):
 BODIES: tuple[type[msgspec.Struct], ...] = (
     TEIEmbedBody,
     TEISparseBody,
+    TEIMultivectorBody,
     TEISimilarityBody,
     TEITokenizeBody,
     TEIDecodeBody,

@@ -41,6 +41,14 @@ def sparse_body(rows: list[SparseRow]) -> bytes:
     )
 
 
+def multivector_body(result: EmbedResult, encoding_format: str) -> bytes:
+    """Per input its token vectors: lists of floats, or one base64 string of its matrix."""
+    rows = result.multivector or []
+    if encoding_format == "base64":
+        return orjson.dumps([to_base64(row.ravel()) for row in rows])
+    return orjson.dumps(rows, option=_NUMPY)
+
+
 def openai_embeddings_body(
     result: EmbedResult,
     encoding_format: str,

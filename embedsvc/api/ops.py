@@ -41,6 +41,7 @@ def model_info(e: ModelEngine) -> dict[str, Any]:
         "default_prompt_name": info.default_prompt_name,
         "instruction_template": spec.instruction_template,
         "icl": spec.icl,
+        "multivector": spec.multivector,
         "examples": [{"instruct": i, "query": q, "response": r} for i, q, r in spec.examples],
         "matryoshka_dimensions": list(spec.matryoshka_dims),
         "matryoshka_layer_norm": spec.matryoshka_layer_norm,

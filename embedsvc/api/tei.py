@@ -12,6 +12,7 @@ from embedsvc.api.bodies import (
     SimilarityParameters,
     TEIDecodeBody,
     TEIEmbedBody,
+    TEIMultivectorBody,
     TEISimilarityBody,
     TEISparseBody,
     TEITokenizeBody,
@@ -21,7 +22,7 @@ from embedsvc.api.bodies import (
     example_tuples,
 )
 from embedsvc.api.calls import Call, Context, Route
-from embedsvc.api.encode import sparse_body, tei_embed_body
+from embedsvc.api.encode import multivector_body, sparse_body, tei_embed_body
 from embedsvc.api.inputs import parse_inputs
 from embedsvc.api.precision import check_format
 from embedsvc.api.service import Service
@@ -70,6 +71,24 @@ def embed_sparse(service: Service, body: TEISparseBody, ctx: Context) -> Call:
     return Call(engine, req, _sparse, "/embed_sparse")
 
 
+def embed_multivector(service: Service, body: TEIMultivectorBody, ctx: Context) -> Call:
+    """Token vectors: BGE-M3's ColBERT output (models with multivector: true)."""
+    engine = service.engine_set().get(body.model, task="multivector")
+    req = EmbedRequest(
+        parse_inputs(body.inputs, "inputs"),
+        task="multivector",
+        prompt_name=body.prompt_name,
+        normalize=False,
+        truncate=body.truncate,
+        truncation_direction=body.truncation_direction.lower(),
+        input_param="inputs",
+        request_id=ctx.request_id,
+        timeout=ctx.timeout,
+    )
+    fmt = body.encoding_format
+    return Call(engine, req, lambda r: multivector_body(r, fmt), "/embed_multivector")
+
+
 def _sparse(result: EmbedResult) -> bytes:
     assert result.sparse is not None
     return sparse_body(result.sparse)
@@ -114,6 +133,8 @@ ROUTES = [
     Route("/", TEIEmbedBody, root,
           "Alias of /embed; /similarity for {source_sentence, sentences}", "TEI",
           name="embed_root"),
+    Route("/embed_multivector", TEIMultivectorBody, embed_multivector,
+          "Token vectors of inputs (multi-vector, ColBERT)", "TEI"),
     Route("/embed_sparse", TEISparseBody, embed_sparse,
           "Sparse (SPLADE) weights of inputs (TEI)", "TEI"),
     Route("/similarity", TEISimilarityBody, similarity,

@@ -27,6 +27,7 @@ class PaddedBatch:
 
     input_ids: np.ndarray  # int64 [batch, seq]
     attention_mask: np.ndarray  # int64 [batch, seq]
+    token_vectors: bool = False  # the pass's output carries token vectors (some job asks)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -45,6 +46,9 @@ class ForwardOutput:
 
     pooled: np.ndarray
     token_weights: np.ndarray | None = None
+    # [batch, seq - 1, d]: BGE-M3's ColBERT vectors (colbert_linear on the states after the
+    # first position, 0 at padding, not normalized), when the batch asks for them.
+    token_vectors: np.ndarray | None = None
 
 
 class BackendOutOfMemory(Exception):
@@ -58,6 +62,8 @@ class Backend(Protocol):
     # Declared capabilities (the engine reads these; it never probes for methods):
     # forward's output carries token_weights (BGE-M3's lexical weights);
     token_weights: bool
+    # forward's output carries token_vectors when the batch asks (BGE-M3's ColBERT head);
+    token_vectors: bool
     # cpu_threads(n) sets the intra-op threads of the calling thread for its next passes
     # (torch); False where they are fixed when the model loads (onnxruntime).
     per_pass_threads: bool
@@ -90,6 +96,7 @@ class BackendSpec:
     threads: int = 0  # CPU threads for a forward pass; 0: the library's default
     task: Task = "embed"
     lexical_weights: bool = False
+    multivector: bool = False
     cuda_graphs: bool = False  # small passes on a CUDA device as CUDA graphs (cuda_graphs.py)
     code_revision: str | None = None  # the commit of the remote code, when pinned
 
@@ -117,6 +124,7 @@ class BackendSpec:
             threads=threads,
             task=spec.task,
             lexical_weights=spec.lexical_weights,
+            multivector=spec.multivector,
             cuda_graphs=cuda_graphs,
             code_revision=spec.code_revision,
         )

@@ -32,6 +32,7 @@ _ST_POOLING = {
 class OnnxBackend:
     per_pass_threads = False  # onnxruntime fixes its threads when the session is made
     token_weights = False
+    token_vectors = False
 
     def __init__(self, session: Any, pooling: str, device: str, dtype: str, dimension: int) -> None:
         self.session = session

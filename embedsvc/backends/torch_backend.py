@@ -57,6 +57,7 @@ class TorchBackend(TorchThreads):
         dimension: int,
         lexical: Any = None,
         pooled: bool = False,
+        colbert: Any = None,
     ) -> None:
         self._encoder = encoder
         self._head = head
@@ -68,6 +69,10 @@ class TorchBackend(TorchThreads):
         # vector as one more column per position of the batch (`token_weights`).
         self._lexical = lexical
         self.token_weights = lexical is not None
+        # BGE-M3's ColBERT vectors: Linear(hidden -> d) on the states after the first
+        # position, padding zeroed, when a batch asks for them (`token_vectors`).
+        self._colbert = colbert
+        self.token_vectors = colbert is not None
         self.graphs: BucketGraphs | None = None
 
     def forward(self, batch: PaddedBatch) -> ForwardOutput:
@@ -105,11 +110,18 @@ class TorchBackend(TorchThreads):
                 for module in self._head:
                     features = module(features)
                 out = features["sentence_embedding"].to(torch.float32).cpu().numpy()
-                if self._lexical is None:
+                if self._lexical is None and not (self._colbert and batch.token_vectors):
                     return ForwardOutput(out)
                 mask = features["attention_mask"].to(torch.float32)
-                weights = torch.relu(self._lexical(states)).squeeze(-1).to(torch.float32)
-                return ForwardOutput(out, (weights * mask).cpu().numpy())
+                assert states is not None  # the heads' models load with their states
+                output = ForwardOutput(out)
+                if self._lexical is not None:
+                    weights = torch.relu(self._lexical(states)).squeeze(-1).to(torch.float32)
+                    output.token_weights = (weights * mask).cpu().numpy()
+                if self._colbert is not None and batch.token_vectors:
+                    vectors = self._colbert(states[:, 1:]) * mask[:, 1:, None].to(states.dtype)
+                    output.token_vectors = vectors.to(torch.float32).cpu().numpy()
+                return output
         except torch.OutOfMemoryError as e:
             del features
             if self.device.startswith("cuda"):
@@ -274,7 +286,8 @@ def load_torch_model(spec: BackendSpec, path: Path) -> LoadedModel:
     lean = None if spec.trust_remote_code else bert.plan(path)
     if lean is not None:
         try:
-            parts = _load_lean(lean, path, device, dtype, states=spec.lexical_weights)
+            states = spec.lexical_weights or spec.multivector
+            parts = _load_lean(lean, path, device, dtype, states=states)
         except ValueError as e:  # weights named otherwise: the library knows more layouts
             log.info("model %s: %s; loading it with sentence-transformers", spec.name, e)
     if parts is None and spec.trust_remote_code and spec.code_revision:
@@ -292,13 +305,15 @@ def load_torch_model(spec: BackendSpec, path: Path) -> LoadedModel:
     max_len = int(min(limits))
     parts.tokenizer.no_padding()
     parts.tokenizer.no_truncation()
-    lexical = None
+    lexical = colbert = None
+    if (spec.lexical_weights or spec.multivector) and parts.encoder is None:
+        raise ConfigError(f"model {spec.name}: lexical weights and token vectors need its states")
     if spec.lexical_weights:
-        if parts.encoder is None:
-            raise ConfigError(f"model {spec.name}: lexical weights need its token states")
-        lexical = load_lexical_head(spec, path, device, dtype)
+        lexical = load_head(spec, path, device, dtype, "sparse_linear", "lexical_weights")
+    if spec.multivector:
+        colbert = load_head(spec, path, device, dtype, "colbert_linear", "multivector")
     backend = TorchBackend(
-        parts.encoder, parts.head, device, dtype, parts.dimension, lexical, parts.pooled
+        parts.encoder, parts.head, device, dtype, parts.dimension, lexical, parts.pooled, colbert
     )
     if spec.cuda_graphs and parts.eager is not None and device.startswith("cuda"):
         backend.graphs = BucketGraphs(parts.eager, device, parts.pad_token_id or 0, max_len)
@@ -353,28 +368,30 @@ def _load_lean(p: bert.Plan, path: Path, device: str, dtype: str, states: bool) 
     )
 
 
-def load_lexical_head(spec: BackendSpec, path: Path, device: str, dtype: str) -> Any:
-    """BGE-M3's sparse head (Linear(hidden, 1)): `sparse_linear.safetensors` if the folder
-    has one, else `sparse_linear.pt` (as the repository ships it) read with
-    `torch.load(weights_only=True)`, which loads tensors only and runs no pickled code."""
+def load_head(spec: BackendSpec, path: Path, device: str, dtype: str, name: str, key: str) -> Any:
+    """One of BGE-M3's heads, a Linear on the token states: `sparse_linear` (hidden -> 1, the
+    lexical weights) or `colbert_linear` (hidden -> d, the ColBERT vectors). From
+    `{name}.safetensors` if the folder has one, else `{name}.pt` (as the repository ships
+    it) read with `torch.load(weights_only=True)`, which loads tensors only and runs no
+    pickled code."""
     import torch
 
     state: dict[str, Any]
-    if (path / "sparse_linear.safetensors").is_file():
+    if (path / f"{name}.safetensors").is_file():
         from safetensors.torch import load_file
 
-        state = load_file(str(path / "sparse_linear.safetensors"))
-    elif (path / "sparse_linear.pt").is_file():
-        state = torch.load(str(path / "sparse_linear.pt"), map_location="cpu", weights_only=True)
+        state = load_file(str(path / f"{name}.safetensors"))
+    elif (path / f"{name}.pt").is_file():
+        state = torch.load(str(path / f"{name}.pt"), map_location="cpu", weights_only=True)
     else:
         raise ConfigError(
-            f"model {spec.name}: lexical_weights needs sparse_linear.pt or "
-            f"sparse_linear.safetensors in {path} (embedsvc pull fetches it)"
+            f"model {spec.name}: {key} needs {name}.pt or {name}.safetensors in {path} "
+            "(embedsvc pull fetches it)"
         )
     weight = state.get("weight")
-    if weight is None or weight.ndim != 2 or weight.shape[0] != 1:
-        raise ConfigError(f"model {spec.name}: the sparse head is not a Linear(hidden, 1)")
-    head = torch.nn.Linear(weight.shape[1], 1)
+    if weight is None or weight.ndim != 2 or (name == "sparse_linear" and weight.shape[0] != 1):
+        raise ConfigError(f"model {spec.name}: {name} is not a Linear of the token states")
+    head = torch.nn.Linear(weight.shape[1], weight.shape[0])
     head.load_state_dict(state)
     return head.to(device=device, dtype=getattr(torch, dtype)).eval()
 

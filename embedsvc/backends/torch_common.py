@@ -113,6 +113,7 @@ class TorchThreads:
 
     per_pass_threads = True
     token_weights = False  # TorchBackend sets it for a model with lexical weights
+    token_vectors = False  # and this for a model with a ColBERT head
 
     def cpu_threads(self, n: int | None = None) -> int:
         """torch's intra-op threads for the calling thread: set to `n` if given; the count."""

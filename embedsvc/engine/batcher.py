@@ -224,4 +224,6 @@ def pad(items: list[Item], pad_id: int) -> PaddedBatch:
         dtype=np.int64,
         count=int(lengths.sum()),
     )
-    return PaddedBatch(input_ids=ids, attention_mask=real.astype(np.int64))
+    # Token vectors are computed for a pass only when one of its jobs asks for them.
+    vectors = any(getattr(it.job, "multivector", False) for it in items)
+    return PaddedBatch(ids, real.astype(np.int64), vectors)

@@ -271,6 +271,7 @@ class ModelEngine:
                     self.max_wait(req),
                     sparse and self.spec.task == "embed",  # BGE-M3's lexical weights
                     sparse,
+                    req.task == "multivector",  # BGE-M3's ColBERT vectors
                 )
             )
             sent.append(p)

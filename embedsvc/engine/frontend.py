@@ -169,7 +169,9 @@ class Frontend:
             observe_many(phase["total"], [now - p.t0 for p in pendings])
         for p, d in zip(answered, results, strict=True):
             times = (p.t1 - p.t0, d.queue_time, d.inference_time, now - p.t0)
-            p.future.set_result(EmbedResult(d.vectors, p.tokens, *times, p.lengths, d.sparse))
+            p.future.set_result(
+                EmbedResult(d.vectors, p.tokens, *times, p.lengths, d.sparse, d.multivector)
+            )
         for f in failed:
             p = self._take(f.key)
             if p is not None:

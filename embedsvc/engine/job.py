@@ -38,6 +38,8 @@ class Job:
     first_start: float = 0.0
     last_end: float = 0.0
     sparse_rows: list[SparseRow] | None = None  # a sparse job's rows, in place of vectors
+    multivector: bool = False  # rows are token vectors [tokens - 1, d], one array each
+    token_rows: list[np.ndarray] | None = None  # a multivector job's rows
 
     @classmethod
     def admit(cls, origin: Hashable, cj: CoreJob, chunk_size: int) -> tuple[Job, list[Item]]:
@@ -65,6 +67,9 @@ class Job:
         )
         if cj.sparse:
             job.sparse_rows = []
+        if cj.multivector:
+            job.multivector = True
+            job.token_rows = [np.empty((0, 0), np.float32)] * n
         if n == 1:
             return job, [Item(job, 0, cj.ids[0])]
         if n <= chunk_size:
@@ -81,7 +86,10 @@ class Job:
         self, item: Item, row: np.ndarray | SparseRow, start: float, end: float
     ) -> list[Item]:
         """Keep one finalized row; return the next chunk's items if one is due."""
-        if self.sparse_rows is not None:
+        if self.token_rows is not None:
+            assert isinstance(row, np.ndarray)
+            self.token_rows[item.index] = row
+        elif self.sparse_rows is not None:
             assert isinstance(row, tuple)
             if not self.sparse_rows:
                 empty = (np.empty(0, np.int32), np.empty(0, np.float32))
@@ -110,7 +118,7 @@ class Job:
         return sum(it.length for chunk in self.waiting_chunks for it in chunk)
 
     def done(self) -> JobDone:
-        if self.sparse_rows is not None:
+        if self.sparse_rows is not None or self.token_rows is not None:
             vectors = np.empty((self.size, 0), dtype=np.float32)
         else:
             assert self.vectors is not None
@@ -121,4 +129,5 @@ class Job:
             queue_time=max(self.first_start - self.enqueued, 0.0),
             inference_time=max(self.last_end - self.first_start, 0.0),
             sparse=self.sparse_rows,
+            multivector=self.token_rows,
         )

@@ -42,6 +42,10 @@ class EngineSet:
         self._first: dict[str, ModelEngine] = {}  # task -> the first model loaded for it
         for e in reversed(engines):
             self._first[e.spec.task] = e
+            if e.spec.lexical_weights:
+                self._first.setdefault("sparse", e)
+            if e.spec.multivector:
+                self._first["multivector"] = e
 
     def __iter__(self) -> Iterator[ModelEngine]:
         return iter(self.engines.values())

@@ -59,13 +59,18 @@ def finalize_rows(
     keys = [(it.job.dimensions, it.job.normalize, it.job.layer_norm) for it in items]
     first = keys[0]
     lexical = [it.job.lexical for it in items]
-    if not any(lexical) and all(k == first for k in keys):  # the common case
+    tokens = [getattr(it.job, "multivector", False) for it in items]
+    if not any(lexical) and not any(tokens) and all(k == first for k in keys):  # common
         dims, normalize, ln = first
         return finalize(pooled, dimensions=dims, normalize=normalize, layer_norm_first=ln)
     groups: dict[tuple[int | None, bool, bool], list[int]] = defaultdict(list)
     out: list[np.ndarray | SparseRow] = [pooled[0]] * len(items)
     for row, key in enumerate(keys):
-        if lexical[row]:
+        if tokens[row]:
+            assert output.token_vectors is not None  # the batch asked (batcher.pad)
+            # BGE-M3: one vector per token after the first ([CLS]/<s>), normalized.
+            out[row] = l2_normalize(output.token_vectors[row, : len(items[row].ids) - 1])
+        elif lexical[row]:
             assert output.token_weights is not None  # the model's lexical head (registry)
             weights = output.token_weights[row]
             out[row] = from_token_weights(items[row].ids, weights, special_ids())

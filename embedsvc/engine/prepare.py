@@ -190,6 +190,14 @@ class Preparer:
         task = self.spec.task
         if req.task == task or (req.task == "sparse" and self.spec.lexical_weights):
             return
+        if req.task == "multivector":
+            if self.spec.multivector:
+                return
+            raise ValidationError(
+                f"model {self.name} has no multi-vector output; choose a model with "
+                "multivector: true in models.yaml (such as bge-m3; see /info)",
+                param="model",
+            )
         what = {
             "embed": "an embedding model (task embed): it answers /embed and /v1/embeddings",
             "rerank": "a reranker (task rerank): it scores (query, document) pairs on /rerank "
@@ -305,4 +313,14 @@ class Preparer:
                 inputs.ids, truncate=truncate, direction=direction, param=req.input_param
             )
         self._check_total(sum(len(x) for x in ids), req.input_param)
+        if req.task == "multivector":
+            values = sum(len(x) - 1 for x in ids) * self.info.dimension
+            limit = self.settings.max_multivector_values
+            if values > limit:
+                raise PayloadTooLargeError(
+                    f"{req.input_param} would be answered with {values} numbers (a vector of "
+                    f"{self.info.dimension} per token), more than max_multivector_values "
+                    f"({limit}); send fewer or shorter inputs per request",
+                    param=req.input_param,
+                )
         return ids

@@ -9,12 +9,17 @@ travel between the front end and the engine core, in batches.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 
 from embedsvc.engine.sparse import SparseRow
 from embedsvc.errors import ErrorKind
-from embedsvc.registry import ModelSpec, Task
+from embedsvc.registry import ModelSpec
+
+# What a request asks of a model: a model's task, or an output of an embedding model
+# that has it (BGE-M3: "sparse" lexical weights, "multivector" ColBERT vectors).
+RequestTask = Literal["embed", "rerank", "sparse", "multivector"]
 
 # `prompt_name` NO_PROMPT: no prompt, not even the model's default; None: the default.
 NO_PROMPT = ""
@@ -49,7 +54,7 @@ Inputs = Texts | TokenIds | Pairs
 @dataclass(slots=True)
 class EmbedRequest:
     inputs: Inputs
-    task: Task = "embed"  # what the route asks of the model
+    task: RequestTask = "embed"  # what the route asks of the model
     prompt_name: str | None = None
     # A task instruction, put before each text through the model's instruction_template
     # (in place of a prompt).
@@ -85,6 +90,8 @@ class EmbedResult:
     total_time: float
     input_tokens: list[int] = field(default_factory=list)  # per input, as embedded
     sparse: list[SparseRow] | None = None  # task sparse: each input's non-zero entries
+    # task multivector: each input's token vectors, float32 [tokens - 1, d], normalized
+    multivector: list[np.ndarray] | None = None
 
     @property
     def scores(self) -> np.ndarray:
@@ -140,6 +147,7 @@ class CoreJob:
     max_wait: float = 0.0  # seconds it may wait for its vectors; 0: no limit
     lexical: bool = False  # BGE-M3 lexical weights (per token) instead of the vector
     sparse: bool = False  # rows are sparse (SPLADE weights, or lexical weights)
+    multivector: bool = False  # rows are BGE-M3's ColBERT vectors (one per token)
 
 
 @dataclass(slots=True)
@@ -149,6 +157,7 @@ class JobDone:
     queue_time: float
     inference_time: float
     sparse: list[SparseRow] | None = None  # a sparse job's rows
+    multivector: list[np.ndarray] | None = None  # a multivector job's rows
 
 
 @dataclass(slots=True)

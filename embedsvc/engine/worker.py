@@ -460,13 +460,12 @@ class ModelWorker:
             )
             parts = [items[:half], items[half:]]
             outs = [self._forward(p, pad(p, self.model.pad_token_id)) for p in parts]
-            pooled = np.concatenate([o.pooled for o in outs])
-            halves = [o.token_weights for o in outs if o.token_weights is not None]
-            if len(halves) < 2:
-                return ForwardOutput(pooled)
             width = batch.shape[1]  # each half is padded to its own longest input
-            weights = [np.pad(w, ((0, 0), (0, width - w.shape[1]))) for w in halves]
-            return ForwardOutput(pooled, np.concatenate(weights))
+            return ForwardOutput(
+                np.concatenate([o.pooled for o in outs]),
+                _joined([o.token_weights for o in outs], [len(p) for p in parts], width),
+                _joined([o.token_vectors for o in outs], [len(p) for p in parts], width - 1),
+            )
         self.m.batches.inc()
         self.m.batch_size.observe(len(items))
         self.m.batch_tokens.observe(batch.shape[0] * batch.shape[1])
@@ -493,3 +492,19 @@ class ModelWorker:
         self.m.inflight.set(inflight)
         for origin, lst in failed.items():
             self.sink(origin, [], lst)
+
+
+def _joined(halves: list[np.ndarray | None], rows: list[int], width: int) -> np.ndarray | None:
+    """Per-token outputs of the halves of a split batch as one array [rows, width, ...]:
+    each half padded with zeros to `width` positions; a half that has none (none of its
+    jobs asked) is zeros."""
+    shaped = next((h for h in halves if h is not None), None)
+    if shaped is None:
+        return None
+    out = np.zeros((sum(rows), width, *shaped.shape[2:]), dtype=np.float32)
+    start = 0
+    for half, n in zip(halves, rows, strict=True):
+        if half is not None:
+            out[start : start + n, : half.shape[1]] = half
+        start += n
+    return out
