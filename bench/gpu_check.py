@@ -200,6 +200,11 @@ def main() -> int:
     )
     ap.add_argument("--tokenizer", type=Path, help="tokenizer files for --random-weights")
     ap.add_argument("--device", default="cuda", help="cpu: a dry run (float32 for fp16)")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="one batch size per offline measurement: a check that the script runs",
+    )
     args = ap.parse_args()
     dev = args.device
     if dev == "cuda" and not torch.cuda.is_available():
@@ -228,17 +233,18 @@ def main() -> int:
     c = cos_rows(ref, half)
     check("torch fp16 vs fp32", c.min() >= 0.999, f"cosine min {c.min():.5f} mean {c.mean():.5f}")
 
+    sizes = [64] if args.quick else [64, 128, 256, 512, 1024]
     print("offline limit, torch fp32:")
-    _, off32 = offline(fp32, texts, [64, 128, 256, 512])
+    _, off32 = offline(fp32, texts, sizes[:4])
     print("offline limit, torch fp16:")
-    best_bs, off16 = offline(fp16, texts, [64, 128, 256, 512, 1024])
+    best_bs, off16 = offline(fp16, texts, sizes)
     del fp32, fp16
     if dev == "cuda":
         torch.cuda.empty_cache()
 
     print("offline limit, torch fp16, short queries alone:")
     fp16 = SentenceTransformer(str(path), device=dev, model_kwargs={"dtype": low})
-    _, off_short = offline(fp16, short, [64, 128, 256, 512, 1024])
+    _, off_short = offline(fp16, short, sizes)
     del fp16
     if dev == "cuda":
         torch.cuda.empty_cache()

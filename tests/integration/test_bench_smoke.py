@@ -19,7 +19,7 @@ RUNS: dict[str, list[str] | None] = {
     "loaders.py": ["--seconds", "0.05"],
     "loop_cost.py": ["--requests", "400", "--zero-passes"],
     "bulk.py": ["--rows", "40", "--batch-sizes", "16"],
-    "gpu_check.py": ["--device", "cpu", "--texts", "64", "--seconds", "0.1"],
+    "gpu_check.py": ["--device", "cpu", "--quick", "--texts", "64", "--seconds", "0.1"],
     "decoder.py": ["--layers", "2", "--hidden", "64", "--texts", "16", "--seconds", "1"],
     "backends.py": None,  # exports the model to ONNX fp32 and int8 first (minutes)
     "frontend.py": None,  # wrk against several servers, rounds of seconds each
