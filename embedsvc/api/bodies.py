@@ -105,6 +105,24 @@ class TEIMultivectorBody(msgspec.Struct):
     encoding_format: Literal["float", "base64"] = "float"
 
 
+class EncodeBody(msgspec.Struct):
+    """Several outputs of one forward pass per input: `dense` (the vector, as /embed),
+    `sparse` (lexical weights, as /embed_sparse), `multivector` (token vectors, as
+    /embed_multivector), any the model has (see /info)."""
+
+    inputs: Inputs
+    outputs: Annotated[
+        list[Literal["dense", "sparse", "multivector"]], msgspec.Meta(min_length=1, max_length=3)
+    ]
+    normalize: bool = True
+    truncate: bool | None = None
+    truncation_direction: Direction = "Right"
+    prompt_name: str | None = None
+    dimensions: PositiveInt | None = None
+    model: str | None = None
+    encoding_format: Literal["float", "base64"] = "float"
+
+
 class SimilarityInputs(msgspec.Struct, forbid_unknown_fields=True):
     source_sentence: str
     sentences: list[str]
@@ -197,6 +215,7 @@ BODIES: tuple[type[msgspec.Struct], ...] = (
     TEIEmbedBody,
     TEISparseBody,
     TEIMultivectorBody,
+    EncodeBody,
     TEISimilarityBody,
     TEITokenizeBody,
     TEIDecodeBody,

@@ -49,6 +49,24 @@ def multivector_body(result: EmbedResult, encoding_format: str) -> bytes:
     return orjson.dumps(rows, option=_NUMPY)
 
 
+def encode_body(result: EmbedResult, outputs: tuple[str, ...], encoding_format: str) -> bytes:
+    """/encode: per input an object with the outputs asked."""
+    n = len(result.input_tokens) or len(result.vectors)
+    items: list[dict[str, Any]] = [{} for _ in range(n)]
+    base64 = encoding_format == "base64"
+    if "dense" in outputs:
+        for item, row in zip(items, result.vectors, strict=True):
+            item["dense"] = to_base64(row) if base64 else row
+    if "sparse" in outputs:
+        for item, (idx, val) in zip(items, result.sparse or [], strict=True):
+            pairs = zip(idx.tolist(), val.tolist(), strict=True)
+            item["sparse"] = [{"index": i, "value": v} for i, v in pairs]
+    if "multivector" in outputs:
+        for item, rows in zip(items, result.multivector or [], strict=True):
+            item["multivector"] = to_base64(rows.ravel()) if base64 else rows
+    return orjson.dumps(items, option=_NUMPY)
+
+
 def openai_embeddings_body(
     result: EmbedResult,
     encoding_format: str,

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from embedsvc.api.bodies import (
+    EncodeBody,
     SimilarityParameters,
     TEIDecodeBody,
     TEIEmbedBody,
@@ -22,7 +23,7 @@ from embedsvc.api.bodies import (
     example_tuples,
 )
 from embedsvc.api.calls import Call, Context, Route
-from embedsvc.api.encode import multivector_body, sparse_body, tei_embed_body
+from embedsvc.api.encode import encode_body, multivector_body, sparse_body, tei_embed_body
 from embedsvc.api.inputs import parse_inputs
 from embedsvc.api.precision import check_format
 from embedsvc.api.service import Service
@@ -89,6 +90,27 @@ def embed_multivector(service: Service, body: TEIMultivectorBody, ctx: Context) 
     return Call(engine, req, lambda r: multivector_body(r, fmt), "/embed_multivector")
 
 
+def encode(service: Service, body: EncodeBody, ctx: Context) -> Call:
+    """Several outputs from one forward pass per input (BGE-M3: dense, sparse, multivector)."""
+    engine = service.engine_set().get(body.model)
+    outputs = tuple(dict.fromkeys(body.outputs))  # each once, in the order asked
+    req = EmbedRequest(
+        parse_inputs(body.inputs, "inputs"),
+        task="encode",
+        outputs=outputs,
+        prompt_name=body.prompt_name,
+        normalize=body.normalize,
+        truncate=body.truncate,
+        truncation_direction=body.truncation_direction.lower(),
+        dimensions=body.dimensions,
+        input_param="inputs",
+        request_id=ctx.request_id,
+        timeout=ctx.timeout,
+    )
+    fmt = body.encoding_format
+    return Call(engine, req, lambda r: encode_body(r, outputs, fmt), "/encode")
+
+
 def _sparse(result: EmbedResult) -> bytes:
     assert result.sparse is not None
     return sparse_body(result.sparse)
@@ -135,6 +157,8 @@ ROUTES = [
           name="embed_root"),
     Route("/embed_multivector", TEIMultivectorBody, embed_multivector,
           "Token vectors of inputs (multi-vector, ColBERT)", "TEI"),
+    Route("/encode", EncodeBody, encode,
+          "Dense, sparse and multi-vector outputs of inputs from one pass", "TEI"),
     Route("/embed_sparse", TEISparseBody, embed_sparse,
           "Sparse (SPLADE) weights of inputs (TEI)", "TEI"),
     Route("/similarity", TEISimilarityBody, similarity,

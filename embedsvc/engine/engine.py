@@ -255,7 +255,9 @@ class ModelEngine:
             req = p.req
             p.lengths = list(map(len, ids))
             p.tokens = sum(p.lengths)
-            sparse = req.task == "sparse"
+            outputs = req.outputs
+            sparse = req.task == "sparse" or "sparse" in outputs
+            vectors = req.task == "multivector" or "multivector" in outputs
             p.t1 = now
             if isinstance(req.inputs, Texts):
                 chars += sum(map(len, req.inputs.texts))
@@ -271,7 +273,8 @@ class ModelEngine:
                     self.max_wait(req),
                     sparse and self.spec.task == "embed",  # BGE-M3's lexical weights
                     sparse,
-                    req.task == "multivector",  # BGE-M3's ColBERT vectors
+                    vectors,  # BGE-M3's ColBERT vectors
+                    "dense" in outputs and (sparse or vectors),  # /encode: the vector too
                 )
             )
             sent.append(p)

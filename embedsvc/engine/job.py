@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from embedsvc.engine.batcher import Item
+from embedsvc.engine.postprocess import Outputs, Row
 from embedsvc.engine.sparse import SparseRow
 from embedsvc.engine.types import CoreJob, JobDone
 
@@ -40,6 +41,7 @@ class Job:
     sparse_rows: list[SparseRow] | None = None  # a sparse job's rows, in place of vectors
     multivector: bool = False  # rows are token vectors [tokens - 1, d], one array each
     token_rows: list[np.ndarray] | None = None  # a multivector job's rows
+    dense_too: bool = False  # /encode: the vector as well as lexical weights/token vectors
 
     @classmethod
     def admit(cls, origin: Hashable, cj: CoreJob, chunk_size: int) -> tuple[Job, list[Item]]:
@@ -70,6 +72,7 @@ class Job:
         if cj.multivector:
             job.multivector = True
             job.token_rows = [np.empty((0, 0), np.float32)] * n
+        job.dense_too = cj.dense_too
         if n == 1:
             return job, [Item(job, 0, cj.ids[0])]
         if n <= chunk_size:
@@ -82,11 +85,11 @@ class Job:
         job.waiting_chunks = chunks[2:]
         return job, [it for c in chunks[:2] for it in c]
 
-    def store(
-        self, item: Item, row: np.ndarray | SparseRow, start: float, end: float
-    ) -> list[Item]:
+    def store(self, item: Item, row: Row, start: float, end: float) -> list[Item]:
         """Keep one finalized row; return the next chunk's items if one is due."""
-        if self.token_rows is not None:
+        if isinstance(row, Outputs):
+            self._store_outputs(item, row)
+        elif self.token_rows is not None:
             assert isinstance(row, np.ndarray)
             self.token_rows[item.index] = row
         elif self.sparse_rows is not None:
@@ -112,13 +115,28 @@ class Job:
             return self.waiting_chunks.pop(0)
         return []
 
+    def _store_outputs(self, item: Item, row: Outputs) -> None:
+        if row.dense is not None:
+            if self.vectors is None:
+                self.vectors = np.empty((self.size, row.dense.shape[0]), dtype=np.float32)
+            self.vectors[item.index] = row.dense
+        if row.sparse is not None:
+            assert self.sparse_rows is not None
+            if not self.sparse_rows:
+                empty = (np.empty(0, np.int32), np.empty(0, np.float32))
+                self.sparse_rows = [empty] * self.size
+            self.sparse_rows[item.index] = row.sparse
+        if row.tokens is not None:
+            assert self.token_rows is not None
+            self.token_rows[item.index] = row.tokens
+
     @property
     def waiting_tokens(self) -> int:
         """Tokens of the chunks not queued yet."""
         return sum(it.length for chunk in self.waiting_chunks for it in chunk)
 
     def done(self) -> JobDone:
-        if self.sparse_rows is not None or self.token_rows is not None:
+        if not self.dense_too and (self.sparse_rows is not None or self.token_rows is not None):
             vectors = np.empty((self.size, 0), dtype=np.float32)
         else:
             assert self.vectors is not None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -43,16 +44,29 @@ def finalize(
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
+@dataclass(slots=True)
+class Outputs:
+    """A row of a job that asks for several outputs of one pass (/encode)."""
+
+    dense: np.ndarray | None
+    sparse: SparseRow | None
+    tokens: np.ndarray | None
+
+
+Row = np.ndarray | SparseRow | Outputs
+
+
 def finalize_rows(
     items: list[Item],
     output: ForwardOutput,
     sparse_task: bool,
     special_ids: Callable[[], frozenset[int]],
-) -> list[np.ndarray | SparseRow] | np.ndarray:
+) -> list[Row] | np.ndarray:
     """Rows in the order of `items`, each finalized as its job asks. Sparse outputs
     leave here as their non-zero entries: a SPLADE model's vocabulary-wide rows
     (`sparse_task`), and the token weights a lexical-weight job asks for (BGE-M3; special
-    tokens, from `special_ids()`, have none)."""
+    tokens, from `special_ids()`, have none). A job that asks for more than one output
+    (`dense_too`, or lexical weights and token vectors) gets an `Outputs` row."""
     pooled = output.pooled
     if sparse_task:
         return [from_dense(row) for row in pooled]
@@ -64,9 +78,12 @@ def finalize_rows(
         dims, normalize, ln = first
         return finalize(pooled, dimensions=dims, normalize=normalize, layer_norm_first=ln)
     groups: dict[tuple[int | None, bool, bool], list[int]] = defaultdict(list)
-    out: list[np.ndarray | SparseRow] = [pooled[0]] * len(items)
+    out: list[Row] = [pooled[0]] * len(items)
     for row, key in enumerate(keys):
-        if tokens[row]:
+        job = items[row].job
+        if getattr(job, "dense_too", False) or (lexical[row] and tokens[row]):
+            out[row] = _outputs(items[row], row, output, key, special_ids)
+        elif tokens[row]:
             assert output.token_vectors is not None  # the batch asked (batcher.pad)
             # BGE-M3: one vector per token after the first ([CLS]/<s>), normalized.
             out[row] = l2_normalize(output.token_vectors[row, : len(items[row].ids) - 1])
@@ -81,3 +98,26 @@ def finalize_rows(
         for k, row in enumerate(rows):
             out[row] = vecs[k]
     return out
+
+
+def _outputs(
+    item: Item,
+    row: int,
+    output: ForwardOutput,
+    key: tuple[int | None, bool, bool],
+    special_ids: Callable[[], frozenset[int]],
+) -> Outputs:
+    job = item.job
+    dense = sparse = tokens = None
+    if job.dense_too:
+        dims, normalize, ln = key
+        dense = finalize(
+            output.pooled[row : row + 1], dimensions=dims, normalize=normalize, layer_norm_first=ln
+        )[0]
+    if job.lexical:
+        assert output.token_weights is not None
+        sparse = from_token_weights(item.ids, output.token_weights[row], special_ids())
+    if job.multivector:
+        assert output.token_vectors is not None
+        tokens = l2_normalize(output.token_vectors[row, : len(item.ids) - 1])
+    return Outputs(dense, sparse, tokens)

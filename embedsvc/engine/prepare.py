@@ -190,6 +190,20 @@ class Preparer:
         task = self.spec.task
         if req.task == task or (req.task == "sparse" and self.spec.lexical_weights):
             return
+        if req.task == "encode" and task == "embed":
+            if not req.outputs:
+                raise ValidationError(
+                    "outputs is empty: ask for dense, sparse or multivector", param="outputs"
+                )
+            has = {"sparse": self.spec.lexical_weights, "multivector": self.spec.multivector}
+            missing = [o for o in req.outputs if not has.get(o, True)]
+            if missing:
+                raise ValidationError(
+                    f"model {self.name} has no {' or '.join(missing)} output (see /info: "
+                    "lexical_weights, multivector)",
+                    param="outputs",
+                )
+            return
         if req.task == "multivector":
             if self.spec.multivector:
                 return
@@ -313,7 +327,7 @@ class Preparer:
                 inputs.ids, truncate=truncate, direction=direction, param=req.input_param
             )
         self._check_total(sum(len(x) for x in ids), req.input_param)
-        if req.task == "multivector":
+        if req.task == "multivector" or "multivector" in req.outputs:
             values = sum(len(x) - 1 for x in ids) * self.info.dimension
             limit = self.settings.max_multivector_values
             if values > limit:

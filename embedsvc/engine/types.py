@@ -19,7 +19,8 @@ from embedsvc.registry import ModelSpec
 
 # What a request asks of a model: a model's task, or an output of an embedding model
 # that has it (BGE-M3: "sparse" lexical weights, "multivector" ColBERT vectors).
-RequestTask = Literal["embed", "rerank", "sparse", "multivector"]
+RequestTask = Literal["embed", "rerank", "sparse", "multivector", "encode"]
+Output = Literal["dense", "sparse", "multivector"]
 
 # `prompt_name` NO_PROMPT: no prompt, not even the model's default; None: the default.
 NO_PROMPT = ""
@@ -61,6 +62,7 @@ class EmbedRequest:
     instruction: str | None = None
     # In-context examples (instruct, query, response) in place of the model's (icl models).
     examples: tuple[tuple[str, str, str], ...] | None = None
+    outputs: tuple[Output, ...] = ()  # task encode: the outputs asked, from one pass
     normalize: bool = True
     truncate: bool | None = None
     truncation_direction: str = "right"
@@ -148,6 +150,7 @@ class CoreJob:
     lexical: bool = False  # BGE-M3 lexical weights (per token) instead of the vector
     sparse: bool = False  # rows are sparse (SPLADE weights, or lexical weights)
     multivector: bool = False  # rows are BGE-M3's ColBERT vectors (one per token)
+    dense_too: bool = False  # and the vector as well (/encode: several outputs, one pass)
 
 
 @dataclass(slots=True)

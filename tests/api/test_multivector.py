@@ -111,3 +111,42 @@ def test_refusals(m3: tuple[Any, Path], server: Server) -> None:
     with server.client() as c:  # MiniLM has no ColBERT head
         r = c.post("/embed_multivector", json={"inputs": "x"})
         assert r.status_code == 422 and "has no multi-vector output" in r.json()["error"]
+
+
+def test_encode_gives_every_output_of_one_pass(
+    m3: tuple[Any, Path], reference: dict[str, Any]
+) -> None:
+    """/encode with the three outputs: each equals its own route and the reference, and
+    the request costs one pass per input (its tokens counted once)."""
+    s, _ = m3
+    with s.client() as c:
+        both = c.post("/encode", json={"inputs": TEXTS,
+                                       "outputs": ["dense", "sparse", "multivector"]})  # fmt: skip
+        dense = c.post("/embed", json={"inputs": TEXTS}).json()
+        sparse = c.post("/embed_sparse", json={"inputs": TEXTS}).json()
+        multi = c.post("/embed_multivector", json={"inputs": TEXTS}).json()
+        only = c.post("/encode", json={"inputs": TEXTS, "outputs": ["sparse", "multivector"]})
+    assert both.status_code == 200, both.text
+    assert both.headers["x-compute-tokens"] == only.headers["x-compute-tokens"]
+    items = both.json()
+    rows_close([i["dense"] for i in items], dense)
+    rows_close([i["dense"] for i in items], reference["dense_vecs"])
+    assert [i["sparse"] for i in items] == sparse
+    for item, rows, want in zip(items, multi, reference["colbert_vecs"], strict=True):
+        rows_close(item["multivector"], rows)
+        rows_close(item["multivector"], want)
+    assert [sorted(i) for i in only.json()] == [["multivector", "sparse"]] * len(TEXTS)
+
+
+def test_encode_refusals(m3: tuple[Any, Path], server: Server) -> None:
+    s, _ = m3
+    with s.client() as c:
+        r = c.post("/encode", json={"inputs": "x", "outputs": []})
+        assert r.status_code == 422 and "outputs" in r.json()["error"]
+        r = c.post("/encode", json={"inputs": "x", "outputs": ["colbert"]})
+        assert r.status_code == 422 and "outputs[0]" in r.json()["error"]
+    with server.client() as c:  # MiniLM: dense only
+        r = c.post("/encode", json={"inputs": "x", "outputs": ["dense", "sparse"]})
+        assert r.status_code == 422 and "has no sparse output" in r.json()["error"]
+        r = c.post("/encode", json={"inputs": "x", "outputs": ["dense"]})
+        assert r.status_code == 200 and len(r.json()[0]["dense"]) == 384
