@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Literal
 
 import orjson
 from fastapi import APIRouter, Request
@@ -57,27 +58,27 @@ def embed(service: Service, body: TEIEmbedBody, ctx: Context) -> Call:
 
 def embed_sparse(service: Service, body: TEISparseBody, ctx: Context) -> Call:
     """SPLADE weights: the non-zero vocabulary entries of each input, by index."""
-    engine = service.engine_set().get(body.model, task="sparse")
-    req = EmbedRequest(
-        parse_inputs(body.inputs, "inputs"),
-        task="sparse",
-        prompt_name=body.prompt_name,
-        normalize=False,
-        truncate=body.truncate,
-        truncation_direction=body.truncation_direction.lower(),
-        input_param="inputs",
-        request_id=ctx.request_id,
-        timeout=ctx.timeout,
-    )
-    return Call(engine, req, _sparse, "/embed_sparse")
+    return _token_output(service, body, ctx, "sparse", _sparse)
 
 
 def embed_multivector(service: Service, body: TEIMultivectorBody, ctx: Context) -> Call:
     """Token vectors: BGE-M3's ColBERT output (models with multivector: true)."""
-    engine = service.engine_set().get(body.model, task="multivector")
+    fmt = body.encoding_format
+    return _token_output(service, body, ctx, "multivector", lambda r: multivector_body(r, fmt))
+
+
+def _token_output(
+    service: Service,
+    body: TEISparseBody | TEIMultivectorBody,
+    ctx: Context,
+    task: Literal["sparse", "multivector"],
+    render: Callable[[EmbedResult], bytes],
+) -> Call:
+    """The call of a route whose answer is not a pooled vector (no normalize, no sizes)."""
+    engine = service.engine_set().get(body.model, task=task)
     req = EmbedRequest(
         parse_inputs(body.inputs, "inputs"),
-        task="multivector",
+        task=task,
         prompt_name=body.prompt_name,
         normalize=False,
         truncate=body.truncate,
@@ -86,8 +87,7 @@ def embed_multivector(service: Service, body: TEIMultivectorBody, ctx: Context) 
         request_id=ctx.request_id,
         timeout=ctx.timeout,
     )
-    fmt = body.encoding_format
-    return Call(engine, req, lambda r: multivector_body(r, fmt), "/embed_multivector")
+    return Call(engine, req, render, f"/embed_{task}")
 
 
 def encode(service: Service, body: EncodeBody, ctx: Context) -> Call:

@@ -37,7 +37,8 @@ def resolve_dtype(dtype: str, device: str, path: Path | None = None) -> str:
         return dtype
     if not device.startswith("cuda"):
         return "float32"
-    shipped = _config(path).get("torch_dtype") or _config(path).get("dtype")
+    config = _config(path)
+    shipped = config.get("torch_dtype") or config.get("dtype")
     if shipped == "bfloat16":
         import torch
 

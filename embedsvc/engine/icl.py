@@ -16,7 +16,7 @@ Documents take none of this: a request without a prompt or an instruction is a d
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tokenizers import Tokenizer
@@ -45,6 +45,7 @@ class IclQueries:
     tokenizer: Tokenizer  # bare: no padding, no truncation
     query_max_tokens: int
     clean_up_spaces: bool  # the folder's clean_up_tokenization_spaces (decoding)
+    limit: int = field(init=False)  # tokens of instruction and query kept
 
     @classmethod
     def of(cls, tokenizer: Tokenizer, folder: str, query_max_tokens: int) -> IclQueries:
@@ -55,11 +56,9 @@ class IclQueries:
         clean = bool(config.get("clean_up_tokenization_spaces", False))
         return cls(tokenizer, query_max_tokens, clean)
 
-    @property
-    def limit(self) -> int:
-        """Tokens of instruction and query kept."""
+    def __post_init__(self) -> None:
         room = len(self._ids(BEGIN)) + len(self._ids(SUFFIX + END))
-        return self.query_max_tokens - room
+        self.limit = self.query_max_tokens - room
 
     def build(
         self,
@@ -72,7 +71,7 @@ class IclQueries:
     ) -> list[str]:
         """The texts to tokenize for these queries (each its instruction and query)."""
         limit = self.limit
-        out = []
+        out: list[str] = []
         prefix = examples_prefix(examples)
         encoded = self.tokenizer.encode_batch(queries, add_special_tokens=False)
         for i, ids in enumerate(e.ids for e in encoded):

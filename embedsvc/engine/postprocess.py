@@ -73,10 +73,12 @@ def finalize_rows(
     keys = [(it.job.dimensions, it.job.normalize, it.job.layer_norm) for it in items]
     first = keys[0]
     lexical = [it.job.lexical for it in items]
-    tokens = [getattr(it.job, "multivector", False) for it in items]
-    if not any(lexical) and not any(tokens) and all(k == first for k in keys):  # common
+    # No token vectors computed (no job of the pass asked: batcher.pad) and no lexical job:
+    # every row is a vector (a job that asks several outputs asks one of those too).
+    if output.token_vectors is None and not any(lexical) and all(k == first for k in keys):
         dims, normalize, ln = first
         return finalize(pooled, dimensions=dims, normalize=normalize, layer_norm_first=ln)
+    tokens = [getattr(it.job, "multivector", False) for it in items]
     groups: dict[tuple[int | None, bool, bool], list[int]] = defaultdict(list)
     out: list[Row] = [pooled[0]] * len(items)
     for row, key in enumerate(keys):
