@@ -24,8 +24,9 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")
 BackendName = Literal["torch", "onnx"]
 # embed: a sentence-transformers model (vectors); rerank: a cross-encoder (a score per
 # (query, document) pair: a sequence-classification model with one label); sparse: a SPLADE
-# model (sentence-transformers SparseEncoder: a weight per vocabulary entry).
-Task = Literal["embed", "rerank", "sparse"]
+# model (sentence-transformers SparseEncoder: a weight per vocabulary entry); multivector: a
+# ColBERT model (sentence-transformers MultiVectorEncoder, PyLate's format: a vector per token).
+Task = Literal["embed", "rerank", "sparse", "multivector"]
 OnnxVariant = Literal["auto", "fp32", "int8", "fp16"]
 Device = Literal["auto", "cpu", "cuda"]
 Dtype = Literal["auto", "float32", "float16", "bfloat16"]
@@ -283,8 +284,9 @@ def _parse_entry(entry: Any, where: str, base_dir: Path) -> ModelSpec:
     task = choice("task", TASKS, "embed")
     if task != "embed":
         embedding_only = ["matryoshka_dims", "pooling"]
-        if task == "rerank":
-            embedding_only += ["prompts", "query_prompt"]
+        if task in ("rerank", "multivector"):
+            # A ColBERT model's query and document markers come from its folder.
+            embedding_only += ["prompts", "query_prompt", "passage_prompt"]
         given = [k for k in embedding_only if entry.get(k)]
         if given:
             raise ConfigError(
@@ -297,7 +299,10 @@ def _parse_entry(entry: Any, where: str, base_dir: Path) -> ModelSpec:
     ):
         raise ConfigError(f"{where}: lexical_weights needs task embed on the torch backend")
     if entry.get("multivector") and (task != "embed" or entry.get("backend", "torch") != "torch"):
-        raise ConfigError(f"{where}: multivector needs task embed on the torch backend")
+        raise ConfigError(
+            f"{where}: multivector: true is BGE-M3's ColBERT head on an embedding model (task "
+            "embed, torch backend); a ColBERT model of its own is task: multivector"
+        )
     pooling: Pooling | None = entry.get("pooling")
     if pooling is not None and pooling not in POOLINGS:
         raise ConfigError(f"{where}: pooling {pooling!r} is not one of {', '.join(POOLINGS)}")

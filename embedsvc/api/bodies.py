@@ -92,17 +92,24 @@ class TEISparseBody(msgspec.Struct):
     model: str | None = None
 
 
+# Token vectors' encodings: JSON numbers, or per input one base64 string of its matrix of
+# little-endian float32 (or float16: half the bytes), row after row.
+TokenFormat = Literal["float", "base64", "base64_float16"]
+
+
 class TEIMultivectorBody(msgspec.Struct):
-    """Token vectors (BGE-M3's ColBERT output): per input, one vector per token after the
-    first, normalized. base64: each input's vectors as one little-endian float32 matrix,
-    row after row (its width: the model's dimension in /info)."""
+    """Token vectors: per input, one normalized vector per token (BGE-M3's ColBERT head:
+    per token after the first; a ColBERT model: per token less its skiplist, a query padded
+    to its expansion length). prompt_name `query` or `document` picks a ColBERT model's
+    side. base64 / base64_float16: each input's vectors as one little-endian float32 /
+    float16 matrix, row after row (its width: the model's dimension in /info)."""
 
     inputs: Inputs
     truncate: bool | None = None
     truncation_direction: Direction = "Right"
     prompt_name: str | None = None
     model: str | None = None
-    encoding_format: Literal["float", "base64"] = "float"
+    encoding_format: TokenFormat = "float"
 
 
 class EncodeBody(msgspec.Struct):
@@ -120,7 +127,7 @@ class EncodeBody(msgspec.Struct):
     prompt_name: str | None = None
     dimensions: PositiveInt | None = None
     model: str | None = None
-    encoding_format: Literal["float", "base64"] = "float"
+    encoding_format: TokenFormat = "float"
 
 
 class SimilarityInputs(msgspec.Struct, forbid_unknown_fields=True):

@@ -16,9 +16,13 @@ from embedsvc.http.answer import header_pairs
 _NUMPY = orjson.OPT_SERIALIZE_NUMPY
 
 
-def to_base64(row: np.ndarray) -> str:
-    """Standard base64 of little-endian float32 bytes (what the openai client decodes)."""
-    return base64.b64encode(np.ascontiguousarray(row, dtype="<f4").data).decode("ascii")
+def to_base64(row: np.ndarray, dtype: str = "<f4") -> str:
+    """Standard base64 of little-endian float32 bytes (what the openai client decodes), or
+    of float16 (`dtype` "<f2")."""
+    return base64.b64encode(np.ascontiguousarray(row, dtype=dtype).data).decode("ascii")
+
+
+_BASE64_DTYPES = {"base64": "<f4", "base64_float16": "<f2"}
 
 
 def tei_embed_body(
@@ -44,8 +48,9 @@ def sparse_body(rows: list[SparseRow]) -> bytes:
 def multivector_body(result: EmbedResult, encoding_format: str) -> bytes:
     """Per input its token vectors: lists of floats, or one base64 string of its matrix."""
     rows = result.multivector or []
-    if encoding_format == "base64":
-        return orjson.dumps([to_base64(row.ravel()) for row in rows])
+    dtype = _BASE64_DTYPES.get(encoding_format)
+    if dtype is not None:
+        return orjson.dumps([to_base64(row.ravel(), dtype) for row in rows])
     return orjson.dumps(rows, option=_NUMPY)
 
 
@@ -53,17 +58,17 @@ def encode_body(result: EmbedResult, outputs: tuple[str, ...], encoding_format: 
     """/encode: per input an object with the outputs asked."""
     n = len(result.input_tokens) or len(result.vectors)
     items: list[dict[str, Any]] = [{} for _ in range(n)]
-    base64 = encoding_format == "base64"
+    dtype = _BASE64_DTYPES.get(encoding_format)
     if "dense" in outputs:
         for item, row in zip(items, result.vectors, strict=True):
-            item["dense"] = to_base64(row) if base64 else row
+            item["dense"] = to_base64(row, dtype) if dtype else row
     if "sparse" in outputs:
         for item, (idx, val) in zip(items, result.sparse or [], strict=True):
             pairs = zip(idx.tolist(), val.tolist(), strict=True)
             item["sparse"] = [{"index": i, "value": v} for i, v in pairs]
     if "multivector" in outputs:
         for item, rows in zip(items, result.multivector or [], strict=True):
-            item["multivector"] = to_base64(rows.ravel()) if base64 else rows
+            item["multivector"] = to_base64(rows.ravel(), dtype) if dtype else rows
     return orjson.dumps(items, option=_NUMPY)
 
 

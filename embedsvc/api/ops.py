@@ -41,7 +41,20 @@ def model_info(e: ModelEngine) -> dict[str, Any]:
         "default_prompt_name": info.default_prompt_name,
         "instruction_template": spec.instruction_template,
         "icl": spec.icl,
-        "multivector": spec.multivector,
+        "multivector": spec.multivector or spec.task == "multivector",
+        # A ColBERT model: what it puts before a query or document (prompt_name query or
+        # document), each side's most tokens, query expansion and the skiplist's size.
+        "colbert": None
+        if info.colbert is None
+        else {
+            "query_prefix": info.colbert.query_prefix,
+            "document_prefix": info.colbert.document_prefix,
+            "query_length": info.colbert.query_length,
+            "document_length": info.colbert.document_length,
+            "query_expansion": info.colbert.expansion,
+            "attend_to_expansion_tokens": info.colbert.attend_expansion,
+            "skiplist_tokens": len(info.colbert.skip_ids),
+        },
         "examples": [{"instruct": i, "query": q, "response": r} for i, q, r in spec.examples],
         "matryoshka_dimensions": list(spec.matryoshka_dims),
         "matryoshka_layer_norm": spec.matryoshka_layer_norm,

@@ -46,8 +46,10 @@ class ForwardOutput:
 
     pooled: np.ndarray
     token_weights: np.ndarray | None = None
-    # [batch, seq - 1, d]: BGE-M3's ColBERT vectors (colbert_linear on the states after the
-    # first position, 0 at padding, not normalized), when the batch asks for them.
+    # [batch, seq - token_vectors_from, d]: one vector per position from the backend's
+    # `token_vectors_from` on (BGE-M3: colbert_linear on the states after the first
+    # position; a ColBERT model: its projection of every position), not normalized, when
+    # the batch asks for them.
     token_vectors: np.ndarray | None = None
 
 
@@ -62,8 +64,10 @@ class Backend(Protocol):
     # Declared capabilities (the engine reads these; it never probes for methods):
     # forward's output carries token_weights (BGE-M3's lexical weights);
     token_weights: bool
-    # forward's output carries token_vectors when the batch asks (BGE-M3's ColBERT head);
+    # forward's output carries token_vectors when the batch asks (BGE-M3's ColBERT head,
+    # a ColBERT model), from this position of the batch on;
     token_vectors: bool
+    token_vectors_from: int
     # cpu_threads(n) sets the intra-op threads of the calling thread for its next passes
     # (torch); False where they are fixed when the model loads (onnxruntime).
     per_pass_threads: bool
@@ -130,6 +134,35 @@ class BackendSpec:
         )
 
 
+@dataclass(frozen=True)
+class ColbertFormat:
+    """How a ColBERT model (task multivector) turns a text into token vectors, as its folder
+    says (PyLate's saved format as sentence-transformers' MultiVectorEncoder reads it): the
+    marker put before a query or a document, each side's length, query expansion and the
+    skiplist. The front end applies the markers, lengths and expansion (engine/prepare.py);
+    the engine core the attention over expansion positions (batcher.pad) and the skiplist
+    (postprocess.TokenRule)."""
+
+    query_prefix: str
+    document_prefix: str
+    query_length: int  # the most tokens of a query, markers and special tokens included
+    document_length: int  # the same for a document
+    # Query expansion: a query of fewer tokens is filled with `expansion_id` up to
+    # `expansion` positions (0: no expansion); the model attends to them only where
+    # `attend_expansion`, and every one gets a vector.
+    expansion: int = 0
+    expansion_id: int = 0
+    attend_expansion: bool = False
+    # Tokens that get no vector (PyLate: punctuation), on the sides named.
+    skip_ids: tuple[int, ...] = ()
+    skip_query: bool = False
+    skip_document: bool = True
+    normalize: bool = True  # the model ends in a token-level Normalize
+
+    def length(self, query: bool) -> int:
+        return self.query_length if query else self.document_length
+
+
 @dataclass
 class LoadedModel:
     """What the engine needs from a loaded model: the backend plus its tokenizer facts."""
@@ -142,3 +175,4 @@ class LoadedModel:
     pooling: str
     # task rerank: what turns the model's logit into a score by default (sigmoid | identity)
     score_activation: str = ""
+    colbert: ColbertFormat | None = None  # task multivector

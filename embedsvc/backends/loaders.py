@@ -15,6 +15,7 @@ LOADERS = {
     ("embed", "onnx"): "embedsvc.backends.onnx_backend:load_onnx_model",
     ("rerank", "torch"): "embedsvc.backends.cross_encoder:load_cross_encoder",
     ("sparse", "torch"): "embedsvc.backends.splade:load_splade",
+    ("multivector", "torch"): "embedsvc.backends.colbert:load_colbert",
 }
 
 

@@ -33,6 +33,7 @@ class OnnxBackend:
     per_pass_threads = False  # onnxruntime fixes its threads when the session is made
     token_weights = False
     token_vectors = False
+    token_vectors_from = 0
 
     def __init__(self, session: Any, pooling: str, device: str, dtype: str, dimension: int) -> None:
         self.session = session

@@ -30,12 +30,11 @@ from embedsvc.backends.base import (
 from embedsvc.backends.cuda_graphs import BucketGraphs
 from embedsvc.backends.torch_common import (
     TorchThreads,
-    check_fits,
     guarded,
+    load_sentence_transformers,
     load_transformers_model,
     pad_token_id_of,
-    resolve_device,
-    resolve_dtype,
+    place,
 )
 from embedsvc.errors import ConfigError
 
@@ -275,13 +274,7 @@ class _Parts:
 
 
 def load_torch_model(spec: BackendSpec, path: Path) -> LoadedModel:
-    import torch
-
-    device = resolve_device(spec.device)
-    dtype = resolve_dtype(spec.dtype, device, path)
-    check_fits(spec.name, path, dtype, device)
-    if spec.threads:
-        torch.set_num_threads(spec.threads)
+    device, dtype = place(spec, path)
     parts = None
     lean = None if spec.trust_remote_code else bert.plan(path)
     if lean is not None:
@@ -404,31 +397,17 @@ def _foreign_modules(path: Path) -> list[str]:
 
 
 def _load_sentence_transformers(spec: BackendSpec, path: Path, device: str, dtype: str) -> _Parts:
-    import torch
     from sentence_transformers import SentenceTransformer
 
     foreign = _foreign_modules(path)
     if foreign:
         raise ConfigError(
             f"model {spec.name}: {path} declares module(s) {', '.join(foreign)} in modules.json, "
-            "which sentence-transformers cannot run as saved (a PyLate ColBERT model's Dense "
-            "projection and query/document markers, say); embedsvc serves no model it cannot "
-            "compute exactly. Multi-vector (ColBERT) models are not served yet"
+            "which a sentence-transformers embedding model cannot run as saved; embedsvc serves "
+            "no model it cannot compute exactly. A PyLate ColBERT model (its own Dense "
+            "projection, query/document markers) is served with task: multivector"
         )
-    model_kwargs: dict[str, Any] = {"use_safetensors": True}
-    if dtype != "float32":
-        model_kwargs["dtype"] = getattr(torch, dtype)  # float16 | bfloat16
-    try:
-        st = SentenceTransformer(
-            str(path),
-            device=device,
-            local_files_only=True,
-            trust_remote_code=spec.trust_remote_code,
-            model_kwargs=model_kwargs,
-        )
-    except Exception as e:  # the library raises many types; report the reason plainly
-        raise ConfigError(f"model {spec.name}: cannot load {path}: {type(e).__name__}: {e}") from e
-    st.eval()
+    st = load_sentence_transformers(spec, path, SentenceTransformer, device, dtype)
 
     modules = [m for m in st if type(m).__name__ != "Normalize"]
     pooling_modules = [m for m in modules if type(m).__name__ == "Pooling"]

@@ -115,6 +115,7 @@ class TorchThreads:
     per_pass_threads = True
     token_weights = False  # TorchBackend sets it for a model with lexical weights
     token_vectors = False  # and this for a model with a ColBERT head
+    token_vectors_from = 1  # BGE-M3's head: no vector for the first position ([CLS])
 
     def cpu_threads(self, n: int | None = None) -> int:
         """torch's intra-op threads for the calling thread: set to `n` if given; the count."""
@@ -139,6 +140,42 @@ def guarded(device: str, fn: Callable[[], T]) -> T:
         raise BackendOutOfMemory(str(e)) from e
 
 
+def place(spec: BackendSpec, path: Path) -> tuple[str, str]:
+    """The device and dtype `spec` loads on (refused if its weights would not fit there);
+    the calling thread's torch threads set as the entry asks."""
+    import torch
+
+    device = resolve_device(spec.device)
+    dtype = resolve_dtype(spec.dtype, device, path)
+    check_fits(spec.name, path, dtype, device)
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    return device, dtype
+
+
+def load_sentence_transformers(
+    spec: BackendSpec, path: Path, model_class: Any, device: str, dtype: str
+) -> Any:
+    """A sentence-transformers model of `model_class` (SentenceTransformer,
+    MultiVectorEncoder) from `path` (safetensors, local files only) in eval mode."""
+    import torch
+
+    model_kwargs: dict[str, Any] = {"use_safetensors": True}
+    if dtype != "float32":
+        model_kwargs["dtype"] = getattr(torch, dtype)  # float16 | bfloat16
+    try:
+        model = model_class(
+            str(path),
+            device=device,
+            local_files_only=True,
+            trust_remote_code=spec.trust_remote_code,
+            model_kwargs=model_kwargs,
+        )
+    except Exception as e:  # the library raises many types; report the reason plainly
+        raise ConfigError(f"model {spec.name}: cannot load {path}: {type(e).__name__}: {e}") from e
+    return model.eval()
+
+
 def load_transformers_model(
     spec: BackendSpec, path: Path, auto_class: Any
 ) -> tuple[Any, str, str, Tokenizer]:
@@ -148,11 +185,7 @@ def load_transformers_model(
 
     if not (path / "tokenizer.json").is_file():
         raise ConfigError(f"model {spec.name}: needs a fast tokenizer (tokenizer.json)")
-    device = resolve_device(spec.device)
-    dtype = resolve_dtype(spec.dtype, device, path)
-    check_fits(spec.name, path, dtype, device)
-    if spec.threads:
-        torch.set_num_threads(spec.threads)
+    device, dtype = place(spec, path)
     kwargs: dict[str, Any] = {"use_safetensors": True, "local_files_only": True}
     if dtype != "float32":
         kwargs["dtype"] = getattr(torch, dtype)

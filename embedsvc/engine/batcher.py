@@ -226,4 +226,10 @@ def pad(items: list[Item], pad_id: int) -> PaddedBatch:
     )
     # Token vectors are computed for a pass only when one of its jobs asks for them.
     vectors = any(getattr(it.job, "multivector", False) for it in items)
-    return PaddedBatch(ids, real.astype(np.int64), vectors)
+    mask = real.astype(np.int64)
+    if vectors:
+        for row, it in enumerate(items):
+            attended = getattr(it.job, "attended", None)
+            if attended is not None:  # a ColBERT query's expansion: not attended to
+                mask[row, attended[it.index] :] = 0
+    return PaddedBatch(ids, mask, vectors)

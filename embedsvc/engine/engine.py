@@ -253,6 +253,10 @@ class ModelEngine:
                 p.future.set_exception(ids)
                 continue
             req = p.req
+            attended: list[int] | None = None
+            skip = False
+            if self.info.colbert is not None:  # markers applied; expansion and skiplist here
+                ids, attended, skip = self.prep.colbert_ids(req, ids)
             p.lengths = list(map(len, ids))
             p.tokens = sum(p.lengths)
             outputs = req.outputs
@@ -273,8 +277,10 @@ class ModelEngine:
                     self.max_wait(req),
                     sparse and self.spec.task == "embed",  # BGE-M3's lexical weights
                     sparse,
-                    vectors,  # BGE-M3's ColBERT vectors
+                    vectors,  # token vectors (BGE-M3's ColBERT head, a ColBERT model)
                     "dense" in outputs and (sparse or vectors),  # /encode: the vector too
+                    attended,
+                    skip,
                 )
             )
             sent.append(p)

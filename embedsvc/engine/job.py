@@ -39,9 +39,11 @@ class Job:
     first_start: float = 0.0
     last_end: float = 0.0
     sparse_rows: list[SparseRow] | None = None  # a sparse job's rows, in place of vectors
-    multivector: bool = False  # rows are token vectors [tokens - 1, d], one array each
+    multivector: bool = False  # rows are token vectors [tokens, d], one array each
     token_rows: list[np.ndarray] | None = None  # a multivector job's rows
     dense_too: bool = False  # /encode: the vector as well as lexical weights/token vectors
+    attended: list[int] | None = None  # ColBERT queries: positions attended per input
+    skip_tokens: bool = False  # the model's skiplist tokens get no vector
 
     @classmethod
     def admit(cls, origin: Hashable, cj: CoreJob, chunk_size: int) -> tuple[Job, list[Item]]:
@@ -72,6 +74,8 @@ class Job:
         if cj.multivector:
             job.multivector = True
             job.token_rows = [np.empty((0, 0), np.float32)] * n
+            job.attended = cj.attended
+            job.skip_tokens = cj.skip_tokens
         job.dense_too = cj.dense_too
         if n == 1:
             return job, [Item(job, 0, cj.ids[0])]

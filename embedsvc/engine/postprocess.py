@@ -44,6 +44,31 @@ def finalize(
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
+@dataclass(frozen=True)
+class TokenRule:
+    """Which token vectors of a pass are an input's answer: BGE-M3's head gives none for
+    the first position (`first` 1: the backend's token_vectors_from); a ColBERT model one
+    per position, less its skiplist tokens on the side that has one (PyLate: a document's
+    punctuation), normalized where the model ends in a Normalize."""
+
+    first: int = 1
+    skip_ids: frozenset[int] = frozenset()
+    normalize: bool = True
+
+    def rows(self, vectors: np.ndarray, ids: list[int], skip: bool) -> np.ndarray:
+        """One input's vectors from its row of the pass's token_vectors."""
+        out = vectors[: len(ids) - self.first]
+        if skip and self.skip_ids:
+            kept = [i not in self.skip_ids for i in ids[self.first :]]
+            out = out[np.fromiter(kept, dtype=bool, count=len(kept))]
+        if self.normalize:
+            return l2_normalize(out)
+        return np.ascontiguousarray(out, dtype=np.float32)
+
+
+BGE_M3_TOKENS = TokenRule()
+
+
 @dataclass(slots=True)
 class Outputs:
     """A row of a job that asks for several outputs of one pass (/encode)."""
@@ -61,6 +86,7 @@ def finalize_rows(
     output: ForwardOutput,
     sparse_task: bool,
     special_ids: Callable[[], frozenset[int]],
+    token_rule: TokenRule = BGE_M3_TOKENS,
 ) -> list[Row] | np.ndarray:
     """Rows in the order of `items`, each finalized as its job asks. Sparse outputs
     leave here as their non-zero entries: a SPLADE model's vocabulary-wide rows
@@ -84,11 +110,11 @@ def finalize_rows(
     for row, key in enumerate(keys):
         job = items[row].job
         if getattr(job, "dense_too", False) or (lexical[row] and tokens[row]):
-            out[row] = _outputs(items[row], row, output, key, special_ids)
+            out[row] = _outputs(items[row], row, output, key, special_ids, token_rule)
         elif tokens[row]:
             assert output.token_vectors is not None  # the batch asked (batcher.pad)
-            # BGE-M3: one vector per token after the first ([CLS]/<s>), normalized.
-            out[row] = l2_normalize(output.token_vectors[row, : len(items[row].ids) - 1])
+            vectors = output.token_vectors[row]
+            out[row] = token_rule.rows(vectors, items[row].ids, job.skip_tokens)
         elif lexical[row]:
             assert output.token_weights is not None  # the model's lexical head (registry)
             weights = output.token_weights[row]
@@ -108,6 +134,7 @@ def _outputs(
     output: ForwardOutput,
     key: tuple[int | None, bool, bool],
     special_ids: Callable[[], frozenset[int]],
+    token_rule: TokenRule,
 ) -> Outputs:
     job = item.job
     dense = sparse = tokens = None
@@ -121,5 +148,5 @@ def _outputs(
         sparse = from_token_weights(item.ids, output.token_weights[row], special_ids())
     if job.multivector:
         assert output.token_vectors is not None
-        tokens = l2_normalize(output.token_vectors[row, : len(item.ids) - 1])
+        tokens = token_rule.rows(output.token_vectors[row], item.ids, job.skip_tokens)
     return Outputs(dense, sparse, tokens)

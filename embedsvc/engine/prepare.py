@@ -33,6 +33,8 @@ class Preparer:
         # query tokenized once (engine/pairs.py); a tokenizer whose pair template is not
         # special tokens around the two texts tokenizes each pair whole instead.
         self._plain = tok
+        # A ColBERT model (task multivector): its markers, per-side lengths and expansion.
+        self._colbert = info.colbert
         # Queries with in-context examples (bge-en-icl): built before tokenizing (icl.py).
         self._icl = (
             IclQueries.of(tok, info.path, self.spec.query_max_tokens) if self.spec.icl else None
@@ -48,7 +50,17 @@ class Preparer:
 
     def resolve_prompt(self, prompt_name: str | None, param: str = "prompt_name") -> str:
         """The prefix for `prompt_name`: None means the model's default prompt (if it
-        has one), NO_PROMPT ("") none at all."""
+        has one), NO_PROMPT ("") none at all. A ColBERT model's are its markers: `query`,
+        or `document` (also when none is named, as sentence-transformers encodes)."""
+        colbert = self._colbert
+        if colbert is not None:
+            if prompt_name not in (None, "query", "document"):
+                raise ValidationError(
+                    f"{param} {prompt_name!r} is not a side of ColBERT model {self.name}; "
+                    "allowed: query, document",
+                    param=param,
+                )
+            return colbert.query_prefix if prompt_name == "query" else colbert.document_prefix
         if prompt_name is None:
             default = self.info.default_prompt_name
             return self.spec.prompts[default] if default else ""
@@ -143,6 +155,12 @@ class Preparer:
             self._check_texts(inputs.documents, req.input_param)
         elif isinstance(inputs, Texts):
             self._check_texts(inputs.texts, req.input_param)
+        elif self._colbert is not None:
+            raise ValidationError(
+                f"model {self.name} is a ColBERT model: it takes text, to which it adds its "
+                "query or document marker (and expands queries); send text, not token ids",
+                param=req.input_param,
+            )
         elif req.prompt_name or req.instruction is not None:
             what = "an instruction" if req.instruction is not None else "a prompt"
             raise ValidationError(
@@ -208,8 +226,9 @@ class Preparer:
             if self.spec.multivector:
                 return
             raise ValidationError(
-                f"model {self.name} has no multi-vector output; choose a model with "
-                "multivector: true in models.yaml (such as bge-m3; see /info)",
+                f"model {self.name} has no multi-vector output; choose a ColBERT model (task "
+                "multivector) or one with multivector: true in models.yaml (such as bge-m3; "
+                "see /info)",
                 param="model",
             )
         what = {
@@ -217,6 +236,7 @@ class Preparer:
             "rerank": "a reranker (task rerank): it scores (query, document) pairs on /rerank "
             "and /v1/rerank",
             "sparse": "a sparse encoder (task sparse): it answers /embed_sparse",
+            "multivector": "a ColBERT model (task multivector): it answers /embed_multivector",
         }[task]
         raise ValidationError(
             f"model {self.name} is {what}, not task {req.task}; choose a model of that task "
@@ -292,6 +312,28 @@ class Preparer:
                 out.append(e)
         return out
 
+    def is_query(self, req: EmbedRequest) -> bool:
+        """A ColBERT request encodes queries (else documents)."""
+        return req.prompt_name == "query"
+
+    def colbert_ids(
+        self, req: EmbedRequest, ids: list[list[int]]
+    ) -> tuple[list[list[int]], list[int] | None, bool]:
+        """A ColBERT request's ids as its model takes them: a query shorter than the
+        expansion length filled with the expansion token up to it; the positions attended
+        per input (None: all); whether the skiplist applies to its side."""
+        colbert = self._colbert
+        assert colbert is not None
+        query = self.is_query(req)
+        skip = colbert.skip_query if query else colbert.skip_document
+        width = colbert.expansion
+        if not query or not width:
+            return ids, None, skip
+        attended = [len(x) for x in ids]
+        fill = colbert.expansion_id
+        ids = [x + [fill] * (width - len(x)) if len(x) < width else x for x in ids]
+        return ids, None if colbert.attend_expansion else attended, skip
+
     def _icl_queries(self, req: EmbedRequest, texts: list[str]) -> list[str]:
         assert self._icl is not None
         truncate = self.settings.auto_truncate if req.truncate is None else req.truncate
@@ -314,6 +356,7 @@ class Preparer:
         if isinstance(inputs, Pairs):
             ids = self._pair_ids(req, inputs)
         elif isinstance(inputs, Texts):
+            colbert = self._colbert
             ids = self.tokenizer.fit(
                 ids,
                 full,
@@ -321,6 +364,7 @@ class Preparer:
                 truncate=truncate,
                 direction=direction,
                 param=req.input_param,
+                limit=colbert.length(self.is_query(req)) if colbert else None,
             )
         else:
             ids = self.tokenizer.check_ids(
@@ -328,7 +372,15 @@ class Preparer:
             )
         self._check_total(sum(len(x) for x in ids), req.input_param)
         if req.task == "multivector" or "multivector" in req.outputs:
-            values = sum(len(x) - 1 for x in ids) * self.info.dimension
+            # BGE-M3: a vector per token after the first; ColBERT: per token, and a query at
+            # least its expansion length (the skiplist only lowers this).
+            colbert = self._colbert
+            if colbert is None:
+                tokens = sum(len(x) - 1 for x in ids)
+            else:
+                floor = colbert.expansion if self.is_query(req) else 0
+                tokens = sum(max(len(x), floor) for x in ids)
+            values = tokens * self.info.dimension
             limit = self.settings.max_multivector_values
             if values > limit:
                 raise PayloadTooLargeError(

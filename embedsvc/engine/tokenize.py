@@ -88,14 +88,16 @@ class TextTokenizer:
         truncate: bool,
         direction: str,
         param: str,
+        limit: int | None = None,
     ) -> list[list[int]]:
         """Check one request's encoded texts (`full` = `prefix` + text) against the length
-        limit; truncate or refuse.
+        limit (the model's, or `limit`: a ColBERT model's query or document length);
+        truncate or refuse.
 
         Only over-long inputs are encoded again, truncated to leave room for the special
         tokens, and post-processed, so truncation keeps [CLS]/[SEP] in place. Truncating
         from the left keeps the prompt too: [CLS] + prompt + the text's tail + [SEP]."""
-        limit = self.max_length
+        limit = limit or self.max_length
         too_long = [i for i, x in enumerate(ids) if len(x) > limit]
         if not too_long:
             return ids
@@ -104,12 +106,12 @@ class TextTokenizer:
             where = f"{param}[{i}]" if len(ids) > 1 else param
             raise ValidationError(
                 f"{where} has {len(ids[i])} tokens (including prompt and special tokens), "
-                f"more than this model's limit of {self.max_length}; shorten it or send "
+                f"more than this model's limit of {limit}; shorten it or send "
                 "truncate=true",
                 param=param,
             )
         ids = list(ids)
-        keep = max(self.max_length - self._n_special, 1)
+        keep = max(limit - self._n_special, 1)
         raw = self._tok.encode_batch([full[i] for i in too_long], add_special_tokens=False)
         for i, enc in zip(too_long, raw, strict=True):
             if direction == "left" and prefix:

@@ -13,6 +13,7 @@ from typing import Literal
 
 import numpy as np
 
+from embedsvc.backends.base import ColbertFormat
 from embedsvc.engine.sparse import SparseRow
 from embedsvc.errors import ErrorKind
 from embedsvc.registry import ModelSpec
@@ -92,7 +93,7 @@ class EmbedResult:
     total_time: float
     input_tokens: list[int] = field(default_factory=list)  # per input, as embedded
     sparse: list[SparseRow] | None = None  # task sparse: each input's non-zero entries
-    # task multivector: each input's token vectors, float32 [tokens - 1, d], normalized
+    # task multivector: each input's token vectors, float32 [tokens, d], normalized
     multivector: list[np.ndarray] | None = None
 
     @property
@@ -123,6 +124,7 @@ class ModelInfo:
     calibration: dict[int, tuple[list[float], list[float]]] = field(default_factory=dict)
     score_activation: str = ""  # task rerank: sigmoid | identity
     files_verified: bool = False  # every file's sha256 as the models lock records it
+    colbert: ColbertFormat | None = None  # task multivector: markers, lengths, expansion
 
     @property
     def task(self) -> str:
@@ -149,8 +151,12 @@ class CoreJob:
     max_wait: float = 0.0  # seconds it may wait for its vectors; 0: no limit
     lexical: bool = False  # BGE-M3 lexical weights (per token) instead of the vector
     sparse: bool = False  # rows are sparse (SPLADE weights, or lexical weights)
-    multivector: bool = False  # rows are BGE-M3's ColBERT vectors (one per token)
+    multivector: bool = False  # rows are token vectors (BGE-M3's ColBERT head, a ColBERT model)
     dense_too: bool = False  # and the vector as well (/encode: several outputs, one pass)
+    # ColBERT queries: positions the model attends to per input (the rest of its ids are
+    # expansion tokens); None: all.
+    attended: list[int] | None = None
+    skip_tokens: bool = False  # the model's skiplist tokens get no vector (ColBERT documents)
 
 
 @dataclass(slots=True)

@@ -35,9 +35,17 @@ def warm_up(model: LoadedModel, spec: ModelSpec, compute: ComputeThread) -> Warm
     batches = [pad(items[k : k + 16], model.pad_token_id) for k in range(0, len(items), 16)]
     backend = model.backend
     outs = compute.call(lambda: [backend.forward(b) for b in batches])
+    # A ColBERT model (task multivector) has no sentence vector: its passes give token
+    # vectors only, asked or not.
+    width = 0 if spec.task == "multivector" else backend.dimension
     for b, o in zip(batches, outs, strict=True):
-        if o.pooled.shape != (b.shape[0], backend.dimension):
+        if o.pooled.shape != (b.shape[0], width):
             raise RuntimeError(f"warm-up returned shape {o.pooled.shape}")
+        vectors = o.token_vectors
+        first = backend.token_vectors_from
+        want = (b.shape[0], b.shape[1] - first, backend.dimension)
+        if spec.task == "multivector" and (vectors is None or vectors.shape != want):
+            raise RuntimeError(f"warm-up returned no token vectors of shape {want}")
         weights = o.token_weights
         if backend.token_weights and (weights is None or weights.shape != b.shape):
             raise RuntimeError(f"warm-up returned no token weights of shape {b.shape}")

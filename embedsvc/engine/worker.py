@@ -38,7 +38,7 @@ from embedsvc.engine.admission import RateEstimate, refusal
 from embedsvc.engine.batcher import BatchQueue, Item, pad
 from embedsvc.engine.compute import Lanes, compute_thread
 from embedsvc.engine.job import Job
-from embedsvc.engine.postprocess import finalize_rows
+from embedsvc.engine.postprocess import TokenRule, finalize_rows
 from embedsvc.engine.types import CoreJob, JobDone, JobFailed, ModelInfo
 from embedsvc.engine.warmup import warm_up
 from embedsvc.errors import ConfigError, ErrorKind
@@ -66,6 +66,12 @@ class ModelWorker:
         self.spec = spec
         self.model = model
         self._special: frozenset[int] | None = None  # special token ids, when first asked
+        colbert = model.colbert
+        self._token_rule = TokenRule(
+            first=model.backend.token_vectors_from,
+            skip_ids=frozenset(colbert.skip_ids if colbert else ()),
+            normalize=colbert.normalize if colbert else True,
+        )
         self.files_verified = False  # checked against the models lock at load
         self.name = spec.name
         self.settings = settings
@@ -141,6 +147,7 @@ class ModelWorker:
             calibration=self.calibration,
             score_activation=m.score_activation,
             files_verified=self.files_verified,
+            colbert=m.colbert,
         )
 
     @property
@@ -383,7 +390,9 @@ class ModelWorker:
                 self._set_threads(cores)
                 self._lanes.set_threads[lane] = cores
             output = self._forward(items, batch)
-            rows = finalize_rows(items, output, self.spec.task == "sparse", self._special_ids)
+            rows = finalize_rows(
+                items, output, self.spec.task == "sparse", self._special_ids, self._token_rule
+            )
         except Exception:
             log.exception("model %s: forward pass of %d inputs failed", self.name, len(items))
             self._failed_in_a_row += 1
@@ -461,10 +470,11 @@ class ModelWorker:
             parts = [items[:half], items[half:]]
             outs = [self._forward(p, pad(p, self.model.pad_token_id)) for p in parts]
             width = batch.shape[1]  # each half is padded to its own longest input
+            first = self.model.backend.token_vectors_from
             return ForwardOutput(
                 np.concatenate([o.pooled for o in outs]),
                 _joined([o.token_weights for o in outs], [len(p) for p in parts], width),
-                _joined([o.token_vectors for o in outs], [len(p) for p in parts], width - 1),
+                _joined([o.token_vectors for o in outs], [len(p) for p in parts], width - first),
             )
         self.m.batches.inc()
         self.m.batch_size.observe(len(items))

@@ -346,3 +346,43 @@ def _sentence_transformers_files(out: Path, *, dimension: int, max_seq_length: i
     (out / "1_Pooling").mkdir(exist_ok=True)
     (out / "1_Pooling" / "config.json").write_text(json.dumps(pooling | {"include_prompt": True}))
     (out / "2_Normalize").mkdir(exist_ok=True)
+
+
+def build_tiny_colbert(out: Path, *, seed: int, **config: Any) -> Path:
+    """A PyLate ColBERT folder as PyLate saves one (answerai-colbert-small-v1's layout): a
+    2-layer BERT, a Dense projection (32 -> 16, no bias) of every token in 1_Dense, and the
+    query/document markers, lengths, expansion and skiplist at the top of
+    config_sentence_transformers.json; `config` overrides those."""
+    import string
+
+    import torch
+    from safetensors.torch import save_file
+
+    build_tiny_bert(out, pooling="mean", seed=seed, max_seq_length=127)
+    shutil.rmtree(out / "1_Pooling")
+    st = "sentence_transformers.models."
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": st + "Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Dense", "type": "pylate.models.Dense.Dense"},
+    ]
+    (out / "modules.json").write_text(json.dumps(modules))
+    (out / "1_Dense").mkdir(exist_ok=True)
+    dense = {"in_features": 32, "out_features": 16, "bias": False}
+    dense["activation_function"] = "torch.nn.modules.linear.Identity"
+    (out / "1_Dense" / "config.json").write_text(json.dumps(dense))
+    torch.manual_seed(seed + 1)
+    weight = torch.randn(16, 32) / 4
+    save_file({"linear.weight": weight}, str(out / "1_Dense" / "model.safetensors"))
+    saved = {
+        "prompts": {},
+        "default_prompt_name": None,
+        "similarity_fn_name": "MaxSim",
+        "query_prefix": "[unused0]",
+        "document_prefix": "[unused1]",
+        "query_length": 16,
+        "document_length": 128,
+        "attend_to_expansion_tokens": False,
+        "skiplist_words": list(string.punctuation),
+    }
+    (out / "config_sentence_transformers.json").write_text(json.dumps(saved | config))
+    return out

@@ -190,7 +190,7 @@ def test_a_pylate_colbert_folder_is_refused_not_served_approximately(
     """PyLate saves a ColBERT model as a Transformer and its own Dense projection (plus
     query/document markers in its configuration); sentence-transformers would load the
     backbone alone and give vectors the model never produces. Refused at load, naming the
-    module."""
+    module and the task that serves it."""
     folder = tmp_path / "colbert"
     shutil.copytree(model_dir / "tiny-bge", folder)
     modules = [
@@ -198,5 +198,5 @@ def test_a_pylate_colbert_folder_is_refused_not_served_approximately(
         {"idx": 1, "name": "1", "path": "1_Dense", "type": "pylate.models.Dense.Dense"},
     ]
     (folder / "modules.json").write_text(json.dumps(modules))
-    with pytest.raises(ConfigError, match=r"pylate\.models\.Dense\.Dense.*not served yet"):
+    with pytest.raises(ConfigError, match=r"pylate\.models\.Dense\.Dense.*task: multivector"):
         load_torch_model(spec("colbert"), folder)
