@@ -210,6 +210,7 @@ class ModelMetrics:
             "/rerank",
             "/embed_sparse",
             "/embed_multivector",
+            "/embed_all",
             "/encode",
         )
         self.requests = {r: m.requests.labels(model, r) for r in routes}

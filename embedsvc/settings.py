@@ -54,7 +54,7 @@ class Settings:
     max_batch_size: int = _setting(128, "inputs per forward pass")
     max_multivector_values: int = _setting(
         2_097_152,
-        "numbers one /embed_multivector answer may hold (tokens x dimension, all inputs "
+        "numbers one /embed_multivector or /embed_all answer may hold (tokens x width, all inputs "
         "together; 413 beyond): 2048 tokens of a 1024-dimension model",
     )
     dtype: str = _setting(

@@ -112,6 +112,12 @@ class TEIMultivectorBody(msgspec.Struct):
     encoding_format: TokenFormat = "float"
 
 
+class TEIEmbedAllBody(TEIMultivectorBody):
+    """TEI's /embed_all: per input, the model's last hidden state at every token ([CLS] and
+    [SEP] included), as computed, not pooled or normalized (as wide as `hidden_size` in
+    /info). Fields as /embed_multivector's."""
+
+
 class EncodeBody(msgspec.Struct):
     """Several outputs of one forward pass per input: `dense` (the vector, as /embed),
     `sparse` (lexical weights, as /embed_sparse), `multivector` (token vectors, as
@@ -222,6 +228,7 @@ BODIES: tuple[type[msgspec.Struct], ...] = (
     TEIEmbedBody,
     TEISparseBody,
     TEIMultivectorBody,
+    TEIEmbedAllBody,
     EncodeBody,
     TEISimilarityBody,
     TEITokenizeBody,

@@ -34,6 +34,8 @@ def model_info(e: ModelEngine) -> dict[str, Any]:
         "model_dtype": info.dtype,
         "pooling": info.pooling,
         "dimension": info.dimension,
+        # The width of /embed_all's token states (null: the backend has none).
+        "hidden_size": info.states_dimension or None,
         "max_input_length": info.max_seq_length,
         "prompts": spec.prompts,
         "query_prompt": spec.query_prompt,

@@ -1,4 +1,5 @@
-"""TEI dialect: POST /embed (and /), /embed_sparse, /similarity, /tokenize, /decode."""
+"""TEI dialect: POST /embed (and /), /embed_sparse, /embed_all, /similarity, /tokenize,
+/decode; and /embed_multivector, /encode beside them."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from embedsvc.api.bodies import (
     EncodeBody,
     SimilarityParameters,
     TEIDecodeBody,
+    TEIEmbedAllBody,
     TEIEmbedBody,
     TEIMultivectorBody,
     TEISimilarityBody,
@@ -67,15 +69,23 @@ def embed_multivector(service: Service, body: TEIMultivectorBody, ctx: Context) 
     return _token_output(service, body, ctx, "multivector", lambda r: multivector_body(r, fmt))
 
 
+def embed_all(service: Service, body: TEIEmbedAllBody, ctx: Context) -> Call:
+    """TEI's /embed_all: each input's token states (any embedding model on torch)."""
+    fmt = body.encoding_format
+    render = lambda r: multivector_body(r, fmt)  # noqa: E731
+    return _token_output(service, body, ctx, "states", render, "/embed_all")
+
+
 def _token_output(
     service: Service,
     body: TEISparseBody | TEIMultivectorBody,
     ctx: Context,
-    task: Literal["sparse", "multivector"],
+    task: Literal["sparse", "multivector", "states"],
     render: Callable[[EmbedResult], bytes],
+    path: str = "",
 ) -> Call:
     """The call of a route whose answer is not a pooled vector (no normalize, no sizes)."""
-    engine = service.engine_set().get(body.model, task=task)
+    engine = service.engine_set().get(body.model, task="embed" if task == "states" else task)
     req = EmbedRequest(
         parse_inputs(body.inputs, "inputs"),
         task=task,
@@ -87,7 +97,7 @@ def _token_output(
         request_id=ctx.request_id,
         timeout=ctx.timeout,
     )
-    return Call(engine, req, render, f"/embed_{task}")
+    return Call(engine, req, render, path or f"/embed_{task}")
 
 
 def encode(service: Service, body: EncodeBody, ctx: Context) -> Call:
@@ -157,6 +167,8 @@ ROUTES = [
           name="embed_root"),
     Route("/embed_multivector", TEIMultivectorBody, embed_multivector,
           "Token vectors of inputs (multi-vector, ColBERT)", "TEI"),
+    Route("/embed_all", TEIEmbedAllBody, embed_all,
+          "Token states of inputs, not pooled (TEI)", "TEI"),
     Route("/encode", EncodeBody, encode,
           "Dense, sparse and multi-vector outputs of inputs from one pass", "TEI"),
     Route("/embed_sparse", TEISparseBody, embed_sparse,

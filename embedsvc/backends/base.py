@@ -28,6 +28,7 @@ class PaddedBatch:
     input_ids: np.ndarray  # int64 [batch, seq]
     attention_mask: np.ndarray  # int64 [batch, seq]
     token_vectors: bool = False  # the pass's output carries token vectors (some job asks)
+    token_states: bool = False  # and the last hidden states (some job asks: /embed_all)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -51,6 +52,9 @@ class ForwardOutput:
     # position; a ColBERT model: its projection of every position), not normalized, when
     # the batch asks for them.
     token_vectors: np.ndarray | None = None
+    # [batch, seq, hidden]: the encoder's last hidden state at every position (0 at
+    # padding), when the batch asks for them (TEI's /embed_all).
+    token_states: np.ndarray | None = None
 
 
 class BackendOutOfMemory(Exception):
@@ -68,6 +72,9 @@ class Backend(Protocol):
     # a ColBERT model), from this position of the batch on;
     token_vectors: bool
     token_vectors_from: int
+    # forward's output carries token_states when the batch asks, each `states_dimension`
+    # wide (0 where it cannot: onnxruntime's graphs end in the pooled vector);
+    states_dimension: int
     # cpu_threads(n) sets the intra-op threads of the calling thread for its next passes
     # (torch); False where they are fixed when the model loads (onnxruntime).
     per_pass_threads: bool

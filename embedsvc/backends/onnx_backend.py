@@ -34,6 +34,7 @@ class OnnxBackend:
     token_weights = False
     token_vectors = False
     token_vectors_from = 0
+    states_dimension = 0
 
     def __init__(self, session: Any, pooling: str, device: str, dtype: str, dimension: int) -> None:
         self.session = session

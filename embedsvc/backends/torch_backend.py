@@ -57,10 +57,16 @@ class TorchBackend(TorchThreads):
         lexical: Any = None,
         pooled: bool = False,
         colbert: Any = None,
+        states: tuple[Any, list[Any]] | None = None,
+        states_dimension: int = 0,
     ) -> None:
         self._encoder = encoder
         self._head = head
         self._pooled = pooled
+        # With `pooled`, the untraced encoder and the pooling head, for the passes that
+        # also return the token states (/embed_all).
+        self._states = states
+        self.states_dimension = states_dimension if (states or not pooled) else 0
         self.device = device
         self.dtype = dtype
         self.dimension = dimension
@@ -78,11 +84,14 @@ class TorchBackend(TorchThreads):
         import torch
 
         graphs = self.graphs
-        if graphs is not None:
+        if graphs is not None and not batch.token_states:
             vectors = guarded(self.device, lambda: graphs.forward(batch))
             if vectors is not None:
                 return ForwardOutput(vectors)
-        if self._pooled and self.device == "cpu":
+        encoder, head, pooled = self._encoder, self._head, self._pooled
+        if pooled and batch.token_states and self._states is not None:
+            (encoder, head), pooled = self._states, False
+        if pooled and self.device == "cpu":
             # One call into the traced model and nothing else that enters torch's
             # dispatcher: each torch call from Python lets go of the GIL, and taking it
             # back means waiting for the busy event loop thread to let go in turn. Under
@@ -90,7 +99,7 @@ class TorchBackend(TorchThreads):
             # than pooling in Python after the traced encoder; MiniLM gained 3%.
             ids, mask = torch.from_numpy(batch.input_ids), torch.from_numpy(batch.attention_mask)
             with torch.inference_mode():  # called from the compute thread only
-                return ForwardOutput(self._encoder(ids, mask).numpy())
+                return ForwardOutput(encoder(ids, mask).numpy())
         features: dict[str, Any] = {
             "input_ids": torch.from_numpy(batch.input_ids).to(self.device, non_blocking=True),
             "attention_mask": torch.from_numpy(batch.attention_mask).to(
@@ -99,26 +108,32 @@ class TorchBackend(TorchThreads):
         }
         try:
             with torch.inference_mode():  # called from the compute thread only
-                if self._pooled:
+                if pooled:
                     ids, mask = features["input_ids"], features["attention_mask"]
-                    features["sentence_embedding"] = self._encoder(ids, mask)
-                elif self._encoder is not None:
+                    features["sentence_embedding"] = encoder(ids, mask)
+                elif encoder is not None:
                     ids, mask = features["input_ids"], features["attention_mask"]
-                    features["token_embeddings"] = self._encoder(ids, mask)
+                    features["token_embeddings"] = encoder(ids, mask)
                 states = features.get("token_embeddings")
-                for module in self._head:
+                for module in head:
                     features = module(features)
+                if states is None:  # the modules ran the transformer too
+                    states = features.get("token_embeddings")
                 out = features["sentence_embedding"].to(torch.float32).cpu().numpy()
-                if self._lexical is None and not (self._colbert and batch.token_vectors):
+                colbert = self._colbert if batch.token_vectors else None
+                if self._lexical is None and colbert is None and not batch.token_states:
                     return ForwardOutput(out)
                 mask = features["attention_mask"].to(torch.float32)
                 assert states is not None  # the heads' models load with their states
                 output = ForwardOutput(out)
+                if batch.token_states:
+                    kept = states * mask[:, :, None].to(states.dtype)
+                    output.token_states = kept.to(torch.float32).cpu().numpy()
                 if self._lexical is not None:
                     weights = torch.relu(self._lexical(states)).squeeze(-1).to(torch.float32)
                     output.token_weights = (weights * mask).cpu().numpy()
-                if self._colbert is not None and batch.token_vectors:
-                    vectors = self._colbert(states[:, 1:]) * mask[:, 1:, None].to(states.dtype)
+                if colbert is not None:
+                    vectors = colbert(states[:, 1:]) * mask[:, 1:, None].to(states.dtype)
                     output.token_vectors = vectors.to(torch.float32).cpu().numpy()
                 return output
         except torch.OutOfMemoryError as e:
@@ -271,6 +286,8 @@ class _Parts:
     via: str
     pooled: bool = False  # `encoder` returns sentence vectors (pooling included)
     eager: Any = None  # the untraced pooled module, for CUDA graphs
+    # With `pooled`: the untraced encoder and its pooling head, for passes with states.
+    states: tuple[Any, list[Any]] | None = None
 
 
 def load_torch_model(spec: BackendSpec, path: Path) -> LoadedModel:
@@ -305,8 +322,18 @@ def load_torch_model(spec: BackendSpec, path: Path) -> LoadedModel:
         lexical = load_head(spec, path, device, dtype, "sparse_linear", "lexical_weights")
     if spec.multivector:
         colbert = load_head(spec, path, device, dtype, "colbert_linear", "multivector")
+    hidden = (bert.read_json(path / "config.json") or {}).get("hidden_size")
     backend = TorchBackend(
-        parts.encoder, parts.head, device, dtype, parts.dimension, lexical, parts.pooled, colbert
+        parts.encoder,
+        parts.head,
+        device,
+        dtype,
+        parts.dimension,
+        lexical,
+        parts.pooled,
+        colbert,
+        parts.states,
+        hidden if isinstance(hidden, int) else 0,
     )
     if spec.cuda_graphs and parts.eager is not None and device.startswith("cuda"):
         backend.graphs = BucketGraphs(parts.eager, device, parts.pad_token_id or 0, max_len)
@@ -352,6 +379,7 @@ def _load_lean(p: bert.Plan, path: Path, device: str, dtype: str, states: bool) 
         head=[] if whole is not None else [pool],
         pooled=whole is not None,
         eager=whole,
+        states=(encoder, [pool]) if whole is not None else None,
         pooling=mode,
         dimension=p.dimension,
         tokenizer=tokenizer,

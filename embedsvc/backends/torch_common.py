@@ -116,6 +116,7 @@ class TorchThreads:
     token_weights = False  # TorchBackend sets it for a model with lexical weights
     token_vectors = False  # and this for a model with a ColBERT head
     token_vectors_from = 1  # BGE-M3's head: no vector for the first position ([CLS])
+    states_dimension = 0  # TorchBackend: the encoder's hidden size
 
     def cpu_threads(self, n: int | None = None) -> int:
         """torch's intra-op threads for the calling thread: set to `n` if given; the count."""

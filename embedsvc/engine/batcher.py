@@ -224,12 +224,19 @@ def pad(items: list[Item], pad_id: int) -> PaddedBatch:
         dtype=np.int64,
         count=int(lengths.sum()),
     )
-    # Token vectors are computed for a pass only when one of its jobs asks for them.
-    vectors = any(getattr(it.job, "multivector", False) for it in items)
+    # Token vectors (or states) are computed for a pass only when one of its jobs asks.
+    tokens = any(getattr(it.job, "multivector", False) for it in items)
+    vectors = states = False
     mask = real.astype(np.int64)
-    if vectors:
+    if tokens:
         for row, it in enumerate(items):
+            if not it.job.multivector:
+                continue
+            if it.job.states:
+                states = True
+                continue
+            vectors = True
             attended = getattr(it.job, "attended", None)
             if attended is not None:  # a ColBERT query's expansion: not attended to
                 mask[row, attended[it.index] :] = 0
-    return PaddedBatch(ids, mask, vectors)
+    return PaddedBatch(ids, mask, vectors, states)

@@ -261,7 +261,8 @@ class ModelEngine:
             p.tokens = sum(p.lengths)
             outputs = req.outputs
             sparse = req.task == "sparse" or "sparse" in outputs
-            vectors = req.task == "multivector" or "multivector" in outputs
+            states = req.task == "states"
+            vectors = states or req.task == "multivector" or "multivector" in outputs
             p.t1 = now
             if isinstance(req.inputs, Texts):
                 chars += sum(map(len, req.inputs.texts))
@@ -281,6 +282,7 @@ class ModelEngine:
                     "dense" in outputs and (sparse or vectors),  # /encode: the vector too
                     attended,
                     skip,
+                    states,
                 )
             )
             sent.append(p)

@@ -44,6 +44,7 @@ class Job:
     dense_too: bool = False  # /encode: the vector as well as lexical weights/token vectors
     attended: list[int] | None = None  # ColBERT queries: positions attended per input
     skip_tokens: bool = False  # the model's skiplist tokens get no vector
+    states: bool = False  # rows are token states (/embed_all)
 
     @classmethod
     def admit(cls, origin: Hashable, cj: CoreJob, chunk_size: int) -> tuple[Job, list[Item]]:
@@ -76,6 +77,7 @@ class Job:
             job.token_rows = [np.empty((0, 0), np.float32)] * n
             job.attended = cj.attended
             job.skip_tokens = cj.skip_tokens
+            job.states = cj.states
         job.dense_too = cj.dense_too
         if n == 1:
             return job, [Item(job, 0, cj.ids[0])]

@@ -99,9 +99,10 @@ def finalize_rows(
     keys = [(it.job.dimensions, it.job.normalize, it.job.layer_norm) for it in items]
     first = keys[0]
     lexical = [it.job.lexical for it in items]
-    # No token vectors computed (no job of the pass asked: batcher.pad) and no lexical job:
-    # every row is a vector (a job that asks several outputs asks one of those too).
-    if output.token_vectors is None and not any(lexical) and all(k == first for k in keys):
+    # No token vectors or states computed (no job of the pass asked: batcher.pad) and no
+    # lexical job: every row is a vector (a job that asks several outputs asks one of those).
+    no_tokens = output.token_vectors is None and output.token_states is None
+    if no_tokens and not any(lexical) and all(k == first for k in keys):
         dims, normalize, ln = first
         return finalize(pooled, dimensions=dims, normalize=normalize, layer_norm_first=ln)
     tokens = [getattr(it.job, "multivector", False) for it in items]
@@ -111,6 +112,10 @@ def finalize_rows(
         job = items[row].job
         if getattr(job, "dense_too", False) or (lexical[row] and tokens[row]):
             out[row] = _outputs(items[row], row, output, key, special_ids, token_rule)
+        elif tokens[row] and job.states:
+            assert output.token_states is not None  # the batch asked (batcher.pad)
+            n = len(items[row].ids)
+            out[row] = np.array(output.token_states[row, :n], dtype=np.float32)
         elif tokens[row]:
             assert output.token_vectors is not None  # the batch asked (batcher.pad)
             vectors = output.token_vectors[row]

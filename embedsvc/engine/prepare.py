@@ -222,6 +222,19 @@ class Preparer:
                     param="outputs",
                 )
             return
+        if req.task == "states":
+            if task == "embed" and self.info.states_dimension:
+                return
+            why = (
+                "its backend has no token states (onnx: the graph ends in the pooled vector)"
+                if task == "embed"
+                else f"it is task {task}, not an embedding model"
+            )
+            raise ValidationError(
+                f"model {self.name} cannot answer /embed_all: {why}; choose an embedding "
+                "model on the torch backend (see /info)",
+                param="model",
+            )
         if req.task == "multivector":
             if self.spec.multivector:
                 return
@@ -371,7 +384,10 @@ class Preparer:
                 inputs.ids, truncate=truncate, direction=direction, param=req.input_param
             )
         self._check_total(sum(len(x) for x in ids), req.input_param)
-        if req.task == "multivector" or "multivector" in req.outputs:
+        if req.task == "states":
+            values = sum(len(x) for x in ids) * self.info.states_dimension
+            self._check_values(values, req.input_param, "hidden state")
+        elif req.task == "multivector" or "multivector" in req.outputs:
             # BGE-M3: a vector per token after the first; ColBERT: per token, and a query at
             # least its expansion length (the skiplist only lowers this).
             colbert = self._colbert
@@ -380,13 +396,17 @@ class Preparer:
             else:
                 floor = colbert.expansion if self.is_query(req) else 0
                 tokens = sum(max(len(x), floor) for x in ids)
-            values = tokens * self.info.dimension
-            limit = self.settings.max_multivector_values
-            if values > limit:
-                raise PayloadTooLargeError(
-                    f"{req.input_param} would be answered with {values} numbers (a vector of "
-                    f"{self.info.dimension} per token), more than max_multivector_values "
-                    f"({limit}); send fewer or shorter inputs per request",
-                    param=req.input_param,
-                )
+            self._check_values(tokens * self.info.dimension, req.input_param, "vector")
         return ids
+
+    def _check_values(self, values: int, param: str, what: str) -> None:
+        """A per-token answer's size, before any work: 413 past max_multivector_values."""
+        limit = self.settings.max_multivector_values
+        if values > limit:
+            width = self.info.states_dimension if what == "hidden state" else self.info.dimension
+            raise PayloadTooLargeError(
+                f"{param} would be answered with {values} numbers (a {what} of {width} per "
+                f"token), more than max_multivector_values ({limit}); send fewer or shorter "
+                "inputs per request",
+                param=param,
+            )

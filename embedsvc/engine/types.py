@@ -20,7 +20,8 @@ from embedsvc.registry import ModelSpec
 
 # What a request asks of a model: a model's task, or an output of an embedding model
 # that has it (BGE-M3: "sparse" lexical weights, "multivector" ColBERT vectors).
-RequestTask = Literal["embed", "rerank", "sparse", "multivector", "encode"]
+# "states": the token states of an embedding model (TEI's /embed_all).
+RequestTask = Literal["embed", "rerank", "sparse", "multivector", "encode", "states"]
 Output = Literal["dense", "sparse", "multivector"]
 
 # `prompt_name` NO_PROMPT: no prompt, not even the model's default; None: the default.
@@ -93,7 +94,8 @@ class EmbedResult:
     total_time: float
     input_tokens: list[int] = field(default_factory=list)  # per input, as embedded
     sparse: list[SparseRow] | None = None  # task sparse: each input's non-zero entries
-    # task multivector: each input's token vectors, float32 [tokens, d], normalized
+    # task multivector: each input's token vectors, float32 [tokens, d], normalized (task
+    # states: its token states [tokens, hidden], as computed)
     multivector: list[np.ndarray] | None = None
 
     @property
@@ -125,6 +127,7 @@ class ModelInfo:
     score_activation: str = ""  # task rerank: sigmoid | identity
     files_verified: bool = False  # every file's sha256 as the models lock records it
     colbert: ColbertFormat | None = None  # task multivector: markers, lengths, expansion
+    states_dimension: int = 0  # the token states' width (/embed_all); 0: the backend has none
 
     @property
     def task(self) -> str:
@@ -157,6 +160,7 @@ class CoreJob:
     # expansion tokens); None: all.
     attended: list[int] | None = None
     skip_tokens: bool = False  # the model's skiplist tokens get no vector (ColBERT documents)
+    states: bool = False  # rows are token states (/embed_all), not token vectors
 
 
 @dataclass(slots=True)

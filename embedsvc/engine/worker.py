@@ -148,6 +148,7 @@ class ModelWorker:
             score_activation=m.score_activation,
             files_verified=self.files_verified,
             colbert=m.colbert,
+            states_dimension=m.backend.states_dimension,
         )
 
     @property
@@ -475,6 +476,7 @@ class ModelWorker:
                 np.concatenate([o.pooled for o in outs]),
                 _joined([o.token_weights for o in outs], [len(p) for p in parts], width),
                 _joined([o.token_vectors for o in outs], [len(p) for p in parts], width - first),
+                _joined([o.token_states for o in outs], [len(p) for p in parts], width),
             )
         self.m.batches.inc()
         self.m.batch_size.observe(len(items))
