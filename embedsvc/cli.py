@@ -175,7 +175,18 @@ def add_embed_parser(sub: Any) -> None:
         help="a task instruction before each text (models with an instruction_template)",
     )
     p.add_argument("--dimensions", type=int, default=None, help="Matryoshka size")
-    p.add_argument("--dtype", choices=["float32", "float16"], default="float32")
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "float16"],
+        default="float32",
+        help="of the embedding and multivector columns",
+    )
+    p.add_argument(
+        "--outputs",
+        default="dense",
+        help="columns to write, comma-separated: dense (embedding), sparse (lexical or SPLADE "
+        "weights), multivector (token vectors); any the model has, from one pass per batch",
+    )
     p.add_argument(
         "--truncate",
         action=argparse.BooleanOptionalAction,
@@ -243,6 +254,7 @@ def embed(args: argparse.Namespace) -> int:
         shard_rows=args.shard_rows,
         overwrite=args.overwrite,
         models_file=models_file(args),
+        outputs=tuple(o.strip() for o in args.outputs.split(",") if o.strip()),
     )
     if args.ray is not None:
         from embedsvc.bulk.ray_job import run_ray

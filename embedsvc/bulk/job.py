@@ -34,6 +34,8 @@ from embedsvc.bulk.output import (
 from embedsvc.bulk.progress import Progress
 from embedsvc.bulk.sources import MISSING, BadRow, Source, open_source
 from embedsvc.engine import EmbedRequest, EngineSet, ModelEngine, Texts, load_engines
+from embedsvc.engine.sparse import SparseRow
+from embedsvc.engine.types import Output, RequestTask
 from embedsvc.errors import ConfigError, EmbedsvcError
 from embedsvc.files import write_atomic
 from embedsvc.metrics import Metrics
@@ -69,6 +71,12 @@ class Options:
     shard_rows: int = 100_000
     overwrite: bool = False
     models_file: str | None = None
+    # The columns to write: dense (`embedding`), sparse (lexical or SPLADE weights),
+    # multivector (token vectors), any the model has, from one pass per batch.
+    outputs: tuple[str, ...] = ("dense",)
+
+
+OUTPUTS = ("dense", "sparse", "multivector")
 
 
 class StopJob(Exception):
@@ -120,8 +128,9 @@ def describe_job(
     engine: ModelEngine, opts: Options, description: dict[str, Any], fingerprint: str
 ) -> dict[str, Any]:
     """What the manifest records about the job, and compares on a rerun."""
+    request_task(engine, opts.outputs)
     engine.check_dimensions(opts.dimensions)
-    return {
+    job = {
         "model": engine.name,
         "hf_id": engine.spec.hf_id,
         "revision": engine.spec.revision,
@@ -136,6 +145,29 @@ def describe_job(
         "input": description,
         "input_fingerprint": fingerprint,
     }
+    if opts.outputs != ("dense",):  # recorded when not the default, so older jobs resume
+        job["outputs"] = list(opts.outputs)
+    return job
+
+
+def request_task(engine: ModelEngine, outputs: tuple[str, ...]) -> tuple[RequestTask, tuple]:
+    """The request that gives `outputs` of `engine`'s model in one pass: its own task, or
+    /encode's for several outputs of an embedding model. ConfigError, before anything is
+    read, for an output the model does not have."""
+    spec = engine.spec
+    if spec.task == "embed":
+        has = {"dense": True, "sparse": spec.lexical_weights, "multivector": spec.multivector}
+        missing = [o for o in outputs if not has[o]]
+        if not missing:
+            return ("embed", ()) if outputs == ("dense",) else ("encode", outputs)
+    elif spec.task in ("sparse", "multivector") and outputs == (spec.task,):
+        return spec.task, ()
+    gives = {"sparse": "sparse", "multivector": "multivector", "rerank": "no column"}
+    own = gives.get(spec.task, "dense, and sparse/multivector where models.yaml says so")
+    raise ConfigError(
+        f"model {engine.name} (task {spec.task}) cannot give --outputs {','.join(outputs)}; "
+        f"it gives {own}"
+    )
 
 
 def check_options(opts: Options) -> None:
@@ -146,6 +178,12 @@ def check_options(opts: Options) -> None:
         raise ConfigError(f"--on-error must be skip or fail, got {opts.on_error!r}")
     if opts.shard_rows < 1:
         raise ConfigError("--shard-rows must be at least 1")
+    unknown = [o for o in opts.outputs if o not in OUTPUTS]
+    if unknown or not opts.outputs or len(set(opts.outputs)) != len(opts.outputs):
+        raise ConfigError(
+            f"--outputs must name each of {', '.join(OUTPUTS)} at most once, comma-separated; "
+            f"got {','.join(opts.outputs) or 'nothing'}"
+        )
 
 
 def run(opts: Options) -> int:
@@ -216,9 +254,11 @@ class Chunk:
     first_row: int
     input_rows: int
     ids: list[Any]  # of the rows that embedded, in input order
-    vectors: np.ndarray
+    vectors: np.ndarray  # [rows, dim] ([rows, 0] without the dense output)
     tokens: list[int]
     errors: list[bytes]  # errors.jsonl lines of the rows that did not
+    sparse: list[SparseRow] | None = None  # per row, with the sparse output
+    multivector: list[np.ndarray] | None = None  # per row [tokens, d], with multivector
 
 
 class ChunkEmbedder:
@@ -229,11 +269,16 @@ class ChunkEmbedder:
         self.engine = engine
         self.opts = opts
         self.prompt_name = prompt_name
-        self.dim = opts.dimensions or engine.dimension
+        self.task, outputs = request_task(engine, opts.outputs)
+        self.outputs: tuple[Output, ...] = outputs
+        dense = "dense" in opts.outputs
+        self.dim = (opts.dimensions or engine.dimension) if dense else 0
 
     def _request(self, texts: list[str]) -> EmbedRequest:
         return EmbedRequest(
             Texts(texts),
+            task=self.task,
+            outputs=self.outputs,
             prompt_name=self.prompt_name,
             instruction=self.opts.instruction,
             truncate=self.opts.truncate,
@@ -256,6 +301,7 @@ class ChunkEmbedder:
             try:
                 r = await self.engine.embed(self._request(ok_texts))
                 chunk.ids, chunk.vectors, chunk.tokens = ok_ids, r.vectors, r.input_tokens
+                chunk.sparse, chunk.multivector = r.sparse, r.multivector
             except EmbedsvcError as e:
                 if len(ok_texts) == 1:
                     errors.append(error_line(ok_ids[0], ok_rows[0], e.message))
@@ -268,6 +314,8 @@ class ChunkEmbedder:
         self, chunk: Chunk, ids: list[Any], rows: list[int], texts: list[str], errors: list[bytes]
     ) -> None:
         vectors = []
+        sparse: list[SparseRow] = []
+        multivector: list[np.ndarray] = []
         for row_id, row, text in zip(ids, rows, texts, strict=True):
             try:
                 r = await self.engine.embed(self._request([text]))
@@ -277,7 +325,11 @@ class ChunkEmbedder:
             chunk.ids.append(row_id)
             vectors.append(r.vectors[0])
             chunk.tokens.append(r.input_tokens[0])
+            sparse.extend(r.sparse or [])
+            multivector.extend(r.multivector or [])
         chunk.vectors = np.array(vectors, np.float32).reshape(-1, self.dim)
+        chunk.sparse = sparse if "sparse" in self.opts.outputs else None
+        chunk.multivector = multivector if "multivector" in self.opts.outputs else None
 
 
 async def _run(
@@ -291,7 +343,9 @@ async def _run(
     loop = asyncio.get_running_loop()
     engines.start(loop)
     embedder = ChunkEmbedder(engine, opts, prompt_name)
-    writer = OutputWriter(opts.output, manifest, opts.shard_rows, embedder.dim, opts.dtype)
+    writer = OutputWriter(
+        opts.output, manifest, opts.shard_rows, embedder.dim, opts.dtype, opts.outputs
+    )
     background = ThreadPoolExecutor(1, thread_name_prefix="shard-writer")
     progress = Progress(_total_rows(source), sum(s["input_rows"] for s in manifest.shards))
     t0 = time.monotonic()

@@ -183,10 +183,21 @@ def _shard_problem(out: Path, shard: dict[str, Any]) -> str | None:
 
 
 class ShardWriter:
-    """One Parquet shard: columns id, embedding (fixed-size list), n_tokens."""
+    """One Parquet shard: columns id, n_tokens and the outputs asked: embedding
+    (fixed-size list of `dtype`), sparse (list<struct<index: int32, value: float32>>: the
+    non-zero weights), multivector (list of fixed-size lists of `dtype`: one per token)."""
 
-    def __init__(self, out: Path, index: int, first_row: int, dim: int, dtype: str) -> None:
+    def __init__(
+        self,
+        out: Path,
+        index: int,
+        first_row: int,
+        dim: int,
+        dtype: str,
+        outputs: tuple[str, ...] = ("dense",),
+    ) -> None:
         self.out = out
+        self.outputs = outputs
         self.index = index
         self.first_row = first_row
         self.name = f"part-{index:05d}.parquet"
@@ -197,14 +208,15 @@ class ShardWriter:
         self.failed = 0
         self.tokens = 0
         self._writer: Any = None
-        self._pending: list[tuple[list[Any], np.ndarray, list[int]]] = []
+        self._pending: list[Any] = []  # bulk.job.Chunk
         self._pending_rows = 0
 
-    def add(self, ids: list[Any], vectors: np.ndarray, n_tokens: list[int]) -> None:
-        self._pending.append((ids, vectors, n_tokens))
-        self._pending_rows += len(ids)
-        self.rows += len(ids)
-        self.tokens += sum(n_tokens)
+    def add(self, chunk: Any) -> None:
+        """The rows of a bulk.job.Chunk that embedded."""
+        self._pending.append(chunk)
+        self._pending_rows += len(chunk.ids)
+        self.rows += len(chunk.ids)
+        self.tokens += sum(chunk.tokens)
         if self._pending_rows >= ROW_GROUP_ROWS:
             self._write()
 
@@ -214,19 +226,24 @@ class ShardWriter:
 
         if not self._pending:
             return
-        ids = [i for chunk in self._pending for i in chunk[0]]
-        vectors = np.concatenate([chunk[1] for chunk in self._pending]).astype(self.dtype)
-        n_tokens = [n for chunk in self._pending for n in chunk[2]]
-        self._pending, self._pending_rows = [], 0
-        flat = pa.array(vectors.reshape(-1), type=pa.from_numpy_dtype(vectors.dtype))
+        chunks, self._pending, self._pending_rows = self._pending, [], 0
+        ids = [i for chunk in chunks for i in chunk.ids]
+        n_tokens = [n for chunk in chunks for n in chunk.tokens]
         id_type = pa.int64() if all(isinstance(i, int) for i in ids) else pa.string()
-        table = pa.table(
-            {
-                "id": pa.array(ids if id_type == pa.int64() else [str(i) for i in ids], id_type),
-                "embedding": pa.FixedSizeListArray.from_arrays(flat, self.dim),
-                "n_tokens": pa.array(n_tokens, pa.int32()),
-            }
-        )
+        columns: dict[str, Any] = {
+            "id": pa.array(ids if id_type == pa.int64() else [str(i) for i in ids], id_type)
+        }
+        if "dense" in self.outputs:
+            vectors = np.concatenate([chunk.vectors for chunk in chunks]).astype(self.dtype)
+            flat = pa.array(vectors.reshape(-1), type=pa.from_numpy_dtype(vectors.dtype))
+            columns["embedding"] = pa.FixedSizeListArray.from_arrays(flat, self.dim)
+        if "sparse" in self.outputs:
+            columns["sparse"] = _sparse_column([r for c in chunks for r in c.sparse or []])
+        if "multivector" in self.outputs:
+            rows = [r for c in chunks for r in c.multivector or []]
+            columns["multivector"] = _token_column(rows, self.dtype)
+        columns["n_tokens"] = pa.array(n_tokens, pa.int32())
+        table = pa.table(columns)
         if self._writer is None:
             self._writer = pq.ParquetWriter(str(self.tmp), table.schema)
         elif table.schema != self._writer.schema:
@@ -255,17 +272,52 @@ class ShardWriter:
         return record
 
 
+def _offsets(lengths: list[int]) -> Any:
+    import pyarrow as pa
+
+    return pa.array(np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int32))
+
+
+def _sparse_column(rows: list[tuple[np.ndarray, np.ndarray]]) -> Any:
+    """list<struct<index: int32, value: float32>>: each row's non-zero weights by index."""
+    import pyarrow as pa
+
+    index = np.concatenate([r[0] for r in rows] or [np.empty(0)]).astype(np.int32)
+    value = np.concatenate([r[1] for r in rows] or [np.empty(0)]).astype(np.float32)
+    entries = pa.StructArray.from_arrays([pa.array(index), pa.array(value)], ["index", "value"])
+    return pa.ListArray.from_arrays(_offsets([len(r[0]) for r in rows]), entries)
+
+
+def _token_column(rows: list[np.ndarray], dtype: str) -> Any:
+    """list<fixed_size_list<dtype, d>>: each row's token vectors."""
+    import pyarrow as pa
+
+    d = next((r.shape[1] for r in rows if r.ndim == 2 and r.shape[1]), 1)
+    flat = np.concatenate([r.reshape(-1) for r in rows] or [np.empty(0)]).astype(dtype)
+    vectors = pa.FixedSizeListArray.from_arrays(pa.array(flat), d)
+    return pa.ListArray.from_arrays(_offsets([len(r) for r in rows]), vectors)
+
+
 class OutputWriter:
     """Chunks, in input order, into shards and errors.jsonl; a shard is committed (file
     renamed into place, errors synced, manifest updated) when the next one starts or the
     job finishes. Called from one thread at a time."""
 
-    def __init__(self, out: Path, manifest: Manifest, shard_rows: int, dim: int, dtype: str):
+    def __init__(
+        self,
+        out: Path,
+        manifest: Manifest,
+        shard_rows: int,
+        dim: int,
+        dtype: str,
+        outputs: tuple[str, ...] = ("dense",),
+    ):
         self.out = out
         self.manifest = manifest
         self.shard_rows = shard_rows
         self.dim = dim
         self.dtype = dtype
+        self.outputs = outputs
         self.errors = open(out / ERRORS, "ab")  # noqa: SIM115 (closed by close())
         self._shard: ShardWriter | None = None
         self._input_rows = 0
@@ -275,9 +327,11 @@ class OutputWriter:
             self.finish()
         if self._shard is None:
             first = chunk.shard * self.shard_rows
-            self._shard = ShardWriter(self.out, chunk.shard, first, self.dim, self.dtype)
+            self._shard = ShardWriter(
+                self.out, chunk.shard, first, self.dim, self.dtype, self.outputs
+            )
         if chunk.ids:
-            self._shard.add(chunk.ids, chunk.vectors, chunk.tokens)
+            self._shard.add(chunk)
         self._shard.failed += len(chunk.errors)
         self._input_rows += chunk.input_rows
         for line in chunk.errors:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import pickle
 import time
 from collections.abc import Iterator
 from dataclasses import asdict
@@ -118,6 +119,8 @@ class EmbedActor:
                 "vectors": [np.ascontiguousarray(c.vectors, np.float32).tobytes() for c in done],
                 "tokens": [c.tokens for c in done],
                 "errors": [b"".join(c.errors) for c in done],
+                # Sparse rows and token vectors, between this job's own processes.
+                "per_token": [pickle.dumps((c.sparse, c.multivector)) for c in done],
             }
         )
 
@@ -170,8 +173,10 @@ def _run(ray: Any, opts: Options, num_actors: int) -> int:
         num_gpus=1 if gpus else 0,
         num_cpus=per_actor_cpus,
     )
-    dim = int(job["dimensions"])
-    writer = OutputWriter(opts.output, manifest, opts.shard_rows, dim, opts.dtype)
+    dim = int(job["dimensions"]) if "dense" in opts.outputs else 0
+    writer = OutputWriter(
+        opts.output, manifest, opts.shard_rows, dim, opts.dtype, tuple(opts.outputs)
+    )
     progress = Progress(
         source.description.get("rows"), sum(s["input_rows"] for s in manifest.shards)
     )
@@ -192,6 +197,7 @@ def _run(ray: Any, opts: Options, num_actors: int) -> int:
                     vectors,
                     list(r["tokens"]),
                     errors,
+                    *pickle.loads(r["per_token"]),
                 )
                 if chunk.errors and opts.on_error == "fail":
                     log.error("stopped (--on-error fail): %s", json.loads(errors[0])["error"])

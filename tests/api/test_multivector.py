@@ -7,7 +7,6 @@ by one, beside dense and lexical requests that share passes; the answer's size i
 from __future__ import annotations
 
 import base64
-import shutil
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +17,7 @@ import pytest
 
 from embedsvc.registry import load_registry
 from tests.support import Server, rows_close, run_server
+from tests.support.models import build_tiny_m3
 
 WORDS = "the capital of france is paris and rivers flow to the sea while mountains rise".split()
 TEXTS = ["paris", "what is the capital of china?"] + [
@@ -27,16 +27,8 @@ TEXTS = ["paris", "what is the capital of china?"] + [
 
 @pytest.fixture(scope="module")
 def m3(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, Path]]:
-    import torch
-
     root = tmp_path_factory.mktemp("m3-multi")
-    folder = root / "tiny-m3"
-    shutil.copytree(model_dir / "tiny-bge", folder)
-    torch.manual_seed(8)
-    sparse = {"weight": torch.randn(1, 32), "bias": torch.tensor([0.1])}
-    torch.save(sparse, folder / "sparse_linear.pt")
-    colbert = {"weight": torch.randn(32, 32) / 4, "bias": torch.randn(32) / 10}
-    torch.save(colbert, folder / "colbert_linear.pt")
+    folder = build_tiny_m3(root / "tiny-m3", model_dir / "tiny-bge")
     (root / "models.yaml").write_text(
         "default_models: [tiny-m3]\nmodels:\n  - name: tiny-m3\n    hf_id: test/tiny-m3\n"
         f"    revision: '{'0' * 40}'\n    local_dir: {folder}\n    pooling: cls\n"

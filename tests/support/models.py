@@ -386,3 +386,18 @@ def build_tiny_colbert(out: Path, *, seed: int, **config: Any) -> Path:
     }
     (out / "config_sentence_transformers.json").write_text(json.dumps(saved | config))
     return out
+
+
+def build_tiny_m3(out: Path, bge: Path) -> Path:
+    """A BGE-M3-shaped folder: tiny-bge's weights (`bge`) with BGE-M3's two heads,
+    sparse_linear.pt and colbert_linear.pt, pickled Linear state dicts as BAAI/bge-m3 ships
+    them."""
+    import torch
+
+    shutil.copytree(bge, out)
+    torch.manual_seed(8)
+    sparse = {"weight": torch.randn(1, 32), "bias": torch.tensor([0.1])}
+    torch.save(sparse, out / "sparse_linear.pt")
+    colbert = {"weight": torch.randn(32, 32) / 4, "bias": torch.randn(32) / 10}
+    torch.save(colbert, out / "colbert_linear.pt")
+    return out
