@@ -140,6 +140,13 @@ class Metrics:
         self.requests = Counter(
             "embedsvc_requests", "embedding requests answered", ["model", "route"], registry=r
         )
+        # Token vectors and states make answers of megabytes: what leaves, per route.
+        self.response_bytes = Counter(
+            "embedsvc_response_bytes",
+            "bytes of the bodies of embedding requests answered",
+            ["model", "route"],
+            registry=r,
+        )
         self.failures = Counter(
             "embedsvc_request_failures",
             "requests failed, by error kind",
@@ -214,6 +221,7 @@ class ModelMetrics:
             "/encode",
         )
         self.requests = {r: m.requests.labels(model, r) for r in routes}
+        self.response_bytes = {r: m.response_bytes.labels(model, r) for r in routes}
 
 
 def observe_many(histogram: Histogram, amounts: Sequence[float]) -> None:

@@ -54,7 +54,9 @@ class EngineRoutes:
     def answer(self, call: Call, result: EmbedResult) -> Answer:
         """The 200 for a finished call."""
         out = call.render(result)
-        call.engine.metrics.requests[call.metric].inc()
+        metrics = call.engine.metrics
+        metrics.requests[call.metric].inc()
+        metrics.response_bytes[call.metric].inc(len(out))
         return 200, _JSON + b"content-length: %d\r\n" % len(out) + timing_lines(result), out
 
     def failure(self, path: str, exc: BaseException, rid: str) -> Answer:

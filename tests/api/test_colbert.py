@@ -95,6 +95,20 @@ def test_float16_answers_are_half_the_bytes(colbert: tuple[Server, Path]) -> Non
         assert len(base64.b64decode(text)) * 2 == len(base64.b64decode(text32))
 
 
+def test_answer_bytes_are_counted(colbert: tuple[Server, Path]) -> None:
+    """embedsvc_response_bytes grows by each answer's body, per model and route."""
+    s, _ = colbert
+    name = "embedsvc_response_bytes_total"
+    labels = {"model": "plain", "route": "/embed_multivector"}
+    before = s.metric(name, **labels)
+    with s.client() as c:
+        sizes = [
+            len(c.post("/embed_multivector", json={"inputs": TEXTS, "model": "plain"}).content),
+            len(c.post("/embed_multivector", json={"inputs": "x", "model": "plain"}).content),
+        ]
+    assert s.metric(name, **labels) - before == sum(sizes)
+
+
 def test_sides_differ_as_the_model_says(
     colbert: tuple[Server, Path], reference: dict[tuple[str, str], list[Any]]
 ) -> None:
