@@ -22,6 +22,7 @@ RUNS: dict[str, list[str] | None] = {
     "gpu_check.py": ["--device", "cpu", "--quick", "--texts", "64", "--seconds", "0.1"],
     "decoder.py": ["--layers", "2", "--hidden", "64", "--texts", "16", "--seconds", "1"],
     "multivector.py": ["--layers", "2", "--hidden", "64", "--texts", "64", "--seconds", "1"],
+    "colbert.py": ["--layers", "2", "--hidden", "64", "--texts", "32", "--seconds", "1"],
     "backends.py": None,  # exports the model to ONNX fp32 and int8 first (minutes)
     "frontend.py": None,  # wrk against several servers, rounds of seconds each
     "throughput.py": None,  # several servers, load runs of seconds each
