@@ -29,6 +29,9 @@ class PaddedBatch:
     attention_mask: np.ndarray  # int64 [batch, seq]
     token_vectors: bool = False  # the pass's output carries token vectors (some job asks)
     token_states: bool = False  # and the last hidden states (some job asks: /embed_all)
+    # Some row has positions past its attended ones that are not padding (a ColBERT
+    # query's expansion tokens): they are computed though not attended to.
+    unattended: bool = False
 
     @property
     def shape(self) -> tuple[int, int]:

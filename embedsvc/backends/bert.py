@@ -17,6 +17,7 @@ both paths.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,7 +59,33 @@ def plan(folder: Path) -> Plan | None:
     kinds = [str(m.get("type", "")).rsplit(".", 1)[-1] for m in modules]
     if kinds not in (["Transformer", "Pooling"], ["Transformer", "Pooling", "Normalize"]):
         return None
-    if modules[0].get("path", "") != "":
+    encoder = _encoder_plan(folder, modules[0])
+    if encoder is None:
+        return None
+    pooling_cfg = read_json(folder / str(modules[1].get("path", "")) / "config.json")
+    if not isinstance(pooling_cfg, dict) or not pooling_cfg.get("include_prompt", True):
+        return None
+    on = [k for k, v in pooling_cfg.items() if k.startswith("pooling_mode") and v]
+    if len(on) != 1 or on[0] not in POOLING_FLAGS:
+        return None
+    if pooling_cfg.get("word_embedding_dimension") != encoder.dimension:
+        return None
+    return dataclasses.replace(encoder, pooling=POOLING_FLAGS[on[0]])
+
+
+def encoder_plan(folder: Path) -> Plan | None:
+    """A Plan of the transformer of `folder` alone, whatever modules follow it (a ColBERT
+    model's projection), when this module computes it exactly; pooling "none"."""
+    modules = read_json(folder / "modules.json")
+    if not isinstance(modules, list) or not modules or not isinstance(modules[0], dict):
+        return None
+    if str(modules[0].get("type", "")).rsplit(".", 1)[-1] != "Transformer":
+        return None
+    return _encoder_plan(folder, modules[0])
+
+
+def _encoder_plan(folder: Path, transformer: dict[str, Any]) -> Plan | None:
+    if transformer.get("path", "") != "":
         return None
     config = read_json(folder / "config.json")
     if not isinstance(config, dict) or config.get("model_type") not in ARCHITECTURES:
@@ -72,14 +99,8 @@ def plan(folder: Path) -> Plan | None:
         return None  # model_args, tokenizer_args, config_args: leave them to the library
     if sbert.get("do_lower_case") and not _tokenizer_lowercases(folder):
         return None  # sentence-transformers lower-cases the text itself for such a model
-    pooling_cfg = read_json(folder / str(modules[1].get("path", "")) / "config.json")
-    if not isinstance(pooling_cfg, dict) or not pooling_cfg.get("include_prompt", True):
-        return None
-    on = [k for k, v in pooling_cfg.items() if k.startswith("pooling_mode") and v]
-    if len(on) != 1 or on[0] not in POOLING_FLAGS:
-        return None
-    dimension = pooling_cfg.get("word_embedding_dimension")
-    if not isinstance(dimension, int) or dimension != config.get("hidden_size"):
+    dimension = config.get("hidden_size")
+    if not isinstance(dimension, int):
         return None
     weights = sorted(folder.glob("*.safetensors"))
     if not weights or not (folder / "tokenizer.json").is_file():
@@ -87,9 +108,9 @@ def plan(folder: Path) -> Plan | None:
     return Plan(
         config=config,
         weights=weights,
-        pooling=POOLING_FLAGS[on[0]],
+        pooling="none",
         max_seq_length=sbert.get("max_seq_length"),
-        dimension=int(dimension),
+        dimension=dimension,
     )
 
 

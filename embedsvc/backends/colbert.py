@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
+from embedsvc.backends import bert
 from embedsvc.backends.base import (
     BackendSpec,
     ColbertFormat,
@@ -30,6 +31,7 @@ from embedsvc.backends.torch_common import (
     guarded,
     load_sentence_transformers,
     place,
+    trace_states,
 )
 from embedsvc.errors import ConfigError
 
@@ -39,13 +41,20 @@ log = logging.getLogger(__name__)
 class ColbertBackend(TorchThreads):
     """`modules`: the Transformer module then the Dense projections, run on feature dicts
     as sentence-transformers runs them. Every pass gives token vectors of every position;
-    `pooled` is empty ([batch, 0]): these models have no sentence vector."""
+    `pooled` is empty ([batch, 0]): these models have no sentence vector. `encoder`, where
+    the folder's transformer is a BERT-family one (backends/bert.py), runs in place of the
+    Transformer module on the batches whose every position is attended or padding (it
+    computes the attended positions only): documents, and queries whose expansion the
+    model attends to."""
 
     token_vectors = True
     token_vectors_from = 0
 
-    def __init__(self, modules: list[Any], device: str, dtype: str, dimension: int) -> None:
+    def __init__(
+        self, modules: list[Any], device: str, dtype: str, dimension: int, encoder: Any = None
+    ) -> None:
         self._modules = modules
+        self._encoder = encoder
         self.device = device
         self.dtype = dtype
         self.dimension = dimension
@@ -59,8 +68,11 @@ class ColbertBackend(TorchThreads):
         }
 
         def run() -> np.ndarray:
-            f = features
-            for module in self._modules:
+            f, modules = features, self._modules
+            if self._encoder is not None and not batch.unattended:
+                f["token_embeddings"] = self._encoder(f["input_ids"], f["attention_mask"])
+                modules = modules[1:]
+            for module in modules:
                 f = module(f)
             return f["token_embeddings"].to(torch.float32).cpu().numpy()
 
@@ -77,6 +89,7 @@ def load_colbert(spec: BackendSpec, path: Path) -> LoadedModel:
     if dtype != "float32":
         mve.to(getattr(torch, dtype))  # the projections too, not only the transformer
     modules, fmt = _pipeline(spec.name, mve, spec.max_seq_length)
+    encoder = _own_encoder(spec, path, device, dtype)
     backend_tokenizer = getattr(mve.tokenizer, "backend_tokenizer", None)
     if backend_tokenizer is None:
         raise ConfigError(f"model {spec.name}: needs a fast tokenizer (tokenizer.json)")
@@ -103,13 +116,29 @@ def load_colbert(spec: BackendSpec, path: Path) -> LoadedModel:
     )
     return LoadedModel(
         path=path,
-        backend=ColbertBackend(modules, device, dtype, dimension),
+        backend=ColbertBackend(modules, device, dtype, dimension, encoder),
         tokenizer=tokenizer,
         max_seq_length=max(fmt.query_length, fmt.document_length),
         pad_token_id=int(pad_id) if pad_id is not None else 0,
         pooling="none",
         colbert=fmt,
     )
+
+
+def _own_encoder(spec: BackendSpec, path: Path, device: str, dtype: str) -> Any:
+    """The own BERT encoder of the folder's transformer (traced where the trace matches), or
+    None where backends/bert.py does not compute it exactly."""
+    p = None if spec.trust_remote_code else bert.encoder_plan(path)
+    if p is None:
+        return None
+    try:
+        encoder = bert.build(p, device, dtype)
+    except ValueError as e:  # weights named otherwise: the library's module runs
+        log.info(
+            "model %s: %s; its transformer runs as sentence-transformers runs it", spec.name, e
+        )
+        return None
+    return trace_states(encoder, device) or encoder
 
 
 def _pipeline(name: str, mve: Any, serving_limit: int | None) -> tuple[list[Any], ColbertFormat]:

@@ -12,7 +12,6 @@ it matches the eager module are one decision, tried in order, and read best toge
 from __future__ import annotations
 
 import logging
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ from embedsvc.backends.torch_common import (
     load_transformers_model,
     pad_token_id_of,
     place,
+    trace_states,
 )
 from embedsvc.errors import ConfigError
 
@@ -220,7 +220,7 @@ def _load_remote_code(spec: BackendSpec, path: Path) -> _Parts:
     config = bert.read_json(path / "config.json") or {}
     sbert = bert.read_json(path / "sentence_bert_config.json") or {}
     return _Parts(
-        encoder=_trace(hidden, device) or hidden,
+        encoder=trace_states(hidden, device) or hidden,
         head=[pool],
         pooling=pooling,
         dimension=int(model.config.hidden_size),
@@ -229,49 +229,6 @@ def _load_remote_code(spec: BackendSpec, path: Path) -> _Parts:
         max_seq_length=sbert.get("max_seq_length"),
         via=f"transformers, remote code at {(spec.code_revision or '')[:12]}",
     )
-
-
-def _trace(eager: Any, device: str) -> Any:
-    """A TorchScript trace of `eager` ((ids, mask) -> token states): the same kernels
-    without a few milliseconds of Python per forward pass. Kept only if it matches the
-    eager module within rounding on padded batches of shapes other than the one traced (a
-    trace fixes Python control flow, so a model whose code branches on its inputs is
-    caught here); else None."""
-    import torch
-
-    def probe(rows: int, cols: int, padded: bool) -> tuple[Any, Any]:
-        g = torch.Generator().manual_seed(rows * cols)
-        ids = torch.randint(1000, 2000, (rows, cols), generator=g)
-        mask = torch.ones(rows, cols, dtype=torch.long)
-        if padded:
-            mask[0, cols // 2 :] = 0
-        return ids.to(device), mask.to(device)
-
-    try:
-        with torch.inference_mode(), warnings.catch_warnings():
-            # The tracer's own warnings (branches on values it fixes): the probes below
-            # decide. Others, such as torch.jit's deprecation, stay visible.
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            traced = torch.jit.trace(eager, probe(2, 8, True), check_trace=False)
-            for rows, cols, padded in ((3, 13, True), (5, 4, True), (4, 6, False)):
-                ids, mask = probe(rows, cols, padded)
-                a, b = eager(ids, mask).float(), traced(ids, mask).float()
-                tol = 1e-4 if a.dtype == torch.float32 else 1e-2
-                if a.shape != b.shape or not torch.allclose(a, b, atol=tol, rtol=tol):
-                    log.warning(
-                        "traced transformer differs from the eager one; running eagerly "
-                        "(slower by the Python of each pass)"
-                    )
-                    return None
-    except Exception as e:  # a model that cannot be traced runs eagerly
-        log.warning(
-            "transformer cannot be traced (%s: %s); running eagerly (slower by the Python of "
-            "each pass)",
-            type(e).__name__,
-            e,
-        )
-        return None
-    return traced
 
 
 @dataclass
@@ -375,7 +332,7 @@ def _load_lean(p: bert.Plan, path: Path, device: str, dtype: str, states: bool) 
     tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
     whole = None if states else bert.pooled(encoder, mode)
     return _Parts(
-        encoder=_trace(whole or encoder, device) or whole or encoder,
+        encoder=trace_states(whole or encoder, device) or whole or encoder,
         head=[] if whole is not None else [pool],
         pooled=whole is not None,
         eager=whole,
@@ -453,7 +410,7 @@ def _load_sentence_transformers(spec: BackendSpec, path: Path, device: str, dtyp
         raise ConfigError(f"model {spec.name}: needs a fast tokenizer (tokenizer.json)")
     pad_id = hf_tokenizer.pad_token_id
     hidden = _hf_transformer(modules)
-    traced = _trace(hidden, device) if hidden is not None else None
+    traced = trace_states(hidden, device) if hidden is not None else None
     return _Parts(
         encoder=traced,
         head=modules[1:] if traced is not None else modules,

@@ -5,8 +5,10 @@ model from a folder, the pad token."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -15,6 +17,8 @@ from tokenizers import Tokenizer
 
 from embedsvc.backends.base import BackendOutOfMemory, BackendSpec
 from embedsvc.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -213,3 +217,46 @@ def pad_token_id_of(path: Path, tokenizer: Tokenizer, config: dict[str, Any]) ->
             return tokenizer.token_to_id(pad)
     pad_id = config.get("pad_token_id")
     return int(pad_id) if isinstance(pad_id, int) else None
+
+
+def trace_states(eager: Any, device: str) -> Any:
+    """A TorchScript trace of `eager` ((ids, mask) -> token states): the same kernels
+    without a few milliseconds of Python per forward pass. Kept only if it matches the
+    eager module within rounding on padded batches of shapes other than the one traced (a
+    trace fixes Python control flow, so a model whose code branches on its inputs is
+    caught here); else None."""
+    import torch
+
+    def probe(rows: int, cols: int, padded: bool) -> tuple[Any, Any]:
+        g = torch.Generator().manual_seed(rows * cols)
+        ids = torch.randint(1000, 2000, (rows, cols), generator=g)
+        mask = torch.ones(rows, cols, dtype=torch.long)
+        if padded:
+            mask[0, cols // 2 :] = 0
+        return ids.to(device), mask.to(device)
+
+    try:
+        with torch.inference_mode(), warnings.catch_warnings():
+            # The tracer's own warnings (branches on values it fixes): the probes below
+            # decide. Others, such as torch.jit's deprecation, stay visible.
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            traced = torch.jit.trace(eager, probe(2, 8, True), check_trace=False)
+            for rows, cols, padded in ((3, 13, True), (5, 4, True), (4, 6, False)):
+                ids, mask = probe(rows, cols, padded)
+                a, b = eager(ids, mask).float(), traced(ids, mask).float()
+                tol = 1e-4 if a.dtype == torch.float32 else 1e-2
+                if a.shape != b.shape or not torch.allclose(a, b, atol=tol, rtol=tol):
+                    log.warning(
+                        "traced transformer differs from the eager one; running eagerly "
+                        "(slower by the Python of each pass)"
+                    )
+                    return None
+    except Exception as e:  # a model that cannot be traced runs eagerly
+        log.warning(
+            "transformer cannot be traced (%s: %s); running eagerly (slower by the Python of "
+            "each pass)",
+            type(e).__name__,
+            e,
+        )
+        return None
+    return traced

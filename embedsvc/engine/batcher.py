@@ -226,7 +226,7 @@ def pad(items: list[Item], pad_id: int) -> PaddedBatch:
     )
     # Token vectors (or states) are computed for a pass only when one of its jobs asks.
     tokens = any(getattr(it.job, "multivector", False) for it in items)
-    vectors = states = False
+    vectors = states = unattended = False
     mask = real.astype(np.int64)
     if tokens:
         for row, it in enumerate(items):
@@ -239,4 +239,5 @@ def pad(items: list[Item], pad_id: int) -> PaddedBatch:
             attended = getattr(it.job, "attended", None)
             if attended is not None:  # a ColBERT query's expansion: not attended to
                 mask[row, attended[it.index] :] = 0
-    return PaddedBatch(ids, mask, vectors, states)
+                unattended = True
+    return PaddedBatch(ids, mask, vectors, states, unattended)

@@ -7,6 +7,7 @@ tokens the model does or does not attend to, and the document punctuation skipli
 from __future__ import annotations
 
 import base64
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,30 @@ def test_token_vectors_equal_sentence_transformers(
         assert [len(rows) for rows in got] == [len(w) for w in want]
         for rows, w in zip(got, want, strict=True):
             rows_close(rows, w)
+
+
+def test_queries_and_documents_share_passes(
+    colbert: tuple[Server, Path], reference: dict[tuple[str, str], list[Any]]
+) -> None:
+    """Queries (expansion not attended to: the library's transformer runs their passes) and
+    documents (the own encoder, alone) at once, so passes mix them: each gets its own."""
+    s, _ = colbert
+    results: dict[str, list[Any]] = {}
+
+    def call(side: str) -> None:
+        body = {"inputs": TEXTS, "prompt_name": side, "truncate": True}
+        with s.client() as c:
+            results[side] = [c.post("/embed_multivector", json=body).json() for _ in range(4)]
+
+    threads = [threading.Thread(target=call, args=(side,)) for side in ("query", "document")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for side in ("query", "document"):
+        for answer in results[side]:
+            for rows, w in zip(answer, reference["classic", side], strict=True):
+                rows_close(rows, w)
 
 
 def test_float16_answers_are_half_the_bytes(colbert: tuple[Server, Path]) -> None:

@@ -165,7 +165,7 @@ def test_a_model_the_tracer_cannot_follow_runs_eagerly_with_a_warning(caplog: An
     WARNING (not an info line nobody reads)."""
     import torch
 
-    from embedsvc.backends.torch_backend import _trace
+    from embedsvc.backends.torch_common import trace_states
 
     class Branchy(torch.nn.Module):
         def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -179,7 +179,7 @@ def test_a_model_the_tracer_cannot_follow_runs_eagerly_with_a_warning(caplog: An
     for module, said in ((Branchy(), "differs from the eager one"), (Untraceable(), "cannot")):
         caplog.clear()
         with caplog.at_level("INFO", logger="embedsvc"):
-            assert _trace(module.eval(), "cpu") is None
+            assert trace_states(module.eval(), "cpu") is None
         [record] = [r for r in caplog.records if "running eagerly" in r.getMessage()]
         assert record.levelname == "WARNING" and said in record.getMessage()
 
