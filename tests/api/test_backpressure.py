@@ -117,6 +117,9 @@ class PoisonBackend:
         self.inner = inner
         self.device, self.dtype, self.dimension = inner.device, inner.dtype, inner.dimension
 
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)  # the declared capabilities: the real backend's
+
     def forward(self, batch: PaddedBatch) -> ForwardOutput:
         if (batch.input_ids == 3).any():
             raise RuntimeError("injected fault: secret internal detail")
