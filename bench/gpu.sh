@@ -11,27 +11,51 @@
 #   RANDOM_WEIGHTS=1 bash bench/gpu.sh         # the architecture with random weights:
 #                                              # times the same, downloads nothing
 #   SKIP_INSTALL=1 ...                         # embedsvc's packages are already there
+#   CARRY=.gpu-carry bash bench/gpu.sh         # no package index there: install the wheels
+#                                              # bench/gpu_carry.sh gathered, run embedsvc
+#                                              # from this tree, random weights, its wrk
+#   DEVICE=cpu CARRY=... bash bench/gpu.sh     # the same as a short dry run on a CPU
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 MODEL=${MODEL:-bge-small-en-v1.5}
-if [ -z "${SKIP_INSTALL:-}" ]; then
+DEVICE=${DEVICE:-cuda}
+ARGS=(--model "$MODEL")
+if [ -n "${CARRY:-}" ]; then
+    # Nothing from the network: the carried wheels beside the image's torch and
+    # sentence-transformers, embedsvc from this tree, the architecture with random weights.
+    "$PY" -m pip install -q --no-index --no-deps "$CARRY"/wheels/*.whl
+    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+    [ -x "$CARRY/wrk/wrk" ] && export PATH="$PWD/$CARRY/wrk:$PATH"
+    RANDOM_WEIGHTS=1
+    ARGS+=(--tokenizer "$CARRY/tokenizer")
+elif [ -z "${SKIP_INSTALL:-}" ]; then
     # Install embedsvc next to the CUDA torch already on the machine (no constraints file,
     # so the CPU pin in requirements/torch.txt does not apply), plus the GPU onnxruntime.
     "$PY" -m pip install -q -e '.[onnx-gpu,bench]'
 fi
-ARGS=(--model "$MODEL")
 if [ -n "${RANDOM_WEIGHTS:-}" ]; then
     ARGS+=(--random-weights)
 elif [ "$MODEL" != all-minilm-l6-v2 ]; then
     "$PY" -m embedsvc pull --models "$MODEL"
 fi
+# Every figure into one JSON and a markdown table ($OUT on a lent GPU machine comes back).
+RESULTS=${RESULTS:-${OUT:-gpu-results}}
+REPORT=(--report "$RESULTS/gpu.json")
+rm -f "$RESULTS/gpu.json" "$RESULTS/gpu.md"
+CHECK=(--seconds 10)
+SERVE=(--api-workers 1,0 --no-graphs-too)
+if [ "$DEVICE" = cpu ]; then  # a dry run: every step, briefly
+    CHECK=(--device cpu --quick --texts 256 --seconds 0.5)
+    SERVE=(--device cpu --api-workers 1 --seconds 2 --connections 16 --threads 1 --texts 256)
+fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 status=0
-"$PY" bench/gpu_check.py "${ARGS[@]}" --seconds 10 || status=$?
-if command -v wrk >/dev/null; then
-    "$PY" bench/gpu_serve.py "${ARGS[@]}" --api-workers 1,0 --no-graphs-too || status=$?
+"$PY" bench/gpu_check.py "${ARGS[@]}" "${CHECK[@]}" "${REPORT[@]}" || status=$?
+if command -v wrk >/dev/null && { wrk --version 2>&1 || true; } | grep -q "^wrk "; then
+    "$PY" bench/gpu_serve.py "${ARGS[@]}" "${SERVE[@]}" "${REPORT[@]}" || status=$?
 else
-    echo "SKIP bench/gpu_serve.py: needs wrk (apt-get install wrk)"
+    echo "SKIP bench/gpu_serve.py: needs a wrk that runs here (apt-get install wrk)"
 fi
+[ -f "$RESULTS/gpu.md" ] && cat "$RESULTS/gpu.md"
 exit "$status"

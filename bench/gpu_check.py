@@ -11,7 +11,8 @@
 2. onnxruntime CUDA provider (needs onnxruntime-gpu): fp16 export vs torch fp32 parity
    and throughput through the onnx backend.
 Prints one PASS/FAIL line per check (SKIP for what the machine lacks) and the ratios last;
-exits non-zero on a failed check.
+exits non-zero on a failed check. With --report PATH every figure also goes into that JSON
+and a markdown table beside it (bench/report.py; bench/gpu.sh gathers the run's there).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import Report
 from workload import queries, rag_mix
 
 from embedsvc.backends import load_model
@@ -37,12 +39,15 @@ from embedsvc.registry import load_registry
 from embedsvc.settings import Settings
 
 failures: list[str] = []
+report = Report(None, "gpu_check")
 
 
-def check(name: str, ok: bool, detail: str) -> None:
+def check(name: str, ok: bool, detail: str, cosine: float | None = None) -> None:
     print(f"{'PASS' if ok else 'FAIL'} {name}: {detail}", flush=True)
     if not ok:
         failures.append(name)
+    if cosine is not None:
+        report.add(f"{name}: cosine min", cosine, "", target=">= 0.999")
 
 
 def cos_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -127,7 +132,11 @@ def graph_passes(spec, path, probe: list[str], dev: str, dtype: str) -> None:
             f"{times[True][0]:7.3f} ms = {times[False][0] / times[True][0]:5.2f}x; "
             f"cosine min {c.min():.5f}"
         )
-        check(f"CUDA graph vectors, {rows} inputs", c.min() >= 0.999, f"cosine min {c.min():.5f}")
+        cmin = float(c.min())
+        check(f"CUDA graph vectors, {rows} inputs", cmin >= 0.999, f"cosine min {cmin:.5f}", cmin)
+        shape_name = f"{rows} x {batch.shape[1]}"
+        report.add(f"pass {shape_name}, kernel by kernel", times[False][0], "ms")
+        report.add(f"pass {shape_name}, CUDA graphs", times[True][0], "ms")
     varied_shapes(models, ids, dev, dtype, path)
     captured = sum(g is not None for g in graphs._graphs.values())
     check(
@@ -205,7 +214,9 @@ def main() -> int:
         action="store_true",
         help="one batch size per offline measurement: a check that the script runs",
     )
+    ap.add_argument("--report", type=Path, help="add every figure to this JSON (and its .md)")
     args = ap.parse_args()
+    report.path = args.report
     dev = args.device
     if dev == "cuda" and not torch.cuda.is_available():
         print("no CUDA device visible to torch")
@@ -213,6 +224,9 @@ def main() -> int:
     low, low_name = (torch.float16, "float16") if dev == "cuda" else (torch.float32, "float32")
     gpu = torch.cuda.get_device_name(0) if dev == "cuda" else "none (dry run on CPU)"
     print(f"GPU: {gpu}; torch {torch.__version__}")
+    report.fact("device", gpu)
+    report.fact("torch", torch.__version__)
+    report.fact("model", args.model + (" (random weights)" if args.random_weights else ""))
     models_file = None
     if args.random_weights:
         from gpu_models import build_all
@@ -231,7 +245,8 @@ def main() -> int:
     ref = fp32.encode(probe, normalize_embeddings=True)
     half = fp16.encode(probe, normalize_embeddings=True)
     c = cos_rows(ref, half)
-    check("torch fp16 vs fp32", c.min() >= 0.999, f"cosine min {c.min():.5f} mean {c.mean():.5f}")
+    detail = f"cosine min {c.min():.5f} mean {c.mean():.5f}"
+    check("torch fp16 vs fp32", c.min() >= 0.999, detail, float(c.min()))
 
     sizes = [64] if args.quick else [64, 128, 256, 512, 1024]
     print("offline limit, torch fp32:")
@@ -289,6 +304,7 @@ def main() -> int:
             "onnxruntime CUDA fp16 vs torch fp32",
             c.min() >= 0.999,
             f"cosine min {c.min():.5f}; providers {providers}",
+            float(c.min()),
         )
         all_ids = tok.encode(texts, prefix="", truncate=True, direction="right", param="x")
         order = sorted(range(len(all_ids)), key=lambda i: len(all_ids[i]))
@@ -307,6 +323,19 @@ def main() -> int:
     print(f"ratio 1-input short queries / offline  = {single / off_short:.2f}")
     if ort_rate:
         print(f"ratio onnxruntime fp16 / torch fp16    = {ort_rate / off16:.2f}")
+    for name, value in (
+        ("offline fp32, RAG mix", off32),
+        ("offline fp16, RAG mix", off16),
+        ("offline fp16, short queries", off_short),
+        ("engine fp16, 8-input jobs of the RAG mix", served),
+        ("engine fp16, 1-input short queries", single),
+    ):
+        report.add(name, value, "inputs/s")
+    report.add("engine / offline, RAG mix 8-input jobs", served / off16, "x", ">= 1.0")
+    report.add("engine / offline, 1-input short queries", single / off_short, "x", ">= 0.9")
+    if ort_rate:
+        report.add("onnxruntime CUDA fp16 / torch fp16 offline", ort_rate / off16, "x")
+    report.write()
     return 1 if failures else 0
 
 

@@ -10,7 +10,9 @@ over the same short queries), then `embedsvc serve` (fp16, one engine process an
 under wrk with one short query per request, as requests/s and their ratio to that limit,
 with CPU milliseconds per request of the front ends and the engine, forward passes and
 their mean size (/metrics), the GPU's mean utilization (nvidia-smi) and latency at
-concurrency 1.
+concurrency 1; then 32-input requests of the RAG mix (32 connections) against the offline
+limit of the RAG mix. --report PATH adds every figure to that JSON and its markdown table
+(bench/report.py).
 """
 
 from __future__ import annotations
@@ -30,8 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from frontend import LUA, load_server, show, write_bodies
 from gpu_check import offline
+from report import Report
 from throughput import Load, closed_loop, free_port, start, stop
-from workload import queries
+from workload import queries, rag_mix
 
 
 class GpuUtilization:
@@ -107,6 +110,8 @@ def main() -> int:
     ap.add_argument("--connections", type=int, default=256)
     ap.add_argument("--threads", type=int, default=4, help="wrk threads")
     ap.add_argument("--device", default="cuda", help="cpu: a dry run of this script")
+    ap.add_argument("--report", type=Path, help="add every figure to this JSON (and its .md)")
+    ap.add_argument("--texts", type=int, default=4096, help="short queries, and RAG-mix texts")
     ap.add_argument(
         "--no-graphs-too",
         action="store_true",
@@ -128,10 +133,13 @@ def main() -> int:
         )
     spec = load_registry(models_file or None).select([args.model])[0]
     path = resolve_model_dir(spec)
-    short = queries(4096, seed=22)
+    short = queries(args.texts, seed=22)
+    mix = rag_mix(args.texts, seed=21)
     lua = tmp / "bodies.lua"
     lua.write_text(LUA)
     bodies = write_bodies(tmp, "short", short, 1)
+    mix_bodies = write_bodies(tmp, "mix32", mix, 32)
+    report = Report(args.report, "gpu_serve")
     gpu = torch.cuda.get_device_name(0) if args.device == "cuda" else "none (dry run on CPU)"
     print(
         f"GPU: {gpu}; {os.cpu_count()} CPUs; model {args.model}"
@@ -143,6 +151,8 @@ def main() -> int:
     model = SentenceTransformer(str(path), device=args.device, model_kwargs=kwargs)
     print(f"offline limit, torch {dtype}, the same short queries:")
     best_bs, limit = offline(model, short, [64, 128, 256, 512, 1024])
+    print(f"offline limit, torch {dtype}, the RAG mix:")
+    mix_bs, mix_limit = offline(model, mix, [32, 64, 128, 256])
     del model
     if args.device == "cuda":
         torch.cuda.empty_cache()
@@ -156,6 +166,8 @@ def main() -> int:
         args.model,
         "--log-level",
         "warning",
+        "--max-queue-time",
+        "0",  # saturation: queue, do not refuse (admission has its own benchmark)
     ]
     if models_file:
         cmd += ["--models-file", models_file]
@@ -196,18 +208,43 @@ def main() -> int:
                     f"outside the forward pass p50 {one['internal_p50_ms']:.2f} ms"
                 )
                 results.append((label, r["rps"], r["errors"] or r["socket_errors"]))
+                report.add(f"{label}: 1-input short queries", r["rps"], "requests/s")
+                if util.mean is not None:
+                    report.add(f"{label}: GPU utilization", util.mean, "%")
+                report.add(f"{label}: p50 at concurrency 1", one["p50_ms"], "ms")
+                conns = min(32, args.connections)
+                m = load_server(url, proc.pid, mix_bodies, lua, args.seconds, 3, conns, 1)
+                show(f"{label}, 32-input RAG mix x{conns}", m, 32)
+                ratio = m["rps"] * 32 / mix_limit
+                name = f"{label}: 32-input RAG mix / offline"
+                if m["errors"] or m["socket_errors"]:
+                    print(f"  {name} = {ratio:.2f}  (RUN HAD ERRORS: does not count)")
+                    report.add(name + " (the run had errors: does not count)", ratio, "x")
+                else:
+                    print(f"  {name} = {ratio:.2f}")
+                    report.add(name, ratio, "x", ">= 1.0")
             finally:
                 stop(proc)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print()
     print(f"offline limit ({dtype}, batch {best_bs}): {limit:.0f} short queries/s")
+    print(f"offline limit ({dtype}, batch {mix_bs}): {mix_limit:.0f} RAG-mix inputs/s")
+    report.fact("gpu_serve", f"wrk -t{args.threads} -c{args.connections}, {args.seconds:.0f} s")
+    report.add(f"offline {dtype}, short queries (batch {best_bs})", limit, "inputs/s")
+    report.add(f"offline {dtype}, RAG mix (batch {mix_bs})", mix_limit, "inputs/s")
     for label, rps, errors in results:
         note = "  (RUN HAD ERRORS: does not count)" if errors else ""
         print(
             f"ratio 1-input short queries over HTTP, {label} / offline = {rps / limit:.2f} "
             f"({rps:.0f} requests/s){note}"
         )
+        name = f"{label}: 1-input short queries / offline"
+        if errors:
+            report.add(name + " (the run had errors: does not count)", rps / limit, "x")
+        else:
+            report.add(name, rps / limit, "x", ">= 0.9")
+    report.write()
     return 0
 
 

@@ -5,6 +5,7 @@ which runs their imports and argument set-up). No timing is asserted."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -35,7 +36,7 @@ RUNS: dict[str, list[str] | None] = {
     "soak.py": None,  # minutes by design
     "startup.py": None,  # starts the server --runs times
 }
-MODULES = ("bare_app", "naive_server", "workload")  # imported by the scripts above
+MODULES = ("bare_app", "naive_server", "workload", "report")  # imported by the scripts above
 
 
 def test_every_bench_script_is_listed() -> None:
@@ -61,3 +62,27 @@ def test_bench_modules_import() -> None:
     code = "import sys; sys.path.insert(0, 'bench'); " + "; ".join(f"import {m}" for m in MODULES)
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-4000:]
+
+
+def test_gpu_check_dry_run_writes_its_report(tmp_path: Path) -> None:
+    """bench/gpu.sh's first script, as a dry run on the CPU: every figure in one JSON with
+    the targets judged, and the markdown table beside it."""
+    report = tmp_path / "gpu.json"
+    args = RUNS["gpu_check.py"] or []
+    r = subprocess.run(
+        [sys.executable, str(BENCH / "gpu_check.py"), *args, "--report", str(report)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    data = json.loads(report.read_text())
+    assert data["facts"]["device"] == "none (dry run on CPU)"
+    figures = {f["name"]: f for f in data["figures"]}
+    parity = figures["torch fp16 vs fp32: cosine min"]
+    assert parity["target"] == ">= 0.999" and parity["met"] is True
+    ratio = figures["engine / offline, 1-input short queries"]
+    assert ratio["value"] > 0 and ratio["met"] == (ratio["value"] >= 0.9)
+    table = report.with_suffix(".md").read_text()
+    assert "| gpu_check | engine / offline, 1-input short queries |" in table
