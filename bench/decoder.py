@@ -10,6 +10,12 @@ built here (so a text is more tokens than with Qwen's own; both sides get the sa
 Printed: the offline limit (SentenceTransformer.encode at its best batch size), embedsvc
 with 1-input requests from 16 concurrent clients and 32-input requests from 2, in inputs/s,
 and their ratios. The client (Python, aiohttp) takes little CPU next to a 0.6B model.
+
+    python bench/decoder.py --device cuda --texts 2048 --seconds 20 --report gpu.json
+
+runs it on a GPU in float16 on both sides (the server's dtype auto for these weights), with
+64 clients of 1-input requests and 8 of 32-input ones, and adds tokens/s and the ratios to
+the report of bench/gpu.sh (bench/report.py).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from report import Report
 from throughput import Load, closed_loop, free_port, start, stop
 from workload import rag_mix
 
@@ -62,13 +69,20 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--texts", type=int, default=48)
     ap.add_argument("--seconds", type=float, default=60.0, help="per server measurement")
+    ap.add_argument("--device", default="cpu", help="cuda: float16 on both sides")
+    ap.add_argument("--report", type=Path, help="add the figures to this JSON (and its .md)")
     args = ap.parse_args()
+    import torch
     from sentence_transformers import SentenceTransformer
+
+    gpu = args.device == "cuda"
+    kwargs = {"dtype": torch.float16} if gpu else {}
+    clients, batch_clients = (64, 8) if gpu else (16, 2)
 
     tmp = Path(tempfile.mkdtemp(prefix="embedsvc-decoder-"))
     folder = build(tmp / "qwen3", args.layers, args.hidden)
     texts = rag_mix(args.texts, seed=3, passage_words=(20, 60))
-    model = SentenceTransformer(str(folder), device="cpu")
+    model = SentenceTransformer(str(folder), device=args.device, model_kwargs=kwargs)
     lengths = [len(model.tokenizer(t)["input_ids"]) for t in texts]
     params = sum(p.numel() for p in model.parameters()) / 1e9
     print(f"Qwen3 architecture, {args.layers} layers x {args.hidden}: {params:.2f} B parameters;")
@@ -76,9 +90,12 @@ def main() -> None:
     print(f"{len(texts)} texts of {min(lengths)}-{max(lengths)} tokens (mean {mean:.0f})")
     model.encode(texts[:8], batch_size=8)  # warm up
     rates = {}
-    for bs in (8, 16, 32):
+    sync = torch.cuda.synchronize if gpu else lambda: None
+    for bs in (32, 64, 128) if gpu else (8, 16, 32):
+        sync()
         t0 = time.perf_counter()
         model.encode(texts, batch_size=bs)
+        sync()
         rates[bs] = len(texts) / (time.perf_counter() - t0)
     best = max(rates, key=lambda b: rates[b])
     print("offline limit: " + ", ".join(f"batch {b}: {r:.1f}/s" for b, r in rates.items()))
@@ -114,22 +131,33 @@ def main() -> None:
     )
     try:
         url = f"http://127.0.0.1:{port}"
-        single = asyncio.run(closed_loop(url, Load(texts, 1), 16, args.seconds))
+        single = asyncio.run(closed_loop(url, Load(texts, 1), clients, args.seconds))
         per = min(32, len(texts))
-        batch = asyncio.run(closed_loop(url, Load(texts, per), 2, args.seconds))
+        batch = asyncio.run(closed_loop(url, Load(texts, per), batch_clients, args.seconds))
     finally:
         stop(proc)
     limit = rates[best]
     print(
-        f"embedsvc, 1-input requests, 16 clients: {single['inputs_per_s']:.1f} inputs/s "
-        f"(p50 {single['p50_ms']:.0f} ms)"
+        f"embedsvc, 1-input requests, {clients} clients: {single['inputs_per_s']:.1f} "
+        f"inputs/s (p50 {single['p50_ms']:.0f} ms)"
     )
-    print(f"embedsvc, {per}-input requests, 2 clients: {batch['inputs_per_s']:.1f} inputs/s")
+    print(
+        f"embedsvc, {per}-input requests, {batch_clients} clients: "
+        f"{batch['inputs_per_s']:.1f} inputs/s"
+    )
     print(
         f"ratios to the offline limit (batch {best}, {limit:.1f}/s): "
         f"1-input {single['inputs_per_s'] / limit:.2f}, "
         f"{per}-input {batch['inputs_per_s'] / limit:.2f}"
     )
+    report = Report(args.report, "decoder")
+    report.fact("decoder", f"Qwen3 architecture, {args.layers} x {args.hidden}, {args.device}")
+    report.add(f"offline limit (batch {best})", limit * mean, "tokens/s")
+    report.add("embedsvc, 1-input requests", single["inputs_per_s"] * mean, "tokens/s")
+    report.add(f"embedsvc, {per}-input requests", batch["inputs_per_s"] * mean, "tokens/s")
+    report.add("1-input / offline", single["inputs_per_s"] / limit, "x", ">= 0.9")
+    report.add(f"{per}-input / offline", batch["inputs_per_s"] / limit, "x", ">= 1.0")
+    report.write()
 
 
 if __name__ == "__main__":

