@@ -19,7 +19,7 @@
 #                                              # bench/gpu_carry.sh gathered, run embedsvc
 #                                              # from this tree, random weights, its wrk
 #   CARRY_BULK=.gpu-carry-bulk ...             # pyarrow & co. for bench/bulk.py (on a machine
-#                                              # that keeps them: a second call, 58 MB)
+#                                              # that keeps them: a second run, 55 MB)
 #   ONLY=bulk ...                              # that step alone (ONLY=main: all but it)
 #   DEVICE=cpu CARRY=... bash bench/gpu.sh     # the same as a short dry run on a CPU
 set -euo pipefail
@@ -31,7 +31,7 @@ ARGS=(--model "$MODEL")
 if [ -n "${CARRY:-}" ]; then
     # Nothing from the network: the carried wheels beside the image's torch and
     # sentence-transformers, embedsvc from this tree, the architecture with random weights.
-    # (a second call on a machine still warm from the first finds them installed)
+    # (a second run on the same machine finds them installed already)
     [ -d "$CARRY/wheels" ] && "$PY" -m pip install -q --no-index --no-deps "$CARRY"/wheels/*.whl
     export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
     [ -x "$CARRY/wrk/wrk" ] && export PATH="$PWD/$CARRY/wrk:$PATH"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # What a GPU machine without a package index needs to run bench/gpu.sh, gathered into one
 # folder that travels with the working tree (.gpu-carry/, ignored by git; 16 MB), and
-# embedsvc embed's in another (.gpu-carry-bulk/, 58 MB: each under a call's 64 MB):
+# embedsvc embed's in another (.gpu-carry-bulk/, 55 MB), so that each stays under 64 MB
+# where what a run ships to the machine is capped there:
 #   wheels/     embedsvc's dependencies beyond an image with a CUDA torch, transformers,
 #               sentence-transformers, onnxruntime, pyyaml, prometheus-client and uvloop:
 #               the HTTP stack, msgspec, orjson, pyzmq and the benchmark's HTTP client, at
@@ -24,8 +25,8 @@ PACKAGES=(fastapi starlette pydantic pydantic-core annotated-types typing-inspec
     sniffio uvicorn h11 click httptools orjson msgspec pyzmq aiohttp aiohappyeyeballs aiosignal
     attrs frozenlist multidict propcache yarl idna typing-extensions opentelemetry-api annotated-doc
     httpx httpcore certifi)
-# embedsvc embed's (bench/bulk.py): pyarrow alone is 55 MB, so they travel apart, in a second
-# call to the machine ($OUT-bulk, bench/gpu.sh's CARRY_BULK).
+# embedsvc embed's (bench/bulk.py): pyarrow alone is 53 MB, so they travel apart, with a
+# second run on the same machine ($OUT-bulk, bench/gpu.sh's CARRY_BULK).
 BULK_PACKAGES=(pyarrow rich markdown-it-py mdurl pygments)
 rm -rf "$OUT" "$OUT-bulk"
 mkdir -p "$OUT/wheels" "$OUT/wrk/lib" "$OUT/tokenizer" "$OUT-bulk/wheels"
