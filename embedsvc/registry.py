@@ -97,6 +97,16 @@ class ModelSpec:
             return "package"
         return "hf_cache"
 
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        """What the model gives per input: `dense` vectors, `sparse` weights (SPLADE,
+        BGE-M3's lexical head), `multivector` token vectors (ColBERT, BGE-M3's ColBERT
+        head); none for a reranker (a score per pair)."""
+        if self.task == "embed":
+            extra = {"sparse": self.lexical_weights, "multivector": self.multivector}
+            return ("dense", *(name for name, has in extra.items() if has))
+        return (self.task,) if self.task in ("sparse", "multivector") else ()
+
     def prompt_for_input_type(self, input_type: str) -> str | None:
         """Map the OpenAI-dialect `input_type` (query|passage|document) to a prompt name."""
         if input_type == "query":

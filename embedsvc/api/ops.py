@@ -43,7 +43,7 @@ def model_info(e: ModelEngine) -> dict[str, Any]:
         "default_prompt_name": info.default_prompt_name,
         "instruction_template": spec.instruction_template,
         "icl": spec.icl,
-        "multivector": spec.multivector or spec.task == "multivector",
+        "multivector": "multivector" in spec.outputs,
         # A ColBERT model: what it puts before a query or document (prompt_name query or
         # document), each side's most tokens, query expansion and the skiplist's size.
         "colbert": None

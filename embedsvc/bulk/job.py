@@ -155,19 +155,14 @@ def request_task(engine: ModelEngine, outputs: tuple[str, ...]) -> tuple[Request
     /encode's for several outputs of an embedding model. ConfigError, before anything is
     read, for an output the model does not have."""
     spec = engine.spec
-    if spec.task == "embed":
-        has = {"dense": True, "sparse": spec.lexical_weights, "multivector": spec.multivector}
-        missing = [o for o in outputs if not has[o]]
-        if not missing:
-            return ("embed", ()) if outputs == ("dense",) else ("encode", outputs)
-    elif spec.task in ("sparse", "multivector") and outputs == (spec.task,):
+    if any(o not in spec.outputs for o in outputs):
+        raise ConfigError(
+            f"model {engine.name} (task {spec.task}) cannot give --outputs "
+            f"{','.join(outputs)}; it gives {','.join(spec.outputs) or 'no column'}"
+        )
+    if spec.task != "embed":  # SPLADE, ColBERT: their one output, their own task
         return spec.task, ()
-    gives = {"sparse": "sparse", "multivector": "multivector", "rerank": "no column"}
-    own = gives.get(spec.task, "dense, and sparse/multivector where models.yaml says so")
-    raise ConfigError(
-        f"model {engine.name} (task {spec.task}) cannot give --outputs {','.join(outputs)}; "
-        f"it gives {own}"
-    )
+    return ("embed", ()) if outputs == ("dense",) else ("encode", outputs)
 
 
 def check_options(opts: Options) -> None:

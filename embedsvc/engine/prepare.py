@@ -213,8 +213,7 @@ class Preparer:
                 raise ValidationError(
                     "outputs is empty: ask for dense, sparse or multivector", param="outputs"
                 )
-            has = {"sparse": self.spec.lexical_weights, "multivector": self.spec.multivector}
-            missing = [o for o in req.outputs if not has.get(o, True)]
+            missing = [o for o in req.outputs if o not in self.spec.outputs]
             if missing:
                 raise ValidationError(
                     f"model {self.name} has no {' or '.join(missing)} output (see /info: "
