@@ -178,12 +178,18 @@ def _pipeline(name: str, mve: Any, serving_limit: int | None) -> tuple[list[Any]
         raise ConfigError(f"{refuse}: prompts other than query and document ({unknown})")
     config = getattr(transformer, "auto_model", None)
     positions = int(getattr(getattr(config, "config", None), "max_position_embeddings", 0) or 0)
-    limits = [v for v in (transformer.max_seq_length, serving_limit, positions) if v]
-    if not limits:
-        raise ConfigError(f"model {name}: set max_seq_length in models.yaml")
-    cap = min(limits)
-    document = min(transformer.document_length or cap, cap)
-    query = min(transformer.query_length or cap, cap)
+
+    def side_length(length: int | None) -> int:
+        # A side's own length replaces the transformer's max_seq_length, as the library
+        # tokenizes (PyLate saves max_seq_length one below it, the marker's room); the
+        # position table and the entry's max_seq_length still bound it.
+        limits = [v for v in (length or transformer.max_seq_length, serving_limit, positions) if v]
+        if not limits:
+            raise ConfigError(f"model {name}: set max_seq_length in models.yaml")
+        return int(min(limits))
+
+    document = side_length(transformer.document_length)
+    query = side_length(transformer.query_length)
     expansion = transformer.query_expansion
     width = expansion_id = 0
     attend = False
