@@ -252,6 +252,8 @@ def decode(body: type[B], raw: bytes) -> B:
         raise _invalid(body, str(e), raw) from None
     except msgspec.DecodeError as e:
         raise _malformed(str(e)) from None
+    except RecursionError:  # the decoder's own depth limit: a client's body, not a fault
+        raise _too_deep() from None
     return decoded
 
 
@@ -261,6 +263,8 @@ def convert(body: type[B], value: Any) -> B:
         converted: B = msgspec.convert(value, body)
     except msgspec.ValidationError as e:
         raise _invalid(body, str(e), value) from None
+    except RecursionError:
+        raise _too_deep() from None
     return converted
 
 
@@ -284,6 +288,13 @@ _WORDS = {
     "array": "a list",
     "object": "an object",
 }
+
+
+def _too_deep() -> ValidationError:
+    return ValidationError(
+        "request body nests lists or objects too deeply; no request field goes deeper than "
+        "a list of lists (token ids of several inputs)"
+    )
 
 
 def _malformed(message: str) -> ValidationError:
