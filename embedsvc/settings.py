@@ -57,6 +57,11 @@ class Settings:
         "numbers one /embed_multivector or /embed_all answer may hold (tokens x width, all inputs "
         "together; 413 beyond): 2048 tokens of a 1024-dimension model",
     )
+    max_sparse_values: int = _setting(
+        1_048_576,
+        "non-zero entries one sparse answer (/embed_sparse, /encode's sparse output) may "
+        "hold, all inputs together (413 beyond; counted as the forward passes make them)",
+    )
     dtype: str = _setting(
         "",
         "the weights' dtype for every model (torch backend): auto, float32, float16 or "
@@ -238,6 +243,7 @@ class Settings:
         positive = (
             "max_batch_size",
             "max_multivector_values",
+            "max_sparse_values",
             "max_concurrent_inputs",
             "max_client_batch_size",
             "tokenization_workers",

@@ -45,6 +45,7 @@ class Job:
     attended: list[int] | None = None  # ColBERT queries: positions attended per input
     skip_tokens: bool = False  # the model's skiplist tokens get no vector
     states: bool = False  # rows are token states (/embed_all)
+    sparse_entries: int = 0  # non-zero entries of the sparse rows stored so far
 
     @classmethod
     def admit(cls, origin: Hashable, cj: CoreJob, chunk_size: int) -> tuple[Job, list[Item]]:
@@ -104,6 +105,7 @@ class Job:
                 empty = (np.empty(0, np.int32), np.empty(0, np.float32))
                 self.sparse_rows = [empty] * self.size
             self.sparse_rows[item.index] = row
+            self.sparse_entries += len(row[0])
         elif self.size == 1:
             assert isinstance(row, np.ndarray)
             self.vectors = row[None]  # a view of the pass's finalized rows, not a copy
@@ -132,6 +134,7 @@ class Job:
                 empty = (np.empty(0, np.int32), np.empty(0, np.float32))
                 self.sparse_rows = [empty] * self.size
             self.sparse_rows[item.index] = row.sparse
+            self.sparse_entries += len(row.sparse[0])
         if row.tokens is not None:
             assert self.token_rows is not None
             self.token_rows[item.index] = row.tokens

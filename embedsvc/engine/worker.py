@@ -420,14 +420,25 @@ class ModelWorker:
         share = cores / self._lanes.cores if cores and self._lanes is not None else 1.0
         self.rate.update(sum(it.length for it in items), (end - start) * share)
         done: dict[Hashable, list[JobDone]] = defaultdict(list)
+        failed: dict[Hashable, list[JobFailed]] = defaultdict(list)
         more: list[Item] = []
         completed: list[Job] = []
+        sparse_limit = self.settings.max_sparse_values
         with self._lock:
             for it, row in zip(items, rows, strict=True):
                 job: Job = it.job
                 if job.cancelled:
                     continue
                 more += job.store(it, row, start, end)
+                if job.sparse_entries > sparse_limit:
+                    # The answer would be too large (SPLADE rows have up to a vocabulary of
+                    # entries each): the job ends here, before more of it is kept or built.
+                    del self._jobs[(job.origin, job.key)]
+                    job.cancelled = True
+                    self._inflight -= job.size
+                    self._drop_waiting(job)
+                    failed[job.origin].append(_too_many_entries(job, sparse_limit))
+                    continue
                 if job.remaining == 0:
                     del self._jobs[(job.origin, job.key)]
                     self._inflight -= job.size
@@ -442,7 +453,9 @@ class ModelWorker:
         self.m.rate.set(self.rate.rate)
         self.m.wait_estimate.set(self.tokens_ahead / self.rate.rate)
         for origin, finished in done.items():
-            self.sink(origin, finished, [])
+            self.sink(origin, finished, failed.pop(origin, []))
+        for origin, lst in failed.items():
+            self.sink(origin, [], lst)
 
     def _observe(self, jobs: list[Job]) -> None:
         """The metrics of the jobs a pass completed, in one update each."""
@@ -520,3 +533,14 @@ def _joined(halves: list[np.ndarray | None], rows: list[int], width: int) -> np.
             out[start : start + n, : half.shape[1]] = half
         start += n
     return out
+
+
+def _too_many_entries(job: Job, limit: int) -> JobFailed:
+    return JobFailed(
+        job.key,
+        ErrorKind.PAYLOAD_TOO_LARGE,
+        f"the answer would hold more than max_sparse_values ({limit}) non-zero entries "
+        f"({job.sparse_entries} from {job.size - job.remaining} of its {job.size} "
+        "inputs); send fewer inputs per request",
+        param="inputs",
+    )

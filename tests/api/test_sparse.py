@@ -19,7 +19,10 @@ TEXTS = ["what is the capital of france", "Paris is the capital of France.", "ba
 def sserver(registry: Any, http_direct: bool) -> Iterator[Server]:
     from tests.support import run_server
 
-    with run_server(registry, ["all-minilm-l6-v2", "tiny-splade"], http_direct=http_direct) as s:
+    # The tiny random SPLADE has hundreds of entries per input (a trained one too): 4096
+    # of them take more than the default max_sparse_values.
+    models = ["all-minilm-l6-v2", "tiny-splade"]
+    with run_server(registry, models, http_direct=http_direct, max_sparse_values=1 << 24) as s:
         yield s
 
 
@@ -167,4 +170,28 @@ def test_sparse_rows_travel_as_their_non_zero_entries(sserver: Server) -> None:
     with httpx.Client(base_url=sserver.url, timeout=60) as c:
         [row] = c.post("/embed_sparse", json={"inputs": "a", "model": "tiny-splade"}).json()
     assert [e["index"] for e in row] == idx.tolist()
-    np.testing.assert_allclose([e["value"] for e in row], val, rtol=1e-6)
+    # one input vs a batch of 4096: the same entries, float sums in another order
+    np.testing.assert_allclose([e["value"] for e in row], val, rtol=1e-5, atol=1e-5)
+
+
+def test_a_sparse_answer_past_max_sparse_values_is_413(registry: Any, http_direct: bool) -> None:
+    """Nothing in a SPLADE model bounds its non-zero entries (up to its vocabulary per
+    input): the entries are counted as the passes make them, and a request whose answer
+    would hold more than max_sparse_values is refused before its answer is built; the
+    server serves on."""
+    from tests.support import run_server
+
+    texts = [f"passage {i} about the capital of france and bananas" for i in range(64)]
+    with run_server(
+        registry, ["tiny-splade"], http_direct=http_direct, max_sparse_values=5000
+    ) as s:
+        with s.client() as c:
+            small = c.post("/embed_sparse", json={"inputs": texts[0]})
+            assert small.status_code == 200, small.text
+            per_input = len(small.json()[0])
+            assert 0 < per_input <= 5000
+            r = c.post("/embed_sparse", json={"inputs": texts})
+            assert r.status_code == 413, r.text
+            assert r.json()["error_type"] == "Validation"
+            assert "max_sparse_values (5000)" in r.json()["error"]
+            assert c.post("/embed_sparse", json={"inputs": texts[:1]}).status_code == 200
