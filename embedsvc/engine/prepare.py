@@ -367,6 +367,8 @@ class Preparer:
         inputs = req.inputs
         if isinstance(inputs, Pairs):
             ids = self._pair_ids(req, inputs)
+        elif whole:
+            self._check_icl_lengths(req, ids)
         elif isinstance(inputs, Texts):
             colbert = self._colbert
             ids = self.tokenizer.fit(
@@ -397,6 +399,24 @@ class Preparer:
                 tokens = sum(max(len(x), floor) for x in ids)
             self._check_values(tokens * self.info.dimension, req.input_param, "vector")
         return ids
+
+    def _check_icl_lengths(self, req: EmbedRequest, ids: list[list[int]]) -> None:
+        """A query with in-context examples is never cut: its query part is already within
+        query_max_tokens (icl.py), and FlagICLModel widens its limit by the examples, so a
+        cut could only drop the query (and with it what tells the vectors apart). Longer
+        than the model's max_seq_length, the examples are refused instead."""
+        limit = self.info.max_seq_length
+        longest = max(range(len(ids)), key=lambda i: len(ids[i]))
+        if len(ids[longest]) <= limit:
+            return
+        where = f"{req.input_param}[{longest}]" if len(ids) > 1 else req.input_param
+        whose = "the request's examples" if req.examples is not None else "the model's examples"
+        raise ValidationError(
+            f"{where} with {whose} has {len(ids[longest])} tokens, more than model "
+            f"{self.name} takes ({limit}, its max_seq_length); the query alone is cut to "
+            f"{self.spec.query_max_tokens} tokens, so send fewer or shorter examples",
+            param="examples",
+        )
 
     def _check_values(self, values: int, param: str, what: str) -> None:
         """A per-token answer's size, before any work: 413 past max_multivector_values."""

@@ -150,3 +150,37 @@ def test_info_shows_the_examples(iserver: Server) -> None:
         models = c.get("/info").json()["models"]
     [icl] = [m for m in models if m["name"] == "tiny-icl"]
     assert icl["icl"] is True and icl["examples"] == EXAMPLES
+
+
+def _long_examples(words: int) -> list[dict[str, str]]:
+    text = " ".join(WORDS[i % len(WORDS)] for i in range(words))
+    return [{"instruct": INSTRUCTION, "query": "what flows", "response": text}]
+
+
+def test_long_examples_never_cut_the_query(iserver: Server, flag: Any) -> None:
+    """Examples that fill most of max_seq_length (1024 here): FlagICLModel's vectors, the
+    query whole (it widens its limit by the examples' length). Examples too long for the
+    model's max_seq_length with a query are a 422 naming them, truncate or not: a cut
+    there would drop the query (different queries came back as one vector)."""
+    import numpy as np
+
+    examples = _long_examples(440)
+    n = len(flag.tokenizer(examples[0]["response"], add_special_tokens=False)["input_ids"])
+    assert 800 < n < 1024 - QUERY_MAX - 60  # most of max_seq_length, room for any query
+    flag.set_examples(examples)
+    try:
+        expected = flag.encode_queries(QUERIES[:3])
+    finally:
+        flag.set_examples()
+    with iserver.client() as c:
+        body = {"inputs": QUERIES[:3], "prompt_name": "query", "examples": examples}
+        r = c.post("/embed", json={**body, "truncate": True})
+        assert r.status_code == 200, r.text
+        got = np.asarray(r.json())
+        rows_close(r.json(), expected)
+        assert max(float(got[0] @ got[k]) for k in (1, 2)) < 0.9999  # the queries count
+        too_long = {**body, "examples": _long_examples(1100)}
+        for truncate in (True, False):
+            r = c.post("/embed", json={**too_long, "truncate": truncate})
+            assert r.status_code == 422, r.text
+            assert "examples" in r.json()["error"] and "1024" in r.json()["error"]
