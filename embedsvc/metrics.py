@@ -153,6 +153,15 @@ class Metrics:
             ["route", "kind"],
             registry=r,
         )
+        self.connections_closed = Counter(
+            "embedsvc_connections_closed",
+            "client connections refused or closed by the HTTP bounds, by reason: "
+            "header_timeout, body_timeout, headers_too_large, too_many_connections, "
+            "write_timeout (a client read nothing), unsent_budget (answers held for "
+            "non-readers passed max_unsent_bytes)",
+            ["reason"],
+            registry=r,
+        )
         self.inputs = Counter("embedsvc_inputs", "inputs embedded", ["model"], registry=r)
         self.tokens = Counter(
             "embedsvc_tokens", "real (unpadded) tokens embedded", ["model"], registry=r

@@ -124,8 +124,12 @@ def _ignore_signals() -> None:
 def _uvicorn_config(app: Any, settings: Settings, **kw: Any) -> uvicorn.Config:
     limits = ConnectionLimits(
         max_header_bytes=settings.max_header_bytes,
+        max_headers=settings.max_headers,
         header_timeout=settings.header_timeout,
+        body_timeout=settings.body_timeout,
         max_connections=settings.max_connections,
+        write_timeout=settings.write_timeout,
+        max_unsent_bytes=settings.max_unsent_bytes,
     )
     protocol = http_protocol(settings.http_direct, limits)
     if protocol == "httptools" and settings.max_connections:  # uvicorn's own cap: 503

@@ -155,6 +155,22 @@ class Settings:
         "opening or the request's first byte (408, or a silent close for a connection that "
         "sent nothing)",
     )
+    max_headers: int = _setting(100, "header lines of one request (431 beyond)")
+    body_timeout: float = _setting(
+        10.0,
+        "seconds a request's body may take to arrive after its head (408 and close); the "
+        "clock stops while the server itself is not reading the connection",
+    )
+    write_timeout: float = _setting(
+        30.0,
+        "seconds a client may read nothing of an answer the server holds for it (beyond "
+        "what the socket buffers take) before its connection is closed",
+    )
+    max_unsent_bytes: int = _setting(
+        268_435_456,
+        "bytes of answers held for clients that do not read them, all connections of a "
+        "process together; past it, the connections that stopped reading first are closed",
+    )
     max_connections: int = _setting(
         4096,
         "open client connections per front-end process; a request on one more is answered "
@@ -251,6 +267,8 @@ class Settings:
             "max_input_chars",
             "max_request_tokens",
             "max_header_bytes",
+            "max_headers",
+            "max_unsent_bytes",
         )
         for name in positive:
             if getattr(self, name) < 1:
@@ -277,10 +295,11 @@ class Settings:
             raise ConfigError(
                 f"max_connections must be 0 (no limit) or more, got {self.max_connections}"
             )
-        if not 0 < self.header_timeout < float("inf"):
-            raise ConfigError(
-                f"header_timeout must be a positive number of seconds, got {self.header_timeout}"
-            )
+        for name in ("header_timeout", "body_timeout", "write_timeout"):
+            if not 0 < getattr(self, name) < float("inf"):
+                raise ConfigError(
+                    f"{name} must be a positive number of seconds, got {getattr(self, name)}"
+                )
         if not 0 < self.keep_alive_timeout < float("inf"):
             raise ConfigError(
                 f"keep_alive_timeout must be a positive number of seconds, got "

@@ -53,6 +53,7 @@ def st_minilm() -> Any:
 # installed uvicorn lacks what the direct route needs).
 BOTH_PROTOCOLS = {
     "test_clients",
+    "test_connection_limits",
     "test_errors",
     "test_hostile",
     "test_rerank",

@@ -141,7 +141,7 @@ def create_app(
         )
     # The embedding routes straight from embedsvc's HTTP protocol (http/protocol.py);
     # with CORS on, every answer needs the CORS middleware's headers: no direct route.
-    return EmbedsvcApp(app, outer, None if origins else middleware.direct)
+    return EmbedsvcApp(app, outer, None if origins else middleware.direct, metrics)
 
 
 def _document_bodies(app: FastAPI) -> None:
@@ -162,11 +162,18 @@ class EmbedsvcApp:
     """The ASGI app that uvicorn runs: request plumbing (and CORS) around the FastAPI app,
     and `direct`, the embedding routes for embedsvc's HTTP protocol (or None)."""
 
-    def __init__(self, fastapi_app: FastAPI, asgi: ASGIApp, direct: DirectRoute | None) -> None:
+    def __init__(
+        self, fastapi_app: FastAPI, asgi: ASGIApp, direct: DirectRoute | None, metrics: Metrics
+    ) -> None:
         self.fastapi = fastapi_app
         self.state = fastapi_app.state
         self._asgi = asgi
         self.direct = direct
+        self._closed = metrics.connections_closed
+
+    def on_connection_closed(self, reason: str) -> None:
+        """The HTTP protocol refused or closed a connection by one of its bounds."""
+        self._closed.labels(reason).inc()
 
     def error_answer(self, path: str, kind: ErrorKind, message: str) -> Answer:
         """An error in the dialect of `path`, for the HTTP protocol to write when it refuses

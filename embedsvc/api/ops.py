@@ -127,6 +127,8 @@ def ops_router() -> APIRouter:
             "openai_token_ids": s.openai_token_ids,
             "max_input_chars": s.max_input_chars,
             "max_request_tokens": s.max_request_tokens,
+            "max_multivector_values": s.max_multivector_values,
+            "max_sparse_values": s.max_sparse_values,
             "auth": bool(s.api_key or s.api_key_file),
             "version": __version__,
             "allocator": allocator(),

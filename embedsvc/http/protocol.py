@@ -41,11 +41,39 @@ STATUS_LINE: dict[int, bytes] = getattr(httptools_impl, "STATUS_LINE", {})
 
 @dataclass(frozen=True)
 class ConnectionLimits:
-    """What one connection may hold of the server before a request reaches the app."""
+    """What one connection may hold of the server before a request reaches the app, and
+    what the answers it does not read may hold after."""
 
-    max_header_bytes: int = 32 * 1024  # request line and headers (431 beyond)
+    max_header_bytes: int = 32 * 1024  # request line and headers, line endings too (431)
+    max_headers: int = 100  # header lines of one request (431 beyond)
     header_timeout: float = 10.0  # seconds for a request's head to arrive (408 then)
+    body_timeout: float = 10.0  # seconds for a body to arrive after its head (408 then)
     max_connections: int = 0  # open connections of this process (503 beyond); 0: any
+    write_timeout: float = 30.0  # seconds a client may read none of a held answer (close)
+    max_unsent_bytes: int = 256 << 20  # answers held for slow readers, all connections
+
+
+# What each refusal or close of the bounds is counted as (the app's `on_connection_closed`).
+CLOSE_REASONS = (
+    "header_timeout",
+    "body_timeout",
+    "headers_too_large",
+    "too_many_connections",
+    "write_timeout",
+    "unsent_budget",
+)
+# GET paths answered even on a connection past the cap (then closed): a prober's view of a
+# server under a flood of connections is its own health, not the flood's 503.
+_PROBES = frozenset((b"/health", b"/metrics", b"/info"))
+# Bytes of a request line besides the target ("POST " and " HTTP/1.1\r\n"), and of a
+# header line besides its name and value (": " and "\r\n"): the head is counted as sent.
+_LINE_BYTES = 16
+_HEADER_LINE_BYTES = 4
+
+# Connections whose writes are paused (the client is not reading), oldest first, with the
+# loop time they stalled: the process's unsent answers are theirs (write buffers of the
+# others are under the transport's high-water mark).
+_STALLED: dict[EmbedsvcHttpProtocol, float] = {}
 
 
 class _Refused(Exception):
@@ -115,19 +143,29 @@ class EmbedsvcHttpProtocol(OneWriteHttpProtocol):
     connection is read or answered."""
 
     limits = ConnectionLimits()
+    direct_route = True  # False: every request through uvicorn's ASGI cycle, bounds kept
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._direct: DirectRoute | None = getattr(self.config.app, "direct", None)
+        self._direct: DirectRoute | None = (
+            getattr(self.config.app, "direct", None) if self.direct_route else None
+        )
         # (path, kind, message) -> Answer in the path's dialect (api/app.py)
         self._error_answer: Callable[[str, Any, str], Answer] | None = getattr(
             self.config.app, "error_answer", None
+        )
+        self._on_closed: Callable[[str], None] | None = getattr(
+            self.config.app, "on_connection_closed", None
         )
         self._refusal: Answer | None = None
         self._over_cap = False
         self._head_since: float | None = None  # loop time a request head began, if one has
         self._head_bytes = 0
-        self._head_timer: asyncio.TimerHandle | None = None
+        self._header_count = 0
+        self._body_since: float | None = None  # loop time a head ended whose body is due
+        self._timer: asyncio.TimerHandle | None = None  # the head and body deadlines
+        self._write_timer: asyncio.TimerHandle | None = None
+        self._unsent_mark = 0  # bytes unsent when the write timer was armed
         self._write_blocked = False  # a response finished while the client was not reading
         self._deferred: DirectCycle | None = None
         self._completing = False  # in on_response_complete
@@ -143,31 +181,66 @@ class EmbedsvcHttpProtocol(OneWriteHttpProtocol):
         super().connection_made(transport)
         limits = self.limits
         self._head_since = self.loop.time()  # a new connection owes its first head
-        self._head_timer = self.loop.call_later(limits.header_timeout, self._head_due)
+        self._timer = self.loop.call_later(limits.header_timeout, self._deadline_due)
         if limits.max_connections and len(self.connections) > limits.max_connections:
             self._over_cap = True  # its first request is answered 503, then it closes
 
-    def _head_due(self) -> None:
-        """Close a connection whose request head has taken longer than header_timeout
-        (408 if part of it came; a connection that never sent a byte just closes)."""
-        self._head_timer = None
+    def _closed_for(self, reason: str) -> None:
+        if self._on_closed is not None:
+            self._on_closed(reason)
+
+    def _deadline_due(self) -> None:
+        """Close a connection whose request head has taken longer than header_timeout, or
+        whose body has taken longer than body_timeout after its head: 408 in the path's
+        dialect (a connection that never sent a byte just closes). While the server itself
+        does not read (a pipelined request waits its turn), the body's clock restarts."""
+        self._timer = None
         if self.transport.is_closing():
             return
-        timeout = self.limits.header_timeout
-        since = self._head_since
-        if since is not None and self.loop.time() - since >= timeout:
+        limits = self.limits
+        now = self.loop.time()
+        head, body = self._head_since, self._body_since
+        if head is not None and now - head >= limits.header_timeout:
             if self._head_bytes == 0 and not getattr(self, "url", b""):
                 self.transport.close()
                 return
+            self._closed_for("header_timeout")
             self._refusal = self._error(
                 "REQUEST_TIMEOUT",
                 f"the request head (request line and headers) did not arrive within "
-                f"{timeout:g} seconds",
+                f"{limits.header_timeout:g} seconds",
             )
             self._write_refusal()
             return
-        left = timeout if since is None else since + timeout - self.loop.time()
-        self._head_timer = self.loop.call_later(left, self._head_due)
+        if body is not None and self.flow.read_paused:
+            body = self._body_since = now
+        if body is not None and now - body >= limits.body_timeout:
+            self._refuse_body()
+            return
+        due = now + max(limits.header_timeout, limits.body_timeout)
+        if head is not None:
+            due = min(due, head + limits.header_timeout)
+        if body is not None:
+            due = min(due, body + limits.body_timeout)
+        self._timer = self.loop.call_at(due, self._deadline_due)
+
+    def _refuse_body(self) -> None:
+        """408 for a body that stopped arriving; the request's cycle, if the app has it
+        already, sees a disconnect and answers nothing."""
+        self._closed_for("body_timeout")
+        cycle = self.cycle
+        if cycle is not None:
+            if cycle.response_started:  # the app answers as it reads: nothing to say now
+                self.transport.close()
+                return
+            cycle.disconnected = True
+            cycle.message_event.set()
+        self._refusal = self._error(
+            "REQUEST_TIMEOUT",
+            f"the request body did not arrive within {self.limits.body_timeout:g} seconds "
+            "of its head",
+        )
+        self._write_refusal()
 
     # on_url and on_header are uvicorn's (checked at start) with the count added, written
     # out rather than calling uvicorn's: they run for every header of every request.
@@ -178,18 +251,22 @@ class EmbedsvcHttpProtocol(OneWriteHttpProtocol):
         self.url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._head_bytes += len(name) + len(value)
+        self._head_bytes += len(name) + len(value) + _HEADER_LINE_BYTES
+        self._header_count += 1
         if self._head_bytes > self.limits.max_header_bytes:
             self._refuse_head()
+        if self._header_count > self.limits.max_headers:
+            self._refuse_head(f"the request has more than {self.limits.max_headers} header lines")
         name = name.lower()
         if name == b"expect" and value.lower() == b"100-continue":
             self.expect_100_continue = True
         self.headers.append((name, value))
 
-    def _refuse_head(self) -> None:
+    def _refuse_head(self, message: str = "") -> None:
+        self._closed_for("headers_too_large")
         self._refusal = self._error(
             "HEADERS_TOO_LARGE",
-            f"the request line and headers exceed {self.limits.max_header_bytes} bytes",
+            message or f"the request line and headers exceed {self.limits.max_header_bytes} bytes",
         )
         raise _Refused
 
@@ -239,7 +316,8 @@ class EmbedsvcHttpProtocol(OneWriteHttpProtocol):
 
     def on_message_begin(self) -> None:
         self._head_since = self.loop.time()
-        self._head_bytes = 0
+        self._head_bytes = _LINE_BYTES
+        self._header_count = 0
         if self._direct is None:
             super().on_message_begin()
             return
@@ -251,15 +329,22 @@ class EmbedsvcHttpProtocol(OneWriteHttpProtocol):
         """A POST with a content-length within what uvicorn buffers without the app
         reading gets a DirectCycle; anything else uvicorn's cycle, as uvicorn makes it."""
         self._head_since = None
-        if self._over_cap:
+        now = self._body_since = self.loop.time()  # on_message_complete ends it
+        timer = self._timer  # armed at most max(header, body timeout) ahead: only a
+        due = now + self.limits.body_timeout  # shorter body timeout needs it sooner
+        if timer is not None and due < timer.when():
+            timer.cancel()
+            self._timer = self.loop.call_at(due, self._deadline_due)
+        if self._over_cap and not self._probe():
+            self._closed_for("too_many_connections")
             self._refusal = self._error(
                 "TOO_MANY_CONNECTIONS",
                 f"the server holds its most open connections ({self.limits.max_connections}"
                 f" per process); retry, reusing a connection, or on another replica",
             )
             raise _Refused
-        if self._direct is None:
-            super().on_headers_complete()
+        if self._direct is None or self._over_cap:
+            self._uvicorn_headers_complete()
             return
         parser = self.parser
         if (
@@ -290,15 +375,29 @@ class EmbedsvcHttpProtocol(OneWriteHttpProtocol):
             self.flow.pause_reading()
             self.pipeline.appendleft((cycle, self.app))  # type: ignore[arg-type]
 
+    def _probe(self) -> bool:
+        """Whether the request is a GET of a health or metrics path (see _PROBES)."""
+        if self.parser.get_method() != b"GET":
+            return False
+        try:
+            return httptools.parse_url(self.url).path in _PROBES
+        except httptools.HttpParserInvalidURLError:
+            return False
+
     def _uvicorn_headers_complete(self) -> None:
-        """uvicorn's on_headers_complete, after the scope its on_message_begin makes."""
-        url, headers, expect = self.url, self.headers, self.expect_100_continue
-        super().on_message_begin()
-        self.url, self.headers, self.expect_100_continue = url, headers, expect
-        self.scope["headers"] = headers
+        """uvicorn's on_headers_complete, after the scope its on_message_begin makes (when
+        embedsvc's on_message_begin left it out)."""
+        if self._direct is not None:
+            url, headers, expect = self.url, self.headers, self.expect_100_continue
+            super().on_message_begin()
+            self.url, self.headers, self.expect_100_continue = url, headers, expect
+            self.scope["headers"] = headers
         super().on_headers_complete()
+        if self._over_cap and self.cycle is not None:  # a probe past the cap: then close
+            self.cycle.keep_alive = False
 
     def on_message_complete(self) -> None:
+        self._body_since = None
         super().on_message_complete()
         cycle = self._deferred
         # self.cycle holds a DirectCycle or uvicorn's (typed as uvicorn's by uvicorn)
@@ -384,7 +483,69 @@ class EmbedsvcHttpProtocol(OneWriteHttpProtocol):
             return
         self._next_request()
 
+    # ---- answers a client does not read ----
+
+    def pause_writing(self) -> None:
+        """The transport holds more than its high-water mark of answers for this client:
+        its write clock starts, and the process's budget of unsent bytes is checked."""
+        super().pause_writing()
+        if self in _STALLED:
+            return
+        _STALLED[self] = self.loop.time()
+        self._unsent_mark = self.transport.get_write_buffer_size()
+        self._write_timer = self.loop.call_later(self.limits.write_timeout, self._write_due)
+        self._check_unsent()
+
+    def _write_due(self) -> None:
+        """Close the connection if its client has read nothing for write_timeout seconds;
+        reading some of what is held starts the clock again."""
+        self._write_timer = None
+        if self not in _STALLED or self.transport.is_closing():
+            return
+        unsent = self.transport.get_write_buffer_size()
+        if unsent < self._unsent_mark:
+            self._unsent_mark = unsent
+            self._write_timer = self.loop.call_later(self.limits.write_timeout, self._write_due)
+            return
+        self.logger.info(
+            "closing a connection whose client read nothing of %d bytes for %g s",
+            unsent,
+            self.limits.write_timeout,
+        )
+        self._drop("write_timeout")
+
+    def _check_unsent(self) -> None:
+        """Past max_unsent_bytes of answers held for clients that do not read, the
+        connections that stalled first are closed (their answers dropped) until the rest
+        fit: the memory held for slow readers is bounded whatever their number."""
+        budget = self.limits.max_unsent_bytes
+        sizes = {p: p.transport.get_write_buffer_size() for p in _STALLED}
+        total = sum(sizes.values())
+        for p in list(_STALLED):
+            if total <= budget:
+                return
+            total -= sizes[p]
+            p.logger.warning(
+                "closing a connection holding %d unsent bytes: answers held for clients "
+                "that do not read passed max_unsent_bytes (%d)",
+                sizes[p],
+                budget,
+            )
+            p._drop("unsent_budget")
+
+    def _drop(self, reason: str) -> None:
+        self._closed_for(reason)
+        self._unstall()
+        self.transport.abort()  # what it holds is freed now, not after a last write
+
+    def _unstall(self) -> None:
+        _STALLED.pop(self, None)
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
+
     def resume_writing(self) -> None:
+        self._unstall()
         super().resume_writing()
         if self._write_blocked:
             self._write_blocked = False
@@ -423,9 +584,10 @@ class EmbedsvcHttpProtocol(OneWriteHttpProtocol):
         if self.timeout_keep_alive_task is not None:
             self.timeout_keep_alive_task.cancel()
             self.timeout_keep_alive_task = None
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._unstall()
         super().connection_lost(exc)
 
     def _run_direct(self, cycle: DirectCycle) -> bool:

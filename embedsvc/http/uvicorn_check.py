@@ -31,6 +31,7 @@ _METHODS = {
     "data_received": ["self", "data"],
     "send_400_response": ["self", "msg"],
     "resume_writing": ["self"],
+    "pause_writing": ["self"],
     "_should_upgrade": ["self"],
     "handle_websocket_upgrade": ["self"],
     "_unsupported_upgrade_warning": ["self"],
@@ -88,23 +89,25 @@ def direct_route_problem() -> str | None:
 
 
 def http_protocol(direct: bool, limits: ConnectionLimits | None = None) -> Any:
-    """uvicorn's `http` setting: embedsvc's protocol with these limits when `direct` and
-    the installed uvicorn has what it needs (else a WARNING), uvicorn's own httptools
-    protocol otherwise: slower for small requests, the same answers (of the limits, only
-    the connection cap holds there, as uvicorn's limit_concurrency)."""
-    if not direct:
-        log.info("HTTP: uvicorn's httptools protocol (--no-http-direct)")
-        return "httptools"
+    """uvicorn's `http` setting: embedsvc's protocol with these limits, its direct route on
+    or off (`direct`), when the installed uvicorn has what it needs; else uvicorn's own
+    httptools protocol with a WARNING: slower for small requests, the same answers, and of
+    the limits only the connection cap holds there (as uvicorn's limit_concurrency)."""
     problem = direct_route_problem()
     if problem is not None:
         log.warning(
-            "HTTP: uvicorn %s does not have what embedsvc's direct route needs (%s); serving "
-            "with uvicorn's own protocol, slower for small requests. The tested uvicorn "
-            "releases are in requirements/dev.lock",
+            "HTTP: uvicorn %s does not have what embedsvc's protocol needs (%s); serving "
+            "with uvicorn's own protocol: slower for small requests, and of the connection "
+            "bounds only --max-connections holds. The tested uvicorn releases are in "
+            "requirements/dev.lock",
             uvicorn.__version__,
             problem,
         )
         return "httptools"
-    if limits is None or limits == EmbedsvcHttpProtocol.limits:
+    if not direct:
+        log.info("HTTP: every request through the ASGI app (--no-http-direct)")
+    limits = limits or EmbedsvcHttpProtocol.limits
+    if direct and limits == EmbedsvcHttpProtocol.limits:
         return EmbedsvcHttpProtocol
-    return type("EmbedsvcHttpProtocol", (EmbedsvcHttpProtocol,), {"limits": limits})
+    attributes = {"limits": limits, "direct_route": direct}
+    return type("EmbedsvcHttpProtocol", (EmbedsvcHttpProtocol,), attributes)

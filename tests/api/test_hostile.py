@@ -65,8 +65,19 @@ RAW_BAD: list[tuple[str, bytes, dict[str, str]]] = [
     ("lone surrogate", b'{"inputs": "a \\udc00 b", "input": "a \\udc00 b"}', {}),
     ("NaN dimension", b'{"inputs": "a", "input": "a", "dimensions": NaN}', {}),
     # 1,000 levels of lists: the decoder's recursion limit, a client's mistake (not a 5xx)
-    ("nested 1000 deep", b'{"inputs": ' + b"[" * 1000 + b"1" + b"]" * 1000
-     + b', "input": ' + b"[" * 1000 + b"1" + b"]" * 1000 + b"}", {}),
+    (
+        "nested 1000 deep",
+        b'{"inputs": '
+        + b"[" * 1000
+        + b"1"
+        + b"]" * 1000
+        + b', "input": '
+        + b"[" * 1000
+        + b"1"
+        + b"]" * 1000
+        + b"}",
+        {},
+    ),
 ]
 
 

@@ -317,20 +317,25 @@ def test_a_pipelined_body_still_arriving_when_its_turn_comes_is_waited_for(serve
 def test_without_the_uvicorn_internals_it_needs_uvicorns_own_protocol_serves(
     registry: Any, monkeypatch: Any, caplog: Any
 ) -> None:
-    """A uvicorn without a part the direct route overrides (0.29-0.35 have no
-    `_start_asgi_task`) gets one WARNING naming its version and what is missing, and
-    every request goes through the app; --no-http-direct does the same on purpose."""
+    """--no-http-direct sends every request through the app, in embedsvc's protocol (its
+    bounds hold) with one INFO line. A uvicorn without a part that protocol overrides
+    (0.29-0.35 have no `_start_asgi_task`) gets one WARNING naming its version and what is
+    missing, with or without the direct route, and uvicorn's own protocol serves."""
     import uvicorn
 
+    from embedsvc.http.protocol import EmbedsvcHttpProtocol
     from embedsvc.http.uvicorn_check import _METHODS, direct_route_problem
     from tests.support import run_server
 
     assert direct_route_problem() is None  # the locked uvicorn has everything
-    # Another uvicorn release cannot be installed beside the locked one in this run: the
-    # check is made to look for a method this one lacks instead.
-    monkeypatch.setitem(_METHODS, "_start_asgi_task_v2", ["self", "cycle", "app"])
-    assert direct_route_problem() == "HttpToolsProtocol._start_asgi_task_v2 is missing"
-    for overrides in ({}, {"http_direct": False}):
+    cases = [({"http_direct": False}, "INFO")]
+    cases += [({}, "WARNING"), ({"http_direct": False}, "WARNING")]
+    for overrides, level in cases:
+        if level == "WARNING":
+            # Another uvicorn release cannot be installed beside the locked one in this
+            # run: the check is made to look for a method this one lacks instead.
+            monkeypatch.setitem(_METHODS, "_start_asgi_task_v2", ["self", "cycle", "app"])
+            assert direct_route_problem() == "HttpToolsProtocol._start_asgi_task_v2 is missing"
         caplog.clear()
         with (
             caplog.at_level("INFO", logger="embedsvc"),
@@ -341,12 +346,14 @@ def test_without_the_uvicorn_internals_it_needs_uvicorns_own_protocol_serves(
                 r = c.post("/embed", json={"inputs": "through the app"})
                 assert r.status_code == 200 and len(r.json()[0]) == 384
             assert s.app.calls == 3
+            protocol = s.uvicorn.config.http
         said = [r for r in caplog.records if r.getMessage().startswith("HTTP: ")]
-        if overrides:
+        if level == "INFO":
             assert [r.levelname for r in said] == ["INFO"]
             assert "--no-http-direct" in said[0].getMessage()
+            assert issubclass(protocol, EmbedsvcHttpProtocol) and not protocol.direct_route
         else:
             [warning] = said
-            assert warning.levelname == "WARNING"
+            assert warning.levelname == "WARNING" and protocol == "httptools"
             assert f"uvicorn {uvicorn.__version__} " in warning.getMessage()
             assert "_start_asgi_task_v2 is missing" in warning.getMessage()

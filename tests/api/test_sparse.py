@@ -182,16 +182,16 @@ def test_a_sparse_answer_past_max_sparse_values_is_413(registry: Any, http_direc
     from tests.support import run_server
 
     texts = [f"passage {i} about the capital of france and bananas" for i in range(64)]
-    with run_server(
-        registry, ["tiny-splade"], http_direct=http_direct, max_sparse_values=5000
-    ) as s:
-        with s.client() as c:
-            small = c.post("/embed_sparse", json={"inputs": texts[0]})
-            assert small.status_code == 200, small.text
-            per_input = len(small.json()[0])
-            assert 0 < per_input <= 5000
-            r = c.post("/embed_sparse", json={"inputs": texts})
-            assert r.status_code == 413, r.text
-            assert r.json()["error_type"] == "Validation"
-            assert "max_sparse_values (5000)" in r.json()["error"]
-            assert c.post("/embed_sparse", json={"inputs": texts[:1]}).status_code == 200
+    with (
+        run_server(registry, ["tiny-splade"], http_direct=http_direct, max_sparse_values=5000) as s,
+        s.client() as c,
+    ):
+        small = c.post("/embed_sparse", json={"inputs": texts[0]})
+        assert small.status_code == 200, small.text
+        per_input = len(small.json()[0])
+        assert 0 < per_input <= 5000
+        r = c.post("/embed_sparse", json={"inputs": texts})
+        assert r.status_code == 413, r.text
+        assert r.json()["error_type"] == "Validation"
+        assert "max_sparse_values (5000)" in r.json()["error"]
+        assert c.post("/embed_sparse", json={"inputs": texts[:1]}).status_code == 200
