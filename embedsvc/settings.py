@@ -118,6 +118,12 @@ class Settings:
     max_input_chars: int = _setting(
         200_000, "characters allowed in one input text (422 beyond), before tokenization"
     )
+    max_request_chars: int = _setting(
+        4_000_000,
+        "characters one request hands the tokenizer, each input with its prompt, "
+        "instruction or in-context examples (a query with each document, for rerank); "
+        "counted before tokenizing, 413 beyond",
+    )
     max_request_tokens: int = _setting(
         300_000, "tokens allowed in one request, all inputs together (413 beyond)"
     )
@@ -266,6 +272,7 @@ class Settings:
             "max_payload_bytes",
             "max_input_chars",
             "max_request_tokens",
+            "max_request_chars",
             "max_header_bytes",
             "max_headers",
             "max_unsent_bytes",

@@ -191,10 +191,8 @@ class ModelEngine:
         if isinstance(inputs, TokenIds):
             return sum(map(len, inputs.ids))
         if isinstance(inputs, Pairs):
-            docs = inputs.documents
-            chars = len(inputs.query) * len(docs) + sum(map(len, docs))
-            return int(chars * self._tokens_per_char) + 4 * len(docs)
-        return int(sum(map(len, inputs.texts)) * self._tokens_per_char) + 2 * len(inputs.texts)
+            return int(req.chars * self._tokens_per_char) + 4 * len(inputs.documents)
+        return int(req.chars * self._tokens_per_char) + 2 * len(inputs.texts)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
@@ -204,13 +202,8 @@ class ModelEngine:
         if not batch:
             return
         reqs = [p.req for p in batch]
-        chars = 0
-        for r in reqs:
-            inputs = r.inputs
-            if isinstance(inputs, Texts):
-                chars += sum(map(len, inputs.texts))
-            elif isinstance(inputs, Pairs):
-                chars += len(inputs.query) * len(inputs.documents) + sum(map(len, inputs.documents))
+        # With prompts, instructions and examples: what the tokenizer will be handed.
+        chars = sum(r.chars for r in reqs)
         if chars <= INLINE_TOKENIZE_CHARS:
             try:
                 results = self.prep.tokenize_many(reqs)

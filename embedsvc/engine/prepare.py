@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from tokenizers import Tokenizer
 
-from embedsvc.engine.icl import IclQueries
+from embedsvc.engine.icl import SUFFIX, IclQueries, examples_prefix
 from embedsvc.engine.pairs import PairTemplate, pair_ids
 from embedsvc.engine.tokenize import TextTokenizer
 from embedsvc.engine.types import NO_PROMPT, EmbedRequest, ModelInfo, Pairs, Texts
@@ -171,8 +171,49 @@ class Preparer:
         self._check_count(n, req.input_param)
         self._check_instruction(req)
         self._check_examples(req)
-        self.prefix(req)
+        self._check_chars(req)
         self.check_dimensions(req.dimensions)
+
+    def _check_chars(self, req: EmbedRequest) -> None:
+        """What the tokenizer would be handed, from character counts: a prompt, an
+        instruction or in-context examples go before every text, so they multiply by the
+        inputs; bounded here, before any of it is built or tokenized."""
+        inputs = req.inputs
+        examples = 0
+        if isinstance(inputs, Texts):
+            n, own = len(inputs.texts), sum(map(len, inputs.texts))
+            each = len(self.prefix(req))
+            if self._icl is not None and each:
+                chosen = self.spec.examples if req.examples is None else req.examples
+                examples = len(examples_prefix(chosen)) + len(SUFFIX)
+            chars = own + n * (each + examples)
+        elif isinstance(inputs, Pairs):  # the query is tokenized once (_pair_ids), but
+            docs = inputs.documents  # into each pair where the tokenizer builds them whole
+            copies = 1 if self._template is not None else len(docs)
+            chars = len(inputs.query) * copies + sum(map(len, docs))
+        else:
+            return
+        req.chars = chars
+        limit = self.settings.max_request_chars
+        if chars <= limit:
+            return
+        param = req.input_param
+        if isinstance(inputs, Pairs):
+            what = "each document with the query"
+        else:
+            kind = "instruction" if req.instruction is not None else "prompt"
+            what = f"each input with its {kind} ({each} characters)"
+            if req.instruction is not None:
+                param = "instruction"
+            if examples:
+                what += f" and the in-context examples ({examples} characters)"
+                if req.examples is not None:
+                    param = "examples"
+        raise PayloadTooLargeError(
+            f"{req.input_param} comes to {chars} characters to tokenize ({what}), more than "
+            f"max_request_chars ({limit}); send fewer inputs per request, or shorter ones",
+            param=param,
+        )
 
     def check_inputs(self, texts: list[str], param: str) -> None:
         """The bounds of a request's texts that need no tokenizing (/tokenize's too)."""

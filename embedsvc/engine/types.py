@@ -72,6 +72,9 @@ class EmbedRequest:
     input_param: str = "inputs"
     request_id: str = ""
     timeout: float | None = None  # seconds the client will wait (x-request-timeout)
+    # Characters the tokenizer is handed, each text with its prompt, instruction or
+    # examples (set when the request is validated, before any tokenizing).
+    chars: int = 0
 
     @property
     def size(self) -> int:

@@ -184,3 +184,70 @@ def test_long_examples_never_cut_the_query(iserver: Server, flag: Any) -> None:
             r = c.post("/embed", json={**too_long, "truncate": truncate})
             assert r.status_code == 422, r.text
             assert "examples" in r.json()["error"] and "1024" in r.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        # 64 queries with 200 KB of examples: 12.8 M characters to build and tokenize
+        ({"inputs": ["q"] * 64, "prompt_name": "query",
+          "examples": [{"instruct": "a", "query": "b", "response": "c" * 199_000}]},
+         "examples"),
+        # 4,096 inputs with a 2,000-character instruction: 8.3 M characters
+        ({"inputs": ["q"] * 4096, "instruction": "i" * 2000}, "instruction"),
+    ],
+)  # fmt: skip
+def test_instructions_and_examples_are_bounded_before_tokenizing(
+    iserver: Server, body: dict, param: str
+) -> None:
+    """An instruction or examples go before every input: the characters they come to are
+    counted and refused (413 naming max_request_chars) before anything is built or
+    tokenized, on both routes."""
+    with iserver.client() as c:
+        r = c.post("/embed", json=body)
+        assert r.status_code == 413, r.text
+        assert "max_request_chars (4000000)" in r.json()["error"]
+        oai = {"input": body["inputs"], **{k: v for k, v in body.items() if k != "inputs"}}
+        r = c.post("/v1/embeddings", json=oai)
+        assert r.status_code == 413 and r.json()["error"]["param"] == param, r.text
+
+
+def test_the_biggest_allowed_request_tokenizes_off_the_event_loop(iserver: Server) -> None:
+    """64 queries with examples of 60,000 characters (3.8 M characters, under
+    max_request_chars) are built and tokenized on the tokenizer pool: /health is answered
+    while that work is held on its thread (were it on the event loop, /health could not be
+    answered until it ended)."""
+    import threading
+
+    engine = iserver.engines.get("tiny-icl")
+    real = engine.prep.tokenize_many
+    entered, health_done = threading.Event(), threading.Event()
+    threads: list[threading.Thread] = []
+
+    def held(reqs: Any) -> Any:  # the real tokenizing, after /health has been answered
+        threads.append(threading.current_thread())
+        entered.set()
+        health_done.wait(timeout=20)
+        return real(reqs)
+
+    body = {"inputs": [f"query {i}" for i in range(64)], "prompt_name": "query",
+            "examples": [{"instruct": "a", "query": "b", "response": "c " * 30_000}]}  # fmt: skip
+    engine.prep.tokenize_many = held  # type: ignore[method-assign]
+    try:
+        with iserver.client() as c:
+            result: dict[str, Any] = {}
+            sender = threading.Thread(target=lambda: result.update(r=c.post("/embed", json=body)))
+            sender.start()
+            assert entered.wait(timeout=30)
+            with iserver.client() as probe:
+                assert probe.get("/health").status_code == 200
+            answered_while_held = not health_done.is_set() and sender.is_alive()
+            health_done.set()
+            sender.join(timeout=120)
+    finally:
+        engine.prep.tokenize_many = real  # type: ignore[method-assign]
+    assert answered_while_held
+    assert threads and threads[0] is not threading.main_thread()
+    assert "tokeniz" in threads[0].name or threads[0].name.startswith("ThreadPool")
+    # the examples are longer than the model takes: refused after tokenizing, naming them
+    assert result["r"].status_code == 422 and "examples" in result["r"].json()["error"]
