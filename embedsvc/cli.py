@@ -1,8 +1,9 @@
-"""Command line: `embedsvc serve`, `embed`, `pull`, `export`, `models`."""
+"""Command line: `embedsvc serve`, `embed`, `pull`, `verify`, `export`, `models`."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -35,6 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--cache-dir", default=None, help="Hugging Face cache folder")
     where.add_argument("--local-dir", default=None, help="plain folder (one subfolder per model)")
 
+    verify = sub.add_parser(
+        "verify",
+        help="hash every file of the models again (no cached hash) against the models lock",
+    )
+    verify.add_argument("--models-file", default=None, help="path of models.yaml")
+    verify.add_argument("--models", default=None, help="comma-separated served names")
+
     export = sub.add_parser("export", help="export a model's transformer to ONNX")
     export.add_argument("model", help="served name from models.yaml")
     export.add_argument("--variant", choices=["fp32", "int8", "fp16"], default="fp32")
@@ -62,6 +70,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             exit_now(serve(settings))
         if args.command == "pull":
             return pull(args)
+        if args.command == "verify":
+            return verify_files(args)
         if args.command == "models":
             return list_models(args)
         if args.command == "export":
@@ -124,21 +134,56 @@ def pull(args: argparse.Namespace) -> int:
     return 0
 
 
+def verify_files(args: argparse.Namespace) -> int:
+    """Read every file of each model (and its remote code and ONNX export) again and check
+    it against the lock, trusting no cached hash: 0 when all match, 1 when a model has no
+    entry, 2 (a ConfigError naming the file) when one differs."""
+    from embedsvc.model_files import resolve_model_dir, verify_model_files
+    from embedsvc.registry import load_registry
+
+    setup_logging("info")
+    registry = load_registry(models_file(args))
+    names = Settings.from_sources({"models": args.models}, os.environ).model_names()
+    unlocked = 0
+    for spec in registry.select(names):
+        path = resolve_model_dir(spec)
+        if verify_model_files(spec, path, rehash=True):
+            assert spec.lock is not None
+            n = len(spec.lock.files) + len(spec.lock.code) + (spec.backend == "onnx")
+            log.info("model %s: %d files hashed again, all as the lock records", spec.name, n)
+        else:
+            unlocked += 1
+    return 1 if unlocked else 0
+
+
 def export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from embedsvc.export import default_out_dir, export_model
     from embedsvc.model_files import check_model_dir, resolve_model_dir
+    from embedsvc.model_lock import lock_key, lock_path, record_export
     from embedsvc.registry import load_registry
 
     setup_logging("info")
-    spec = load_registry(models_file(args)).select([args.model])[0]
+    registry = load_registry(models_file(args))
+    spec = registry.select([args.model])[0]
     path = resolve_model_dir(spec)
     check_model_dir(spec, path)
     default = default_out_dir(spec, path, args.variant)
     out = Path(args.out) / args.variant if args.out else default
     done = export_model(spec, path, args.variant, out)
     print(done)
+    digest = json.loads((done / "export.json").read_text(encoding="utf-8"))["sha256"]
+    lock = lock_path(registry.path)
+    if record_export(lock, lock_key(spec.hf_id, spec.revision), args.variant, digest):
+        log.info("recorded the export's sha256 in %s", lock)
+    else:
+        log.warning(
+            "model %s has no entry in %s: the export is not recorded, and serving it will "
+            "be unverified like the model",
+            spec.name,
+            lock,
+        )
     if args.out:
         log.info("serve it with backend: onnx and onnx_dir: %s in models.yaml", args.out)
     return 0

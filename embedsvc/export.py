@@ -10,7 +10,6 @@ export whose model, revision or variant does not match the models.yaml entry.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -21,6 +20,7 @@ from typing import Any, Protocol
 
 from embedsvc import __version__
 from embedsvc.errors import ConfigError
+from embedsvc.files import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +115,14 @@ def check_export(spec: ExportTarget, export_dir: Path, variant: str) -> dict[str
             f"(export has {found}; entry wants {wanted}); export again with "
             f"`embedsvc export {spec.name} --variant {variant}`"
         )
+    from embedsvc.model_lock import sha256_of
+
+    if sha256_of(export_dir / "model.onnx") != meta.get("sha256"):
+        raise ConfigError(
+            f"model {spec.name}: {export_dir / 'model.onnx'} is not the file its export.json "
+            f"records (sha256 differs); export again with `embedsvc export {spec.name} "
+            f"--variant {variant}`"
+        )
     return dict(meta)
 
 
@@ -156,7 +164,7 @@ def export_model(spec: ExportTarget, model_dir: Path, variant: str, out_dir: Pat
         "opset": OPSET,
         "inputs": ["input_ids", "attention_mask"],
         "output": "last_hidden_state",
-        "sha256": hashlib.sha256(target.read_bytes()).hexdigest(),
+        "sha256": sha256_file(target),
         "embedsvc": __version__,
         "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

@@ -14,7 +14,16 @@ import os
 from pathlib import Path
 
 from embedsvc.errors import ConfigError
-from embedsvc.model_lock import LockedFiles, hash_folder, lock_key, verify, write_entry
+from embedsvc.model_lock import (
+    LockedFiles,
+    differing,
+    folder_files,
+    hash_folder,
+    lock_key,
+    sha256_of,
+    verify,
+    write_entry,
+)
 from embedsvc.registry import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -64,25 +73,15 @@ def _package_dir(spec: ModelSpec) -> Path:
 
 
 def _hf_cache_dir(spec: ModelSpec) -> Path:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    try:
-        path = snapshot_download(
-            repo_id=spec.hf_id,
-            revision=spec.revision,
-            local_files_only=True,
-            allow_patterns=SERVING_PATTERNS,
-            ignore_patterns=IGNORE_PATTERNS,
-        )
-    except LocalEntryNotFoundError:
+    path = _cached_folder(spec, None, None)
+    if path is None:
         home = os.environ.get("HF_HOME", "~/.cache/huggingface")
         raise ConfigError(
             f"model {spec.name}: {spec.hf_id}@{spec.revision[:12]} is not in the Hugging Face "
             f"cache (HF_HOME={home}); run `embedsvc pull --models {spec.name}` where the Hub "
             "is reachable, or set local_dir in models.yaml"
-        ) from None
-    return Path(path)
+        )
+    return path
 
 
 def check_model_dir(spec: ModelSpec, path: Path) -> None:
@@ -161,9 +160,10 @@ def code_dir(name: str, repo: str, revision: str, cache_dir: str | None = None) 
         ) from None
 
 
-def verify_model_files(spec: ModelSpec, path: Path) -> bool:
-    """Check the folder (and remote code) against the models lock: True when verified,
-    False when the lock has no entry for this model; a difference stops start-up."""
+def verify_model_files(spec: ModelSpec, path: Path, rehash: bool = False) -> bool:
+    """Check the folder (and remote code, and an ONNX export it serves from) against the
+    models lock: True when verified, False when the lock has no entry for this model; a
+    difference stops start-up. `rehash`: read every file again, trusting no cached hash."""
     if spec.lock is None:
         log.warning(
             "model %s: no entry for %s@%s in the models lock; its files are not verified "
@@ -173,12 +173,38 @@ def verify_model_files(spec: ModelSpec, path: Path) -> bool:
             spec.revision[:12],
         )
         return False
-    verify(f"model {spec.name}", path, spec.lock.files)
+    verify(f"model {spec.name}", path, spec.lock.files, rehash)
     repo = remote_code_repo(path) if spec.trust_remote_code else None
     if repo is not None and spec.code_revision:
         code = code_dir(spec.name, repo, spec.code_revision)
-        verify(f"model {spec.name}: code {repo}@{spec.code_revision[:12]}", code, spec.lock.code)
+        where = f"model {spec.name}: code {repo}@{spec.code_revision[:12]}"
+        verify(where, code, spec.lock.code, rehash)
+    if spec.backend == "onnx":
+        _verify_export(spec, path, rehash)
     return True
+
+
+def _verify_export(spec: ModelSpec, path: Path, rehash: bool) -> None:
+    """The ONNX export the model loads from, against the hash `embedsvc export` recorded
+    in the lock (its export.json is checked at load, but lives beside the file)."""
+    from embedsvc.backends.onnx_backend import resolve_onnx_device
+    from embedsvc.export import find_export, resolve_variant
+
+    assert spec.lock is not None
+    variant = resolve_variant(spec, resolve_onnx_device(spec.device))
+    want = spec.lock.exports.get(variant)
+    if want is None:
+        raise ConfigError(
+            f"model {spec.name}: its ONNX export ({variant}) is not in the models lock, so "
+            f"what it computes is not verified; run `embedsvc export {spec.name} --variant "
+            f"{variant}` again, which records it"
+        )
+    onnx = find_export(spec, path, variant) / "model.onnx"
+    if sha256_of(onnx, rehash) != want:
+        raise ConfigError(
+            f"model {spec.name}: {onnx} differs from the export the models lock records; "
+            f"export again with `embedsvc export {spec.name} --variant {variant}`"
+        )
 
 
 def _needs_remote_code(path: Path) -> str:
@@ -206,12 +232,27 @@ def pull_model(
     local_dir: str | None = None,
     lock: Path | None = None,
 ) -> Path:
-    """Download `spec` at its pinned revision: serving files only, safetensors only, and
-    its remote code at code_revision; record every file's sha256 in `lock`.
+    """Fetch `spec` at its pinned revision: serving files only, safetensors only, and its
+    remote code at code_revision.
+
+    A model with an entry in the lock whose files are all in the cache with the locked
+    hashes needs nothing: the Hub is not asked (it may be unreachable). Otherwise the
+    files are fetched and each checked before anything is recorded: against the lock's
+    hash when it has an entry (a cached file that differs is fetched again; the entry is
+    never rewritten from what a cache holds), else against the Hub's own hash (sha256 of
+    an LFS file, git's blob sha1 of the others), and only then recorded in `lock`.
 
     The repository listing is checked first, so a pickle-only model is refused before
     anything is downloaded. HF_TOKEN and HF_ENDPOINT are honoured by huggingface_hub.
     """
+    if spec.lock is not None:
+        cached = _cached_folder(spec, cache_dir, local_dir)
+        if cached is not None:
+            stale = differing(cached, spec.lock.files)
+            if not stale and not _stale_code(spec, cached, cache_dir):
+                log.info("model %s: every pinned file is in the cache as locked", spec.name)
+                return cached
+            log.info("model %s: fetching again what differs from the lock", spec.name)
     from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub.hf_api import RepoFile
 
@@ -221,8 +262,6 @@ def pull_model(
         if isinstance(f, RepoFile)
     ]
     files = [f.path for f in listing]
-    # The Hub's own sha256 of each LFS file (the weights): what the lock records for them.
-    hub_sha = {f.path: f.lfs.sha256 for f in listing if f.lfs is not None}
     top = [f for f in files if "/" not in f]
     if not any(f.endswith(".safetensors") for f in top):
         pickles = [f for f in top if f.endswith((".bin", ".pt", ".pth", ".ckpt"))]
@@ -254,15 +293,7 @@ def pull_model(
     for name in heads:
         # BGE-M3's heads ship as torch pickles: fetched into the same snapshot and read
         # with torch.load(weights_only=True) (tensors only, no code) when it loads.
-        from huggingface_hub import hf_hub_download
-
-        hf_hub_download(
-            spec.hf_id,
-            name,
-            revision=spec.revision,
-            cache_dir=cache_dir,
-            local_dir=local_dir,
-        )
+        _fetch(spec.hf_id, name, spec.revision, cache_dir, local_dir)
     code: dict[str, str] = {}
     if spec.trust_remote_code and spec.code_revision:
         repo = remote_code_repo(result)
@@ -273,15 +304,95 @@ def pull_model(
                 cache_dir=cache_dir,
                 allow_patterns=["*.py"],
             )
-            code = hash_folder(code_dir(spec.name, repo, spec.code_revision, cache_dir))
+            folder = code_dir(spec.name, repo, spec.code_revision, cache_dir)
+            if spec.lock is not None:  # the code the lock records, or refused
+                verify(f"model {spec.name}: code {repo}@{spec.code_revision[:12]}", folder,
+                       spec.lock.code)  # fmt: skip
+            code = hash_folder(folder)
     check_model_dir(spec, result)
+    fetch = lambda rel: _fetch(spec.hf_id, rel, spec.revision, cache_dir, local_dir, force=True)  # noqa: E731
+    if spec.lock is not None:
+        for rel in differing(result, spec.lock.files):
+            fetch(rel)
+        verify(f"model {spec.name}", result, spec.lock.files)  # what the Hub serves, too
+        return result
+    hub = {f.path: (f.lfs.sha256 if f.lfs is not None else f.blob_id) for f in listing}
+    for rel in folder_files(result):
+        if rel in hub and not _hub_hash_matches(result / rel, hub[rel]):
+            fetch(rel)
+            if not _hub_hash_matches(result / rel, hub[rel]):
+                raise ConfigError(
+                    f"model {spec.name}: {rel} of {spec.hf_id}@{spec.revision[:12]} does not "
+                    "match the Hub's own hash of it, even fetched again; nothing was recorded"
+                )
     if lock is not None:
         write_entry(
-            lock,
-            lock_key(spec.hf_id, spec.revision),
-            LockedFiles(hash_folder(result, hub_sha), code),
+            lock, lock_key(spec.hf_id, spec.revision), LockedFiles(hash_folder(result), code)
         )
     return result
+
+
+def _cached_folder(spec: ModelSpec, cache_dir: str | None, local_dir: str | None) -> Path | None:
+    """The model's folder as already fetched (no network), or None."""
+    if local_dir:
+        return Path(local_dir) if Path(local_dir).is_dir() else None
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        path = snapshot_download(
+            repo_id=spec.hf_id,
+            revision=spec.revision,
+            cache_dir=cache_dir,
+            local_files_only=True,
+            allow_patterns=SERVING_PATTERNS,
+            ignore_patterns=IGNORE_PATTERNS,
+        )
+    except LocalEntryNotFoundError:
+        return None
+    return Path(path)
+
+
+def _stale_code(spec: ModelSpec, folder: Path, cache_dir: str | None) -> bool:
+    """Whether the model's remote code (when it has some elsewhere) is missing or differs."""
+    repo = remote_code_repo(folder) if spec.trust_remote_code else None
+    if repo is None or not spec.code_revision or spec.lock is None:
+        return False
+    try:
+        code = code_dir(spec.name, repo, spec.code_revision, cache_dir)
+    except ConfigError:
+        return True
+    return bool(differing(code, spec.lock.code))
+
+
+def _fetch(
+    repo: str,
+    rel: str,
+    revision: str,
+    cache_dir: str | None,
+    local_dir: str | None,
+    force: bool = False,
+) -> None:
+    from huggingface_hub import hf_hub_download
+
+    hf_hub_download(
+        repo,
+        rel,
+        revision=revision,
+        cache_dir=cache_dir,
+        local_dir=local_dir,
+        force_download=force,
+    )
+
+
+def _hub_hash_matches(path: Path, want: str) -> bool:
+    """The file against the Hub's hash of it: sha256 (64 hex, LFS) or git's blob sha1."""
+    if len(want) == 64:
+        return sha256_of(path, rehash=True) == want
+    import hashlib
+
+    data = path.read_bytes()
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest() == want
 
 
 def default_prompt_name(spec: ModelSpec, path: Path) -> str | None:

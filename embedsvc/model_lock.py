@@ -6,8 +6,12 @@ code, of each file of the code repository at `code_revision`. `embedsvc pull` wr
 (the Hub's own sha256 for LFS files, the fetched bytes' for the others); the shipped one
 covers the bundled default model. At load every listed file must be there with its hash,
 and no other file that a loader reads may be: a file that differs stops start-up with its
-name. Hashing is cached by path, size and mtime (`~/.cache/embedsvc/sha256.json`), so a
-restart does not read the weights again. A model without an entry loads unverified (a
+name. Hashing is cached (`~/.cache/embedsvc/sha256.json`) by path, size, mtime, ctime and
+inode, so a restart does not read the weights again; ctime and inode are what user code
+cannot set back (an edit that keeps the size and restores the mtime still changes the
+ctime), and `embedsvc verify` hashes everything again on demand. ONNX exports made by
+`embedsvc export` are recorded in the entry too (`exports`: variant -> sha256 of
+model.onnx) and checked when they load. A model without an entry loads unverified (a
 WARNING, and `/info` says so).
 """
 
@@ -36,6 +40,7 @@ class LockedFiles:
 
     files: dict[str, str]
     code: dict[str, str] = field(default_factory=dict)
+    exports: dict[str, str] = field(default_factory=dict)  # ONNX variant -> model.onnx
 
 
 def lock_path(models_file: Path) -> Path:
@@ -52,7 +57,9 @@ def read_lock(path: Path) -> dict[str, LockedFiles]:
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
         return {
-            key: LockedFiles(dict(entry["files"]), dict(entry.get("code", {})))
+            key: LockedFiles(
+                dict(entry["files"]), dict(entry.get("code", {})), dict(entry.get("exports", {}))
+            )
             for key, entry in raw["models"].items()
         }
     except (ValueError, KeyError, TypeError, AttributeError) as e:
@@ -67,6 +74,8 @@ def write_entry(path: Path, key: str, locked: LockedFiles) -> None:
     entry: dict[str, Any] = {"files": dict(sorted(locked.files.items()))}
     if locked.code:
         entry["code"] = dict(sorted(locked.code.items()))
+    if locked.exports:
+        entry["exports"] = dict(sorted(locked.exports.items()))
     raw["models"][key] = entry
     raw["models"] = dict(sorted(raw["models"].items()))
     try:
@@ -76,6 +85,17 @@ def write_entry(path: Path, key: str, locked: LockedFiles) -> None:
             f"cannot write the models lock {path} ({e}); keep models.yaml (and its lock) in "
             "a folder you can write, and pass --models-file"
         ) from None
+
+
+def record_export(path: Path, key: str, variant: str, digest: str) -> bool:
+    """Record an ONNX export's sha256 in the model's entry; False when it has none (the
+    model itself is unverified, and so is its export)."""
+    entry = read_lock(path).get(key)
+    if entry is None:
+        return False
+    exports = {**entry.exports, variant: digest}
+    write_entry(path, key, LockedFiles(entry.files, entry.code, exports))
+    return True
 
 
 # Folders inside a model folder that are not the model's: `embedsvc export`'s ONNX
@@ -96,16 +116,19 @@ def folder_files(folder: Path) -> list[str]:
     return sorted(out)
 
 
-def sha256_of(path: Path) -> str:
-    """The file's sha256, from the cache when its size and mtime are as cached."""
+def sha256_of(path: Path, rehash: bool = False) -> str:
+    """The file's sha256: from the cache when its size, mtime, ctime and inode are as
+    cached (none of which an edit leaves as they were: writing sets the ctime, and only
+    the kernel does that), else (or with `rehash`) read anew."""
     real = os.path.realpath(path)
     st = os.stat(real)
+    key = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
     cache = _HashCache.get()
     hit = cache.entries.get(real)
-    if hit is not None and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
-        return str(hit[2])
+    if not rehash and hit is not None and hit[:-1] == key:
+        return str(hit[-1])
     digest = sha256_file(Path(real))
-    cache.entries[real] = [st.st_size, st.st_mtime_ns, digest]
+    cache.entries[real] = [*key, digest]
     cache.dirty = True
     return digest
 
@@ -116,13 +139,22 @@ def hash_folder(folder: Path, known: dict[str, str] | None = None) -> dict[str, 
     return {rel: known.get(rel) or sha256_of(folder / rel) for rel in folder_files(folder)}
 
 
-def verify(what: str, folder: Path, expected: dict[str, str]) -> None:
+def differing(folder: Path, expected: dict[str, str], rehash: bool = False) -> list[str]:
+    """The files of `expected` missing from `folder` or with another sha256."""
+    return [
+        rel
+        for rel, want in sorted(expected.items())
+        if not (folder / rel).is_file() or sha256_of(folder / rel, rehash) != want
+    ]
+
+
+def verify(what: str, folder: Path, expected: dict[str, str], rehash: bool = False) -> None:
     """Every file of `expected` in `folder` with its sha256, and no other loaded file."""
     for rel, want in sorted(expected.items()):
         path = folder / rel
         if not path.is_file():
             raise ConfigError(f"{what}: {rel} is missing from {folder} (the lock lists it)")
-        got = sha256_of(path)
+        got = sha256_of(path, rehash)
         if got != want:
             raise ConfigError(
                 f"{what}: {path} differs from the pinned file (sha256 {got[:16]}..., the lock "
@@ -138,7 +170,7 @@ def verify(what: str, folder: Path, expected: dict[str, str]) -> None:
 
 
 class _HashCache:
-    """path -> [size, mtime_ns, sha256], one file per user."""
+    """path -> [size, mtime_ns, ctime_ns, inode, sha256], one file per user."""
 
     _instance: _HashCache | None = None
 

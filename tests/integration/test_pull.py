@@ -243,6 +243,21 @@ def test_a_changed_or_added_file_stops_loading_with_its_name(
         verify_model_files(spec, path)
     blob.write_bytes(original)
     assert verify_model_files(spec, path) is True
+    # The same size, two bytes swapped, the old mtime set back: the hash cache is keyed on
+    # the ctime and inode too, which no user code can set back.
+    weights = (path / "model.safetensors").resolve()
+    st = weights.stat()
+    data = bytearray(weights.read_bytes())
+    tail = len(data) - 8
+    data[tail], data[tail + 4] = data[tail + 4], data[tail]
+    assert bytes(data) != weights.read_bytes()
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert weights.stat().st_size == st.st_size and weights.stat().st_mtime_ns == st.st_mtime_ns
+    with pytest.raises(ConfigError, match=r"model.safetensors differs from the pinned"):
+        verify_model_files(spec, path)
+    weights.write_bytes(bytes(data[:tail]) + original_tail(st, data, tail))
+    assert verify_model_files(spec, path) is True
     (path / "extra.safetensors").write_bytes(b"not pulled")
     with pytest.raises(ConfigError, match=r"files the lock does not list \(extra.safetensors"):
         verify_model_files(spec, path)
@@ -254,6 +269,64 @@ def test_a_changed_or_added_file_stops_loading_with_its_name(
     (tmp_path / "models.lock.json").unlink()
     unlocked = load_registry(cfg).models["tiny-bge"]
     assert unlocked.lock is None and verify_model_files(unlocked, path) is False
+
+
+def original_tail(st: os.stat_result, data: bytearray, tail: int) -> bytes:
+    """The last 8 bytes with the two swapped back."""
+    out = bytearray(data[tail:])
+    out[0], out[4] = out[4], out[0]
+    return bytes(out)
+
+
+def test_pull_never_records_a_cached_file_that_differs(
+    hub: tuple[HubEmulator, str], tmp_path: Path
+) -> None:
+    """A cached file changed after the pull: `serve` refuses it (above), and a second pull
+    fetches it again rather than recording it (exit 0, the lock as it was, the file as
+    pinned). When the Hub itself now serves another file for the pinned commit, pull
+    refuses with its name and leaves the lock alone. `embedsvc verify` hashes every file
+    again, so a stale hash cache cannot vouch for a changed file."""
+    import json
+
+    emu, url = hub
+    cfg = models_yaml(tmp_path)
+    env = dict(base_env(tmp_path, url), XDG_CACHE_HOME=str(tmp_path / "xdg"))
+    pull = ["pull", "--models-file", str(cfg), "--models", "tiny-bge"]
+    assert run(pull, env).returncode == 0
+    lock = tmp_path / "models.lock.json"
+    recorded = lock.read_text()
+    path = tmp_path / "hf" / "hub" / "models--org--tiny-bge" / "snapshots" / COMMIT
+    blob = (path / "tokenizer.json").resolve()
+    pinned = blob.read_bytes()
+    blob.write_bytes(pinned.replace(b'"[UNK]"', b'"[UNQ]"', 1))
+    proc = run(pull, env)
+    assert proc.returncode == 0, proc.stderr
+    assert lock.read_text() == recorded and (path / "tokenizer.json").read_bytes() == pinned
+    verify = ["verify", "--models-file", str(cfg), "--models", "tiny-bge"]
+    proc = run(verify, env)
+    assert proc.returncode == 0 and "all as the lock records" in proc.stderr, proc.stderr
+
+    # A stale hash cache (it claims the changed file's key still has the pinned hash):
+    # serving's check trusts it, `verify` does not.
+    (path / "tokenizer.json").resolve().write_bytes(pinned.replace(b'"[UNK]"', b'"[UNQ]"', 1))
+    changed = (path / "tokenizer.json").resolve()
+    cache_file = tmp_path / "xdg" / "embedsvc" / "sha256.json"
+    cache = json.loads(cache_file.read_text())
+    st = changed.stat()
+    want = json.loads(recorded)["models"][f"org/tiny-bge@{COMMIT}"]["files"]["tokenizer.json"]
+    cache[str(changed)] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, want]
+    cache_file.write_text(json.dumps(cache))
+    proc = run(verify, env)
+    assert proc.returncode == 2 and "tokenizer.json differs from the pinned" in proc.stderr
+
+    # The Hub now serves another tokenizer.json for the pinned commit (and the cached one
+    # is changed, so it is fetched): refused by name.
+    cache_file.unlink()
+    emu.repos["org/tiny-bge"].files["tokenizer.json"] = pinned.replace(b"[UNK]", b"[UNX]", 1)
+    proc = run(pull, env)
+    assert proc.returncode == 2, proc.stderr
+    assert "tokenizer.json" in proc.stderr and "Traceback" not in proc.stderr
+    assert lock.read_text() == recorded
 
 
 def test_the_bundled_default_model_is_verified() -> None:
