@@ -1,4 +1,4 @@
-from embedsvc.cli import main
+from embedsvc.cli import run
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run()

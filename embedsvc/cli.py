@@ -84,6 +84,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 1
 
 
+def run() -> None:
+    """The `embedsvc` command: `main`, then the process ends without the interpreter's
+    teardown, which can abort ("terminate called without an active exception") while a
+    native thread pool of torch or the tokenizers is still alive after a stopped job."""
+    exit_now(main())
+
+
 def models_file(args: argparse.Namespace) -> str | None:
     """--models-file, else EMBEDSVC_MODELS_FILE (as for `serve`), else the shipped file."""
     return Settings.from_sources({"models_file": args.models_file}, os.environ).models_file or None
@@ -249,7 +256,16 @@ def add_embed_parser(sub: Any) -> None:
         default="skip",
         help="a bad row: write it to errors.jsonl and go on, or stop",
     )
-    p.add_argument("--shard-rows", type=int, default=100_000, help="rows per Parquet shard")
+    p.add_argument(
+        "--shard-rows", type=int, default=100_000, help="at most this many rows per Parquet shard"
+    )
+    p.add_argument(
+        "--commit-seconds",
+        type=float,
+        default=60.0,
+        help="commit the shard in progress at least this often (an interrupted job loses at "
+        "most this much work); a shard also closes past 1 GB of columns",
+    )
     p.add_argument("--overwrite", action="store_true", help="start over in --output")
     p.add_argument("--models-file", default=None, help="path of models.yaml")
     ray_help = "run on a Ray cluster: ADDRESS, else RAY_ADDRESS, else a local one"
@@ -297,6 +313,7 @@ def embed(args: argparse.Namespace) -> int:
         streaming=args.streaming,
         on_error=args.on_error,
         shard_rows=args.shard_rows,
+        commit_seconds=args.commit_seconds,
         overwrite=args.overwrite,
         models_file=models_file(args),
         outputs=tuple(o.strip() for o in args.outputs.split(",") if o.strip()),

@@ -14,6 +14,8 @@ import asyncio
 import json
 import logging
 import os
+import signal
+import sys
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -25,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from embedsvc.bulk.output import (
+    COMMIT_SECONDS,
     ERRORS,
     MANIFEST,
     Manifest,
@@ -39,7 +42,7 @@ from embedsvc.engine.types import Output, RequestTask
 from embedsvc.errors import ConfigError, EmbedsvcError
 from embedsvc.files import write_atomic
 from embedsvc.metrics import Metrics
-from embedsvc.registry import load_registry
+from embedsvc.registry import ModelSpec, load_registry
 from embedsvc.settings import Settings
 
 log = logging.getLogger("embedsvc.embed")
@@ -48,6 +51,8 @@ CHUNK = 256  # rows per engine request
 WINDOW = 16  # requests in flight: the engine sorts about CHUNK * WINDOW queued rows by length
 EXIT_ROWS_FAILED = 1
 EXIT_STOPPED = 3
+# Stopped by SIGINT (Ctrl-C) or SIGTERM: 128 + the signal's number, as a shell reports it.
+EXIT_INTERRUPTED = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
 @dataclass
@@ -69,6 +74,7 @@ class Options:
     streaming: bool = False
     on_error: str = "skip"
     shard_rows: int = 100_000
+    commit_seconds: float = COMMIT_SECONDS  # a shard is committed at least this often
     overwrite: bool = False
     models_file: str | None = None
     # The columns to write: dense (`embedding`), sparse (lexical or SPLADE weights),
@@ -81,6 +87,18 @@ OUTPUTS = ("dense", "sparse", "multivector")
 
 class StopJob(Exception):
     """--on-error fail: a row failed."""
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM while the job starts (before its event loop takes the signals)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_interrupted(signum: int, frame: object) -> None:
+    raise Interrupted(signum)
 
 
 def engine_settings(extra_inputs: int = 0, threads: int = 0) -> Settings:
@@ -130,12 +148,20 @@ def describe_job(
     """What the manifest records about the job, and compares on a rerun."""
     request_task(engine, opts.outputs)
     engine.check_dimensions(opts.dimensions)
+    job = static_job(engine.spec, opts, description, fingerprint)
+    job["prompt"] = job_prefix(engine, opts)
+    job["dimensions"] = opts.dimensions or engine.dimension
+    return job
+
+
+def static_job(
+    spec: ModelSpec, opts: Options, description: dict[str, Any], fingerprint: str
+) -> dict[str, Any]:
+    """The job's manifest fields that need no loaded model."""
     job = {
-        "model": engine.name,
-        "hf_id": engine.spec.hf_id,
-        "revision": engine.spec.revision,
-        "prompt": job_prefix(engine, opts),
-        "dimensions": opts.dimensions or engine.dimension,
+        "model": spec.name,
+        "hf_id": spec.hf_id,
+        "revision": spec.revision,
         "normalized": True,
         "dtype": opts.dtype,
         "truncate": opts.truncate,
@@ -148,6 +174,29 @@ def describe_job(
     if opts.outputs != ("dense",):  # recorded when not the default, so older jobs resume
         job["outputs"] = list(opts.outputs)
     return job
+
+
+def check_before_loading(opts: Options, source: Source) -> None:
+    """Refuse a rerun into an output folder of another job before the model loads: the
+    fields that need no model (the input, the model's pin, the columns, the options)."""
+    path = opts.output / MANIFEST
+    if opts.overwrite or not path.is_file():
+        return
+    registry = load_registry(opts.models_file or engine_settings().models_file or None)
+    spec = registry.select([opts.model] if opts.model else [])[0]
+    job = static_job(spec, opts, source.description, source.fingerprint)
+    try:
+        was = json.loads(path.read_bytes()).get("job", {})
+    except ValueError:
+        return  # open_output says what is wrong with it
+    differ = [k for k in sorted(job) if was.get(k) != job[k]]
+    differ += [k for k in ("outputs",) if k in was and k not in job]
+    if differ:
+        detail = "; ".join(f"{k}: was {was.get(k)!r}, now {job.get(k)!r}" for k in differ)
+        raise ConfigError(
+            f"{opts.output} holds the output of another job ({detail}); use another "
+            "--output, or --overwrite to start over"
+        )
 
 
 def request_task(engine: ModelEngine, outputs: tuple[str, ...]) -> tuple[RequestTask, tuple]:
@@ -173,6 +222,8 @@ def check_options(opts: Options) -> None:
         raise ConfigError(f"--on-error must be skip or fail, got {opts.on_error!r}")
     if opts.shard_rows < 1:
         raise ConfigError("--shard-rows must be at least 1")
+    if not opts.commit_seconds > 0:
+        raise ConfigError(f"--commit-seconds must be positive, got {opts.commit_seconds}")
     unknown = [o for o in opts.outputs if o not in OUTPUTS]
     if unknown or not opts.outputs or len(set(opts.outputs)) != len(opts.outputs):
         raise ConfigError(
@@ -182,13 +233,22 @@ def check_options(opts: Options) -> None:
 
 
 def run(opts: Options) -> int:
-    """Run the job on this machine (bulk/ray_job.py runs it on a Ray cluster)."""
+    """Run the job on this machine (bulk/ray_job.py runs it on a Ray cluster). SIGINT and
+    SIGTERM stop it cleanly at any point: what was embedded is committed, one line says
+    how to resume, and the exit code is 128 + the signal's number."""
     check_options(opts)
-    source = open_source(
-        opts.input, opts.format, split=opts.split, revision=opts.revision, streaming=opts.streaming
-    )
-    engines = load(opts.models_file, [opts.model] if opts.model else [], engine_settings())
+    previous = {sig: signal.signal(sig, _raise_interrupted) for sig in EXIT_INTERRUPTED}
+    engines: EngineSet | None = None
     try:
+        source = open_source(
+            opts.input,
+            opts.format,
+            split=opts.split,
+            revision=opts.revision,
+            streaming=opts.streaming,
+        )
+        check_before_loading(opts, source)
+        engines = load(opts.models_file, [opts.model] if opts.model else [], engine_settings())
         engine = engines.default
         prompt_name = resolve_prompt_name(engine, opts)
         job = describe_job(engine, opts, source.description, source.fingerprint)
@@ -197,19 +257,43 @@ def run(opts: Options) -> int:
             log.info("%s is complete already: %s", opts.output, manifest.summary)
             return EXIT_ROWS_FAILED if manifest.summary.get("failed") else 0
         return asyncio.run(_run(engines, engine, source, opts, prompt_name, manifest))
+    except Interrupted as stop:  # before any row was embedded: nothing to commit
+        say_interrupted(stop.signum, opts.output, None)
+        return EXIT_INTERRUPTED[signal.Signals(stop.signum)]
     finally:
-        engines.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if engines is not None:
+            engines.stop()
+
+
+def say_interrupted(signum: int, out: Path, manifest: Manifest | None) -> None:
+    """The one line an interrupted job leaves (on stderr, whatever the log level)."""
+    name = signal.Signals(signum).name
+    kept = (
+        f"{manifest.next_row():,} input rows are committed in {out}"
+        if manifest is not None
+        else "no row was embedded yet"
+    )
+    print(
+        f"embedsvc embed: stopped by {name}; {kept}. Run the same command again to resume.",
+        file=sys.stderr,
+    )
 
 
 def chunks(
-    source: Source, opts: Options, done: set[int]
+    source: Source, opts: Options, start_row: int = 0
 ) -> Iterator[tuple[int, int, list[Any], list[Any]]]:
-    """(shard, first row, ids, texts) of up to CHUNK rows, none across a shard's end,
-    skipping the shards already written."""
+    """(segment, first row, ids, texts) of up to CHUNK rows from `start_row` on (the
+    rows before it are committed). Segments are --shard-rows rows counted from
+    `start_row`, and no chunk crosses one's end: a shard holds at most one segment."""
     columns = [opts.text_column] + ([opts.id_column] if opts.id_column else [])
     row = 0
     for block in source.batches(columns):
         n = len(next(iter(block.values()))) if block else 0
+        if row + n <= start_row:
+            row += n
+            continue
         texts = block.get(opts.text_column) or [MISSING] * n
         ids = block.get(opts.id_column or "")
         if ids is None or any(i is MISSING or i is None for i in ids):
@@ -217,12 +301,11 @@ def chunks(
                 row + k if ids is None or ids[k] is MISSING or ids[k] is None else ids[k]
                 for k in range(n)
             ]
-        i = 0
+        i = max(start_row - row, 0)
         while i < n:
-            shard = (row + i) // opts.shard_rows
-            end = min(n, i + CHUNK, (shard + 1) * opts.shard_rows - row)
-            if shard not in done:
-                yield shard, row + i, ids[i:end], texts[i:end]
+            segment = (row + i - start_row) // opts.shard_rows
+            end = min(n, i + CHUNK, start_row + (segment + 1) * opts.shard_rows - row)
+            yield segment, row + i, ids[i:end], texts[i:end]
             i = end
         row += n
 
@@ -243,9 +326,9 @@ def bad_text(text: Any, column: str) -> str | None:
 
 @dataclass
 class Chunk:
-    """Up to CHUNK consecutive input rows of one shard, embedded."""
+    """Up to CHUNK consecutive input rows of one segment (see `chunks`), embedded."""
 
-    shard: int
+    segment: int
     first_row: int
     input_rows: int
     ids: list[Any]  # of the rows that embedded, in input order
@@ -281,7 +364,7 @@ class ChunkEmbedder:
             input_param=self.opts.text_column,
         )
 
-    async def embed(self, shard: int, first_row: int, ids: list[Any], texts: list[Any]) -> Chunk:
+    async def embed(self, segment: int, first_row: int, ids: list[Any], texts: list[Any]) -> Chunk:
         ok_ids, ok_rows, ok_texts, errors = [], [], [], []
         for k, (row_id, text) in enumerate(zip(ids, texts, strict=True)):
             reason = bad_text(text, self.opts.text_column)
@@ -291,7 +374,8 @@ class ChunkEmbedder:
                 ok_texts.append(text)
             else:
                 errors.append(error_line(row_id, first_row + k, reason))
-        chunk = Chunk(shard, first_row, len(ids), [], np.zeros((0, self.dim), np.float32), [], [])
+        empty = np.zeros((0, self.dim), np.float32)
+        chunk = Chunk(segment, first_row, len(ids), [], empty, [], [])
         if ok_texts:
             try:
                 r = await self.engine.embed(self._request(ok_texts))
@@ -339,30 +423,69 @@ async def _run(
     engines.start(loop)
     embedder = ChunkEmbedder(engine, opts, prompt_name)
     writer = OutputWriter(
-        opts.output, manifest, opts.shard_rows, embedder.dim, opts.dtype, opts.outputs
+        opts.output,
+        manifest,
+        opts.shard_rows,
+        embedder.dim,
+        opts.dtype,
+        opts.outputs,
+        opts.commit_seconds,
     )
     background = ThreadPoolExecutor(1, thread_name_prefix="shard-writer")
-    progress = Progress(_total_rows(source), sum(s["input_rows"] for s in manifest.shards))
+    progress = Progress(_total_rows(source), manifest.next_row())
     t0 = time.monotonic()
     inflight: deque[asyncio.Task[Chunk]] = deque()
     last_write: Any = None
+    stop = asyncio.Event()
+    stopped_by: list[int] = []
+
+    def on_signal(signum: int) -> None:
+        if stopped_by:  # a second one: stop now, the shard in progress left uncommitted
+            print("embedsvc embed: stopping at once; rerun to resume", file=sys.stderr)
+            progress.close()
+            os._exit(EXIT_INTERRUPTED[signal.Signals(signum)])
+        stopped_by.append(signum)
+        stop.set()
+
+    for sig in EXIT_INTERRUPTED:
+        loop.add_signal_handler(sig, on_signal, sig)
+
+    def counted(task: asyncio.Task[Chunk]) -> None:  # progress as chunks finish, in any order
+        if not task.cancelled() and task.exception() is None:
+            chunk = task.result()
+            progress.advance(chunk.input_rows, sum(chunk.tokens), len(chunk.errors))
 
     async def settle_one() -> None:
         nonlocal last_write
         chunk = await inflight.popleft()
         if chunk.errors and opts.on_error == "fail":
             raise StopJob(json.loads(chunk.errors[0])["error"])
-        progress.advance(chunk.input_rows, sum(chunk.tokens), len(chunk.errors))
         last_write = loop.run_in_executor(background, writer.add, chunk)
 
     code = 0
     try:
-        for shard, first_row, ids, texts in chunks(source, opts, manifest.done()):
-            inflight.append(asyncio.ensure_future(embedder.embed(shard, first_row, ids, texts)))
-            if len(inflight) >= WINDOW:
+        for segment, first_row, ids, texts in chunks(source, opts, manifest.next_row()):
+            if stop.is_set():
+                break
+            task = asyncio.ensure_future(embedder.embed(segment, first_row, ids, texts))
+            task.add_done_callback(counted)
+            inflight.append(task)
+            while inflight and (inflight[0].done() or len(inflight) >= WINDOW):
+                await _first(inflight[0], stop)
+                if stop.is_set():
+                    break
                 await settle_one()
-        while inflight:
-            await settle_one()
+            await asyncio.sleep(0)  # a signal's handler runs between chunks read
+        while inflight and not stop.is_set():
+            await _first(inflight[0], stop)
+            if not stop.is_set():
+                await settle_one()
+        if stop.is_set():  # what finished in order is kept; the rest is done again
+            while inflight and inflight[0].done() and not inflight[0].cancelled():
+                await settle_one()
+            for task in inflight:
+                task.cancel()
+            await asyncio.gather(*inflight, return_exceptions=True)
         if last_write is not None:
             await last_write
         await loop.run_in_executor(background, writer.finish)
@@ -374,12 +497,28 @@ async def _run(
         log.error("stopped (--on-error fail): %s", e)
         code = EXIT_STOPPED
     finally:
+        for sig in EXIT_INTERRUPTED:
+            loop.remove_signal_handler(sig)
         progress.close()
         background.shutdown(wait=True)
         writer.close()
+    if stopped_by:
+        say_interrupted(stopped_by[0], opts.output, manifest)
+        return EXIT_INTERRUPTED[signal.Signals(stopped_by[0])]
     if code == EXIT_STOPPED:
         return code
     return finish(opts.output, manifest, progress, time.monotonic() - t0)
+
+
+async def _first(task: asyncio.Task[Chunk], stop: asyncio.Event) -> None:
+    """Until `task` is done or the job is asked to stop."""
+    if task.done():
+        return
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait([task, stopping], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
 
 
 def finish(out: Path, manifest: Manifest, progress: Progress, elapsed: float) -> int:

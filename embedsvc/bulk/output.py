@@ -1,8 +1,9 @@
 """The output folder of `embedsvc embed`: Parquet shards, `_manifest.json`, `_errors.jsonl`.
 
-A shard is written to a temporary name and renamed into place once complete and synced;
-only then does the manifest (itself replaced atomically) list it, with its row range and
-checksum. A job killed at any moment therefore leaves finished shards that the manifest
+A shard is a range of consecutive input rows, written to a temporary name and renamed
+into place once complete and synced; only then does the manifest (itself replaced
+atomically) list it, with its row range and checksum. A resumed job starts at the first row
+no listed shard holds. A job killed at any moment therefore leaves finished shards that the manifest
 names and at most one unlisted partial file, which the next run overwrites. The manifest
 also records how long `_errors.jsonl` was at each commit, so error rows of a shard that
 never finished are cut off on resume: every input row ends up exactly once in the output
@@ -15,6 +16,7 @@ import json
 import logging
 import os
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,9 @@ MANIFEST = "_manifest.json"
 ERRORS = "_errors.jsonl"
 FORMAT_VERSION = 1
 ROW_GROUP_ROWS = 8192
+ROW_GROUP_BYTES = 64 << 20  # a row group also ends past this many bytes of columns
+SHARD_BYTES = 1 << 30  # a shard is committed past this many bytes of columns
+COMMIT_SECONDS = 60.0  # and once it has been open this long, whatever its size
 
 
 @dataclass
@@ -55,8 +60,9 @@ class Manifest:
         }
         return json.dumps(body, indent=1).encode()
 
-    def done(self) -> set[int]:
-        return {int(s["index"]) for s in self.shards}
+    def next_row(self) -> int:
+        """The first input row no committed shard holds (shards are consecutive ranges)."""
+        return sum(int(s["input_rows"]) for s in self.shards)
 
 
 def job_file(name: str, own: tuple[str, ...] = ()) -> bool:
@@ -207,17 +213,22 @@ class ShardWriter:
         self.rows = 0
         self.failed = 0
         self.tokens = 0
+        self.bytes = 0  # of the columns added, as written (about the file's size)
         self._writer: Any = None
         self._pending: list[Any] = []  # bulk.job.Chunk
         self._pending_rows = 0
+        self._pending_bytes = 0
 
     def add(self, chunk: Any) -> None:
         """The rows of a bulk.job.Chunk that embedded."""
+        size = _chunk_bytes(chunk, np.dtype(self.dtype).itemsize)
         self._pending.append(chunk)
         self._pending_rows += len(chunk.ids)
+        self._pending_bytes += size
         self.rows += len(chunk.ids)
         self.tokens += sum(chunk.tokens)
-        if self._pending_rows >= ROW_GROUP_ROWS:
+        self.bytes += size
+        if self._pending_rows >= ROW_GROUP_ROWS or self._pending_bytes >= ROW_GROUP_BYTES:
             self._write()
 
     def _write(self) -> None:
@@ -226,7 +237,7 @@ class ShardWriter:
 
         if not self._pending:
             return
-        chunks, self._pending, self._pending_rows = self._pending, [], 0
+        chunks, self._pending, self._pending_rows, self._pending_bytes = self._pending, [], 0, 0
         ids = [i for chunk in chunks for i in chunk.ids]
         n_tokens = [n for chunk in chunks for n in chunk.tokens]
         id_type = pa.int64() if all(isinstance(i, int) for i in ids) else pa.string()
@@ -248,7 +259,7 @@ class ShardWriter:
             self._writer = pq.ParquetWriter(str(self.tmp), table.schema)
         elif table.schema != self._writer.schema:
             table = table.cast(self._writer.schema)
-        self._writer.write_table(table, row_group_size=ROW_GROUP_ROWS)
+        self._writer.write_table(table, row_group_size=max(len(ids), 1))  # one group
 
     def close(self, n_input_rows: int) -> dict[str, Any]:
         """Finish the file (none when every row failed) and say what the shard holds."""
@@ -270,6 +281,15 @@ class ShardWriter:
             os.replace(self.tmp, final)
             record.update(file=self.name, sha256=sha256_file(final), bytes=final.stat().st_size)
         return record
+
+
+def _chunk_bytes(chunk: Any, itemsize: int) -> int:
+    """About what a chunk's columns take in a row group: its dense vectors and token
+    vectors at the output dtype, 8 bytes a sparse entry, 16 a row for id and tokens."""
+    size = chunk.vectors.size * itemsize + 16 * len(chunk.ids)
+    size += sum(r.size for r in chunk.multivector or []) * itemsize
+    size += sum(len(r[0]) for r in chunk.sparse or []) * 8
+    return int(size)
 
 
 def _offsets(lengths: list[int]) -> Any:
@@ -299,9 +319,12 @@ def _token_column(rows: list[np.ndarray], dtype: str) -> Any:
 
 
 class OutputWriter:
-    """Chunks, in input order, into shards and errors.jsonl; a shard is committed (file
-    renamed into place, errors synced, manifest updated) when the next one starts or the
-    job finishes. Called from one thread at a time."""
+    """Chunks, in input order, into shards and errors.jsonl. A shard is a range of
+    consecutive input rows, committed (file renamed into place, errors synced, manifest
+    updated) when its segment of --shard-rows rows ends, when its columns pass
+    SHARD_BYTES, when it has been open `commit_seconds`, or when the job finishes or is
+    stopped: an interrupted job loses at most what it embedded since the last commit.
+    Called from one thread at a time."""
 
     def __init__(
         self,
@@ -311,6 +334,7 @@ class OutputWriter:
         dim: int,
         dtype: str,
         outputs: tuple[str, ...] = ("dense",),
+        commit_seconds: float = COMMIT_SECONDS,
     ):
         self.out = out
         self.manifest = manifest
@@ -318,24 +342,32 @@ class OutputWriter:
         self.dim = dim
         self.dtype = dtype
         self.outputs = outputs
+        self.commit_seconds = commit_seconds
         self.errors = open(out / ERRORS, "ab")  # noqa: SIM115 (closed by close())
         self._shard: ShardWriter | None = None
+        self._segment = -1
+        self._opened = 0.0
         self._input_rows = 0
 
     def add(self, chunk: Any) -> None:
-        if self._shard is not None and self._shard.index != chunk.shard:
+        if self._shard is not None and self._segment != chunk.segment:
             self.finish()
         if self._shard is None:
-            first = chunk.shard * self.shard_rows
+            index = len(self.manifest.shards)
             self._shard = ShardWriter(
-                self.out, chunk.shard, first, self.dim, self.dtype, self.outputs
+                self.out, index, chunk.first_row, self.dim, self.dtype, self.outputs
             )
+            self._segment, self._opened = chunk.segment, time.monotonic()
+        shard = self._shard
         if chunk.ids:
-            self._shard.add(chunk)
-        self._shard.failed += len(chunk.errors)
+            shard.add(chunk)
+        shard.failed += len(chunk.errors)
         self._input_rows += chunk.input_rows
         for line in chunk.errors:
             self.errors.write(line)
+        full = self._input_rows >= self.shard_rows or shard.bytes >= SHARD_BYTES
+        if full or time.monotonic() - self._opened >= self.commit_seconds:
+            self.finish()
 
     def finish(self) -> None:
         """Commit the shard in progress, if any."""

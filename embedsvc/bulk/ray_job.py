@@ -26,6 +26,7 @@ from embedsvc.bulk.job import (
     Chunk,
     ChunkEmbedder,
     Options,
+    check_before_loading,
     check_options,
     chunks,
     describe_job,
@@ -51,15 +52,15 @@ def _source(opts: Options) -> Any:
     )
 
 
-def _rows(opts: dict[str, Any], done: list[int]) -> Iterator[Any]:
-    """The read task: rows of the shards not yet written, as Arrow tables."""
+def _rows(opts: dict[str, Any], start_row: int) -> Iterator[Any]:
+    """The read task: the rows no committed shard holds, as Arrow tables."""
     import pyarrow as pa
 
     o = Options(**opts)
-    for shard, first_row, ids, texts in chunks(_source(o), o, set(done)):
+    for segment, first_row, ids, texts in chunks(_source(o), o, start_row):
         yield pa.table(
             {
-                "shard": pa.array([shard] * len(ids), pa.int64()),
+                "segment": pa.array([segment] * len(ids), pa.int64()),
                 "row": pa.array(range(first_row, first_row + len(ids)), pa.int64()),
                 "id": pa.array([json.dumps(i, default=str) for i in ids], pa.string()),
                 # Non-text values travel as their reason; BadRow marks them again below.
@@ -95,13 +96,13 @@ class EmbedActor:
 
         cols = {name: batch.column(name).to_pylist() for name in batch.schema.names}
         groups: list[tuple[int, int, list[Any], list[Any]]] = []
-        for k, (shard, row) in enumerate(zip(cols["shard"], cols["row"], strict=True)):
+        for k, (segment, row) in enumerate(zip(cols["segment"], cols["row"], strict=True)):
             bad = cols["bad"][k]
             text = BadRow(bad) if bad is not None else cols["text"][k]
             row_id = json.loads(cols["id"][k])
             g = groups[-1] if groups else None
-            if g is None or g[0] != shard or len(g[2]) >= CHUNK or g[1] + len(g[2]) != row:
-                groups.append((shard, row, [row_id], [text]))
+            if g is None or g[0] != segment or len(g[2]) >= CHUNK or g[1] + len(g[2]) != row:
+                groups.append((segment, row, [row_id], [text]))
             else:
                 g[2].append(row_id)
                 g[3].append(text)
@@ -112,7 +113,7 @@ class EmbedActor:
         done = self.loop.run_until_complete(embed_all())
         return pa.table(
             {
-                "shard": [c.shard for c in done],
+                "segment": [c.segment for c in done],
                 "first_row": [c.first_row for c in done],
                 "input_rows": [c.input_rows for c in done],
                 "ids": [json.dumps(c.ids, default=str) for c in done],
@@ -141,6 +142,7 @@ def run_ray(opts: Options, address: str | None, num_actors: int) -> int:
 
 def _run(ray: Any, opts: Options, num_actors: int) -> int:
     source = _source(opts)
+    check_before_loading(opts, source)
     job = ray.get(
         ray.remote(_describe_remote).remote(asdict(opts), source.description, source.fingerprint)
     )
@@ -157,10 +159,10 @@ def _run(ray: Any, opts: Options, num_actors: int) -> int:
     # Small blocks out of the one read task, so that its rows spread over every actor
     # (Ray would otherwise merge them into a few large blocks, each a task for one actor).
     ctx.target_max_block_size = BLOCK_BYTES
-    done = sorted(manifest.done())
+    start_row = manifest.next_row()
     # The read task asks for no CPU of its own: the actors hold every slot, and reading is
     # a small share of the work (a read task waiting for a slot would stall the job).
-    source_rows = _PendingRows(asdict(opts), done)
+    source_rows = _PendingRows(asdict(opts), start_row)
     ds = ray.data.read_datasource(source_rows, override_num_blocks=1, num_cpus=0)
     ds = ds.map_batches(
         EmbedActor,
@@ -175,11 +177,15 @@ def _run(ray: Any, opts: Options, num_actors: int) -> int:
     )
     dim = int(job["dimensions"]) if "dense" in opts.outputs else 0
     writer = OutputWriter(
-        opts.output, manifest, opts.shard_rows, dim, opts.dtype, tuple(opts.outputs)
+        opts.output,
+        manifest,
+        opts.shard_rows,
+        dim,
+        opts.dtype,
+        tuple(opts.outputs),
+        opts.commit_seconds,
     )
-    progress = Progress(
-        source.description.get("rows"), sum(s["input_rows"] for s in manifest.shards)
-    )
+    progress = Progress(source.description.get("rows"), start_row)
     t0 = time.monotonic()
     log.info(
         "Ray: %d actor(s), %d CPU(s) each%s", actors, per_actor_cpus, " and a GPU" if gpus else ""
@@ -190,7 +196,7 @@ def _run(ray: Any, opts: Options, num_actors: int) -> int:
                 vectors = np.frombuffer(r["vectors"], np.float32).reshape(-1, dim)
                 errors = [line + b"\n" for line in r["errors"].split(b"\n") if line]
                 chunk = Chunk(
-                    r["shard"],
+                    r["segment"],
                     r["first_row"],
                     r["input_rows"],
                     json.loads(r["ids"]),
@@ -226,22 +232,22 @@ def _datasource_class() -> Any:
     from ray.data.block import BlockMetadata
 
     class PendingRows(Datasource):
-        """One streaming read task: the rows of every shard not yet written, in order."""
+        """One streaming read task: the rows no committed shard holds, in order."""
 
-        def __init__(self, opts: dict[str, Any], done: list[int]) -> None:
+        def __init__(self, opts: dict[str, Any], start_row: int) -> None:
             self.opts = opts
-            self.done = done
+            self.start_row = start_row
 
         def estimate_inmemory_data_size(self) -> int | None:
             return None
 
         def get_read_tasks(self, parallelism: int, *args: Any, **kw: Any) -> list[Any]:
-            opts, done = self.opts, self.done
+            opts, start_row = self.opts, self.start_row
             meta = BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None)
-            return [ReadTask(lambda: _rows(opts, done), meta)]
+            return [ReadTask(lambda: _rows(opts, start_row), meta)]
 
     return PendingRows
 
 
-def _PendingRows(opts: dict[str, Any], done: list[int]) -> Any:
-    return _datasource_class()(opts, done)
+def _PendingRows(opts: dict[str, Any], start_row: int) -> Any:
+    return _datasource_class()(opts, start_row)

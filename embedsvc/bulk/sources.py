@@ -30,7 +30,6 @@ FILE_FORMATS = {
     ".ipc": "arrow",
 }
 FORMATS = ("auto", "jsonl", "parquet", "csv", "arrow", "hf", "openai-batch")
-SAMPLE_BYTES = 1 << 20  # hashed from each end of each file for the fingerprint
 
 
 @dataclass
@@ -231,16 +230,13 @@ MISSING: Any = _Missing()  # a row without the column
 
 
 def digest(root: Path, files: list[Path]) -> str:
-    """Names, sizes and both ends of each file: cheap, and it changes with the content
-    (an appended, truncated or rewritten file) without reading a corpus twice."""
+    """Names and the whole content of each file: an edit anywhere changes it, a copy of
+    the same files to another place does not. Hashing reads the corpus once more (about
+    a second per GB), which a job that then embeds it does not notice."""
     h = hashlib.sha256()
     for f in files:
-        size = f.stat().st_size
         name = f.relative_to(root) if root.is_dir() else f.name
-        h.update(json.dumps([str(name), size]).encode())
+        h.update(json.dumps([str(name), f.stat().st_size]).encode())
         with open(f, "rb") as fh:
-            h.update(fh.read(SAMPLE_BYTES))
-            if size > SAMPLE_BYTES:
-                fh.seek(max(SAMPLE_BYTES, size - SAMPLE_BYTES))
-                h.update(fh.read(SAMPLE_BYTES))
+            h.update(hashlib.file_digest(fh, "sha256").digest())
     return h.hexdigest()

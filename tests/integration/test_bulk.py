@@ -539,3 +539,101 @@ def test_ray_run_equals_the_single_machine_run(model_dir: Path, tmp_path: Path) 
     assert again.column("id").to_pylist() == b.column("id").to_pylist()
     final = json.loads((out / "_manifest.json").read_text())
     assert [s["index"] for s in final["shards"]] == [0, 1, 2, 3]
+
+
+def _embed_cmd(model_dir: Path, src: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable, "-m", "embedsvc", "embed", str(src), "--output", str(out),
+        "--model", "all-minilm-l6-v2", "--models-file", str(model_dir / "models.yaml"), *extra,
+    ]  # fmt: skip
+
+
+def _committed_rows(manifest: Path) -> int:
+    if not manifest.exists():
+        return 0
+    return sum(s["input_rows"] for s in json.loads(manifest.read_text())["shards"])
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_stops_the_job_cleanly_and_it_resumes(
+    model_dir: Path, tmp_path: Path, sig: signal.Signals
+) -> None:
+    """With shards far larger than the job (--shard-rows 100000), the shard in progress
+    is still committed every --commit-seconds; SIGINT (Ctrl-C) or SIGTERM stops the job
+    with 128 + the signal's number, committing what was embedded, one line saying how to
+    resume and no traceback; the same command then finishes with every row once."""
+    rows = corpus(5000, seed=11)
+    src = write_jsonl(tmp_path / "in.jsonl", rows)
+    out = tmp_path / "out"
+    cmd = _embed_cmd(model_dir, src, out, "--commit-seconds", "1")
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    manifest = out / "_manifest.json"
+    deadline = time.monotonic() + 180
+    while _committed_rows(manifest) == 0:  # a time commit, long before 100,000 rows
+        assert time.monotonic() < deadline, "no commit within the time"
+        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+        time.sleep(0.05)
+    committed = _committed_rows(manifest)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    stderr = err.decode()
+    assert proc.returncode == 128 + sig, stderr
+    assert f"stopped by {sig.name}" in stderr and "Run the same command again to resume" in stderr
+    assert "Traceback" not in stderr and "terminate called" not in stderr
+    kept = _committed_rows(manifest)
+    assert committed <= kept < len(rows)
+    assert f"{kept:,} input rows are committed" in stderr
+    assert not json.loads(manifest.read_text())["complete"]
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    table = read_output(out)
+    assert table.column("id").to_pylist() == sorted(r["id"] for r in rows)  # each row once
+
+
+def test_a_changed_option_is_refused_before_the_model_loads(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    rows = corpus(40, seed=3)
+    src = write_jsonl(tmp_path / "in.jsonl", rows)
+    out = tmp_path / "out"
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    first = subprocess.run(_embed_cmd(model_dir, src, out), env=env, capture_output=True)
+    assert first.returncode == 0
+    changed = _embed_cmd(model_dir, src, out, "--dtype", "float16")
+    proc = subprocess.run(changed, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "holds the output of another job (dtype: was 'float32', now 'float16')" in proc.stderr
+    assert "loaded all-minilm-l6-v2" not in proc.stderr  # refused before loading it
+
+
+def test_the_input_fingerprint_notices_a_same_size_edit_anywhere(tmp_path: Path) -> None:
+    from embedsvc.bulk.sources import open_source
+
+    rows = [{"id": i, "text": f"row {i:07d} " + "x" * 60} for i in range(60_000)]
+    src = write_jsonl(tmp_path / "in.jsonl", rows)  # about 5 MB
+    before = open_source(str(src), "auto", split=None, revision=None, streaming=False)
+    data = bytearray(src.read_bytes())
+    middle = data.index(b"row 0030000")
+    data[middle + 4 : middle + 11] = b"0030001"  # the same size, in the middle of the file
+    src.write_bytes(bytes(data))
+    after = open_source(str(src), "auto", split=None, revision=None, streaming=False)
+    assert before.fingerprint != after.fingerprint
+
+
+def test_row_groups_are_bounded_by_bytes(
+    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Token vectors make rows of very different sizes: a row group ends at
+    ROW_GROUP_BYTES of columns as well as at ROW_GROUP_ROWS rows (the bound made small
+    here: a real one takes gigabytes of token vectors to reach)."""
+    from embedsvc.bulk import output
+
+    monkeypatch.setattr(output, "ROW_GROUP_BYTES", 50_000)
+    rows = corpus(600, seed=5)
+    src = write_jsonl(tmp_path / "in.jsonl", rows)
+    out = tmp_path / "out"
+    assert embed(model_dir, str(src), "--output", str(out), "--model", "tiny-bge") == 0
+    meta = pq.ParquetFile(next(out.glob("part-*.parquet"))).metadata
+    assert meta.num_row_groups > 1
+    assert read_output(out).num_rows == 600

@@ -121,7 +121,7 @@ def test_colbert_and_splade_columns(models: Path, m3_server: Server, tmp_path: P
     for k, w in enumerate(weights):
         got = {e["index"]: e["value"] for e in splade.column("sparse")[k].as_py()}
         # Batches of other compositions: float32 noise of the order of 1e-5.
-        assert got == pytest.approx({e["index"]: e["value"] for e in w}, rel=1e-4, abs=2e-5)
+        assert got == pytest.approx({e["index"]: e["value"] for e in w}, rel=1e-4, abs=5e-5)
 
 
 def test_outputs_a_model_has_not_are_refused(
