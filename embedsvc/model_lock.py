@@ -6,7 +6,7 @@ code, of each file of the code repository at `code_revision`. `embedsvc pull` wr
 (the Hub's own sha256 for LFS files, the fetched bytes' for the others); the shipped one
 covers the bundled default model. At load every listed file must be there with its hash,
 and no other file that a loader reads may be: a file that differs stops start-up with its
-name. Hashing is cached (`~/.cache/embedsvc/sha256.json`) by path, size, mtime, ctime and
+name. Hashing is cached (`~/.cache/embedsvc/sha256-v2.json`) by path, size, mtime, ctime and
 inode, so a restart does not read the weights again; ctime and inode are what user code
 cannot set back (an edit that keeps the size and restores the mtime still changes the
 ctime), and `embedsvc verify` hashes everything again on demand. ONNX exports made by
@@ -169,6 +169,11 @@ def verify(what: str, folder: Path, expected: dict[str, str], rehash: bool = Fal
     _HashCache.get().save()
 
 
+# Entries [size, mtime_ns, ctime_ns, inode, sha256]; the file of the earlier [size, mtime_ns,
+# sha256] entries has another name, so an older embedsvc on the same machine reads its own.
+CACHE_NAME = "sha256-v2.json"
+
+
 class _HashCache:
     """path -> [size, mtime_ns, ctime_ns, inode, sha256], one file per user."""
 
@@ -186,7 +191,7 @@ class _HashCache:
     def get(cls) -> _HashCache:
         if cls._instance is None:
             base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
-            cls._instance = cls(Path(base) / "embedsvc" / "sha256.json")
+            cls._instance = cls(Path(base) / "embedsvc" / CACHE_NAME)
         return cls._instance
 
     def save(self) -> None:

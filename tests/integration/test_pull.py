@@ -310,7 +310,7 @@ def test_pull_never_records_a_cached_file_that_differs(
     # serving's check trusts it, `verify` does not.
     (path / "tokenizer.json").resolve().write_bytes(pinned.replace(b'"[UNK]"', b'"[UNQ]"', 1))
     changed = (path / "tokenizer.json").resolve()
-    cache_file = tmp_path / "xdg" / "embedsvc" / "sha256.json"
+    cache_file = tmp_path / "xdg" / "embedsvc" / "sha256-v2.json"
     cache = json.loads(cache_file.read_text())
     st = changed.stat()
     want = json.loads(recorded)["models"][f"org/tiny-bge@{COMMIT}"]["files"]["tokenizer.json"]
