@@ -51,6 +51,7 @@ CHUNK = 256  # rows per engine request
 WINDOW = 16  # requests in flight: the engine sorts about CHUNK * WINDOW queued rows by length
 EXIT_ROWS_FAILED = 1
 EXIT_STOPPED = 3
+PASS_WATCH_SECONDS = 0.5  # how often progress reads the rows forward passes took
 # Stopped by SIGINT (Ctrl-C) or SIGTERM: 128 + the signal's number, as a shell reports it.
 EXIT_INTERRUPTED = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
@@ -449,6 +450,7 @@ async def _run(
 
     for sig in EXIT_INTERRUPTED:
         loop.add_signal_handler(sig, on_signal, sig)
+    watcher = asyncio.ensure_future(_watch_passes(engines, engine.name, progress))
 
     def counted(task: asyncio.Task[Chunk]) -> None:  # progress as chunks finish, in any order
         if not task.cancelled() and task.exception() is None:
@@ -497,6 +499,7 @@ async def _run(
         log.error("stopped (--on-error fail): %s", e)
         code = EXIT_STOPPED
     finally:
+        watcher.cancel()
         for sig in EXIT_INTERRUPTED:
             loop.remove_signal_handler(sig)
         progress.close()
@@ -508,6 +511,20 @@ async def _run(
     if code == EXIT_STOPPED:
         return code
     return finish(opts.output, manifest, progress, time.monotonic() - t0)
+
+
+async def _watch_passes(engines: EngineSet, model: str, progress: Progress) -> None:
+    """Progress from the first forward pass on: the rows the model has taken so far."""
+    registry = engines.front.metrics.registry
+    labels = {"model": model}
+
+    def taken() -> float:
+        return registry.get_sample_value("embedsvc_batch_size_sum", labels) or 0.0
+
+    start = taken()
+    while True:
+        await asyncio.sleep(PASS_WATCH_SECONDS)
+        progress.passed(int(taken() - start))
 
 
 async def _first(task: asyncio.Task[Chunk], stop: asyncio.Event) -> None:

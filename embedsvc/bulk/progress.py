@@ -21,6 +21,7 @@ class Progress:
         self.unit = unit
         self.t0 = time.monotonic()
         self._start_rows = done
+        self._passed = 0
         self._last_log = self.t0
         self._bar: Any = None
         if sys.stderr.isatty():
@@ -48,13 +49,30 @@ class Progress:
         return (self.rows - self._start_rows) / elapsed, self.tokens / elapsed
 
     def advance(self, rows: int, tokens: int, failed: int = 0) -> None:
+        """Rows finished (embedded or failed), with their tokens."""
         self.rows += rows
         self.tokens += tokens
         self.failed += failed
-        rows_s, tokens_s = self.rates()
+        self._show()
+
+    def passed(self, rows: int) -> None:
+        """Rows this run has put through forward passes so far: shown before their
+        requests finish (a request's rows finish together, often near the end when the
+        engine sorts many queued rows by length)."""
+        self._passed = rows
+        self._show()
+
+    def shown(self) -> int:
+        done = max(self.rows, self._start_rows + self._passed)
+        return min(done, self.total) if self.total else done
+
+    def _show(self) -> None:
+        shown = self.shown()
+        rows_s = (shown - self._start_rows) / max(time.monotonic() - self.t0, 1e-9)
+        tokens_s = self.rates()[1]
         if self._bar is not None:
             rate = f"{rows_s:,.0f} {self.unit}/s, {tokens_s:,.0f} tokens/s"
-            self._bar.update(self._task, completed=self.rows, rate=rate)
+            self._bar.update(self._task, completed=shown, rate=rate)
             return
         now = time.monotonic()
         if now - self._last_log >= LOG_EVERY:
@@ -62,10 +80,10 @@ class Progress:
             of = f" of {self.total:,}" if self.total else ""
             eta = ""
             if self.total and rows_s > 0:
-                eta = f", about {(self.total - self.rows) / rows_s:,.0f} s left"
+                eta = f", about {(self.total - shown) / rows_s:,.0f} s left"
             log.info(
                 "%s %s%s embedded (%d failed): %.0f %s/s, %.0f tokens/s%s",
-                f"{self.rows:,}",
+                f"{shown:,}",
                 self.unit,
                 of,
                 self.failed,

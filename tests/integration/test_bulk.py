@@ -637,3 +637,26 @@ def test_row_groups_are_bounded_by_bytes(
     meta = pq.ParquetFile(next(out.glob("part-*.parquet"))).metadata
     assert meta.num_row_groups > 1
     assert read_output(out).num_rows == 600
+
+
+def test_progress_shows_from_the_first_forward_pass(
+    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: Any
+) -> None:
+    """Every request of 256 rows is queued at once and the engine sorts the rows by length,
+    so whole requests finish near the end: progress counts the rows forward passes have
+    taken, and its first figure is a pass's worth (at most 128 rows), not a request's.
+    Progress lines come every 10 s on a terminal-less run; made continuous here."""
+    from embedsvc.bulk import job, progress
+
+    monkeypatch.setattr(progress, "LOG_EVERY", 0.0)
+    monkeypatch.setattr(job, "PASS_WATCH_SECONDS", 0.05)
+    src = write_jsonl(tmp_path / "in.jsonl", corpus(1200, seed=9))
+    args = ["embed", str(src), "--output", str(tmp_path / "out"), "--model", "all-minilm-l6-v2"]
+    assert main([*args, "--models-file", str(model_dir / "models.yaml")]) == 0
+    import re
+
+    shown = [int(n.replace(",", "")) for n in re.findall(r"([\d,]+) rows of 1,200 embedded",
+                                                            capfd.readouterr().err)]  # fmt: skip
+    moved = [n for n in shown if n]
+    assert moved and moved[0] <= 128, moved[:5]
+    assert shown == sorted(shown) and shown[-1] == 1200
