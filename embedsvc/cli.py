@@ -18,6 +18,12 @@ from embedsvc.settings import Settings
 
 log = logging.getLogger("embedsvc")
 
+LOCK_HELP = (
+    "the models lock to write (and read beside the one next to models.yaml); default: beside "
+    "models.yaml when its folder is writable, else $HF_HOME/embedsvc/models.lock.json "
+    "(env EMBEDSVC_MODELS_LOCK)"
+)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="embedsvc", description="Embedding inference service")
@@ -32,6 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pull.add_argument("--models-file", default=None, help="path of models.yaml")
     pull.add_argument("--models", default=None, help="comma-separated served names")
+    pull.add_argument("--models-lock", default=None, help=LOCK_HELP)
+    pull.add_argument(
+        "--no-load-check",
+        action="store_true",
+        help="check the files against the lock only; do not load each model and run a pass "
+        "(an init container without the server's GPU or memory)",
+    )
     where = pull.add_mutually_exclusive_group()
     where.add_argument("--cache-dir", default=None, help="Hugging Face cache folder")
     where.add_argument("--local-dir", default=None, help="plain folder (one subfolder per model)")
@@ -42,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     verify.add_argument("--models-file", default=None, help="path of models.yaml")
     verify.add_argument("--models", default=None, help="comma-separated served names")
+    verify.add_argument("--models-lock", default=None, help=LOCK_HELP)
 
     export = sub.add_parser("export", help="export a model's transformer to ONNX")
     export.add_argument("model", help="served name from models.yaml")
@@ -52,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder; the export goes to OUT/VARIANT (default: beside the model)",
     )
     export.add_argument("--models-file", default=None, help="path of models.yaml")
+    export.add_argument("--models-lock", default=None, help=LOCK_HELP)
 
     add_embed_parser(sub)
 
@@ -97,48 +112,72 @@ def models_file(args: argparse.Namespace) -> str | None:
 
 
 def pull(args: argparse.Namespace) -> int:
-    """Download each model at its pinned revision, then load it from disk alone (no
-    network) and run one forward pass, so what `serve` will do is proven here."""
-    import numpy as np
-
-    from embedsvc.backends import PaddedBatch, load_model
-    from embedsvc.model_files import pull_model, verify_model_files
-    from embedsvc.model_lock import lock_path
+    """Fetch each model at its pinned revision (or find it in the cache as locked), check
+    its files, then, unless --no-load-check, load it from disk alone (no network) and run
+    one forward pass, so what `serve` will do is proven here."""
+    from embedsvc.model_files import verify_model_files
+    from embedsvc.model_lock import write_lock_path
     from embedsvc.registry import load_registry
 
     setup_logging("info")
-    registry = load_registry(models_file(args))
+    registry = load_registry(models_file(args), args.models_lock)
     names = Settings.from_sources({"models": args.models}, os.environ).model_names()
+    lock = write_lock_path(registry.path, args.models_lock)
     for spec in registry.select(names):
         if spec.source != "hf_cache":
             log.info("model %s comes from %s; nothing to pull", spec.name, spec.source)
             continue
         local = os.path.join(args.local_dir, spec.name) if args.local_dir else None
-        lock = lock_path(registry.path)
-        path = pull_model(spec, cache_dir=args.cache_dir, local_dir=local, lock=lock)
-        # The files as fetched against the hashes just recorded (the Hub's, for weights).
-        spec = load_registry(registry.path).models[spec.name]
-        verify_model_files(spec, path)
-        log.info(
-            "model %s: sha256 of %d files recorded in %s",
-            spec.name,
-            len(spec.lock.files) + len(spec.lock.code) if spec.lock else 0,
-            lock,
-        )
-        model = load_model(spec, path)
-        ids = np.array([model.tokenizer.encode("embedsvc pull check").ids], dtype=np.int64)
-        out = model.backend.forward(PaddedBatch(ids, np.ones_like(ids))).pooled
-        log.info(
-            "model %s: %s@%s at %s loads offline (dim %d)",
-            spec.name,
-            spec.hf_id,
-            spec.revision[:12],
-            path,
-            out.shape[1],
-        )
+        had_entry = spec.lock is not None
+        path = _pull_one(spec, args.cache_dir, local, lock)
+        spec = load_registry(registry.path, args.models_lock).models[spec.name]
+        verify_model_files(spec, path)  # as serve will check them
+        assert spec.lock is not None
+        n = len(spec.lock.files) + len(spec.lock.code)
+        said = "verified against" if had_entry else "recorded in"
+        log.info("model %s: sha256 of %d files %s %s", spec.name, n, said, lock)
+        if not args.no_load_check:
+            _load_check(spec, path)
         if local:
             log.info("serve it with local_dir: %s in models.yaml", local)
     return 0
+
+
+def _pull_one(spec: Any, cache_dir: str | None, local: str | None, lock: Any) -> Any:
+    """pull_model, with a failure to reach the Hub said in one line naming the model."""
+    from embedsvc.model_files import pull_model
+
+    try:
+        return pull_model(spec, cache_dir=cache_dir, local_dir=local, lock=lock)
+    except ConfigError:
+        raise
+    except Exception as e:  # huggingface_hub's and httpx's errors: the Hub, not embedsvc
+        if type(e).__module__.startswith(("huggingface_hub", "httpx", "requests", "urllib3")):
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConfigError(
+                f"model {spec.name}: {spec.hf_id}@{spec.revision[:12]} could not be fetched "
+                f"({type(e).__name__}: {first}); the Hub (HF_ENDPOINT) is needed for files "
+                "not yet in the cache as the models lock records them"
+            ) from None
+        raise
+
+
+def _load_check(spec: Any, path: Any) -> None:
+    import numpy as np
+
+    from embedsvc.backends import PaddedBatch, load_model
+
+    model = load_model(spec, path)
+    ids = np.array([model.tokenizer.encode("embedsvc pull check").ids], dtype=np.int64)
+    out = model.backend.forward(PaddedBatch(ids, np.ones_like(ids))).pooled
+    log.info(
+        "model %s: %s@%s at %s loads offline (dim %d)",
+        spec.name,
+        spec.hf_id,
+        spec.revision[:12],
+        path,
+        out.shape[1],
+    )
 
 
 def verify_files(args: argparse.Namespace) -> int:
@@ -149,7 +188,7 @@ def verify_files(args: argparse.Namespace) -> int:
     from embedsvc.registry import load_registry
 
     setup_logging("info")
-    registry = load_registry(models_file(args))
+    registry = load_registry(models_file(args), args.models_lock)
     names = Settings.from_sources({"models": args.models}, os.environ).model_names()
     unlocked = 0
     for spec in registry.select(names):
@@ -168,11 +207,11 @@ def export(args: argparse.Namespace) -> int:
 
     from embedsvc.export import default_out_dir, export_model
     from embedsvc.model_files import check_model_dir, resolve_model_dir
-    from embedsvc.model_lock import lock_key, lock_path, record_export
+    from embedsvc.model_lock import lock_key, record_export, write_lock_path
     from embedsvc.registry import load_registry
 
     setup_logging("info")
-    registry = load_registry(models_file(args))
+    registry = load_registry(models_file(args), args.models_lock)
     spec = registry.select([args.model])[0]
     path = resolve_model_dir(spec)
     check_model_dir(spec, path)
@@ -181,8 +220,8 @@ def export(args: argparse.Namespace) -> int:
     done = export_model(spec, path, args.variant, out)
     print(done)
     digest = json.loads((done / "export.json").read_text(encoding="utf-8"))["sha256"]
-    lock = lock_path(registry.path)
-    if record_export(lock, lock_key(spec.hf_id, spec.revision), args.variant, digest):
+    lock = write_lock_path(registry.path, args.models_lock)
+    if record_export(lock, lock_key(spec.hf_id, spec.revision), args.variant, digest, spec.lock):
         log.info("recorded the export's sha256 in %s", lock)
     else:
         log.warning(

@@ -84,6 +84,23 @@ def _hf_cache_dir(spec: ModelSpec) -> Path:
     return path
 
 
+def check_servable(specs: list[ModelSpec], require_verified: bool) -> None:
+    """What can be told of every model before any of them loads, in a moment: each has
+    its folder (the package, local_dir, or the cache at its revision) with the files a
+    server needs, and, with `require_verified`, an entry in a models lock. A start-up that
+    would fail on the third model fails here, before the first one loads."""
+    if require_verified:
+        unlocked = [s.name for s in specs if s.lock is None]
+        if unlocked:
+            raise ConfigError(
+                f"model {', '.join(unlocked)}: no entry in the models lock, and "
+                "require_verified is set; run `embedsvc pull` for it (it records the files' "
+                "hashes), or point --models-lock at the lock that has it"
+            )
+    for spec in specs:
+        check_model_dir(spec, resolve_model_dir(spec))
+
+
 def check_model_dir(spec: ModelSpec, path: Path) -> None:
     """Refuse folders that cannot be served safely: no config, no tokenizer, pickle only."""
     if not (path / "config.json").is_file():

@@ -44,7 +44,64 @@ class LockedFiles:
 
 
 def lock_path(models_file: Path) -> Path:
+    """The lock beside a models file (the one committed with it)."""
     return models_file.with_name(models_file.stem + ".lock.json")
+
+
+LOCK_ENV = "EMBEDSVC_MODELS_LOCK"
+
+
+def cache_lock_path() -> Path:
+    """The lock that travels with the Hugging Face cache: $HF_HOME/embedsvc/models.lock.json
+    (HF_HOME as huggingface_hub reads it: the variable, else XDG_CACHE_HOME/huggingface,
+    else ~/.cache/huggingface)."""
+    home = os.environ.get("HF_HOME")
+    if not home:
+        cache = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+        home = os.path.join(cache, "huggingface")
+    return Path(home) / "embedsvc" / "models.lock.json"
+
+
+def second_lock(explicit: str | None = None) -> Path:
+    """The lock read beside the models file's own: --models-lock, else EMBEDSVC_MODELS_LOCK,
+    else the cache's (cache_lock_path)."""
+    chosen = explicit or os.environ.get(LOCK_ENV)
+    return Path(chosen) if chosen else cache_lock_path()
+
+
+def write_lock_path(models_file: Path, explicit: str | None = None) -> Path:
+    """Where `pull` and `export` record entries: --models-lock (or EMBEDSVC_MODELS_LOCK)
+    when given; else beside the models file where that folder can be written (the lock to
+    commit with it); else the cache's lock, which the server reads from the same cache (an
+    image's models.yaml in a read-only site-packages, an init container filling a volume)."""
+    if explicit or os.environ.get(LOCK_ENV):
+        return second_lock(explicit)
+    beside = lock_path(models_file)
+    writable = beside.exists() and os.access(beside, os.W_OK)
+    if writable or (not beside.exists() and os.access(beside.parent, os.W_OK)):
+        return beside
+    return cache_lock_path()
+
+
+def read_locks(models_file: Path, explicit: str | None = None) -> dict[str, LockedFiles]:
+    """The entries of the lock beside the models file and of the second lock; where both
+    record a model differently, the one committed beside the models file holds (and a
+    WARNING names it)."""
+    beside = read_lock(lock_path(models_file))
+    other_path = second_lock(explicit)
+    if other_path.resolve() == lock_path(models_file).resolve():
+        return beside
+    merged = read_lock(other_path)
+    for key, entry in beside.items():
+        other = merged.get(key)
+        if other is not None and (other.files, other.code) == (entry.files, entry.code):
+            entry = LockedFiles(entry.files, entry.code, {**other.exports, **entry.exports})
+        elif other is not None:
+            log.warning(
+                "%s records %s differently from %s; using the latter", other_path, key, models_file
+            )
+        merged[key] = entry
+    return merged
 
 
 def lock_key(hf_id: str, revision: str) -> str:
@@ -79,18 +136,22 @@ def write_entry(path: Path, key: str, locked: LockedFiles) -> None:
     raw["models"][key] = entry
     raw["models"] = dict(sorted(raw["models"].items()))
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, (json.dumps(raw, indent=1) + "\n").encode())
     except OSError as e:
         raise ConfigError(
-            f"cannot write the models lock {path} ({e}); keep models.yaml (and its lock) in "
-            "a folder you can write, and pass --models-file"
+            f"cannot write the models lock {path} ({e}); name a file you can write with "
+            f"--models-lock or {LOCK_ENV}"
         ) from None
 
 
-def record_export(path: Path, key: str, variant: str, digest: str) -> bool:
-    """Record an ONNX export's sha256 in the model's entry; False when it has none (the
-    model itself is unverified, and so is its export)."""
-    entry = read_lock(path).get(key)
+def record_export(
+    path: Path, key: str, variant: str, digest: str, known: LockedFiles | None = None
+) -> bool:
+    """Record an ONNX export's sha256 in the model's entry of the lock at `path` (`known`:
+    the entry as read from every lock, when `path` has none of its own yet); False when
+    the model has no entry anywhere (it is unverified, and so is its export)."""
+    entry = read_lock(path).get(key) or known
     if entry is None:
         return False
     exports = {**entry.exports, variant: digest}

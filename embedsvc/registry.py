@@ -15,7 +15,7 @@ from typing import Any, Literal, TypeVar, cast, get_args
 import yaml
 
 from embedsvc.errors import ConfigError
-from embedsvc.model_lock import LockedFiles, lock_key, lock_path, read_lock
+from embedsvc.model_lock import LockedFiles, lock_key, read_locks
 
 SHA_RE = re.compile(r"^[0-9a-f]{40}$")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")
@@ -146,7 +146,10 @@ _ALLOWED_KEYS = {f for f in ModelSpec.__dataclass_fields__} - {"lock", "default_
 _TOP_KEYS = {"default_models", "models"}
 
 
-def load_registry(path: str | Path | None = None) -> Registry:
+def load_registry(path: str | Path | None = None, models_lock: str | None = None) -> Registry:
+    """The models file (default: the shipped one), each entry with its lock entry from the
+    lock beside the file and the second lock (`models_lock`, EMBEDSVC_MODELS_LOCK, or the
+    one in the Hugging Face cache: model_lock.read_locks)."""
     p = Path(path) if path else DEFAULT_MODELS_FILE
     try:
         raw = yaml.safe_load(p.read_text(encoding="utf-8"))
@@ -155,7 +158,7 @@ def load_registry(path: str | Path | None = None) -> Registry:
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: not valid YAML: {e}") from None
     registry = parse_registry(raw, p)
-    locked = read_lock(lock_path(p))
+    locked = read_locks(p, models_lock)
     for name, spec in registry.models.items():
         entry = locked.get(lock_key(spec.hf_id, spec.revision))
         if entry is not None:

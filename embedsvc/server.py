@@ -39,6 +39,7 @@ from embedsvc.http.uvicorn_check import http_protocol
 from embedsvc.logs import setup_logging
 from embedsvc.memory import settle_gc, tune_allocator
 from embedsvc.metrics import Metrics, enable_multiprocess
+from embedsvc.model_files import check_servable
 from embedsvc.process import exit_now
 from embedsvc.registry import ModelSpec, load_registry
 from embedsvc.settings import Settings
@@ -155,10 +156,11 @@ def serve(settings: Settings) -> int:
     # threads in each) already give tokenizing its parallelism. Set the variable to keep
     # the library's pool.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    registry = load_registry(settings.models_file or None)
+    registry = load_registry(settings.models_file or None, settings.models_lock or None)
     specs = registry.select(settings.model_names())
     for spec in specs:
         log.info("model %s: %s@%s (source: %s)", spec.name, spec.hf_id, spec.revision, spec.source)
+    check_servable(specs, settings.require_verified)  # before any model loads
     settings.api_keys()  # a missing or empty key file stops start-up here
     if settings.openai_token_ids == "cl100k":
         Cl100kDecoder.load()  # missing tiktoken or ranks stop start-up here, not in a worker

@@ -33,6 +33,17 @@ class Settings:
     models: str = _setting(
         "", "comma-separated served names to load (default: the file's default_models)"
     )
+    models_lock: str = _setting(
+        "",
+        "a models lock read beside the one next to the models file, where `embedsvc pull` "
+        "records what it fetched when that folder is not writable (default: "
+        "$HF_HOME/embedsvc/models.lock.json, so it travels with the cache)",
+    )
+    require_verified: bool = _setting(
+        False,
+        "refuse to serve a model that has no entry in a models lock (else it loads "
+        "unverified, with a WARNING and files_verified false in /info)",
+    )
     api_workers: int = _setting(
         0,
         "front-end processes (HTTP, validation, tokenization, responses) beside one engine "

@@ -88,10 +88,14 @@ def load_workers(
 
     `on_fatal(reason)` is called if a worker dies later on."""
     workers = {}
+    # Every model's files first, then the loading: a file that differs from the lock is
+    # named before the first model spends its time loading and warming up.
+    checked = []
     for spec in specs:
         path = resolve_model_dir(spec)
         check_model_dir(spec, path)
-        verified = verify_model_files(spec, path)
+        checked.append((spec, path, verify_model_files(spec, path)))
+    for spec, path, verified in checked:
         if settings.dtype:  # --dtype: every model at this dtype
             spec = dataclasses.replace(spec, dtype=cast(Dtype, settings.dtype))
         # Load on the compute thread, where every forward pass will run (compute.py).

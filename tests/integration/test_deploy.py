@@ -110,3 +110,137 @@ def test_rayjob_runs_embedsvc_embed_on_ray() -> None:
     for p in pods:
         assert p["volumes"][0]["persistentVolumeClaim"]["claimName"] == "embedsvc-data"
         assert {"name": "data", "mountPath": "/data"} in p["containers"][0]["volumeMounts"]
+
+
+def _pod_commands() -> tuple[list[str], dict[str, str], list[str], dict[str, str]]:
+    """The init container's and the server container's command lines and environments,
+    as the manifests and the Dockerfile give them ($(VAR) expanded as the kubelet does)."""
+    kust = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    config = dict(lit.split("=", 1) for lit in kust["configMapGenerator"][0]["literals"])
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    image_env = dict(re.findall(r"(HF_HOME|HF_HUB_OFFLINE|EMBEDSVC_HOST)=(\S+)", dockerfile))
+    entrypoint = yaml.safe_load(re.search(r"^ENTRYPOINT (.+)$", dockerfile, re.M)[1])  # type: ignore[index]
+    pod = yaml.safe_load((K8S / "deployment.yaml").read_text())["spec"]["template"]["spec"]
+    init = pod["initContainers"][0]
+    init_env = dict(image_env)
+    for var in init["env"]:
+        if "value" in var:
+            init_env[var["name"]] = var["value"]
+        elif "configMapKeyRef" in var["valueFrom"]:
+            init_env[var["name"]] = config[var["valueFrom"]["configMapKeyRef"]["key"]]
+    expand = lambda a: re.sub(r"\$\((\w+)\)", lambda m: init_env[m[1]], a)  # noqa: E731
+    init_cmd = [*init["command"], *map(expand, init["args"])]
+    server_env = {**image_env, **config}
+    return init_cmd, init_env, entrypoint, server_env
+
+
+def _interpreter_for_others() -> tuple[str, list[str]]:
+    """A Python that another user may run, and the paths of this environment's packages:
+    this interpreter when every folder above it is open to others, else the system's of
+    the same version with this environment's site-packages (a Python installed under
+    /root is closed to other users)."""
+    import os
+    import sysconfig
+
+    real = Path(os.path.realpath(sys.executable))
+    paths = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
+    if all(p.stat().st_mode & 0o001 for p in real.parents):
+        return sys.executable, paths
+    system = Path(f"/usr/bin/python{sys.version_info.major}.{sys.version_info.minor}")
+    if not system.is_file():
+        pytest.skip(f"no Python that uid 10001 may run ({real} is closed to others)")
+    return str(system), paths
+
+
+def test_the_pods_commands_run_as_the_image_runs_them(model_dir: Path, tmp_path: Path) -> None:
+    """As uid 10001 (the image's user) with a read-only copy of the package and a writable
+    cache volume, against the Hub emulator: the init container's pull records the lock in
+    the volume, the server's command serves the model verified from it, and with the Hub
+    gone the init container's pull succeeds again without it, the lock unchanged."""
+    import json
+    import os
+    import tempfile
+    import time
+
+    import httpx
+
+    from embedsvc.registry import load_registry
+    from tests.support import free_socket
+    from tests.support.hub_emulator import HubEmulator
+
+    if os.geteuid() != 0:
+        pytest.skip("runs the pod's commands as another user: needs root (CI has it)")
+    init_cmd, init_env, entrypoint, server_env = _pod_commands()
+    [name] = init_env["EMBEDSVC_MODELS"].split(",")
+    spec = load_registry().models[name]
+    root = Path(tempfile.mkdtemp(prefix="embedsvc-pod-"))
+    try:
+        root.chmod(0o755)
+        site = root / "site"  # the image's installed package: root's, read-only to uid 10001
+        shutil.copytree(
+            ROOT / "embedsvc", site / "embedsvc", ignore=shutil.ignore_patterns("__pycache__")
+        )
+        volume = root / "data-hf"
+        volume.mkdir()
+        os.chown(volume, 10001, 10001)
+        emu = HubEmulator()
+        emu.add_folder(spec.hf_id, spec.revision, model_dir / "tiny-bge")  # stands in for it
+        url = emu.start()
+        base = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "EMBEDSVC_"))}
+        base.update(HOME=str(root), HF_HUB_DISABLE_XET="1", HF_ENDPOINT=url)
+
+        python, paths = _interpreter_for_others()
+        base["PYTHONPATH"] = os.pathsep.join([str(site), *paths])
+
+        def run_as_pod(cmd: list[str], env: dict[str, str], **kw: object) -> subprocess.Popen:
+            assert cmd[0] == "embedsvc"  # the console script, as `python -m embedsvc`
+            env = {**base, **env, "HF_HOME": str(volume)}
+            argv = [python, "-m", "embedsvc", *cmd[1:]]
+            return subprocess.Popen(
+                argv, env=env, cwd=site, user=10001, group=10001, extra_groups=[],
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw,
+            )  # fmt: skip
+
+        pull = run_as_pod(init_cmd, init_env)
+        out = pull.communicate(timeout=300)[0]
+        assert pull.returncode == 0, out
+        lock = volume / "embedsvc" / "models.lock.json"
+        assert (
+            lock.is_file()
+            and lock.read_bytes() != (site / "embedsvc" / "models.lock.json").read_bytes()
+        )
+        recorded = lock.read_bytes()
+        assert f"{spec.hf_id}@{spec.revision}" in json.loads(recorded)["models"]
+
+        sock = free_socket()
+        port = sock.getsockname()[1]
+        sock.close()
+        env = {**server_env, "EMBEDSVC_PORT": str(port), "EMBEDSVC_API_WORKERS": "1"}
+        server = run_as_pod(entrypoint, env)
+        try:
+            deadline = time.monotonic() + 180
+            while True:
+                assert server.poll() is None, server.communicate()[0]
+                assert time.monotonic() < deadline
+                try:
+                    if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.2)
+            [info] = httpx.get(f"http://127.0.0.1:{port}/info").json()["models"]
+            assert info["name"] == name and info["files_verified"] is True
+            r = httpx.post(f"http://127.0.0.1:{port}/embed", json={"inputs": "hello"})
+            assert r.status_code == 200 and len(r.json()[0]) == 32
+        finally:
+            server.terminate()
+            server.communicate(timeout=60)
+
+        emu.stop()  # the Hub is gone: a pod starts from the cache alone
+        pull = run_as_pod(init_cmd, init_env)
+        out = pull.communicate(timeout=120)[0]
+        assert pull.returncode == 0, out
+        assert "every pinned file is in the cache as locked" in out
+        assert lock.read_bytes() == recorded
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

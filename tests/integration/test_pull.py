@@ -415,3 +415,56 @@ def refused_start(cfg: Path, env: dict[str, str]) -> str:
     )
     assert served.returncode != 0
     return served.stderr
+
+
+def test_pull_of_a_locked_cached_model_needs_no_hub(
+    hub: tuple[HubEmulator, str], tmp_path: Path
+) -> None:
+    """Once pulled and locked, a model whose files are all in the cache as locked pulls
+    again with the Hub unreachable, without asking it (HF_HUB_OFFLINE unset, as an init
+    container runs it on every pod start), in one line; a file gone from the cache then
+    is one clear error naming the model, never a traceback."""
+    emu, url = hub
+    cfg = models_yaml(tmp_path)
+    env = base_env(tmp_path, url)
+    pull = ["pull", "--models-file", str(cfg), "--models", "tiny-bge", "--no-load-check"]
+    assert run(pull, env).returncode == 0
+    emu.requests.clear()
+    unreachable = dict(env, HF_ENDPOINT="http://127.0.0.1:9")
+    import time
+
+    started = time.monotonic()
+    proc = run(pull, unreachable)
+    assert proc.returncode == 0, proc.stderr
+    assert time.monotonic() - started < 30
+    assert "every pinned file is in the cache as locked" in proc.stderr
+    assert "loads offline" not in proc.stderr  # --no-load-check: files only
+    assert emu.requests == []
+    snapshot = tmp_path / "hf" / "hub" / "models--org--tiny-bge" / "snapshots" / COMMIT
+    (snapshot / "tokenizer.json").unlink()
+    proc = run(pull, unreachable)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    [line] = [x for x in proc.stderr.splitlines() if x.startswith("embedsvc: ")]
+    assert "model tiny-bge" in line and "could not be fetched" in line
+
+
+def test_serve_with_require_verified_refuses_an_unlocked_model_before_loading(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    """--require-verified (EMBEDSVC_REQUIRE_VERIFIED): a model with no lock entry stops
+    start-up at once, before any model loads, naming it; so does a model whose folder is
+    missing, before the others load."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EMBEDSVC_")}
+    env["HF_HOME"] = str(tmp_path / "hf")
+    cmd = ["serve", "--models-file", str(model_dir / "models.yaml"), "--port", "0"]
+    proc = run([*cmd, "--models", "all-minilm-l6-v2,tiny-bge", "--require-verified"], env)
+    assert proc.returncode == 2
+    assert "tiny-bge: no entry in the models lock, and require_verified" in proc.stderr
+    assert "loaded " not in proc.stderr
+    broken = tmp_path / "models.yaml"
+    text = (model_dir / "models.yaml").read_text()
+    broken.write_text(text.replace(str(model_dir / "tiny-nomic"), str(tmp_path / "gone")))
+    proc = run(["serve", "--models-file", str(broken), "--models", "tiny-bge,tiny-nomic"], env)
+    assert proc.returncode == 2 and "does not exist" in proc.stderr
+    assert "loaded " not in proc.stderr
