@@ -265,6 +265,9 @@ def test_the_pods_commands_run_as_the_image_runs_them(model_dir: Path, tmp_path:
         recorded = lock.read_bytes()
         assert f"{spec.hf_id}@{spec.revision}" in json.loads(recorded)["models"]
 
+        # The server's mount is read-only: the volume becomes root's, closed to writes.
+        for path in [volume, *volume.rglob("*")]:
+            os.chown(path, 0, 0, follow_symlinks=False)
         sock = free_socket()
         port = sock.getsockname()[1]
         sock.close()
@@ -289,6 +292,8 @@ def test_the_pods_commands_run_as_the_image_runs_them(model_dir: Path, tmp_path:
             server.terminate()
             server.communicate(timeout=60)
 
+        for path in [volume, *volume.rglob("*")]:  # the init container's mount: writable
+            os.chown(path, 10001, 10001, follow_symlinks=False)
         emu.stop()  # the Hub is gone: a pod starts from the cache alone
         pull = run_as_pod(init_cmd, init_env)
         out = pull.communicate(timeout=120)[0]
