@@ -17,6 +17,9 @@ log = logging.getLogger(__name__)
 # Forward passes run on one CPU thread only for models whose 8x32-token pass takes less
 # than this on one thread (a 2-layer, 32-wide BERT: 0.3 ms; MiniLM-L6: about 58 ms).
 ONE_THREAD_MAX_PASS_S = 0.002
+# A pass this many times slower than that on one thread settles the question in one turn
+# (MiniLM: about 29x): the other turns took most of a busy machine's start-up.
+CLEARLY_NOT_CHEAP = 10
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,8 @@ def measure_pass_costs(model: LoadedModel, name: str) -> PassCosts:
             t0 = time.perf_counter()
             model.backend.forward(large)
             times.append(time.perf_counter() - t0)
+        if min(t_one) >= CLEARLY_NOT_CHEAP * ONE_THREAD_MAX_PASS_S:
+            break  # no turn can make it cheap: the answer is no, and more turns cost start-up
     threads(many)
     log.info(
         "model %s: an 8x32 pass takes %.1f ms on one thread, %.2fx that on %d",

@@ -35,6 +35,7 @@ RUNS: dict[str, list[str] | None] = {
     "rerank.py": None,  # downloads nothing, but times seconds per batch size
     "soak.py": None,  # minutes by design
     "startup.py": None,  # starts the server --runs times
+    "ab_frontend.py": None,  # two servers from two source trees, wrk in rounds
 }
 MODULES = ("bare_app", "naive_server", "workload", "report")  # imported by the scripts above
 
