@@ -115,7 +115,7 @@ def pull(args: argparse.Namespace) -> int:
     """Fetch each model at its pinned revision (or find it in the cache as locked), check
     its files, then, unless --no-load-check, load it from disk alone (no network) and run
     one forward pass, so what `serve` will do is proven here."""
-    from embedsvc.model_files import verify_model_files
+    from embedsvc.model_files import cached_as_locked, pull_model, verify_model_files
     from embedsvc.model_lock import write_lock_path
     from embedsvc.registry import load_registry
 
@@ -128,38 +128,23 @@ def pull(args: argparse.Namespace) -> int:
             log.info("model %s comes from %s; nothing to pull", spec.name, spec.source)
             continue
         local = os.path.join(args.local_dir, spec.name) if args.local_dir else None
+        cached = cached_as_locked(spec, args.cache_dir, local)
         had_entry = spec.lock is not None
-        path = _pull_one(spec, args.cache_dir, local, lock)
+        path = pull_model(spec, cache_dir=args.cache_dir, local_dir=local, lock=lock)
         spec = load_registry(registry.path, args.models_lock).models[spec.name]
         verify_model_files(spec, path)  # as serve will check them
         assert spec.lock is not None
         n = len(spec.lock.files) + len(spec.lock.code)
-        said = "verified against" if had_entry else "recorded in"
-        log.info("model %s: sha256 of %d files %s %s", spec.name, n, said, lock)
+        if cached:
+            said = "every pinned file is in the cache as locked (the Hub was not asked)"
+        else:
+            said = ("fetched and checked against" if had_entry else "recorded in") + f" {lock}"
+        log.info("model %s: %d files, %s", spec.name, n, said)
         if not args.no_load_check:
             _load_check(spec, path)
         if local:
             log.info("serve it with local_dir: %s in models.yaml", local)
     return 0
-
-
-def _pull_one(spec: Any, cache_dir: str | None, local: str | None, lock: Any) -> Any:
-    """pull_model, with a failure to reach the Hub said in one line naming the model."""
-    from embedsvc.model_files import pull_model
-
-    try:
-        return pull_model(spec, cache_dir=cache_dir, local_dir=local, lock=lock)
-    except ConfigError:
-        raise
-    except Exception as e:  # huggingface_hub's and httpx's errors: the Hub, not embedsvc
-        if type(e).__module__.startswith(("huggingface_hub", "httpx", "requests", "urllib3")):
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ConfigError(
-                f"model {spec.name}: {spec.hf_id}@{spec.revision[:12]} could not be fetched "
-                f"({type(e).__name__}: {first}); the Hub (HF_ENDPOINT) is needed for files "
-                "not yet in the cache as the models lock records them"
-            ) from None
-        raise
 
 
 def _load_check(spec: Any, path: Any) -> None:

@@ -262,14 +262,49 @@ def pull_model(
     The repository listing is checked first, so a pickle-only model is refused before
     anything is downloaded. HF_TOKEN and HF_ENDPOINT are honoured by huggingface_hub.
     """
+    stale: list[str] = []  # what the cache lacks of the lock's files, or holds otherwise
     if spec.lock is not None:
         cached = _cached_folder(spec, cache_dir, local_dir)
         if cached is not None:
             stale = differing(cached, spec.lock.files)
             if not stale and not _stale_code(spec, cached, cache_dir):
-                log.info("model %s: every pinned file is in the cache as locked", spec.name)
                 return cached
-            log.info("model %s: fetching again what differs from the lock", spec.name)
+            log.info("model %s: fetching again %s", spec.name, ", ".join(stale) or "its code")
+        else:
+            stale = _not_cached(spec, cache_dir, local_dir)
+    try:
+        return _fetch_model(spec, cache_dir, local_dir, lock)
+    except ConfigError:
+        raise
+    except Exception as e:  # huggingface_hub's and httpx's errors: the Hub, not embedsvc
+        if not type(e).__module__.startswith(("huggingface_hub", "httpx", "requests")):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        what = (
+            f"{', '.join(stale)} (missing from the cache or not as locked)"
+            if stale
+            else ("files that are not in the cache")
+        )
+        raise ConfigError(
+            f"model {spec.name}: {what} could not be fetched from the Hub for "
+            f"{spec.hf_id}@{spec.revision[:12]} ({type(e).__name__}: {first})"
+        ) from None
+
+
+def cached_as_locked(spec: ModelSpec, cache_dir: str | None, local_dir: str | None) -> bool:
+    """Whether every file the lock records for `spec` is in the cache with its hash (then
+    `pull_model` asks no Hub)."""
+    if spec.lock is None:
+        return False
+    cached = _cached_folder(spec, cache_dir, local_dir)
+    if cached is None or differing(cached, spec.lock.files):
+        return False
+    return not _stale_code(spec, cached, cache_dir)
+
+
+def _fetch_model(
+    spec: ModelSpec, cache_dir: str | None, local_dir: str | None, lock: Path | None
+) -> Path:
     from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub.hf_api import RepoFile
 
@@ -368,6 +403,23 @@ def _cached_folder(spec: ModelSpec, cache_dir: str | None, local_dir: str | None
     except LocalEntryNotFoundError:
         return None
     return Path(path)
+
+
+def _not_cached(spec: ModelSpec, cache_dir: str | None, local_dir: str | None) -> list[str]:
+    """The lock's files of `spec` that the cache does not hold at all."""
+    assert spec.lock is not None
+    if local_dir:
+        return [rel for rel in spec.lock.files if not (Path(local_dir) / rel).is_file()]
+    from huggingface_hub import try_to_load_from_cache
+
+    return [
+        rel
+        for rel in sorted(spec.lock.files)
+        if not isinstance(
+            try_to_load_from_cache(spec.hf_id, rel, cache_dir=cache_dir, revision=spec.revision),
+            str,
+        )
+    ]
 
 
 def _stale_code(spec: ModelSpec, folder: Path, cache_dir: str | None) -> bool:

@@ -438,6 +438,7 @@ def test_pull_of_a_locked_cached_model_needs_no_hub(
     assert proc.returncode == 0, proc.stderr
     assert time.monotonic() - started < 30
     assert "every pinned file is in the cache as locked" in proc.stderr
+    assert len([x for x in proc.stderr.splitlines() if "model tiny-bge" in x]) == 1
     assert "loads offline" not in proc.stderr  # --no-load-check: files only
     assert emu.requests == []
     snapshot = tmp_path / "hf" / "hub" / "models--org--tiny-bge" / "snapshots" / COMMIT
@@ -446,7 +447,7 @@ def test_pull_of_a_locked_cached_model_needs_no_hub(
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     [line] = [x for x in proc.stderr.splitlines() if x.startswith("embedsvc: ")]
-    assert "model tiny-bge" in line and "could not be fetched" in line
+    assert "model tiny-bge: tokenizer.json" in line and "could not be fetched" in line
 
 
 def test_serve_with_require_verified_refuses_an_unlocked_model_before_loading(
