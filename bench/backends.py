@@ -2,9 +2,10 @@
 
     python bench/backends.py                  # bundled all-MiniLM-L6-v2, exports if needed
 
-torch fp32 (sentence-transformers modules) vs onnxruntime fp32 vs onnxruntime int8, each
-through the embedsvc backend class (tokenized once, sorted by length, batches within the
-CPU token budget), plus cosine of each against torch fp32 on the same inputs. The backends
+torch fp32 vs torch bf16 (the same encoder with bfloat16 weights: `--dtype bfloat16`) vs
+onnxruntime fp32 vs onnxruntime int8, each through the embedsvc backend class (tokenized
+once, sorted by length, batches within the CPU token budget), plus cosine of each against
+torch fp32 on the same inputs. `--engines` picks some (the ONNX exports take minutes). The backends
 take turns for --rounds rounds and each ratio is the median of its per-round ratios, so a
 slow spell of a shared machine hits all of them alike.
 
@@ -55,6 +56,18 @@ def run(model, ids: list[list[int]], groups: list[list[int]]) -> tuple[float, np
         vecs[g] = out.pooled
     rate = len(ids) / (time.perf_counter() - t0)
     return rate, vecs / np.linalg.norm(vecs, axis=1, keepdims=True)
+
+
+def cpu_description() -> str:
+    """The CPU's model name and its bf16/int8 matrix and dot-product flags."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown CPU"
+    name = next((x.split(":", 1)[1].strip() for x in text.splitlines() if "model name" in x), "?")
+    flags = set(text.split())
+    wanted = ("amx_bf16", "amx_int8", "avx512_bf16", "avx512_vnni", "avx_vnni")
+    return f"{name} ({', '.join(f for f in wanted if f in flags) or 'no bf16/int8 units'})"
 
 
 def cpu_int8_features() -> str:
@@ -150,7 +163,14 @@ def main() -> None:
     ap.add_argument("--exports", default=None, help="folder with fp32/ and int8/ exports")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--profile", action="store_true", help="also print time per operator type")
+    ap.add_argument(
+        "--engines",
+        default="torch-fp32,torch-bf16,onnx-fp32,onnx-int8",
+        help="comma-separated; torch-fp32 (the reference) is always run",
+    )
     args = ap.parse_args()
+    engines = {e.strip() for e in args.engines.split(",")} | {"torch-fp32"}
+    print(f"CPU: {cpu_description()}", flush=True)
 
     spec = load_registry().select([args.model])[0]
     path = resolve_model_dir(spec)
@@ -161,7 +181,11 @@ def main() -> None:
     groups = batches(ids, args.budget)
     exports = Path(args.exports or tempfile.mkdtemp(prefix="embedsvc-exports-"))
     models = {"torch fp32": torch_model}
+    if "torch-bf16" in engines:
+        models["torch bf16"] = load_model(dataclasses.replace(spec, dtype="bfloat16"), path)
     for variant in ("fp32", "int8"):
+        if f"onnx-{variant}" not in engines:
+            continue
         if not (exports / variant / "model.onnx").is_file():
             export_model(spec, path, variant, exports / variant)
         onnx_spec = dataclasses.replace(
@@ -189,11 +213,13 @@ def main() -> None:
         ratio = float(np.median([a / b for a, b in zip(rates[name], base, strict=True)]))
         print(
             f"ratio {name:10s} / torch fp32 = {ratio:.2f}  ({np.median(rates[name]):.1f} "
-            f"inputs/s; cos min {cos.min():.4f}, mean {cos.mean():.4f})"
+            f"inputs/s; cos min {cos.min():.5f}, mean {cos.mean():.5f})"
         )
     if args.profile:
         print("time per operator type (onnxruntime profiler, one pass):")
         for variant in ("fp32", "int8"):
+            if f"onnx-{variant}" not in engines:
+                continue
             profile_ops(exports / variant / "model.onnx", ids, groups, torch_model.pad_token_id)
     hidden = torch_model.backend.dimension
     ceiling = matmul_ceiling(hidden, 4 * hidden)
