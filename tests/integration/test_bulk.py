@@ -644,7 +644,7 @@ def test_progress_shows_from_the_first_forward_pass(
 ) -> None:
     """Every request of 256 rows is queued at once and the engine sorts the rows by length,
     so whole requests finish near the end: progress counts the rows forward passes have
-    taken, and its first figure is a pass's worth (at most 128 rows), not a request's.
+    taken, and shows figures between whole requests.
     Progress lines come every 10 s on a terminal-less run; made continuous here."""
     from embedsvc.bulk import job, progress
 
@@ -657,6 +657,8 @@ def test_progress_shows_from_the_first_forward_pass(
 
     shown = [int(n.replace(",", "")) for n in re.findall(r"([\d,]+) rows of 1,200 embedded",
                                                             capfd.readouterr().err)]  # fmt: skip
-    moved = [n for n in shown if n]
-    assert moved and moved[0] <= 128, moved[:5]
+    # Whole requests only could show 256, 512, 768, 1024 and 1200: a figure between them is
+    # a pass's worth (what a slow machine shows first: at most one pass of 128 rows).
+    whole = {256, 512, 768, 1024, 1200}
+    assert [n for n in shown if n and n not in whole], shown
     assert shown == sorted(shown) and shown[-1] == 1200
