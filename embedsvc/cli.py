@@ -115,8 +115,9 @@ def pull(args: argparse.Namespace) -> int:
     """Fetch each model at its pinned revision (or find it in the cache as locked), check
     its files, then, unless --no-load-check, load it from disk alone (no network) and run
     one forward pass, so what `serve` will do is proven here."""
-    from embedsvc.model_files import cached_as_locked, pull_model, verify_model_files
+    from embedsvc.model_files import verify_model_files
     from embedsvc.model_lock import write_lock_path
+    from embedsvc.pull import pull_model
     from embedsvc.registry import load_registry
 
     setup_logging("info")
@@ -128,14 +129,14 @@ def pull(args: argparse.Namespace) -> int:
             log.info("model %s comes from %s; nothing to pull", spec.name, spec.source)
             continue
         local = os.path.join(args.local_dir, spec.name) if args.local_dir else None
-        cached = cached_as_locked(spec, args.cache_dir, local)
         had_entry = spec.lock is not None
-        path = pull_model(spec, cache_dir=args.cache_dir, local_dir=local, lock=lock)
+        pulled = pull_model(spec, cache_dir=args.cache_dir, local_dir=local, lock=lock)
+        path = pulled.path
         spec = load_registry(registry.path, args.models_lock).models[spec.name]
         verify_model_files(spec, path)  # as serve will check them
         assert spec.lock is not None
         n = len(spec.lock.files) + len(spec.lock.code)
-        if cached:
+        if not pulled.fetched:
             said = "every pinned file is in the cache as locked (the Hub was not asked)"
         else:
             said = ("fetched and checked against" if had_entry else "recorded in") + f" {lock}"
