@@ -318,7 +318,8 @@ def embed(args: argparse.Namespace) -> int:
         return run_batch_file(
             Path(args.input), Path(args.output), models_file(args), args.model, args.overwrite
         )
-    from embedsvc.bulk.job import Options, run
+    from embedsvc.bulk.job import run
+    from embedsvc.bulk.spec import Options
 
     opts = Options(
         input=args.input,

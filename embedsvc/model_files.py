@@ -78,9 +78,7 @@ def _hf_cache_dir(spec: ModelSpec) -> Path:
     return path
 
 
-def snapshot(
-    spec: ModelSpec, cache_dir: str | None, local_dir: str | None, offline: bool
-) -> Path:
+def snapshot(spec: ModelSpec, cache_dir: str | None, local_dir: str | None, offline: bool) -> Path:
     """`snapshot_download` of the serving files of `spec` at its revision: from the cache
     alone (`offline`: LocalEntryNotFoundError when absent), or fetching what is missing."""
     from huggingface_hub import snapshot_download

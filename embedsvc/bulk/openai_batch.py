@@ -26,10 +26,11 @@ from embedsvc.api.encode import openai_embeddings_body
 from embedsvc.api.errors import error_body
 from embedsvc.api.openai import openai_request
 from embedsvc.api.service import Service
-from embedsvc.bulk.job import EXIT_ROWS_FAILED, engine_settings, load
+from embedsvc.bulk.job import EXIT_ROWS_FAILED
 from embedsvc.bulk.output import MANIFEST, open_output
 from embedsvc.bulk.progress import Progress
 from embedsvc.bulk.sources import digest
+from embedsvc.bulk.spec import engine_settings, load
 from embedsvc.errors import ConfigError, EmbedsvcError
 from embedsvc.files import write_atomic
 from embedsvc.metrics import Metrics

@@ -21,23 +21,20 @@ from typing import Any
 
 import numpy as np
 
-from embedsvc.bulk.job import (
-    CHUNK,
-    Chunk,
-    ChunkEmbedder,
-    Options,
-    check_before_loading,
-    check_options,
-    chunks,
-    describe_job,
-    engine_settings,
-    finish,
-    load,
-    resolve_prompt_name,
-)
+from embedsvc.bulk.job import Chunk, ChunkEmbedder, chunks, finish
 from embedsvc.bulk.output import OutputWriter, open_output
 from embedsvc.bulk.progress import Progress
 from embedsvc.bulk.sources import BadRow, open_source
+from embedsvc.bulk.spec import (
+    CHUNK,
+    Options,
+    check_before_loading,
+    check_options,
+    describe_job,
+    engine_settings,
+    load,
+    resolve_prompt_name,
+)
 from embedsvc.errors import ConfigError
 
 log = logging.getLogger("embedsvc.embed")
