@@ -14,6 +14,17 @@ import orjson
 from tests.support import raw_connect, raw_post, read_responses, wait_for
 
 
+def refused(sock: socket.socket, status: bytes, words: str, tei: bool) -> None:
+    """The connection's one answer is `status` in its route's dialect naming `words`, and
+    then the server closes it."""
+    [(line, headers, body)] = read_responses(sock, 1)
+    assert line == b"HTTP/1.1 " + status
+    assert headers[b"connection"] == b"close"
+    err = orjson.loads(body)
+    assert words in (err["error"] if tei else err["error"]["message"])
+    assert sock.recv(10) == b""  # closed
+
+
 def _answered(s: Any) -> float:
     return s.metric("embedsvc_requests_total", model="tiny-bge", route="/embed")
 
@@ -63,13 +74,7 @@ def test_an_oversized_head_gets_431_in_the_routes_dialect(server_factory: Any) -
         for path, tei in ((b"/embed", True), (b"/v1/embeddings", False)):
             with raw_connect(s) as sock:
                 sock.sendall(raw_post(path, b'{"inputs": "a"}', b"x-big: " + b"b" * 5000 + b"\r\n"))
-                [(line, headers, body)] = read_responses(sock, 1)
-                assert line == b"HTTP/1.1 431 Request Header Fields Too Large"
-                assert headers[b"connection"] == b"close"
-                err = orjson.loads(body)
-                message = err["error"] if tei else err["error"]["message"]
-                assert "exceed 4096 bytes" in message
-                assert sock.recv(10) == b""  # closed
+                refused(sock, b"431 Request Header Fields Too Large", "exceed 4096 bytes", tei)
         with raw_connect(s) as sock:  # headers that never end are cut off at the cap
             sock.sendall(b"POST /embed HTTP/1.1\r\n")
             for _ in range(100):
@@ -157,13 +162,7 @@ def test_a_stalled_body_gets_408_and_frees_its_connection(server_factory: Any) -
             [(line, headers, _)] = read_responses(probe, 1)
             assert line == b"HTTP/1.1 200 OK" and headers[b"connection"] == b"close"
         for sock, tei in zip(stalled, (True, False, True, False), strict=True):
-            [(line, headers, body)] = read_responses(sock, 1)
-            assert line == b"HTTP/1.1 408 Request Timeout"
-            assert headers[b"connection"] == b"close"
-            err = orjson.loads(body)
-            message = err["error"] if tei else err["error"]["message"]
-            assert "body did not arrive within 0.6 seconds" in message
-            assert sock.recv(10) == b""
+            refused(sock, b"408 Request Timeout", "body did not arrive within 0.6 seconds", tei)
             sock.close()
         assert 0.4 < time.monotonic() - started < 10
         assert _closed(s, "body_timeout") == 4
