@@ -34,7 +34,7 @@ from embedsvc.api.cl100k import Cl100kDecoder
 from embedsvc.api.service import Service
 from embedsvc.engine import EngineSet, load_engines
 from embedsvc.errors import UnhealthyError
-from embedsvc.http.protocol import ConnectionLimits
+from embedsvc.http.limits import ConnectionLimits
 from embedsvc.http.uvicorn_check import http_protocol
 from embedsvc.logs import setup_logging
 from embedsvc.memory import settle_gc, tune_allocator

@@ -1,7 +1,9 @@
 """embedsvc's HTTP protocol: uvicorn's httptools protocol with one write per response
 (one_write.py), the embedding routes answered without an ASGI task, and the bounds on what
-a connection holds (ConnectionLimits, write backpressure). One class over about 400 lines:
-its methods are uvicorn's callbacks, overridden together, and read best side by side.
+a connection holds (ConnectionLimits: head size, header count, head and body time, the
+connection cap, write backpressure; what unread answers hold is stalled.py's layer below).
+One class over about 400 lines, kept whole: its methods are uvicorn's callbacks, overridden
+together around one parser and one set of timers, and read best side by side.
 
 Direct route (EmbedsvcHttpProtocol): uvicorn runs every request as a task that calls the
 ASGI app with receive/send coroutines and message dicts; for single short queries that
@@ -24,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import httptools
@@ -32,36 +33,14 @@ from uvicorn.protocols.http import flow_control, httptools_impl
 from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 
 from embedsvc.http.answer import Answer, DirectRoute, header_lines
-from embedsvc.http.one_write import OneWriteHttpProtocol
+from embedsvc.http.direct_cycle import DirectCycle, content_length, logged_path
+from embedsvc.http.stalled import StalledWrites
 
 # What uvicorn buffers of a body before the app reads; its status lines, ready to write.
 HIGH_WATER_LIMIT: int = getattr(flow_control, "HIGH_WATER_LIMIT", 1 << 16)
 STATUS_LINE: dict[int, bytes] = getattr(httptools_impl, "STATUS_LINE", {})
 
 
-@dataclass(frozen=True)
-class ConnectionLimits:
-    """What one connection may hold of the server before a request reaches the app, and
-    what the answers it does not read may hold after."""
-
-    max_header_bytes: int = 32 * 1024  # request line and headers, line endings too (431)
-    max_headers: int = 100  # header lines of one request (431 beyond)
-    header_timeout: float = 10.0  # seconds for a request's head to arrive (408 then)
-    body_timeout: float = 10.0  # seconds for a body to arrive after its head (408 then)
-    max_connections: int = 0  # open connections of this process (503 beyond); 0: any
-    write_timeout: float = 30.0  # seconds a client may read none of a held answer (close)
-    max_unsent_bytes: int = 256 << 20  # answers held for slow readers, all connections
-
-
-# What each refusal or close of the bounds is counted as (the app's `on_connection_closed`).
-CLOSE_REASONS = (
-    "header_timeout",
-    "body_timeout",
-    "headers_too_large",
-    "too_many_connections",
-    "write_timeout",
-    "unsent_budget",
-)
 # GET paths answered even on a connection past the cap (then closed): a prober's view of a
 # server under a flood of connections is its own health, not the flood's 503.
 _PROBES = frozenset((b"/health", b"/metrics", b"/info"))
@@ -70,79 +49,18 @@ _PROBES = frozenset((b"/health", b"/metrics", b"/info"))
 _LINE_BYTES = 16
 _HEADER_LINE_BYTES = 4
 
-# Connections whose writes are paused (the client is not reading), oldest first, with the
-# loop time they stalled: the process's unsent answers are theirs (write buffers of the
-# others are under the transport's high-water mark).
-_STALLED: dict[EmbedsvcHttpProtocol, float] = {}
-
 
 class _Refused(Exception):
     """Raised from a parser callback to stop parsing; the refusal is then written."""
 
 
-class _NoWaiters:
-    """In place of the asyncio.Event of a request that no ASGI task ever waits on."""
-
-    __slots__ = ()
-
-    def set(self) -> None:
-        pass
-
-
-_NO_WAITERS = _NoWaiters()
-
-
-class DirectCycle:
-    """A request bound for the direct route, in place of uvicorn's RequestResponseCycle
-    (which builds the ASGI scope and an asyncio.Event for every request): what the
-    protocol's callbacks read and write on `self.cycle`. Should the route decline it,
-    `EmbedsvcHttpProtocol._asgi_cycle` makes uvicorn's cycle from it."""
-
-    __slots__ = (
-        "body",
-        "disconnected",
-        "headers",
-        "http_version",
-        "keep_alive",
-        "message_event",
-        "more_body",
-        "path",
-        "query",
-        "raw_path",
-        "response_complete",
-        "response_started",
-        "waiting_for_100_continue",
-    )
-
-    def __init__(
-        self,
-        raw_path: bytes,
-        query: bytes,
-        http_version: str,
-        headers: list[tuple[bytes, bytes]],
-        keep_alive: bool,
-    ) -> None:
-        self.raw_path = raw_path
-        self.path = raw_path.decode("ascii")
-        self.query = query
-        self.http_version = http_version
-        self.headers = headers
-        self.keep_alive = keep_alive
-        self.body = bytearray()
-        self.more_body = True
-        self.disconnected = self.response_started = self.response_complete = False
-        self.message_event = _NO_WAITERS
-        self.waiting_for_100_continue = False
-
-
-class EmbedsvcHttpProtocol(OneWriteHttpProtocol):
+class EmbedsvcHttpProtocol(StalledWrites):
     """OneWriteHttpProtocol with the app's direct route (see the module), and the bounds
     of ConnectionLimits on what a connection holds before its request reaches the app: the
     size of a request head, the time it takes to arrive, the number of connections; and
     write backpressure: while the client does not read, no further request of its
     connection is read or answered."""
 
-    limits = ConnectionLimits()
     direct_route = True  # False: every request through uvicorn's ASGI cycle, bounds kept
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -154,9 +72,6 @@ class EmbedsvcHttpProtocol(OneWriteHttpProtocol):
         self._error_answer: Callable[[str, Any, str], Answer] | None = getattr(
             self.config.app, "error_answer", None
         )
-        self._on_closed: Callable[[str], None] | None = getattr(
-            self.config.app, "on_connection_closed", None
-        )
         self._refusal: Answer | None = None
         self._over_cap = False
         self._head_since: float | None = None  # loop time a request head began, if one has
@@ -164,8 +79,6 @@ class EmbedsvcHttpProtocol(OneWriteHttpProtocol):
         self._header_count = 0
         self._body_since: float | None = None  # loop time a head ended whose body is due
         self._timer: asyncio.TimerHandle | None = None  # the head and body deadlines
-        self._write_timer: asyncio.TimerHandle | None = None
-        self._unsent_mark = 0  # bytes unsent when the write timer was armed
         self._write_blocked = False  # a response finished while the client was not reading
         self._deferred: DirectCycle | None = None
         self._completing = False  # in on_response_complete
@@ -184,10 +97,6 @@ class EmbedsvcHttpProtocol(OneWriteHttpProtocol):
         self._timer = self.loop.call_later(limits.header_timeout, self._deadline_due)
         if limits.max_connections and len(self.connections) > limits.max_connections:
             self._over_cap = True  # its first request is answered 503, then it closes
-
-    def _closed_for(self, reason: str) -> None:
-        if self._on_closed is not None:
-            self._on_closed(reason)
 
     def _deadline_due(self) -> None:
         """Close a connection whose request head has taken longer than header_timeout, or
@@ -352,7 +261,7 @@ class EmbedsvcHttpProtocol(OneWriteHttpProtocol):
             or self.expect_100_continue
             or self.limit_concurrency is not None
             or parser.should_upgrade()
-            or not 0 <= _content_length(self.headers) <= HIGH_WATER_LIMIT
+            or not 0 <= content_length(self.headers) <= HIGH_WATER_LIMIT
         ):
             self._uvicorn_headers_complete()
             return
@@ -483,67 +392,6 @@ class EmbedsvcHttpProtocol(OneWriteHttpProtocol):
             return
         self._next_request()
 
-    # ---- answers a client does not read ----
-
-    def pause_writing(self) -> None:
-        """The transport holds more than its high-water mark of answers for this client:
-        its write clock starts, and the process's budget of unsent bytes is checked."""
-        super().pause_writing()
-        if self in _STALLED:
-            return
-        _STALLED[self] = self.loop.time()
-        self._unsent_mark = self.transport.get_write_buffer_size()
-        self._write_timer = self.loop.call_later(self.limits.write_timeout, self._write_due)
-        self._check_unsent()
-
-    def _write_due(self) -> None:
-        """Close the connection if its client has read nothing for write_timeout seconds;
-        reading some of what is held starts the clock again."""
-        self._write_timer = None
-        if self not in _STALLED or self.transport.is_closing():
-            return
-        unsent = self.transport.get_write_buffer_size()
-        if unsent < self._unsent_mark:
-            self._unsent_mark = unsent
-            self._write_timer = self.loop.call_later(self.limits.write_timeout, self._write_due)
-            return
-        self.logger.info(
-            "closing a connection whose client read nothing of %d bytes for %g s",
-            unsent,
-            self.limits.write_timeout,
-        )
-        self._drop("write_timeout")
-
-    def _check_unsent(self) -> None:
-        """Past max_unsent_bytes of answers held for clients that do not read, the
-        connections that stalled first are closed (their answers dropped) until the rest
-        fit: the memory held for slow readers is bounded whatever their number."""
-        budget = self.limits.max_unsent_bytes
-        sizes = {p: p.transport.get_write_buffer_size() for p in _STALLED}
-        total = sum(sizes.values())
-        for p in list(_STALLED):
-            if total <= budget:
-                return
-            total -= sizes[p]
-            p.logger.warning(
-                "closing a connection holding %d unsent bytes: answers held for clients "
-                "that do not read passed max_unsent_bytes (%d)",
-                sizes[p],
-                budget,
-            )
-            p._drop("unsent_budget")
-
-    def _drop(self, reason: str) -> None:
-        self._closed_for(reason)
-        self._unstall()
-        self.transport.abort()  # what it holds is freed now, not after a last write
-
-    def _unstall(self) -> None:
-        _STALLED.pop(self, None)
-        if self._write_timer is not None:
-            self._write_timer.cancel()
-            self._write_timer = None
-
     def resume_writing(self) -> None:
         self._unstall()
         super().resume_writing()
@@ -609,7 +457,7 @@ class EmbedsvcHttpProtocol(OneWriteHttpProtocol):
             self.access_logger.info(
                 '%s - "POST %s HTTP/%s" %d',
                 f"{self.client[0]}:{self.client[1]}" if self.client else "",
-                _logged_path(cycle.raw_path, cycle.query),
+                logged_path(cycle.raw_path, cycle.query),
                 cycle.http_version,
                 status,
             )
@@ -624,23 +472,3 @@ class EmbedsvcHttpProtocol(OneWriteHttpProtocol):
         if not cycle.keep_alive:
             self.transport.close()
         self.on_response_complete()
-
-
-def _logged_path(raw_path: bytes, query: bytes) -> str:
-    """The path and query of an access-log line, as uvicorn writes them, except that a query
-    with bytes outside ASCII (httptools passes them through) is logged, not an error."""
-    path = raw_path.decode("latin-1")
-    if query:
-        path += "?" + query.decode("latin-1")
-    return path.replace('"', "%22")
-
-
-def _content_length(headers: list[tuple[bytes, bytes]]) -> int:
-    """The content-length of a request without transfer-encoding, else -1."""
-    length = -1
-    for name, value in headers:
-        if name == b"content-length" and value.isdigit():
-            length = int(value)
-        elif name == b"transfer-encoding":
-            return -1
-    return length

@@ -11,7 +11,8 @@ import uvicorn
 from uvicorn.protocols.http import flow_control
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
-from embedsvc.http.protocol import STATUS_LINE, ConnectionLimits, EmbedsvcHttpProtocol
+from embedsvc.http.limits import ConnectionLimits
+from embedsvc.http.protocol import STATUS_LINE, EmbedsvcHttpProtocol
 
 log = logging.getLogger("embedsvc")
 

@@ -237,7 +237,7 @@ def test_answers_held_for_non_readers_stay_within_the_budget(server_factory: Any
     whatever their number: past it, the connections that stopped reading first are closed
     (counted as unsent_budget). Each client here asks for about 16 MB and reads none:
     what the kernel's socket buffers do not take (megabytes) is over the budget."""
-    from embedsvc.http.protocol import _STALLED
+    from embedsvc.http.stalled import STALLED
 
     budget = 300_000
     with server_factory(
@@ -245,7 +245,7 @@ def test_answers_held_for_non_readers_stay_within_the_budget(server_factory: Any
     ) as s:
         socks = [_not_reading(s, 12) for _ in range(3)]
         wait_for(lambda: _closed(s, "unsent_budget") >= 2, what="the unsent budget")
-        held = sum(p.transport.get_write_buffer_size() for p in list(_STALLED))
+        held = sum(p.transport.get_write_buffer_size() for p in list(STALLED))
         assert held <= budget
         for sock in socks:
             assert _read_all(sock) < 12 * 1_000_000
