@@ -1,5 +1,10 @@
 """Request preparation in the front end: validation, prompts, Matryoshka dimensions and
-tokenization of many requests in one tokenizer call."""
+tokenization of many requests in one tokenizer call.
+
+One class of about 450 lines, kept whole: each check reads the same request against the
+same model and settings, and the bounds before tokenizing (characters, inputs) and after
+(tokens, answer sizes) are best read side by side. The tokenizer's own work is elsewhere:
+tokenize.py (truncation, token ids), icl.py (bge-en-icl queries), pairs.py (rerank pairs)."""
 
 from __future__ import annotations
 
