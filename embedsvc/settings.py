@@ -76,8 +76,10 @@ class Settings:
     dtype: str = _setting(
         "",
         "the weights' dtype for every model (torch backend): auto, float32, float16 or "
-        "bfloat16; empty: each model's dtype in models.yaml. auto: float32 on a CPU; on a GPU "
-        "bfloat16 for weights that ship in it (when the GPU has it), else float16",
+        "bfloat16; empty: each model's dtype in models.yaml. auto on a CPU: bfloat16 where it "
+        "has bf16 matrix units (AVX512-BF16, AMX) and the model's vectors keep cosine >= "
+        "0.9999 to float32 on a probe at start-up, else float32; on a GPU bfloat16 for "
+        "weights that ship in it (when the GPU has it), else float16",
     )
     cuda_graphs: bool = _setting(
         False,

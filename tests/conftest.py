@@ -7,6 +7,7 @@ clients), tests/integration (processes, signals, bulk jobs, Ray, the bench scrip
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,12 @@ from tests.support.models import (
     build_tiny_splade,
     write_models_yaml,
 )
+
+# Every server and job the tests start in another process computes in float32, as
+# run_server's do, on whatever CPU runs them: the tests compare with float32 references
+# at 1e-5, and dtype auto picks bfloat16 on a CPU with bf16 units (its own tests:
+# tests/api/test_dtype_auto.py).
+os.environ.setdefault("EMBEDSVC_DTYPE", "float32")
 
 
 @pytest.fixture(scope="session")

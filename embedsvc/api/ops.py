@@ -32,6 +32,9 @@ def model_info(e: ModelEngine) -> dict[str, Any]:
         "backend": spec.backend,
         "device": info.device,
         "model_dtype": info.dtype,
+        # The dtype and why: dtype auto picks bfloat16 on a CPU with bf16 matrix units
+        # when the model's vectors pass the load-time probe (backends/precision.py).
+        "precision": info.precision,
         "pooling": info.pooling,
         "dimension": info.dimension,
         # The width of /embed_all's token states (null: the backend has none).

@@ -186,3 +186,6 @@ class LoadedModel:
     # task rerank: what turns the model's logit into a score by default (sigmoid | identity)
     score_activation: str = ""
     colbert: ColbertFormat | None = None  # task multivector
+    # The dtype that serves it and why (dtype auto: backends/precision.py), for the log
+    # and /info.
+    precision: str = ""

@@ -4,10 +4,14 @@ imported only when a model needs it (onnxruntime, transformers' classes)."""
 from __future__ import annotations
 
 import importlib
+import logging
 from pathlib import Path
 
 from embedsvc.backends.base import BackendSpec, LoadedModel
+from embedsvc.backends.precision import Loader, load_auto
 from embedsvc.registry import ModelSpec
+
+log = logging.getLogger(__name__)
 
 # (task, backend) -> "module:function" taking (BackendSpec, folder) -> LoadedModel
 LOADERS = {
@@ -29,5 +33,13 @@ def load_model(
     if target is None:  # the registry refuses these combinations first
         raise ValueError(f"no loader for task {spec.task} on backend {spec.backend}")
     module, _, function = target.partition(":")
-    loaded: LoadedModel = getattr(importlib.import_module(module), function)(spec, path)
+    load: Loader = getattr(importlib.import_module(module), function)
+    if spec.backend == "torch" and spec.dtype == "auto":
+        loaded = load_auto(spec, path, load)
+    else:
+        loaded = load(spec, path)
+        onnx = spec.backend == "onnx"
+        setting = f"onnx_variant {spec.onnx_variant}" if onnx else f"dtype {spec.dtype}"
+        loaded.precision = f"{loaded.backend.dtype}: {setting} as configured"
+    log.info("model %s serves in %s", spec.name, loaded.precision)
     return loaded

@@ -130,10 +130,12 @@ class TorchBackend(TorchThreads):
                     kept = states * mask[:, :, None].to(states.dtype)
                     output.token_states = kept.to(torch.float32).cpu().numpy()
                 if self._lexical is not None:
-                    weights = torch.relu(self._lexical(states)).squeeze(-1).to(torch.float32)
+                    lexical = self._lexical(states.to(self._lexical.weight.dtype))
+                    weights = torch.relu(lexical).squeeze(-1).to(torch.float32)
                     output.token_weights = (weights * mask).cpu().numpy()
                 if colbert is not None:
-                    vectors = colbert(states[:, 1:]) * mask[:, 1:, None].to(states.dtype)
+                    heads = states[:, 1:].to(colbert.weight.dtype)
+                    vectors = colbert(heads) * mask[:, 1:, None].to(heads.dtype)
                     output.token_vectors = vectors.to(torch.float32).cpu().numpy()
                 return output
         except torch.OutOfMemoryError as e:
@@ -275,10 +277,13 @@ def load_torch_model(spec: BackendSpec, path: Path) -> LoadedModel:
     lexical = colbert = None
     if (spec.lexical_weights or spec.multivector) and parts.encoder is None:
         raise ConfigError(f"model {spec.name}: lexical weights and token vectors need its states")
+    # The own encoder's states are float32 on a CPU whatever its dtype (bert.build): its
+    # heads, a small share of the work, stay float32 there too.
+    heads = "float32" if device == "cpu" and parts.via == "torch" else dtype
     if spec.lexical_weights:
-        lexical = load_head(spec, path, device, dtype, "sparse_linear", "lexical_weights")
+        lexical = load_head(spec, path, device, heads, "sparse_linear", "lexical_weights")
     if spec.multivector:
-        colbert = load_head(spec, path, device, dtype, "colbert_linear", "multivector")
+        colbert = load_head(spec, path, device, heads, "colbert_linear", "multivector")
     hidden = (bert.read_json(path / "config.json") or {}).get("hidden_size")
     backend = TorchBackend(
         parts.encoder,

@@ -34,9 +34,10 @@ def resolve_device(device: str) -> str:
 
 
 def resolve_dtype(dtype: str, device: str, path: Path | None = None) -> str:
-    """auto: float32 on a CPU; on a GPU bfloat16 for weights that ship in bfloat16
-    (config.json's torch_dtype: Qwen3-Embedding, decoders whose activations can overflow
-    float16) when the GPU has it, else float16."""
+    """auto on a GPU: bfloat16 for weights that ship in bfloat16 (config.json's
+    torch_dtype: Qwen3-Embedding, decoders whose activations can overflow float16) when
+    the GPU has it, else float16. auto on a CPU: float32 here; backends/precision.py loads
+    bfloat16 instead where the CPU's matrix units and the model's probe allow."""
     if dtype != "auto":
         return dtype
     if not device.startswith("cuda"):
@@ -243,8 +244,9 @@ def trace_states(eager: Any, device: str) -> Any:
             traced = torch.jit.trace(eager, probe(2, 8, True), check_trace=False)
             for rows, cols, padded in ((3, 13, True), (5, 4, True), (4, 6, False)):
                 ids, mask = probe(rows, cols, padded)
-                a, b = eager(ids, mask).float(), traced(ids, mask).float()
+                a, b = eager(ids, mask), traced(ids, mask)
                 tol = 1e-4 if a.dtype == torch.float32 else 1e-2
+                a, b = a.float(), b.float()
                 if a.shape != b.shape or not torch.allclose(a, b, atol=tol, rtol=tol):
                     log.warning(
                         "traced transformer differs from the eager one; running eagerly "

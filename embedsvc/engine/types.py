@@ -131,6 +131,7 @@ class ModelInfo:
     files_verified: bool = False  # every file's sha256 as the models lock records it
     colbert: ColbertFormat | None = None  # task multivector: markers, lengths, expansion
     states_dimension: int = 0  # the token states' width (/embed_all); 0: the backend has none
+    precision: str = ""  # the dtype that serves it and why (backends/precision.py)
 
     @property
     def task(self) -> str:

@@ -149,6 +149,7 @@ class ModelWorker:
             files_verified=self.files_verified,
             colbert=m.colbert,
             states_dimension=m.backend.states_dimension,
+            precision=m.precision,
         )
 
     @property

@@ -62,7 +62,10 @@ def run_server(
     **overrides: Any,
 ) -> Iterator[Server]:
     """Load `models`, serve them with uvicorn on a free loopback port, stop afterwards.
-    `wrap(app)` may put another ASGI app around embedsvc's."""
+    `wrap(app)` may put another ASGI app around embedsvc's. In float32 unless `dtype` is
+    given: the tests compare with float32 references at 1e-5 on whatever CPU runs them
+    (dtype auto picks bfloat16 on one with bf16 units; tests/api/test_dtype_auto.py)."""
+    overrides.setdefault("dtype", "float32")
     settings = Settings(**overrides)
     metrics = Metrics()
     engines = load_engines(registry.select(models), settings, metrics)
