@@ -159,16 +159,42 @@ def place(spec: BackendSpec, path: Path) -> tuple[str, str]:
     return device, dtype
 
 
+def cpu_bf16_linears(model: Any) -> Any:
+    """`model` (float32, on a CPU) with its linear layers in bfloat16, on the CPU's matrix
+    units: each takes its input in bfloat16 and gives its output back in its input's
+    dtype, so norms, embeddings, attention and the residual stream stay float32, as torch's
+    autocast and OpenVINO run bf16 (and as backends/bert.py's own encoder does). Weights
+    all in bfloat16 lost 2-3x the cosine for no more speed."""
+    import torch
+    import torch.nn.functional as F
+
+    class Bf16Linear(torch.nn.Linear):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.linear(x.to(self.weight.dtype), self.weight, self.bias).to(x.dtype)
+
+    for module in model.modules():
+        if type(module) is torch.nn.Linear:
+            module.to(dtype=torch.bfloat16)
+            module.__class__ = Bf16Linear
+    return model
+
+
+def low_precision(dtype: str, device: str) -> dict[str, Any]:
+    """from_pretrained's dtype argument: none for float32, and none for bfloat16 on a CPU
+    (loaded as float32, then `cpu_bf16_linears`)."""
+    import torch
+
+    if dtype == "float32" or (dtype == "bfloat16" and device == "cpu"):
+        return {}
+    return {"dtype": getattr(torch, dtype)}  # float16 | bfloat16
+
+
 def load_sentence_transformers(
     spec: BackendSpec, path: Path, model_class: Any, device: str, dtype: str
 ) -> Any:
     """A sentence-transformers model of `model_class` (SentenceTransformer,
     MultiVectorEncoder) from `path` (safetensors, local files only) in eval mode."""
-    import torch
-
-    model_kwargs: dict[str, Any] = {"use_safetensors": True}
-    if dtype != "float32":
-        model_kwargs["dtype"] = getattr(torch, dtype)  # float16 | bfloat16
+    model_kwargs: dict[str, Any] = {"use_safetensors": True, **low_precision(dtype, device)}
     try:
         model = model_class(
             str(path),
@@ -179,6 +205,8 @@ def load_sentence_transformers(
         )
     except Exception as e:  # the library raises many types; report the reason plainly
         raise ConfigError(f"model {spec.name}: cannot load {path}: {type(e).__name__}: {e}") from e
+    if dtype == "bfloat16" and device == "cpu":
+        cpu_bf16_linears(model)
     return model.eval()
 
 
@@ -187,19 +215,19 @@ def load_transformers_model(
 ) -> tuple[Any, str, str, Tokenizer]:
     """A transformers model of `auto_class` (safetensors, local files only) on the entry's
     device and dtype, in eval mode, with the folder's bare tokenizer; the device; the dtype."""
-    import torch
 
     if not (path / "tokenizer.json").is_file():
         raise ConfigError(f"model {spec.name}: needs a fast tokenizer (tokenizer.json)")
     device, dtype = place(spec, path)
     kwargs: dict[str, Any] = {"use_safetensors": True, "local_files_only": True}
-    if dtype != "float32":
-        kwargs["dtype"] = getattr(torch, dtype)
+    kwargs.update(low_precision(dtype, device))
     try:
         model = auto_class.from_pretrained(str(path), **spec.remote_code(), **kwargs)
     except Exception as e:  # the library raises many types; report the reason plainly
         raise ConfigError(f"model {spec.name}: cannot load {path}: {type(e).__name__}: {e}") from e
     model.to(device).eval()
+    if dtype == "bfloat16" and device == "cpu":
+        cpu_bf16_linears(model)
     tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
     tokenizer.no_padding()
     tokenizer.no_truncation()

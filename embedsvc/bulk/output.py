@@ -116,9 +116,12 @@ def open_output(
         differ = [k for k in sorted(set(job) | set(was)) if was.get(k) != job.get(k)]
         if differ:
             detail = "; ".join(f"{k}: was {was.get(k)!r}, now {job.get(k)!r}" for k in differ)
+            hint = ""
+            if "model_precision" in differ:  # dtype auto decided otherwise on this machine
+                hint = f" (or EMBEDSVC_DTYPE={was.get('model_precision') or 'float32'} to go on)"
             raise ConfigError(
                 f"{out} holds the output of another job ({detail}); use another --output, "
-                "or --overwrite to start over"
+                f"or --overwrite to start over{hint}"
             )
         m = Manifest(job, old.get("shards", []), int(old.get("errors_bytes", 0)))
         m.complete = bool(old.get("complete"))

@@ -103,6 +103,11 @@ def describe_job(
     job = static_job(engine.spec, opts, description, fingerprint)
     job["prompt"] = job_prefix(engine, opts)
     job["dimensions"] = opts.dimensions or engine.dimension
+    # dtype auto can pick bfloat16 on one CPU and float32 on another: a job resumed on a
+    # machine that serves the model at another precision would mix the two. Recorded when
+    # not float32, so jobs begun before it resume.
+    if engine.info.dtype != "float32":
+        job["model_precision"] = engine.info.dtype
     return job
 
 

@@ -15,14 +15,14 @@ import numpy as np
 import pytest
 
 from embedsvc.backends import load_model
-from embedsvc.backends.base import BackendSpec, ForwardOutput
+from embedsvc.backends.base import BackendSpec, ForwardOutput, PaddedBatch
 from embedsvc.backends.fixed_texts import TEXTS
 from embedsvc.backends.precision import BOUND, load_auto, probe_batches, worst_cosine
 from embedsvc.backends.torch_backend import load_torch_model
 from embedsvc.model_files import resolve_model_dir
 from embedsvc.registry import load_registry
 from tests.support import run_server
-from tests.support.models import MINILM_PATH, build_tiny_m3
+from tests.support.models import MINILM_PATH, build_tiny_m3, build_tiny_qwen3
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 from workload import queries, rag_mix
@@ -91,8 +91,11 @@ def test_bfloat16_on_a_cpu_keeps_norms_embeddings_and_residuals_in_float32(st_mi
         "LayerNorm": {torch.float32},
         "Embedding": {torch.float32},
     }
-    passes = [model.backend.forward(b).pooled for b in probe_batches(model)]
-    got = np.concatenate(passes)[: len(TEXTS)]  # the short texts come first, in order
+    rows = [e.ids for e in model.tokenizer.encode_batch(list(TEXTS))]
+    width = max(len(r) for r in rows)
+    ids = np.array([r + [model.pad_token_id] * (width - len(r)) for r in rows])
+    mask = np.array([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    got = model.backend.forward(PaddedBatch(ids, mask)).pooled
     want = st_minilm.encode(list(TEXTS), normalize_embeddings=True)
     cos = (got * want).sum(1) / np.linalg.norm(got, axis=1)
     assert cos.min() >= BOUND
@@ -137,3 +140,38 @@ def test_the_probe_compares_lexical_weights_and_token_vectors(
     a = ForwardOutput(pooled, np.array([[1, 2, 0], [0, 0, 0]], dtype=np.float32))
     b = ForwardOutput(pooled, np.array([[2, 1, 0], [0, 0, 0]], dtype=np.float32))
     assert worst_cosine(a, b) == pytest.approx(0.8)
+
+
+def test_bfloat16_through_transformers_runs_only_linear_layers_in_bfloat16(
+    tmp_path: Path,
+) -> None:
+    """A model the own encoder does not serve (a Qwen3-shaped decoder, through
+    sentence-transformers) in bfloat16 on a CPU: its linear layers in bfloat16, its norms
+    and embeddings float32, its vectors close to float32's."""
+    import torch
+
+    folder = build_tiny_qwen3(tmp_path / "qwen3", seed=3, hidden=64)
+    spec = BackendSpec(
+        name="tiny-qwen3",
+        hf_id="test/tiny-qwen3",
+        revision="0" * 40,
+        backend="torch",
+        device="cpu",
+        dtype="float32",
+        pooling="lasttoken",
+        max_seq_length=256,
+        trust_remote_code=False,
+        onnx_variant="auto",
+        onnx_dir=None,
+    )
+    full = load_model(spec, folder)
+    half = load_model(dataclasses.replace(spec, dtype="bfloat16"), folder)
+    # The transformer: traced, or the first of sentence-transformers' modules.
+    module = half.backend._encoder or half.backend._head[0]
+    dtypes: dict[str, set[Any]] = {}
+    for name, p in module.named_parameters():
+        kind = "linear" if name.endswith("proj.weight") or name.endswith("proj.bias") else "other"
+        dtypes.setdefault(kind, set()).add(p.dtype)
+    assert dtypes == {"linear": {torch.bfloat16}, "other": {torch.float32}}
+    batch = probe_batches(full)[0]
+    assert worst_cosine(full.backend.forward(batch), half.backend.forward(batch)) > 0.999

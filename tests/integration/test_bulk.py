@@ -607,6 +607,23 @@ def test_a_changed_option_is_refused_before_the_model_loads(
     assert "loaded all-minilm-l6-v2" not in proc.stderr  # refused before loading it
 
 
+def test_a_job_is_not_resumed_at_another_model_precision(model_dir: Path, tmp_path: Path) -> None:
+    """dtype auto may serve the model in bfloat16 on one machine and float32 on another:
+    a job begun at one is not continued at the other (the vectors would mix)."""
+    src = write_jsonl(tmp_path / "in.jsonl", corpus(20, seed=4))
+    out = tmp_path / "out"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", EMBEDSVC_DTYPE="float32")
+    first = subprocess.run(_embed_cmd(model_dir, src, out), env=env, capture_output=True)
+    assert first.returncode == 0
+    env["EMBEDSVC_DTYPE"] = "bfloat16"
+    proc = subprocess.run(
+        _embed_cmd(model_dir, src, out), env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 2
+    assert "model_precision: was None, now 'bfloat16'" in proc.stderr
+    assert "EMBEDSVC_DTYPE=float32 to go on" in proc.stderr
+
+
 def test_the_input_fingerprint_notices_a_same_size_edit_anywhere(tmp_path: Path) -> None:
     from embedsvc.bulk.sources import open_source
 
