@@ -32,6 +32,24 @@ def minilm() -> BackendSpec:
     return BackendSpec.of(load_registry().select(["all-minilm-l6-v2"])[0])
 
 
+def tiny_spec(name: str, pooling: Any, max_len: int, **kw: Any) -> BackendSpec:
+    """A float32 entry for a model the test builds (no models.yaml)."""
+    return BackendSpec(
+        name=name,
+        hf_id=f"test/{name}",
+        revision="0" * 40,
+        backend="torch",
+        device="cpu",
+        dtype="float32",
+        pooling=pooling,
+        max_seq_length=max_len,
+        trust_remote_code=False,
+        onnx_variant="auto",
+        onnx_dir=None,
+        **kw,
+    )
+
+
 def test_a_default_server_returns_vectors_within_the_bound(st_minilm: Any) -> None:
     texts = [*rag_mix(40, seed=5, passage_words=(30, 120)), *queries(20, seed=6), *TEXTS]
     with run_server(load_registry(), ["all-minilm-l6-v2"], dtype="") as s, s.client() as c:
@@ -107,21 +125,7 @@ def test_the_probe_compares_lexical_weights_and_token_vectors(
     """A BGE-M3-shaped model: the probe's passes carry its lexical weights and ColBERT
     vectors, and the worst cosine counts every row of each."""
     folder = build_tiny_m3(tmp_path / "tiny-m3", model_dir / "tiny-bge")
-    spec = BackendSpec(
-        name="tiny-m3",
-        hf_id="test/tiny-m3",
-        revision="0" * 40,
-        backend="torch",
-        device="cpu",
-        dtype="float32",
-        pooling="cls",
-        max_seq_length=64,
-        trust_remote_code=False,
-        onnx_variant="auto",
-        onnx_dir=None,
-        lexical_weights=True,
-        multivector=True,
-    )
+    spec = tiny_spec("tiny-m3", "cls", 64, lexical_weights=True, multivector=True)
     model = load_model(spec, folder)
     batch = probe_batches(model)[0]
     out = model.backend.forward(batch)
@@ -151,19 +155,7 @@ def test_bfloat16_through_transformers_runs_only_linear_layers_in_bfloat16(
     import torch
 
     folder = build_tiny_qwen3(tmp_path / "qwen3", seed=3, hidden=64)
-    spec = BackendSpec(
-        name="tiny-qwen3",
-        hf_id="test/tiny-qwen3",
-        revision="0" * 40,
-        backend="torch",
-        device="cpu",
-        dtype="float32",
-        pooling="lasttoken",
-        max_seq_length=256,
-        trust_remote_code=False,
-        onnx_variant="auto",
-        onnx_dir=None,
-    )
+    spec = tiny_spec("tiny-qwen3", "lasttoken", 256)
     full = load_model(spec, folder)
     half = load_model(dataclasses.replace(spec, dtype="bfloat16"), folder)
     # The transformer: traced, or the first of sentence-transformers' modules.
