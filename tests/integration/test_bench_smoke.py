@@ -36,6 +36,8 @@ RUNS: dict[str, list[str] | None] = {
     "soak.py": None,  # minutes by design
     "startup.py": None,  # starts the server --runs times
     "ab_frontend.py": None,  # two servers from two source trees, wrk in rounds
+    "matrix_units.py": None,  # wrk against two servers, offline engines at three batch sizes
+    "shapes.py": None,  # builds two models of 0.6B parameters with random weights
 }
 MODULES = ("bare_app", "naive_server", "workload", "report")  # imported by the scripts above
 
