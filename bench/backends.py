@@ -2,7 +2,7 @@
 
     python bench/backends.py                  # bundled all-MiniLM-L6-v2, exports if needed
 
-torch fp32 vs torch bf16 (the same encoder with bfloat16 weights: `--dtype bfloat16`) vs
+torch fp32 vs torch bf16 (the same encoder's linear layers in bfloat16: `--dtype bfloat16`) vs
 onnxruntime fp32 vs onnxruntime int8, each through the embedsvc backend class (tokenized
 once, sorted by length, batches within the CPU token budget), plus cosine of each against
 torch fp32 on the same inputs. `--engines` picks some (the ONNX exports take minutes). The backends
@@ -174,6 +174,8 @@ def main() -> None:
 
     spec = load_registry().select([args.model])[0]
     path = resolve_model_dir(spec)
+    # float32, the reference (the entry's dtype auto may pick bfloat16 on this CPU)
+    spec = dataclasses.replace(spec, dtype="float32")
     torch_model = load_model(spec, path)
     texts = rag_mix(args.texts, seed=11)
     tok = TextTokenizer(torch_model.tokenizer, torch_model.max_seq_length)

@@ -89,10 +89,6 @@ class EmptyInputError(EmbedsvcError):
     kind = ErrorKind.EMPTY
 
 
-class TokenizerError(EmbedsvcError):
-    kind = ErrorKind.TOKENIZER
-
-
 class OverloadedError(EmbedsvcError):
     kind = ErrorKind.OVERLOADED
 
@@ -109,10 +105,6 @@ class UnhealthyError(EmbedsvcError):
 
 class ModelNotFoundError(EmbedsvcError):
     kind = ErrorKind.MODEL_NOT_FOUND
-
-
-class UnauthorizedError(EmbedsvcError):
-    kind = ErrorKind.UNAUTHORIZED
 
 
 class PayloadTooLargeError(EmbedsvcError):

@@ -11,7 +11,6 @@ import orjson
 from embedsvc.api.precision import INTEGER_FORMATS, Calibration, quantize
 from embedsvc.engine import EmbedResult
 from embedsvc.engine.sparse import SparseRow
-from embedsvc.http.answer import header_pairs
 
 _NUMPY = orjson.OPT_SERIALIZE_NUMPY
 
@@ -120,8 +119,3 @@ def timing_lines(r: EmbedResult) -> bytes:
         r.inference_time * 1000,
         r.prompt_tokens,
     )
-
-
-def timing_headers(r: EmbedResult) -> dict[str, str]:
-    """`timing_lines` as a routes' Response takes them."""
-    return {k.decode(): v.decode() for k, v in header_pairs(timing_lines(r))}

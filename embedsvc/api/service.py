@@ -3,16 +3,14 @@ that drops a request's work when its client goes away."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable
 from typing import Any
 
-from starlette.requests import Request
 from starlette.types import Receive
 
 from embedsvc.api.cl100k import Cl100kDecoder
-from embedsvc.engine import EmbedRequest, EmbedResult, EngineSet, ModelEngine
+from embedsvc.engine import EngineSet
 from embedsvc.errors import ClientDisconnected, UnhealthyError
 from embedsvc.metrics import Metrics
 from embedsvc.settings import Settings
@@ -52,31 +50,3 @@ class Service:
         if self.engines is None:
             raise UnhealthyError(self.load_error or "models are still loading; retry shortly")
         return self.engines
-
-    async def embed(self, request: Request, engine: ModelEngine, req: EmbedRequest) -> EmbedResult:
-        """Run the job; if the client disconnects first, its inputs are skipped."""
-        probe = request.scope.get("state", {}).get("disconnected")
-        if probe is not None:
-            return await engine.embed(req, probe)
-        # Another server: watch the connection with a task of its own.
-        job = asyncio.ensure_future(engine.embed(req))
-        watcher = asyncio.ensure_future(_wait_for_disconnect(request))
-        try:
-            done, _ = await asyncio.wait({job, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        except asyncio.CancelledError:
-            job.cancel()
-            watcher.cancel()
-            raise
-        if job in done:
-            watcher.cancel()
-            return job.result()
-        job.cancel()
-        log.info("client of request %s disconnected; its inputs are dropped", req.request_id)
-        raise ClientDisconnected()
-
-
-async def _wait_for_disconnect(request: Request) -> None:
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return

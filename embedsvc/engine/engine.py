@@ -75,8 +75,6 @@ class ModelEngine:
         """Loaded, warmed and able to serve."""
         return self._front.link.healthy(self.name)
 
-    ready = healthy
-
     @property
     def inflight_inputs(self) -> int:
         return self._front.link.inflight(self.name)
@@ -96,9 +94,6 @@ class ModelEngine:
     @property
     def model(self) -> LoadedModel:
         return self.worker.model
-
-    def allowed_dimensions(self) -> list[int]:
-        return self.info.allowed_dimensions()
 
     def resolve_prompt(self, prompt_name: str | None, param: str = "prompt_name") -> str:
         return self.prep.resolve_prompt(prompt_name, param)
