@@ -122,22 +122,14 @@ def _st_files(out: Path, dimension: int, max_len: int, pooling: str) -> None:
 
 
 def spec_for(name: str, folder: Path, dtype: str, lexical: bool = True) -> BackendSpec:
+    from tests.support import spec
+
     m3 = name == "bge-m3"
-    return BackendSpec(
-        name=name,
-        hf_id=f"bench/{name}",
-        revision="0" * 40,
-        backend="torch",
-        device="cpu",
-        dtype=dtype,  # type: ignore[arg-type]
-        pooling="cls" if m3 else "lasttoken",
-        max_seq_length=512,
-        trust_remote_code=False,
-        onnx_variant="auto",
-        onnx_dir=None,
-        lexical_weights=m3 and lexical,
+    pooling = "cls" if m3 else "lasttoken"
+    return spec(
+        name, dtype=dtype, pooling=pooling, max_seq_length=512, lexical_weights=m3 and lexical,
         multivector=m3,
-    )
+    )  # fmt: skip
 
 
 def embedsvc_run(model: Any, texts: list[str], rounds: int) -> tuple[float, list[ForwardOutput]]:

@@ -75,11 +75,10 @@ TEXTS = (
 
 
 def long_texts(max_words: int) -> list[str]:
-    """Passages of about a third, two thirds and all of `max_words` words, from the texts
-    above in turn (a tokenizer makes more tokens than words: the caller truncates)."""
+    """Two passages, of about half and all of `max_words` words, from the texts above in
+    turn (a tokenizer makes more tokens than words: the caller truncates)."""
     words = " ".join(TEXTS).split()
-    out = []
-    for share in (3, 3 / 2, 1):
-        n = max(1, int(max_words / share))
-        out.append(" ".join(words[i % len(words)] for i in range(n)))
-    return out
+    return [
+        " ".join(words[i % len(words)] for i in range(max(1, n)))
+        for n in (max_words // 2, max_words)
+    ]

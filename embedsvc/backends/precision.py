@@ -9,10 +9,9 @@ batches; bfloat16 serves it when the worst cosine of any output (each pooled vec
 token's ColBERT vector, each row of lexical weights) to float32 is >= BOUND, else float32
 does. A reranker's scores are not vectors: it stays float32 under auto.
 
-A bfloat16 model on a CPU runs its linear layers on the matrix units with float32
-LayerNorms and residual stream where the own encoder serves it (backends/bert.py); through
-sentence-transformers or transformers, its weights are bfloat16 throughout, and the probe
-decides alike.
+A bfloat16 model on a CPU runs its linear layers on the matrix units and keeps its
+embeddings, norms and residual stream in float32, whether the own encoder serves it
+(backends/bert.py) or sentence-transformers / transformers do (torch_common.cpu_bf16_linears).
 """
 
 from __future__ import annotations
@@ -35,7 +34,8 @@ BOUND = 0.9999
 BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 # The probe's longest input, in tokens (the model's limit if lower): long enough for the
 # error that grows with length to show, short enough to cost little at start-up (a
-# Qwen3-0.6B-shaped model spent 20 s on a probe to 256 tokens on 2 CPUs).
+# Qwen3-0.6B-shaped model on 2 CPUs spent about 21 s on a probe to 256 tokens, 15 s on
+# this one: bench/shapes.py prints the load times).
 PROBE_TOKENS = 128
 PROBE_BATCH = 16  # short probe texts per forward pass
 
@@ -59,11 +59,14 @@ def bf16_units(flags: frozenset[str]) -> list[str]:
     import torch
 
     found = [f for f in BF16_FLAGS if f in flags]
-    try:
+    if not found:
+        return []
+    try:  # torch's own check (internal; torch 2.6-2.13 tested)
         usable = torch.backends.mkldnn.is_available() and bool(
             torch.ops.mkldnn._is_mkldnn_bf16_supported()
         )
-    except (AttributeError, RuntimeError):  # an internal check: absent, assume not
+    except (AttributeError, RuntimeError) as e:
+        log.warning("cannot ask torch whether oneDNN runs bf16 (%s); dtype auto stays float32", e)
         usable = False
     return found if usable else []
 
@@ -109,7 +112,10 @@ def load_auto(
     except Exception as e:  # a model that cannot run in bf16 here is served as float32
         log.warning("model %s: bfloat16 failed its probe (%s: %s)", spec.name, type(e).__name__, e)
         why = f"bfloat16 failed on this CPU ({type(e).__name__})"
-        return reference if keep else _fixed(spec, path, load, why)
+        if keep:
+            reference.precision = f"float32: {why}"
+            return reference
+        return _fixed(spec, path, load, why)
     if worst >= bound:
         candidate.precision = (
             f"bfloat16: auto on a CPU with {', '.join(units)}; the probe's worst cosine to "
@@ -147,7 +153,7 @@ def probe_batches(model: LoadedModel) -> list[PaddedBatch]:
     cap = min(PROBE_TOKENS, model.max_seq_length)
     tok = model.tokenizer
     short = sorted((e.ids[:cap] for e in tok.encode_batch(list(TEXTS))), key=len)
-    longs = [e.ids[:cap] for e in tok.encode_batch(long_texts(cap)[1:])]
+    longs = [e.ids[:cap] for e in tok.encode_batch(long_texts(cap))]
     groups = [short[i : i + PROBE_BATCH] for i in range(0, len(short), PROBE_BATCH)]
     groups += [[ids] for ids in longs]
     vectors = model.backend.token_vectors

@@ -22,6 +22,7 @@ from embedsvc.backends.torch_backend import load_torch_model
 from embedsvc.model_files import resolve_model_dir
 from embedsvc.registry import load_registry
 from tests.support import run_server
+from tests.support import spec as entry_spec
 from tests.support.models import MINILM_PATH, build_tiny_m3, build_tiny_qwen3
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
@@ -30,24 +31,6 @@ from workload import queries, rag_mix
 
 def minilm() -> BackendSpec:
     return BackendSpec.of(load_registry().select(["all-minilm-l6-v2"])[0])
-
-
-def tiny_spec(name: str, pooling: Any, max_len: int, **kw: Any) -> BackendSpec:
-    """A float32 entry for a model the test builds (no models.yaml)."""
-    return BackendSpec(
-        name=name,
-        hf_id=f"test/{name}",
-        revision="0" * 40,
-        backend="torch",
-        device="cpu",
-        dtype="float32",
-        pooling=pooling,
-        max_seq_length=max_len,
-        trust_remote_code=False,
-        onnx_variant="auto",
-        onnx_dir=None,
-        **kw,
-    )
 
 
 def test_a_default_server_returns_vectors_within_the_bound(st_minilm: Any) -> None:
@@ -125,7 +108,9 @@ def test_the_probe_compares_lexical_weights_and_token_vectors(
     """A BGE-M3-shaped model: the probe's passes carry its lexical weights and ColBERT
     vectors, and the worst cosine counts every row of each."""
     folder = build_tiny_m3(tmp_path / "tiny-m3", model_dir / "tiny-bge")
-    spec = tiny_spec("tiny-m3", "cls", 64, lexical_weights=True, multivector=True)
+    spec = entry_spec(
+        "tiny-m3", pooling="cls", max_seq_length=64, lexical_weights=True, multivector=True
+    )
     model = load_model(spec, folder)
     batch = probe_batches(model)[0]
     out = model.backend.forward(batch)
@@ -155,7 +140,7 @@ def test_bfloat16_through_transformers_runs_only_linear_layers_in_bfloat16(
     import torch
 
     folder = build_tiny_qwen3(tmp_path / "qwen3", seed=3, hidden=64)
-    spec = tiny_spec("tiny-qwen3", "lasttoken", 256)
+    spec = entry_spec("tiny-qwen3", pooling="lasttoken", max_seq_length=256)
     full = load_model(spec, folder)
     half = load_model(dataclasses.replace(spec, dtype="bfloat16"), folder)
     # The transformer: traced, or the first of sentence-transformers' modules.
