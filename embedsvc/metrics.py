@@ -219,18 +219,20 @@ class ModelMetrics:
         self.phase = {
             p: m.duration.labels(model, p) for p in ("tokenization", "queue", "inference", "total")
         }
-        routes = (
-            "/embed",
-            "/v1/embeddings",
-            "/similarity",
-            "/rerank",
-            "/embed_sparse",
-            "/embed_multivector",
-            "/embed_all",
-            "/encode",
-        )
-        self.requests = {r: m.requests.labels(model, r) for r in routes}
-        self.response_bytes = {r: m.response_bytes.labels(model, r) for r in routes}
+        self._requests, self._response_bytes = m.requests, m.response_bytes
+        self._model = model
+        self._routes: dict[str, tuple[Counter, Counter]] = {}
+
+    def route(self, label: str) -> tuple[Counter, Counter]:
+        """The requests answered and the bytes of their 200s for one route label (a
+        Route's `label`, api/calls.py), created at the route's first request."""
+        series = self._routes.get(label)
+        if series is None:
+            series = self._routes[label] = (
+                self._requests.labels(self._model, label),
+                self._response_bytes.labels(self._model, label),
+            )
+        return series
 
 
 def observe_many(histogram: Histogram, amounts: Sequence[float]) -> None:

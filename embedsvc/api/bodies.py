@@ -224,30 +224,20 @@ class RerankBody(msgspec.Struct):
     truncate: bool = True  # Cohere and Jina cut long documents
 
 
-BODIES: tuple[type[msgspec.Struct], ...] = (
-    TEIEmbedBody,
-    TEISparseBody,
-    TEIMultivectorBody,
-    TEIEmbedAllBody,
-    EncodeBody,
-    TEISimilarityBody,
-    TEITokenizeBody,
-    TEIDecodeBody,
-    OpenAIEmbeddingsBody,
-    TEIRerankBody,
-    RerankBody,
-)
-
 B = TypeVar("B", bound=msgspec.Struct)
-_DECODERS: dict[type[Any], msgspec.json.Decoder[Any]] = {
-    body: msgspec.json.Decoder(body) for body in BODIES
-}
+_DECODERS: dict[type[Any], msgspec.json.Decoder[Any]] = {}
+# The bodies the routes read, in the order they were declared (`documented`): OpenAPI's
+# components.
+_DOCUMENTED: dict[type[msgspec.Struct], None] = {}
 
 
 def decode(body: type[B], raw: bytes) -> B:
     """The body `raw` holds, checked; ValidationError (422) in words a person can act on."""
     try:
-        decoded: B = _DECODERS[body].decode(raw)
+        decoder = _DECODERS.get(body)
+        if decoder is None:
+            decoder = _DECODERS[body] = msgspec.json.Decoder(body)
+        decoded: B = decoder.decode(raw)
     except msgspec.ValidationError as e:
         raise _invalid(body, str(e), raw) from None
     except msgspec.DecodeError as e:
@@ -269,11 +259,13 @@ def convert(body: type[B], value: Any) -> B:
 
 
 def json_schema() -> tuple[dict[type[Any], dict[str, Any]], dict[str, Any]]:
-    """Each body's schema (a $ref) and the components they refer to, for OpenAPI."""
+    """Each documented body's schema (a $ref) and the components they refer to, for
+    OpenAPI."""
+    bodies = tuple(_DOCUMENTED)
     refs, components = msgspec.json.schema_components(
-        BODIES, ref_template="#/components/schemas/{name}"
+        bodies, ref_template="#/components/schemas/{name}"
     )
-    return dict(zip(BODIES, refs, strict=True)), components
+    return dict(zip(bodies, refs, strict=True)), components
 
 
 # msgspec's messages: "<what> - at `$.a.b[0]`" (no "at" for the top level).
@@ -381,6 +373,8 @@ def _enum(body: type[Any], keys: list[str]) -> list[Any]:
 
 
 def documented(body: type[msgspec.Struct]) -> dict[str, Any]:
-    """FastAPI's `openapi_extra` for a route that reads `body` (app.py adds the schemas)."""
+    """FastAPI's `openapi_extra` for a route that reads `body`; the body's schema joins
+    OpenAPI's components (`json_schema`, added by app.py)."""
+    _DOCUMENTED[body] = None
     ref = {"$ref": f"#/components/schemas/{body.__name__}"}
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}

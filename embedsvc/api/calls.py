@@ -30,19 +30,29 @@ class Context:
 @dataclass(slots=True)
 class Call:
     """A request on its way: the engine, what it asks of it, and how its result is
-    answered. `metric` is the route label of embedsvc_requests."""
+    answered. `metric`: the label embedsvc_requests counts it under (routes.py sets
+    its Route's `label`)."""
 
     engine: ModelEngine
     req: EmbedRequest
     render: Callable[[EmbedResult], bytes]
-    metric: str
+    metric: str = ""
 
 
 @dataclass(frozen=True)
 class Route:
+    """An engine route, declared once: routes.py decodes its body, counts it in
+    embedsvc_requests under `label` and answers it; app.py documents it in OpenAPI
+    (tests/api/test_routes.py walks every one through all of these)."""
+
     path: str
     body: type[msgspec.Struct]
     call: Callable[[Service, Any, Context], Call]  # raises EmbedsvcError to refuse
     summary: str
     tag: str
     name: str = ""  # the OpenAPI operation name, where one function serves several paths
+    metric: str = ""  # the route label of its metrics where not its path (an alias's)
+
+    @property
+    def label(self) -> str:
+        return self.metric or self.path

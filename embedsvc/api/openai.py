@@ -83,12 +83,12 @@ def embeddings(service: Service, body: OpenAIEmbeddingsBody, ctx: Context) -> Ca
     def render(result: EmbedResult) -> bytes:
         return openai_embeddings_body(result, fmt, name, calibration)
 
-    return Call(engine, req, render, "/v1/embeddings")
+    return Call(engine, req, render)
 
 
 ROUTES = [
     Route(path, OpenAIEmbeddingsBody, embeddings, "Create embeddings (OpenAI)", "OpenAI",
-          name=f"embeddings{path.replace('/', '_')}")
+          name=f"embeddings{path.replace('/', '_')}", metric="/v1/embeddings")
     for path in ("/v1/embeddings", "/embeddings")
 ]  # fmt: skip
 

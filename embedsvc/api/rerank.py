@@ -75,7 +75,7 @@ def tei_rerank(service: Service, body: TEIRerankBody, ctx: Context) -> Call:
             out.append(item)
         return orjson.dumps(out)
 
-    return Call(engine, req, render, "/rerank")
+    return Call(engine, req, render)
 
 
 def rerank(service: Service, body: RerankBody, ctx: Context) -> Call:
@@ -101,11 +101,11 @@ def rerank(service: Service, body: RerankBody, ctx: Context) -> Call:
         }
         return orjson.dumps(payload)
 
-    return Call(engine, req, render, "/rerank")
+    return Call(engine, req, render)
 
 
 ROUTES = [
     Route("/rerank", TEIRerankBody, tei_rerank, "Rerank texts against a query (TEI)", "Rerank"),
     Route("/v1/rerank", RerankBody, rerank,
-          "Rerank documents against a query (Cohere / Jina)", "Rerank"),
+          "Rerank documents against a query (Cohere / Jina)", "Rerank", metric="/rerank"),
 ]  # fmt: skip

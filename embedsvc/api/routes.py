@@ -49,14 +49,16 @@ class EngineRoutes:
     def prepare(self, path: str, body: bytes, rid: str, timeout: float | None) -> Call:
         """The call a body asks for; raises EmbedsvcError for one to refuse."""
         route = ROUTES[path]
-        return route.call(self.service, decode(route.body, body), Context(path, rid, timeout))
+        call = route.call(self.service, decode(route.body, body), Context(path, rid, timeout))
+        call.metric = route.label
+        return call
 
     def answer(self, call: Call, result: EmbedResult) -> Answer:
         """The 200 for a finished call."""
         out = call.render(result)
-        metrics = call.engine.metrics
-        metrics.requests[call.metric].inc()
-        metrics.response_bytes[call.metric].inc(len(out))
+        requests, response_bytes = call.engine.metrics.route(call.metric)
+        requests.inc()
+        response_bytes.inc(len(out))
         return 200, _JSON + b"content-length: %d\r\n" % len(out) + timing_lines(result), out
 
     def failure(self, path: str, exc: BaseException, rid: str) -> Answer:

@@ -53,9 +53,9 @@ def embed(service: Service, body: TEIEmbedBody, ctx: Context) -> Call:
         timeout=ctx.timeout,
     )
     if fmt == "float":
-        return Call(engine, req, tei_embed_body, "/embed")
+        return Call(engine, req, tei_embed_body)
     calibration = engine.info.calibration
-    return Call(engine, req, lambda r: tei_embed_body(r, fmt, calibration), "/embed")
+    return Call(engine, req, lambda r: tei_embed_body(r, fmt, calibration))
 
 
 def embed_sparse(service: Service, body: TEISparseBody, ctx: Context) -> Call:
@@ -73,7 +73,7 @@ def embed_all(service: Service, body: TEIEmbedAllBody, ctx: Context) -> Call:
     """TEI's /embed_all: each input's token states (any embedding model on torch)."""
     fmt = body.encoding_format
     render = lambda r: multivector_body(r, fmt)  # noqa: E731
-    return _token_output(service, body, ctx, "states", render, "/embed_all")
+    return _token_output(service, body, ctx, "states", render)
 
 
 def _token_output(
@@ -82,7 +82,6 @@ def _token_output(
     ctx: Context,
     task: Literal["sparse", "multivector", "states"],
     render: Callable[[EmbedResult], bytes],
-    path: str = "",
 ) -> Call:
     """The call of a route whose answer is not a pooled vector (no normalize, no sizes)."""
     engine = service.engine_set().get(body.model, task="embed" if task == "states" else task)
@@ -97,7 +96,7 @@ def _token_output(
         request_id=ctx.request_id,
         timeout=ctx.timeout,
     )
-    return Call(engine, req, render, path or f"/embed_{task}")
+    return Call(engine, req, render)
 
 
 def encode(service: Service, body: EncodeBody, ctx: Context) -> Call:
@@ -118,7 +117,7 @@ def encode(service: Service, body: EncodeBody, ctx: Context) -> Call:
         timeout=ctx.timeout,
     )
     fmt = body.encoding_format
-    return Call(engine, req, lambda r: encode_body(r, outputs, fmt), "/encode")
+    return Call(engine, req, lambda r: encode_body(r, outputs, fmt))
 
 
 def _sparse(result: EmbedResult) -> bytes:
@@ -143,7 +142,7 @@ def similarity(service: Service, body: TEISimilarityBody, ctx: Context) -> Call:
         request_id=ctx.request_id,
         timeout=ctx.timeout,
     )
-    return Call(engine, req, _cosines, "/similarity")
+    return Call(engine, req, _cosines)
 
 
 def _cosines(result: EmbedResult) -> bytes:
