@@ -1,7 +1,7 @@
 """OpenAI-route token ids: LangChain's OpenAIEmbeddings, in its default configuration,
 sends tiktoken cl100k_base ids. `--openai-token-ids cl100k` embeds them as the text they
 encode; the default (`model`) reads them as the model's own ids — on a large vocabulary a
-silent mix-up, which the first test shows so the README's warning stays true."""
+silent mix-up, which the first test shows so docs/api.md's warning stays true."""
 
 from __future__ import annotations
 
