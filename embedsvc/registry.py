@@ -10,9 +10,11 @@ import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar, cast, get_args
+from typing import Annotated, Any, Literal, get_args
 
+import msgspec
 import yaml
+from msgspec import UNSET, UnsetType
 
 from embedsvc.errors import ConfigError
 from embedsvc.model_lock import LockedFiles, lock_key, read_locks
@@ -37,8 +39,6 @@ ONNX_VARIANTS: tuple[OnnxVariant, ...] = get_args(OnnxVariant)
 DEVICES: tuple[Device, ...] = get_args(Device)
 DTYPES: tuple[Dtype, ...] = get_args(Dtype)
 POOLINGS: tuple[Pooling, ...] = get_args(Pooling)
-
-K = TypeVar("K", bound=str)
 
 DEFAULT_MODELS_FILE = Path(__file__).with_name("models.yaml")
 
@@ -142,8 +142,83 @@ class Registry:
         return None
 
 
-_ALLOWED_KEYS = {f for f in ModelSpec.__dataclass_fields__} - {"lock", "default_prompt_set"}
-_TOP_KEYS = {"default_models", "models"}
+# (task, backend) -> the loader, "module:function" taking (BackendSpec, folder) ->
+# LoadedModel (backends/loaders.py imports it when a model needs it). The one table of
+# which task runs on which backend: an entry naming another pair is refused here.
+LOADERS: dict[tuple[Task, BackendName], str] = {
+    ("embed", "torch"): "embedsvc.backends.torch_backend:load_torch_model",
+    ("embed", "onnx"): "embedsvc.backends.onnx_backend:load_onnx_model",
+    ("rerank", "torch"): "embedsvc.backends.cross_encoder:load_cross_encoder",
+    ("sparse", "torch"): "embedsvc.backends.splade:load_splade",
+    ("multivector", "torch"): "embedsvc.backends.colbert:load_colbert",
+}
+
+
+class Example(msgspec.Struct, forbid_unknown_fields=True):
+    """An in-context example of an `icl: true` entry."""
+
+    instruct: str
+    query: str
+    response: str
+
+
+class Entry(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """One entry of models.yaml as written (ModelSpec documents each key and holds it
+    normalized: paths resolved, defaults filled in, lists as tuples). Decoded by msgspec:
+    types, choices and unknown keys are checked here, the rules between keys by `_check`."""
+
+    name: Annotated[str, msgspec.Meta(pattern=NAME_RE.pattern)]
+    hf_id: str
+    revision: str
+    package: str | None = None
+    local_dir: str | None = None
+    task: Task = "embed"
+    backend: BackendName = "torch"
+    device: Device = "auto"
+    dtype: Dtype = "auto"
+    max_seq_length: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    pooling: Pooling | None = None
+    prompts: dict[str, str] | None = None
+    query_prompt: str | None = None
+    passage_prompt: str | None = None
+    default_prompt_name: str | UnsetType | None = UNSET  # set to null: no default prompt
+    instruction_template: str | None = None
+    icl: bool = False
+    examples: list[Example] | None = None
+    query_max_tokens: Annotated[int, msgspec.Meta(ge=16)] | UnsetType = UNSET
+    matryoshka_dims: list[Annotated[int, msgspec.Meta(gt=0)]] | None = None
+    matryoshka_layer_norm: bool = False
+    trust_remote_code: bool = False
+    code_revision: str | None = None
+    lexical_weights: bool = False
+    multivector: bool = False
+    onnx_variant: OnnxVariant = "auto"
+    onnx_dir: str | None = None
+    description: str = ""
+
+
+class ModelsFile(msgspec.Struct, forbid_unknown_fields=True):
+    models: Annotated[list[Entry], msgspec.Meta(min_length=1)]
+    default_models: list[str] = []
+
+
+# What a key must be, in words, where msgspec's own message says it less plainly.
+_HINTS = {
+    "name": "must be a non-empty string of letters, digits, ._/-",
+    "hf_id": "is required",
+    "revision": "is required",
+    "matryoshka_dims": "must be a list of positive integers",
+    "max_seq_length": "must be a positive integer",
+    "query_max_tokens": "must be an integer of at least 16",
+    "prompts": "must map names to prefix strings",
+    "examples": "must be a list of {instruct, query, response} strings",
+    "default_models": "must be a list of model names",
+    "models": "must be a non-empty list",
+}
+_AT = re.compile(r"^(?P<what>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
+_PLACE = re.compile(
+    r"^\.models\[(?P<index>\d+)\](?:\.(?P<key>\w+)(?P<inside>.+)?)?|^\.(?P<top>\w+)"
+)
 
 
 def load_registry(path: str | Path | None = None, models_lock: str | None = None) -> Registry:
@@ -167,188 +242,151 @@ def load_registry(path: str | Path | None = None, models_lock: str | None = None
 
 
 def parse_registry(raw: Any, path: Path) -> Registry:
+    """The registry of a models file's parsed YAML; ConfigError naming the entry and key."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping with 'models'")
-    unknown = set(raw) - _TOP_KEYS
-    if unknown:
-        raise ConfigError(f"{path}: unknown top-level key(s): {', '.join(sorted(unknown))}")
-    entries = raw.get("models")
-    if not isinstance(entries, list) or not entries:
-        raise ConfigError(f"{path}: 'models' must be a non-empty list")
+    try:
+        decoded = msgspec.convert(raw, ModelsFile)
+    except msgspec.ValidationError as e:
+        raise ConfigError(_where(str(e), raw, path)) from None
     models: dict[str, ModelSpec] = {}
-    for i, entry in enumerate(entries):
-        spec = _parse_entry(entry, f"{path}: models[{i}]", path.parent)
+    for i, entry in enumerate(decoded.models):
+        spec = _spec(entry, f"{path}: models[{i}] ({entry.name})", path.parent)
         if spec.name in models:
             raise ConfigError(f"{path}: model name {spec.name!r} is defined twice")
         models[spec.name] = spec
-    defaults = raw.get("default_models", [])
-    if not isinstance(defaults, list) or not all(isinstance(d, str) for d in defaults):
-        raise ConfigError(f"{path}: default_models must be a list of model names")
-    for d in defaults:
+    for d in decoded.default_models:
         if d not in models:
             raise ConfigError(f"{path}: default_models names {d!r}, which is not defined")
-    return Registry(models=models, default_models=tuple(defaults), path=path)
+    return Registry(models=models, default_models=tuple(decoded.default_models), path=path)
 
 
-def parse_examples(raw: Any) -> tuple[tuple[str, str, str], ...] | None:
-    """In-context examples from a list of {instruct, query, response} (None if malformed)."""
-    if not isinstance(raw, list):
-        return None
-    out = []
-    for e in raw:
-        if not isinstance(e, dict) or set(e) != {"instruct", "query", "response"}:
-            return None
-        if not all(isinstance(e[k], str) for k in ("instruct", "query", "response")):
-            return None
-        out.append((e["instruct"], e["query"], e["response"]))
-    return tuple(out)
-
-
-def _parse_entry(entry: Any, where: str, base_dir: Path) -> ModelSpec:
-    if not isinstance(entry, dict):
-        raise ConfigError(f"{where}: each model must be a mapping")
-    name = entry.get("name")
-    if not isinstance(name, str) or not NAME_RE.match(name):
-        raise ConfigError(f"{where}: 'name' must be a non-empty string of letters, digits, ._/-")
-    where = f"{where} ({name})"
-    unknown = set(entry) - _ALLOWED_KEYS
+def _where(message: str, raw: dict[str, Any], path: Path) -> str:
+    """msgspec's message as "<file>: models[i] (<name>): <key> <what is wrong>"."""
+    m = _AT.match(message)
+    what, at = (m["what"], m["path"] or "") if m else (message, "")
+    place = _PLACE.match(at)
+    where, key = str(path), ""
+    if place and place["index"] is not None:
+        i = int(place["index"])
+        entry = raw["models"][i]
+        name = entry.get("name") if isinstance(entry, dict) else None
+        where = f"{path}: models[{i}]" + (f" ({name})" if isinstance(name, str) else "")
+        key = place["key"] or ""
+    elif place:
+        key = place["top"]
+    if place and place["inside"]:  # within a key's value (an example, a list item)
+        return f"{where}: {key} {_HINTS.get(key, what)}"
+    unknown = re.match(r"Object contains unknown field `(?P<key>[^`]+)`", what)
+    missing = re.match(r"Object missing required field `(?P<key>[^`]+)`", what)
+    choice = re.match(r"Invalid enum value (?P<value>.+)", what)
+    if unknown and not key and where == str(path):
+        return f"{where}: unknown top-level key(s): {unknown['key']}"
     if unknown:
-        raise ConfigError(
-            f"{where}: unknown key(s) {', '.join(sorted(unknown))}; "
-            f"allowed: {', '.join(sorted(_ALLOWED_KEYS))}"
-        )
+        allowed = ", ".join(sorted(Entry.__struct_fields__))
+        return f"{where}: unknown key(s) {unknown['key']}; allowed: {allowed}"
+    if missing:
+        return f"{where}: '{missing['key']}' is required"
+    if choice:
+        allowed = ", ".join(_CHOICES.get(key, ()))
+        return f"{where}: {key} {choice['value']} is not one of {allowed}"
+    if key in _HINTS:
+        return f"{where}: {key} {_HINTS[key]}"
+    if key in _BOOLEANS:
+        return f"{where}: {key} must be true or false"
+    return f"{where}: {key + ': ' if key else ''}{what}"
+
+
+_CHOICES = {
+    "task": TASKS,
+    "backend": BACKENDS,
+    "device": DEVICES,
+    "dtype": DTYPES,
+    "pooling": POOLINGS,
+    "onnx_variant": ONNX_VARIANTS,
+}
+_BOOLEANS = {
+    "icl",
+    "matryoshka_layer_norm",
+    "trust_remote_code",
+    "lexical_weights",
+    "multivector",
+}
+
+
+def _spec(e: Entry, where: str, base_dir: Path) -> ModelSpec:
+    """The ModelSpec of a decoded entry, after the rules between its keys (`_check`)."""
+    _check(e, where)
+    fields = msgspec.structs.asdict(e)
+    fields.update(
+        local_dir=str((base_dir / e.local_dir).resolve()) if e.local_dir else None,
+        onnx_dir=str((base_dir / e.onnx_dir).resolve()) if e.onnx_dir else None,
+        prompts=dict(e.prompts or {}),
+        default_prompt_name=None if e.default_prompt_name is UNSET else e.default_prompt_name,
+        default_prompt_set=e.default_prompt_name is not UNSET,
+        examples=tuple((x.instruct, x.query, x.response) for x in e.examples or ()),
+        query_max_tokens=512 if e.query_max_tokens is UNSET else e.query_max_tokens,
+        matryoshka_dims=tuple(sorted(set(e.matryoshka_dims or ()), reverse=True)),
+    )
+    return ModelSpec(**fields)
+
+
+def _check(e: Entry, where: str) -> None:
+    """The rules between an entry's keys; ConfigError naming the entry and the key."""
     for key in ("hf_id", "revision"):
-        if not isinstance(entry.get(key), str) or not entry[key]:
+        if not getattr(e, key):
             raise ConfigError(f"{where}: '{key}' is required")
-    revision = entry["revision"]
-    if not SHA_RE.match(revision):
+    if not SHA_RE.match(e.revision):
         raise ConfigError(
-            f"{where}: revision {revision!r} is not a 40-hex commit SHA; pin an exact commit, "
+            f"{where}: revision {e.revision!r} is not a 40-hex commit SHA; pin an exact commit, "
             "not a branch or tag"
         )
-
-    def choice(key: str, allowed: tuple[K, ...], default: K) -> K:
-        v = entry.get(key, default)
-        if v not in allowed:
-            raise ConfigError(f"{where}: {key} {v!r} is not one of {', '.join(allowed)}")
-        return cast(K, v)
-
-    prompts = entry.get("prompts") or {}
-    if not isinstance(prompts, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in prompts.items()
-    ):
-        raise ConfigError(f"{where}: prompts must map names to prefix strings")
+    prompts = e.prompts or {}
     for key in ("query_prompt", "passage_prompt", "default_prompt_name"):
-        v = entry.get(key)
-        if v is not None and v not in prompts:
+        v = getattr(e, key)
+        if isinstance(v, str) and v not in prompts:
             raise ConfigError(
                 f"{where}: {key} {v!r} is not one of the prompts ({', '.join(prompts) or 'none'})"
             )
-    template = entry.get("instruction_template")
-    if template is not None and (
-        not isinstance(template, str) or template.count("{instruction}") != 1
-    ):
+    template = e.instruction_template
+    if template is not None and template.count("{instruction}") != 1:
         raise ConfigError(
             f"{where}: instruction_template must be a string with '{{instruction}}' once "
             "(the text follows it), such as 'Instruct: {instruction}\\nQuery:'"
         )
-    if template is not None and entry.get("task", "embed") != "embed":
+    if template is not None and e.task != "embed":
         raise ConfigError(f"{where}: instruction_template applies to embedding models")
-    icl = entry.get("icl", False)
-    if not isinstance(icl, bool):
-        raise ConfigError(f"{where}: icl must be true or false")
-    raw_examples = entry.get("examples") or []
-    examples = parse_examples(raw_examples)
-    if examples is None:
-        raise ConfigError(
-            f"{where}: examples must be a list of {{instruct, query, response}} strings"
-        )
-    if (examples or "query_max_tokens" in entry) and not icl:
+    if (e.examples or e.query_max_tokens is not UNSET) and not e.icl:
         raise ConfigError(f"{where}: examples and query_max_tokens apply with icl: true")
-    query_max = entry.get("query_max_tokens", 512)
-    if not isinstance(query_max, int) or query_max < 16:
-        raise ConfigError(f"{where}: query_max_tokens must be an integer of at least 16")
-    dims = entry.get("matryoshka_dims") or []
-    if not isinstance(dims, list) or not all(isinstance(d, int) and d > 0 for d in dims):
-        raise ConfigError(f"{where}: matryoshka_dims must be a list of positive integers")
-    msl = entry.get("max_seq_length")
-    if msl is not None and (not isinstance(msl, int) or msl < 1):
-        raise ConfigError(f"{where}: max_seq_length must be a positive integer")
-    for key in ("matryoshka_layer_norm", "trust_remote_code", "lexical_weights", "multivector"):
-        if not isinstance(entry.get(key, False), bool):
-            raise ConfigError(f"{where}: {key} must be true or false")
-    code_revision = entry.get("code_revision")
-    if code_revision is not None:
-        if not isinstance(code_revision, str) or not SHA_RE.match(code_revision):
+    if e.code_revision is not None:
+        if not SHA_RE.match(e.code_revision):
             raise ConfigError(
-                f"{where}: code_revision {code_revision!r} is not a 40-hex commit SHA of the "
+                f"{where}: code_revision {e.code_revision!r} is not a 40-hex commit SHA of the "
                 "repository that holds the model's code"
             )
-        if not entry.get("trust_remote_code"):
+        if not e.trust_remote_code:
             raise ConfigError(f"{where}: code_revision applies with trust_remote_code: true")
-    if entry.get("matryoshka_layer_norm") and not dims:
+    if e.matryoshka_layer_norm and not e.matryoshka_dims:
         raise ConfigError(f"{where}: matryoshka_layer_norm needs matryoshka_dims")
-    local_dir = entry.get("local_dir")
-    if local_dir is not None:
-        local_dir = str((base_dir / str(local_dir)).resolve())
-    package = entry.get("package")
-    if local_dir and package:
+    if e.local_dir and e.package:
         raise ConfigError(f"{where}: give either local_dir or package, not both")
-    task = choice("task", TASKS, "embed")
-    if task != "embed":
+    if e.task != "embed":
         embedding_only = ["matryoshka_dims", "pooling"]
-        if task in ("rerank", "multivector"):
+        if e.task in ("rerank", "multivector"):
             # A ColBERT model's query and document markers come from its folder.
             embedding_only += ["prompts", "query_prompt", "passage_prompt"]
-        given = [k for k in embedding_only if entry.get(k)]
+        given = [k for k in embedding_only if getattr(e, k)]
         if given:
             raise ConfigError(
-                f"{where}: {', '.join(given)} apply to embedding models, not task {task}"
+                f"{where}: {', '.join(given)} apply to embedding models, not task {e.task}"
             )
-        if entry.get("backend", "torch") != "torch":
-            raise ConfigError(f"{where}: task {task} runs on the torch backend")
-    if entry.get("lexical_weights") and (
-        task != "embed" or entry.get("backend", "torch") != "torch"
-    ):
+    if (e.task, e.backend) not in LOADERS:
+        on = sorted(b for t, b in LOADERS if t == e.task)
+        raise ConfigError(f"{where}: task {e.task} runs on the {' or '.join(on)} backend")
+    if e.lexical_weights and (e.task, e.backend) != ("embed", "torch"):
         raise ConfigError(f"{where}: lexical_weights needs task embed on the torch backend")
-    if entry.get("multivector") and (task != "embed" or entry.get("backend", "torch") != "torch"):
+    if e.multivector and (e.task, e.backend) != ("embed", "torch"):
         raise ConfigError(
             f"{where}: multivector: true is BGE-M3's ColBERT head on an embedding model (task "
             "embed, torch backend); a ColBERT model of its own is task: multivector"
         )
-    pooling: Pooling | None = entry.get("pooling")
-    if pooling is not None and pooling not in POOLINGS:
-        raise ConfigError(f"{where}: pooling {pooling!r} is not one of {', '.join(POOLINGS)}")
-    return ModelSpec(
-        name=name,
-        hf_id=entry["hf_id"],
-        revision=revision,
-        package=package,
-        local_dir=local_dir,
-        task=task,
-        backend=choice("backend", BACKENDS, "torch"),
-        device=choice("device", DEVICES, "auto"),
-        dtype=choice("dtype", DTYPES, "auto"),
-        max_seq_length=msl,
-        pooling=pooling,
-        prompts=dict(prompts),
-        query_prompt=entry.get("query_prompt"),
-        passage_prompt=entry.get("passage_prompt"),
-        default_prompt_name=entry.get("default_prompt_name"),
-        default_prompt_set="default_prompt_name" in entry,
-        instruction_template=template,
-        icl=icl,
-        examples=examples,
-        query_max_tokens=query_max,
-        matryoshka_dims=tuple(sorted(set(dims), reverse=True)),
-        matryoshka_layer_norm=bool(entry.get("matryoshka_layer_norm", False)),
-        trust_remote_code=bool(entry.get("trust_remote_code", False)),
-        code_revision=code_revision,
-        lexical_weights=bool(entry.get("lexical_weights", False)),
-        multivector=bool(entry.get("multivector", False)),
-        onnx_variant=choice("onnx_variant", ONNX_VARIANTS, "auto"),
-        onnx_dir=str((base_dir / str(entry["onnx_dir"])).resolve())
-        if entry.get("onnx_dir")
-        else None,
-        description=str(entry.get("description", "")),
-    )

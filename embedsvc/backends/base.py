@@ -3,6 +3,7 @@ what loading needs of a models.yaml entry. Types only: loaders.py picks the load
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -123,25 +124,10 @@ class BackendSpec:
 
     @classmethod
     def of(cls, spec: ModelSpec, threads: int = 0, cuda_graphs: bool = False) -> BackendSpec:
-        return cls(
-            name=spec.name,
-            hf_id=spec.hf_id,
-            revision=spec.revision,
-            backend=spec.backend,
-            device=spec.device,
-            dtype=spec.dtype,
-            pooling=spec.pooling,
-            max_seq_length=spec.max_seq_length,
-            trust_remote_code=spec.trust_remote_code,
-            onnx_variant=spec.onnx_variant,
-            onnx_dir=spec.onnx_dir,
-            threads=threads,
-            task=spec.task,
-            lexical_weights=spec.lexical_weights,
-            multivector=spec.multivector,
-            cuda_graphs=cuda_graphs,
-            code_revision=spec.code_revision,
-        )
+        """The entry's fields a backend needs (every field of both), and the server's."""
+        own = {f.name for f in dataclasses.fields(cls)} - {"threads", "cuda_graphs"}
+        kw = {name: getattr(spec, name) for name in own}
+        return cls(**kw, threads=threads, cuda_graphs=cuda_graphs)
 
 
 @dataclass(frozen=True)

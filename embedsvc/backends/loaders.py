@@ -1,5 +1,5 @@
-"""Which loader loads a model: a table by (task, backend), each loader a module of its own
-imported only when a model needs it (onnxruntime, transformers' classes)."""
+"""Which loader loads a model: registry.LOADERS, by (task, backend), each loader a module
+of its own imported only when a model needs it (onnxruntime, transformers' classes)."""
 
 from __future__ import annotations
 
@@ -9,18 +9,9 @@ from pathlib import Path
 
 from embedsvc.backends.base import BackendSpec, LoadedModel
 from embedsvc.backends.precision import Loader, load_auto
-from embedsvc.registry import ModelSpec
+from embedsvc.registry import LOADERS, ModelSpec
 
 log = logging.getLogger(__name__)
-
-# (task, backend) -> "module:function" taking (BackendSpec, folder) -> LoadedModel
-LOADERS = {
-    ("embed", "torch"): "embedsvc.backends.torch_backend:load_torch_model",
-    ("embed", "onnx"): "embedsvc.backends.onnx_backend:load_onnx_model",
-    ("rerank", "torch"): "embedsvc.backends.cross_encoder:load_cross_encoder",
-    ("sparse", "torch"): "embedsvc.backends.splade:load_splade",
-    ("multivector", "torch"): "embedsvc.backends.colbert:load_colbert",
-}
 
 
 def load_model(

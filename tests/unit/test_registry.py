@@ -79,6 +79,12 @@ def test_shipped_registry_has_every_family_pinned() -> None:
         ({"code_revision": "a" * 40}, "code_revision applies with trust_remote_code: true"),
         ({"trust_remote_code": True, "code_revision": "main"}, "code_revision 'main' is not"),
         ({"lock": {}}, "unknown key(s) lock"),
+        ({"task": "rerank", "backend": "onnx"}, "task rerank runs on the torch backend"),
+        ({"dtype": "int4"}, "dtype 'int4' is not one of auto, float32, float16, bfloat16"),
+        ({"max_seq_length": 0}, "max_seq_length must be a positive integer"),
+        ({"prompts": {"q": 3}}, "prompts must map names to prefix strings"),
+        ({"icl": True, "examples": [{"instruct": "a", "query": "b"}]}, "examples must be a list"),
+        ({"description": 5}, "description: Expected `str`, got `int`"),
     ],
 )
 def test_entry_errors_name_the_model_and_key(change: dict, message: str) -> None:
@@ -88,11 +94,46 @@ def test_entry_errors_name_the_model_and_key(change: dict, message: str) -> None
     assert "(m)" in str(err.value)
 
 
+def test_a_default_prompt_set_to_null_means_none() -> None:
+    """`default_prompt_name: null` says "no default prompt" (the folder's own default is
+    not used), unlike leaving the key out."""
+    prompts = {"prompts": {"query": "q: "}}
+    said = parse({**GOOD, **prompts, "default_prompt_name": None}).models["m"]
+    unsaid = parse({**GOOD, **prompts}).models["m"]
+    assert (said.default_prompt_name, said.default_prompt_set) == (None, True)
+    assert (unsaid.default_prompt_name, unsaid.default_prompt_set) == (None, False)
+
+
+def test_every_task_and_backend_pair_has_a_loader() -> None:
+    """registry.LOADERS is the one table of which task runs on which backend: what the
+    registry accepts is what backends/loaders.py can load."""
+    import importlib
+
+    from embedsvc.registry import BACKENDS, LOADERS, TASKS
+
+    for task in TASKS:
+        for backend in BACKENDS:
+            entry = {**GOOD, "task": task, "backend": backend}
+            if (task, backend) in LOADERS:
+                parse(entry)
+                module, _, function = LOADERS[(task, backend)].partition(":")
+                assert callable(getattr(importlib.import_module(module), function))
+            else:
+                with pytest.raises(ConfigError, match=f"task {task} runs on"):
+                    parse(entry)
+
+
 def test_top_level_errors() -> None:
     with pytest.raises(ConfigError, match="default_models names 'nope'"):
         parse(GOOD, default_models=["nope"])
     with pytest.raises(ConfigError, match="unknown top-level key"):
         parse(GOOD, extra=1)
+    with pytest.raises(ConfigError, match="models must be a non-empty list"):
+        parse_registry({"models": []}, Path("x.yaml"))
+    with pytest.raises(ConfigError, match=r"x.yaml: models\[0\]: .*object"):
+        parse_registry({"models": ["m"]}, Path("x.yaml"))
+    with pytest.raises(ConfigError, match="default_models must be a list of model names"):
+        parse(GOOD, default_models="m")
     with pytest.raises(ConfigError, match="defined twice"):
         parse_registry({"models": [GOOD, GOOD]}, Path("x.yaml"))
     with pytest.raises(ConfigError, match="models file not found"):
