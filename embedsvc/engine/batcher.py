@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from embedsvc.backends.base import PaddedBatch
+from embedsvc.engine.types import PER_TOKEN, Want
 
 
 @dataclass(eq=False, slots=True)
@@ -225,18 +226,17 @@ def pad(items: list[Item], pad_id: int) -> PaddedBatch:
         count=int(lengths.sum()),
     )
     # Token vectors (or states) are computed for a pass only when one of its jobs asks.
-    tokens = any(getattr(it.job, "multivector", False) for it in items)
     vectors = states = unattended = False
     mask = real.astype(np.int64)
-    if tokens:
-        for row, it in enumerate(items):
-            if not it.job.multivector:
-                continue
-            if it.job.states:
-                states = True
-                continue
+    for row, it in enumerate(items):
+        want = Want.DENSE if it.job is None else it.job.want
+        if want is Want.DENSE or not want & PER_TOKEN:
+            continue
+        if want & Want.TOKEN_STATES:
+            states = True
+        if want & Want.TOKEN_VECTORS:
             vectors = True
-            attended = getattr(it.job, "attended", None)
+            attended = it.job.attended
             if attended is not None:  # a ColBERT query's expansion: not attended to
                 mask[row, attended[it.index] :] = 0
                 unattended = True

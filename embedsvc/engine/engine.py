@@ -31,6 +31,7 @@ from embedsvc.engine.types import (
     Pairs,
     Texts,
     TokenIds,
+    Want,
 )
 from embedsvc.engine.worker import ModelWorker
 from embedsvc.errors import (
@@ -247,10 +248,6 @@ class ModelEngine:
                 ids, attended, skip = self.prep.colbert_ids(req, ids)
             p.lengths = list(map(len, ids))
             p.tokens = sum(p.lengths)
-            outputs = req.outputs
-            sparse = req.task == "sparse" or "sparse" in outputs
-            states = req.task == "states"
-            vectors = states or req.task == "multivector" or "multivector" in outputs
             p.t1 = now
             if isinstance(req.inputs, Texts):
                 chars += sum(map(len, req.inputs.texts))
@@ -264,13 +261,9 @@ class ModelEngine:
                     req.normalize,
                     ln and req.dimensions is not None and req.dimensions < full,
                     self.max_wait(req),
-                    sparse and self.spec.task == "embed",  # BGE-M3's lexical weights
-                    sparse,
-                    vectors,  # token vectors (BGE-M3's ColBERT head, a ColBERT model)
-                    "dense" in outputs and (sparse or vectors),  # /encode: the vector too
+                    wanted(req),
                     attended,
                     skip,
-                    states,
                 )
             )
             sent.append(p)
@@ -302,3 +295,24 @@ class ModelEngine:
 
     def decode(self, seqs: list[list[int]], skip_special_tokens: bool) -> list[str]:
         return self.prep.tokenizer.decode(seqs, skip_special_tokens=skip_special_tokens)
+
+
+# What a request's task (and /encode's outputs) asks of each input.
+_WANTS: dict[str, Want] = {
+    "embed": Want.DENSE,
+    "rerank": Want.DENSE,
+    "sparse": Want.SPARSE,
+    "multivector": Want.TOKEN_VECTORS,
+    "states": Want.TOKEN_STATES,
+    "dense": Want.DENSE,
+}
+
+
+def wanted(req: EmbedRequest) -> Want:
+    """The outputs `req` asks of each input (task encode: those it lists)."""
+    if req.task != "encode":
+        return _WANTS[req.task]
+    want = Want(0)
+    for name in req.outputs:
+        want |= _WANTS[name]
+    return want

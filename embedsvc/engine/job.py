@@ -13,7 +13,7 @@ import numpy as np
 from embedsvc.engine.batcher import Item
 from embedsvc.engine.postprocess import Outputs, Row
 from embedsvc.engine.sparse import SparseRow
-from embedsvc.engine.types import CoreJob, JobDone
+from embedsvc.engine.types import PER_TOKEN, CoreJob, JobDone, Want
 
 
 @dataclass(eq=False, slots=True)
@@ -25,8 +25,8 @@ class Job:
     dimensions: int | None
     normalize: bool
     layer_norm: bool
-    lexical: bool = False  # rows are BGE-M3 token weights, not vectors
-    vectors: np.ndarray | None = None  # allocated when the first row is finalized
+    want: Want = Want.DENSE  # the outputs asked of each input (CoreJob.want)
+    vectors: np.ndarray | None = None  # DENSE: allocated when the first row is finalized
     remaining: int = 0
     # Large requests enter the queue chunk by chunk: at most two chunks are queued at a
     # time and the next follows when one completes, so other requests' inputs get in
@@ -38,13 +38,10 @@ class Job:
     deadline: float = math.inf  # perf_counter time past which it is dropped
     first_start: float = 0.0
     last_end: float = 0.0
-    sparse_rows: list[SparseRow] | None = None  # a sparse job's rows, in place of vectors
-    multivector: bool = False  # rows are token vectors [tokens, d], one array each
-    token_rows: list[np.ndarray] | None = None  # a multivector job's rows
-    dense_too: bool = False  # /encode: the vector as well as lexical weights/token vectors
+    sparse_rows: list[SparseRow] | None = None  # SPARSE: each input's non-zero entries
+    token_rows: list[np.ndarray] | None = None  # TOKEN_VECTORS / TOKEN_STATES: [tokens, d]
     attended: list[int] | None = None  # ColBERT queries: positions attended per input
     skip_tokens: bool = False  # the model's skiplist tokens get no vector
-    states: bool = False  # rows are token states (/embed_all)
     sparse_entries: int = 0  # non-zero entries of the sparse rows stored so far
 
     @classmethod
@@ -62,7 +59,7 @@ class Job:
             cj.dimensions,
             cj.normalize,
             cj.layer_norm,
-            cj.lexical,
+            cj.want,
             None,
             n,
             [n],
@@ -71,15 +68,13 @@ class Job:
             now,
             deadline,
         )
-        if cj.sparse:
-            job.sparse_rows = []
-        if cj.multivector:
-            job.multivector = True
-            job.token_rows = [np.empty((0, 0), np.float32)] * n
-            job.attended = cj.attended
-            job.skip_tokens = cj.skip_tokens
-            job.states = cj.states
-        job.dense_too = cj.dense_too
+        if cj.want is not Want.DENSE:
+            if cj.want & Want.SPARSE:
+                job.sparse_rows = []
+            if cj.want & PER_TOKEN:
+                job.token_rows = [np.empty((0, 0), np.float32)] * n
+                job.attended = cj.attended
+                job.skip_tokens = cj.skip_tokens
         if n == 1:
             return job, [Item(job, 0, cj.ids[0])]
         if n <= chunk_size:
@@ -145,7 +140,7 @@ class Job:
         return sum(it.length for chunk in self.waiting_chunks for it in chunk)
 
     def done(self) -> JobDone:
-        if not self.dense_too and (self.sparse_rows is not None or self.token_rows is not None):
+        if not self.want & Want.DENSE:
             vectors = np.empty((self.size, 0), dtype=np.float32)
         else:
             assert self.vectors is not None

@@ -6,12 +6,14 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from embedsvc.backends.base import ForwardOutput
 from embedsvc.engine.batcher import Item
 from embedsvc.engine.sparse import SparseRow, from_dense, from_token_weights
+from embedsvc.engine.types import Want
 
 LAYER_NORM_EPS = 1e-5  # torch.nn.functional.layer_norm's default, as the Nomic card uses
 NORM_EPS = 1e-12  # torch.nn.functional.normalize's default
@@ -88,44 +90,33 @@ def finalize_rows(
     special_ids: Callable[[], frozenset[int]],
     token_rule: TokenRule = BGE_M3_TOKENS,
 ) -> list[Row] | np.ndarray:
-    """Rows in the order of `items`, each finalized as its job asks. Sparse outputs
-    leave here as their non-zero entries: a SPLADE model's vocabulary-wide rows
-    (`sparse_task`), and the token weights a lexical-weight job asks for (BGE-M3; special
-    tokens, from `special_ids()`, have none). A job that asks for more than one output
-    (`dense_too`, or lexical weights and token vectors) gets an `Outputs` row."""
+    """Rows in the order of `items`, each finished as its job's `want` asks (FINISHERS:
+    one per output). Sparse outputs leave here as their non-zero entries: a SPLADE
+    model's vocabulary-wide rows (`sparse_task`), or the token weights of BGE-M3's
+    lexical head (special tokens, from `special_ids()`, have none). A job that asks for
+    more than one output gets an `Outputs` row."""
     pooled = output.pooled
     if sparse_task:
         return [from_dense(row) for row in pooled]
     keys = [(it.job.dimensions, it.job.normalize, it.job.layer_norm) for it in items]
     first = keys[0]
-    lexical = [it.job.lexical for it in items]
-    # No token vectors or states computed (no job of the pass asked: batcher.pad) and no
-    # lexical job: every row is a vector (a job that asks several outputs asks one of those).
-    no_tokens = output.token_vectors is None and output.token_states is None
-    if no_tokens and not any(lexical) and all(k == first for k in keys):
+    wants = [it.job.want for it in items]
+    if all(w is Want.DENSE for w in wants) and all(k == first for k in keys):
         dims, normalize, ln = first
         return finalize(pooled, dimensions=dims, normalize=normalize, layer_norm_first=ln)
-    tokens = [getattr(it.job, "multivector", False) for it in items]
     groups: dict[tuple[int | None, bool, bool], list[int]] = defaultdict(list)
     out: list[Row] = [pooled[0]] * len(items)
-    for row, key in enumerate(keys):
-        job = items[row].job
-        if getattr(job, "dense_too", False) or (lexical[row] and tokens[row]):
-            out[row] = _outputs(items[row], row, output, key, special_ids, token_rule)
-        elif tokens[row] and job.states:
-            assert output.token_states is not None  # the batch asked (batcher.pad)
-            n = len(items[row].ids)
-            out[row] = np.array(output.token_states[row, :n], dtype=np.float32)
-        elif tokens[row]:
-            assert output.token_vectors is not None  # the batch asked (batcher.pad)
-            vectors = output.token_vectors[row]
-            out[row] = token_rule.rows(vectors, items[row].ids, job.skip_tokens)
-        elif lexical[row]:
-            assert output.token_weights is not None  # the model's lexical head (registry)
-            weights = output.token_weights[row]
-            out[row] = from_token_weights(items[row].ids, weights, special_ids())
+    finished = _Pass(output, special_ids, token_rule)
+    for row, want in enumerate(wants):
+        if want is Want.DENSE:  # finished together, per (dimensions, normalize, layer norm)
+            groups[keys[row]].append(row)
+            continue
+        parts = {w: FINISHERS[w](finished, items[row], row) for w in want}
+        if len(parts) == 1:
+            out[row] = next(iter(parts.values()))
         else:
-            groups[key].append(row)
+            tokens = parts.get(Want.TOKEN_VECTORS, parts.get(Want.TOKEN_STATES))
+            out[row] = Outputs(parts.get(Want.DENSE), parts.get(Want.SPARSE), tokens)
     for (dims, normalize, ln), rows in groups.items():
         vecs = finalize(pooled[rows], dimensions=dims, normalize=normalize, layer_norm_first=ln)
         for k, row in enumerate(rows):
@@ -133,25 +124,42 @@ def finalize_rows(
     return out
 
 
-def _outputs(
-    item: Item,
-    row: int,
-    output: ForwardOutput,
-    key: tuple[int | None, bool, bool],
-    special_ids: Callable[[], frozenset[int]],
-    token_rule: TokenRule,
-) -> Outputs:
+@dataclass(slots=True)
+class _Pass:
+    """What the finishers read of one forward pass."""
+
+    output: ForwardOutput
+    special_ids: Callable[[], frozenset[int]]
+    token_rule: TokenRule
+
+
+def _dense(p: _Pass, item: Item, row: int) -> np.ndarray:
     job = item.job
-    dense = sparse = tokens = None
-    if job.dense_too:
-        dims, normalize, ln = key
-        dense = finalize(
-            output.pooled[row : row + 1], dimensions=dims, normalize=normalize, layer_norm_first=ln
-        )[0]
-    if job.lexical:
-        assert output.token_weights is not None
-        sparse = from_token_weights(item.ids, output.token_weights[row], special_ids())
-    if job.multivector:
-        assert output.token_vectors is not None
-        tokens = token_rule.rows(output.token_vectors[row], item.ids, job.skip_tokens)
-    return Outputs(dense, sparse, tokens)
+    pooled = p.output.pooled[row : row + 1]
+    return finalize(
+        pooled, dimensions=job.dimensions, normalize=job.normalize, layer_norm_first=job.layer_norm
+    )[0]
+
+
+def _sparse(p: _Pass, item: Item, row: int) -> SparseRow:
+    assert p.output.token_weights is not None  # the model's lexical head (registry)
+    return from_token_weights(item.ids, p.output.token_weights[row], p.special_ids())
+
+
+def _token_vectors(p: _Pass, item: Item, row: int) -> np.ndarray:
+    assert p.output.token_vectors is not None  # the batch asked (batcher.pad)
+    return p.token_rule.rows(p.output.token_vectors[row], item.ids, item.job.skip_tokens)
+
+
+def _token_states(p: _Pass, item: Item, row: int) -> np.ndarray:
+    assert p.output.token_states is not None  # the batch asked (batcher.pad)
+    return np.array(p.output.token_states[row, : len(item.ids)], dtype=np.float32)
+
+
+# Each output's finisher: (the pass, the item, its row in the pass) -> its row.
+FINISHERS: dict[Want, Callable[[_Pass, Item, int], Any]] = {
+    Want.DENSE: _dense,
+    Want.SPARSE: _sparse,
+    Want.TOKEN_VECTORS: _token_vectors,
+    Want.TOKEN_STATES: _token_states,
+}

@@ -8,6 +8,7 @@ travel between the front end and the engine core, in batches.
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -23,6 +24,22 @@ from embedsvc.registry import ModelSpec
 # "states": the token states of an embedding model (TEI's /embed_all).
 RequestTask = Literal["embed", "rerank", "sparse", "multivector", "encode", "states"]
 Output = Literal["dense", "sparse", "multivector"]
+
+
+
+class Want(enum.IntFlag):
+    """What a request asks of each input, from one forward pass: one output or several.
+    The engine core carries it unchanged from the front end's CoreJob to the rows it
+    finishes (engine/postprocess.py: one finisher per output) and the JobDone it sends
+    back; a forward pass computes the union of what its jobs ask (batcher.pad)."""
+
+    DENSE = enum.auto()  # the pooled vector (a reranker: its logit, as a 1-wide vector)
+    SPARSE = enum.auto()  # non-zero weights: a SPLADE model's, BGE-M3's lexical weights
+    TOKEN_VECTORS = enum.auto()  # a vector per token: a ColBERT model, BGE-M3's ColBERT head
+    TOKEN_STATES = enum.auto()  # each token's state, not pooled (/embed_all)
+
+
+PER_TOKEN = Want.TOKEN_VECTORS | Want.TOKEN_STATES
 
 # `prompt_name` NO_PROMPT: no prompt, not even the model's default; None: the default.
 NO_PROMPT = ""
@@ -156,25 +173,21 @@ class CoreJob:
     normalize: bool
     layer_norm: bool
     max_wait: float = 0.0  # seconds it may wait for its vectors; 0: no limit
-    lexical: bool = False  # BGE-M3 lexical weights (per token) instead of the vector
-    sparse: bool = False  # rows are sparse (SPLADE weights, or lexical weights)
-    multivector: bool = False  # rows are token vectors (BGE-M3's ColBERT head, a ColBERT model)
-    dense_too: bool = False  # and the vector as well (/encode: several outputs, one pass)
+    want: Want = Want.DENSE  # the outputs asked of each input
     # ColBERT queries: positions the model attends to per input (the rest of its ids are
     # expansion tokens); None: all.
     attended: list[int] | None = None
     skip_tokens: bool = False  # the model's skiplist tokens get no vector (ColBERT documents)
-    states: bool = False  # rows are token states (/embed_all), not token vectors
 
 
 @dataclass(slots=True)
 class JobDone:
     key: int
-    vectors: np.ndarray  # float32 [n, d], finalized ([n, 0] for a sparse job)
+    vectors: np.ndarray  # float32 [n, d], finalized ([n, 0] where DENSE was not asked)
     queue_time: float
     inference_time: float
-    sparse: list[SparseRow] | None = None  # a sparse job's rows
-    multivector: list[np.ndarray] | None = None  # a multivector job's rows
+    sparse: list[SparseRow] | None = None  # SPARSE: each input's rows
+    multivector: list[np.ndarray] | None = None  # TOKEN_VECTORS or TOKEN_STATES: each input's
 
 
 @dataclass(slots=True)

@@ -392,9 +392,10 @@ def test_rows_finalized_per_job_with_lexical_weights_beside_vectors() -> None:
 
     from embedsvc.backends.base import ForwardOutput
     from embedsvc.engine.postprocess import finalize_rows
+    from embedsvc.engine.types import Want
 
     def item(index: int, ids: list[int], **job: object) -> Item:
-        fields = dict(dimensions=None, normalize=True, layer_norm=False, lexical=False)
+        fields = dict(dimensions=None, normalize=True, layer_norm=False, want=Want.DENSE)
         return Item(SimpleNamespace(**{**fields, **job}), index, ids)  # type: ignore[arg-type]
 
     rng = np.random.default_rng(0)
@@ -402,7 +403,7 @@ def test_rows_finalized_per_job_with_lexical_weights_beside_vectors() -> None:
     weights = np.array([[0, 1, 2, 0], [0, 0.5, 0.5, 0], [0, 3, 0, 0]], dtype=np.float32)
     items = [
         item(0, [1, 7, 9, 2]),
-        item(1, [1, 7, 7, 2], lexical=True),
+        item(1, [1, 7, 7, 2], want=Want.SPARSE),
         item(2, [1, 5, 2], dimensions=4),
     ]
     rows = finalize_rows(items, ForwardOutput(pooled, weights), False, lambda: frozenset({1, 2}))
