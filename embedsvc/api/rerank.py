@@ -49,7 +49,6 @@ def pairs_request(
         raise EmptyInputError("query is an empty string", param="query")
     req = EmbedRequest(
         Pairs(query, docs),
-        task="rerank",
         prompt_name=None,
         normalize=False,
         truncate=truncate,

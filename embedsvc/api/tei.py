@@ -30,7 +30,7 @@ from embedsvc.api.encode import encode_body, multivector_body, sparse_body, tei_
 from embedsvc.api.inputs import parse_inputs
 from embedsvc.api.precision import check_format
 from embedsvc.api.service import Service
-from embedsvc.engine import EmbedRequest, EmbedResult
+from embedsvc.engine import EmbedRequest, EmbedResult, Want, want_of
 from embedsvc.errors import EmptyInputError, ValidationError
 
 
@@ -87,7 +87,7 @@ def _token_output(
     engine = service.engine_set().get(body.model, task="embed" if task == "states" else task)
     req = EmbedRequest(
         parse_inputs(body.inputs, "inputs"),
-        task=task,
+        want=_TOKEN_OUTPUTS[task],
         prompt_name=body.prompt_name,
         normalize=False,
         truncate=body.truncate,
@@ -105,8 +105,7 @@ def encode(service: Service, body: EncodeBody, ctx: Context) -> Call:
     outputs = tuple(dict.fromkeys(body.outputs))  # each once, in the order asked
     req = EmbedRequest(
         parse_inputs(body.inputs, "inputs"),
-        task="encode",
-        outputs=outputs,
+        want=want_of(outputs),
         prompt_name=body.prompt_name,
         normalize=body.normalize,
         truncate=body.truncate,
@@ -118,6 +117,13 @@ def encode(service: Service, body: EncodeBody, ctx: Context) -> Call:
     )
     fmt = body.encoding_format
     return Call(engine, req, lambda r: encode_body(r, outputs, fmt))
+
+
+_TOKEN_OUTPUTS = {
+    "sparse": Want.SPARSE,
+    "multivector": Want.TOKEN_VECTORS,
+    "states": Want.TOKEN_STATES,
+}
 
 
 def _sparse(result: EmbedResult) -> bytes:

@@ -44,12 +44,11 @@ from embedsvc.bulk.spec import (
     describe_job,
     engine_settings,
     load,
-    request_task,
+    request_want,
     resolve_prompt_name,
 )
 from embedsvc.engine import EmbedRequest, EngineSet, ModelEngine, Texts
 from embedsvc.engine.sparse import SparseRow
-from embedsvc.engine.types import Output
 from embedsvc.errors import EmbedsvcError
 from embedsvc.files import write_atomic
 
@@ -193,16 +192,14 @@ class ChunkEmbedder:
         self.engine = engine
         self.opts = opts
         self.prompt_name = prompt_name
-        self.task, outputs = request_task(engine, opts.outputs)
-        self.outputs: tuple[Output, ...] = outputs
+        self.want = request_want(engine, opts.outputs)
         dense = "dense" in opts.outputs
         self.dim = (opts.dimensions or engine.dimension) if dense else 0
 
     def _request(self, texts: list[str]) -> EmbedRequest:
         return EmbedRequest(
             Texts(texts),
-            task=self.task,
-            outputs=self.outputs,
+            want=self.want,
             prompt_name=self.prompt_name,
             instruction=self.opts.instruction,
             truncate=self.opts.truncate,

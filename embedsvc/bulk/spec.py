@@ -13,7 +13,7 @@ from typing import Any
 from embedsvc.bulk.output import COMMIT_SECONDS, MANIFEST
 from embedsvc.bulk.sources import Source
 from embedsvc.engine import EngineSet, ModelEngine, load_engines
-from embedsvc.engine.types import RequestTask
+from embedsvc.engine.types import Want, want_of
 from embedsvc.errors import ConfigError
 from embedsvc.metrics import Metrics
 from embedsvc.registry import ModelSpec, load_registry
@@ -98,7 +98,7 @@ def describe_job(
     engine: ModelEngine, opts: Options, description: dict[str, Any], fingerprint: str
 ) -> dict[str, Any]:
     """What the manifest records about the job, and compares on a rerun."""
-    request_task(engine, opts.outputs)
+    request_want(engine, opts.outputs)
     engine.check_dimensions(opts.dimensions)
     job = static_job(engine.spec, opts, description, fingerprint)
     job["prompt"] = job_prefix(engine, opts)
@@ -156,19 +156,16 @@ def check_before_loading(opts: Options, source: Source) -> None:
         )
 
 
-def request_task(engine: ModelEngine, outputs: tuple[str, ...]) -> tuple[RequestTask, tuple]:
-    """The request that gives `outputs` of `engine`'s model in one pass: its own task, or
-    /encode's for several outputs of an embedding model. ConfigError, before anything is
-    read, for an output the model does not have."""
+def request_want(engine: ModelEngine, outputs: tuple[str, ...]) -> Want:
+    """What a request that gives `outputs` of `engine`'s model in one pass wants.
+    ConfigError, before anything is read, for an output the model does not have."""
     spec = engine.spec
     if any(o not in spec.outputs for o in outputs):
         raise ConfigError(
             f"model {engine.name} (task {spec.task}) cannot give --outputs "
             f"{','.join(outputs)}; it gives {','.join(spec.outputs) or 'no column'}"
         )
-    if spec.task != "embed":  # SPLADE, ColBERT: their one output, their own task
-        return spec.task, ()
-    return ("embed", ()) if outputs == ("dense",) else ("encode", outputs)
+    return want_of(outputs)
 
 
 def check_options(opts: Options) -> None:

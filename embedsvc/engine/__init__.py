@@ -11,6 +11,8 @@ from embedsvc.engine.types import (
     Pairs,
     Texts,
     TokenIds,
+    Want,
+    want_of,
 )
 
 __all__ = [
@@ -24,5 +26,7 @@ __all__ = [
     "Pairs",
     "Texts",
     "TokenIds",
+    "Want",
     "load_engines",
+    "want_of",
 ]

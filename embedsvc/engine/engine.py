@@ -31,7 +31,6 @@ from embedsvc.engine.types import (
     Pairs,
     Texts,
     TokenIds,
-    Want,
 )
 from embedsvc.engine.worker import ModelWorker
 from embedsvc.errors import (
@@ -261,7 +260,7 @@ class ModelEngine:
                     req.normalize,
                     ln and req.dimensions is not None and req.dimensions < full,
                     self.max_wait(req),
-                    wanted(req),
+                    req.want,
                     attended,
                     skip,
                 )
@@ -295,24 +294,3 @@ class ModelEngine:
 
     def decode(self, seqs: list[list[int]], skip_special_tokens: bool) -> list[str]:
         return self.prep.tokenizer.decode(seqs, skip_special_tokens=skip_special_tokens)
-
-
-# What a request's task (and /encode's outputs) asks of each input.
-_WANTS: dict[str, Want] = {
-    "embed": Want.DENSE,
-    "rerank": Want.DENSE,
-    "sparse": Want.SPARSE,
-    "multivector": Want.TOKEN_VECTORS,
-    "states": Want.TOKEN_STATES,
-    "dense": Want.DENSE,
-}
-
-
-def wanted(req: EmbedRequest) -> Want:
-    """The outputs `req` asks of each input (task encode: those it lists)."""
-    if req.task != "encode":
-        return _WANTS[req.task]
-    want = Want(0)
-    for name in req.outputs:
-        want |= _WANTS[name]
-    return want

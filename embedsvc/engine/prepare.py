@@ -13,7 +13,8 @@ from tokenizers import Tokenizer
 from embedsvc.engine.icl import SUFFIX, IclQueries, examples_prefix
 from embedsvc.engine.pairs import PairTemplate, pair_ids
 from embedsvc.engine.tokenize import TextTokenizer
-from embedsvc.engine.types import NO_PROMPT, EmbedRequest, ModelInfo, Pairs, Texts
+from embedsvc.engine.types import NO_PROMPT, EmbedRequest, ModelInfo, Pairs, Texts, Want
+from embedsvc.engine.wants import check_want
 from embedsvc.errors import (
     EmbedsvcError,
     EmptyInputError,
@@ -150,7 +151,7 @@ class Preparer:
 
     def validate(self, req: EmbedRequest) -> None:
         """Checks that need no tokenization; raise before anything is queued."""
-        self._check_task(req)
+        check_want(self.info, req)
         n = req.size
         if n == 0:
             raise EmptyInputError(f"{req.input_param} is empty", param=req.input_param)
@@ -249,58 +250,6 @@ class Preparer:
                 f"({limit}); split the text",
                 param=param,
             )
-
-    def _check_task(self, req: EmbedRequest) -> None:
-        task = self.spec.task
-        if req.task == task or (req.task == "sparse" and self.spec.lexical_weights):
-            return
-        if req.task == "encode" and task == "embed":
-            if not req.outputs:
-                raise ValidationError(
-                    "outputs is empty: ask for dense, sparse or multivector", param="outputs"
-                )
-            missing = [o for o in req.outputs if o not in self.spec.outputs]
-            if missing:
-                raise ValidationError(
-                    f"model {self.name} has no {' or '.join(missing)} output (see /info: "
-                    "lexical_weights, multivector)",
-                    param="outputs",
-                )
-            return
-        if req.task == "states":
-            if task == "embed" and self.info.states_dimension:
-                return
-            why = (
-                "its backend has no token states (onnx: the graph ends in the pooled vector)"
-                if task == "embed"
-                else f"it is task {task}, not an embedding model"
-            )
-            raise ValidationError(
-                f"model {self.name} cannot answer /embed_all: {why}; choose an embedding "
-                "model on the torch backend (see /info)",
-                param="model",
-            )
-        if req.task == "multivector":
-            if self.spec.multivector:
-                return
-            raise ValidationError(
-                f"model {self.name} has no multi-vector output; choose a ColBERT model (task "
-                "multivector) or one with multivector: true in models.yaml (such as bge-m3; "
-                "see /info)",
-                param="model",
-            )
-        what = {
-            "embed": "an embedding model (task embed): it answers /embed and /v1/embeddings",
-            "rerank": "a reranker (task rerank): it scores (query, document) pairs on /rerank "
-            "and /v1/rerank",
-            "sparse": "a sparse encoder (task sparse): it answers /embed_sparse",
-            "multivector": "a ColBERT model (task multivector): it answers /embed_multivector",
-        }[task]
-        raise ValidationError(
-            f"model {self.name} is {what}, not task {req.task}; choose a model of that task "
-            "(see /info)",
-            param="model",
-        )
 
     def _pair_ids(self, req: EmbedRequest, pairs: Pairs) -> list[list[int]]:
         """Each pair's ids. The query and each document are tokenized once, and the
@@ -431,10 +380,10 @@ class Preparer:
                 inputs.ids, truncate=truncate, direction=direction, param=req.input_param
             )
         self._check_total(sum(len(x) for x in ids), req.input_param)
-        if req.task == "states":
+        if req.want & Want.TOKEN_STATES:
             values = sum(len(x) for x in ids) * self.info.states_dimension
             self._check_values(values, req.input_param, "hidden state")
-        elif req.task == "multivector" or "multivector" in req.outputs:
+        elif req.want & Want.TOKEN_VECTORS:
             # BGE-M3: a vector per token after the first; ColBERT: per token, and a query at
             # least its expansion length (the skiplist only lowers this).
             colbert = self._colbert

@@ -19,12 +19,8 @@ from embedsvc.engine.sparse import SparseRow
 from embedsvc.errors import ErrorKind
 from embedsvc.registry import ModelSpec
 
-# What a request asks of a model: a model's task, or an output of an embedding model
-# that has it (BGE-M3: "sparse" lexical weights, "multivector" ColBERT vectors).
-# "states": the token states of an embedding model (TEI's /embed_all).
-RequestTask = Literal["embed", "rerank", "sparse", "multivector", "encode", "states"]
+# The outputs a client names (/encode's `outputs`, `embedsvc embed --outputs`).
 Output = Literal["dense", "sparse", "multivector"]
-
 
 
 class Want(enum.IntFlag):
@@ -40,6 +36,21 @@ class Want(enum.IntFlag):
 
 
 PER_TOKEN = Want.TOKEN_VECTORS | Want.TOKEN_STATES
+# Each named output and what it asks.
+OUTPUT_WANTS: dict[str, Want] = {
+    "dense": Want.DENSE,
+    "sparse": Want.SPARSE,
+    "multivector": Want.TOKEN_VECTORS,
+}
+
+
+def want_of(outputs: tuple[str, ...] | list[str]) -> Want:
+    """What the named outputs ask (none: Want(0))."""
+    want = Want(0)
+    for name in outputs:
+        want |= OUTPUT_WANTS[name]
+    return want
+
 
 # `prompt_name` NO_PROMPT: no prompt, not even the model's default; None: the default.
 NO_PROMPT = ""
@@ -74,14 +85,15 @@ Inputs = Texts | TokenIds | Pairs
 @dataclass(slots=True)
 class EmbedRequest:
     inputs: Inputs
-    task: RequestTask = "embed"  # what the route asks of the model
+    # What the route asks of each input, carried unchanged to the result (the engine core
+    # finishes each output: engine/postprocess.py). Pairs (rerank) ask DENSE: a logit.
+    want: Want = Want.DENSE
     prompt_name: str | None = None
     # A task instruction, put before each text through the model's instruction_template
     # (in place of a prompt).
     instruction: str | None = None
     # In-context examples (instruct, query, response) in place of the model's (icl models).
     examples: tuple[tuple[str, str, str], ...] | None = None
-    outputs: tuple[Output, ...] = ()  # task encode: the outputs asked, from one pass
     normalize: bool = True
     truncate: bool | None = None
     truncation_direction: str = "right"

@@ -153,10 +153,10 @@ def test_sparse_rows_travel_as_their_non_zero_entries(sserver: Server) -> None:
 
     import httpx
 
-    from embedsvc.engine import EmbedRequest, Texts
+    from embedsvc.engine import EmbedRequest, Texts, Want
 
     engine = sserver.engines.get("tiny-splade", task="sparse")
-    req = EmbedRequest(Texts(["a"] * 4096), task="sparse", normalize=False)
+    req = EmbedRequest(Texts(["a"] * 4096), want=Want.SPARSE, normalize=False)
     loop = sserver.engines.front.loop
     assert loop is not None
     result = asyncio.run_coroutine_threadsafe(engine.embed(req), loop).result(timeout=120)

@@ -411,3 +411,13 @@ def test_rows_finalized_per_job_with_lexical_weights_beside_vectors() -> None:
     np.testing.assert_allclose(rows[2], pooled[2, :4] / np.linalg.norm(pooled[2, :4]), rtol=1e-6)
     idx, val = rows[1]
     assert idx.tolist() == [7] and val.tolist() == [0.5]  # max weight per token id
+
+
+def test_every_output_has_a_finisher_and_a_name_maps_to_it() -> None:
+    """A member of Want without a finisher would fail only when a request asked for it."""
+    from embedsvc.engine.postprocess import FINISHERS
+    from embedsvc.engine.types import OUTPUT_WANTS, Want, want_of
+
+    assert set(FINISHERS) == set(Want)
+    assert want_of(["dense", "multivector"]) == Want.DENSE | Want.TOKEN_VECTORS
+    assert want_of([]) == Want(0) and set(OUTPUT_WANTS.values()) <= set(Want)
