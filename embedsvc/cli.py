@@ -222,6 +222,8 @@ def export(args: argparse.Namespace) -> int:
 
 
 def add_embed_parser(sub: Any) -> None:
+    """`embedsvc embed`'s flags: one statement each, over 80 lines (a reason) because
+    there are that many."""
     p = sub.add_parser(
         "embed",
         help="embed a whole dataset into Parquet shards (resumable)",

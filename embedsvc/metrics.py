@@ -67,7 +67,9 @@ class Metrics:
 
     def __init__(self, multiprocess_dir: str | None = None) -> None:
         """A server's metrics; `multiprocess_dir`: render every process's values from that
-        folder (after `enable_multiprocess(multiprocess_dir)` in this process)."""
+        folder (after `enable_multiprocess(multiprocess_dir)` in this process). Over 80
+        lines (a reason): every metric is declared here, one statement each, so that all
+        of them are in one place."""
         if multiprocess_dir and os.environ.get("PROMETHEUS_MULTIPROC_DIR") != multiprocess_dir:
             raise RuntimeError("enable_multiprocess(folder) first: values would stay private")
         self.multiprocess_dir = multiprocess_dir

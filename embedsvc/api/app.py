@@ -49,41 +49,7 @@ def create_app(
     """
     metrics = metrics or Metrics()
     service = Service(settings, metrics)
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        loop = asyncio.get_running_loop()
-        load_task: asyncio.Task[Any] | None = None
-        if engines is not None:
-            engines.start(loop)
-            service.engines = engines
-        elif loader is not None:
-
-            async def load() -> None:
-                try:
-                    if inspect.iscoroutinefunction(loader):
-                        loaded = await loader()
-                    else:
-                        loaded = await asyncio.to_thread(loader)
-                except Exception as e:
-                    service.load_error = f"model loading failed: {e}"
-                    log.error("%s", service.load_error)
-                    if on_load_failure:
-                        on_load_failure(service.load_error)
-                    return
-                loaded.start(loop)
-                service.engines = loaded
-                settle_gc()
-                log.info("ready: %s", ", ".join(e.name for e in loaded))
-
-            load_task = asyncio.create_task(load())
-        try:
-            yield
-        finally:
-            if load_task is not None:
-                load_task.cancel()
-            if service.engines is not None and engines is None:
-                service.engines.stop()
+    lifespan = _lifespan(service, engines, loader, on_load_failure)
 
     app = FastAPI(
         title="embedsvc",
@@ -142,6 +108,53 @@ def create_app(
     # The embedding routes straight from embedsvc's HTTP protocol (http/protocol.py);
     # with CORS on, every answer needs the CORS middleware's headers: no direct route.
     return EmbedsvcApp(app, outer, None if origins else middleware.direct, metrics)
+
+
+def _lifespan(
+    service: Service,
+    engines: EngineSet | None,
+    loader: Callable[[], EngineSet | Awaitable[EngineSet]] | None,
+    on_load_failure: Callable[[str], None] | None,
+) -> Callable[[FastAPI], contextlib.AbstractAsyncContextManager[None]]:
+    """The app's lifespan: start the loaded `engines`, or run `loader` after start-up
+    (the port opens at once; /health answers 503 until every model is loaded and warmed)."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loop = asyncio.get_running_loop()
+        load_task: asyncio.Task[Any] | None = None
+        if engines is not None:
+            engines.start(loop)
+            service.engines = engines
+        elif loader is not None:
+
+            async def load() -> None:
+                try:
+                    if inspect.iscoroutinefunction(loader):
+                        loaded = await loader()
+                    else:
+                        loaded = await asyncio.to_thread(loader)
+                except Exception as e:
+                    service.load_error = f"model loading failed: {e}"
+                    log.error("%s", service.load_error)
+                    if on_load_failure:
+                        on_load_failure(service.load_error)
+                    return
+                loaded.start(loop)
+                service.engines = loaded
+                settle_gc()
+                log.info("ready: %s", ", ".join(e.name for e in loaded))
+
+            load_task = asyncio.create_task(load())
+        try:
+            yield
+        finally:
+            if load_task is not None:
+                load_task.cancel()
+            if service.engines is not None and engines is None:
+                service.engines.stop()
+
+    return lifespan
 
 
 def _document_bodies(app: FastAPI) -> None:

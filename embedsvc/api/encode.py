@@ -46,7 +46,7 @@ def sparse_body(rows: list[SparseRow]) -> bytes:
 
 def multivector_body(result: EmbedResult, encoding_format: str) -> bytes:
     """Per input its token vectors: lists of floats, or one base64 string of its matrix."""
-    rows = result.multivector or []
+    rows = result.tokens or []
     dtype = _BASE64_DTYPES.get(encoding_format)
     if dtype is not None:
         return orjson.dumps([to_base64(row.ravel(), dtype) for row in rows])
@@ -66,7 +66,7 @@ def encode_body(result: EmbedResult, outputs: tuple[str, ...], encoding_format: 
             pairs = zip(idx.tolist(), val.tolist(), strict=True)
             item["sparse"] = [{"index": i, "value": v} for i, v in pairs]
     if "multivector" in outputs:
-        for item, rows in zip(items, result.multivector or [], strict=True):
+        for item, rows in zip(items, result.tokens or [], strict=True):
             item["multivector"] = to_base64(rows.ravel(), dtype) if dtype else rows
     return orjson.dumps(items, option=_NUMPY)
 

@@ -174,7 +174,10 @@ SHORT_ATTENTION = 64
 
 
 def _encoder_class() -> Any:
-    """The torch module classes, defined on first use (torch is imported lazily)."""
+    """The torch module classes, defined on first use (torch is imported lazily: a
+    front-end process or `embedsvc --help` never pays for it). About 200 lines (a reason,
+    against the 80-line rule): classes that subclass torch's cannot be defined at module
+    level without importing torch there."""
     global _ENCODER
     if _ENCODER is not None:
         return _ENCODER

@@ -223,7 +223,7 @@ class ChunkEmbedder:
             try:
                 r = await self.engine.embed(self._request(ok_texts))
                 chunk.ids, chunk.vectors, chunk.tokens = ok_ids, r.vectors, r.input_tokens
-                chunk.sparse, chunk.multivector = r.sparse, r.multivector
+                chunk.sparse, chunk.multivector = r.sparse, r.tokens
             except EmbedsvcError as e:
                 if len(ok_texts) == 1:
                     errors.append(error_line(ok_ids[0], ok_rows[0], e.message))
@@ -248,7 +248,7 @@ class ChunkEmbedder:
             vectors.append(r.vectors[0])
             chunk.tokens.append(r.input_tokens[0])
             sparse.extend(r.sparse or [])
-            multivector.extend(r.multivector or [])
+            multivector.extend(r.tokens or [])
         chunk.vectors = np.array(vectors, np.float32).reshape(-1, self.dim)
         chunk.sparse = sparse if "sparse" in self.opts.outputs else None
         chunk.multivector = multivector if "multivector" in self.opts.outputs else None
@@ -262,6 +262,11 @@ async def _run(
     prompt_name: str | None,
     manifest: Manifest,
 ) -> int:
+    """The job's loop: chunks read, embedded (a window of them in flight), written in
+    order by a background thread, and stopped cleanly by a signal or --on-error fail;
+    the exit code. About 100 lines kept whole (a reason, against the 80-line rule): the
+    in-flight window, the writer and the signal handlers share state that every way out
+    (end, first or second signal, a failed chunk) must settle in the same order."""
     loop = asyncio.get_running_loop()
     engines.start(loop)
     embedder = ChunkEmbedder(engine, opts, prompt_name)

@@ -151,5 +151,5 @@ class Job:
             queue_time=max(self.first_start - self.enqueued, 0.0),
             inference_time=max(self.last_end - self.first_start, 0.0),
             sparse=self.sparse_rows,
-            multivector=self.token_rows,
+            tokens=self.token_rows,
         )

@@ -115,8 +115,9 @@ class EmbedRequest:
 
 @dataclass(slots=True)
 class EmbedResult:
-    """The rows of a request, in input order: vectors (task embed), logits (task rerank:
-    read them as `scores`), or sparse rows (task sparse: `sparse`, and `vectors` [n, 0])."""
+    """The rows of a request, in input order, for each output it wanted: `vectors`
+    (DENSE; a reranker's logits: read them as `scores`; [n, 0] when not wanted),
+    `sparse` (SPARSE), `tokens` (TOKEN_VECTORS or TOKEN_STATES)."""
 
     vectors: np.ndarray  # float32 [n, d]
     prompt_tokens: int
@@ -125,10 +126,10 @@ class EmbedResult:
     inference_time: float
     total_time: float
     input_tokens: list[int] = field(default_factory=list)  # per input, as embedded
-    sparse: list[SparseRow] | None = None  # task sparse: each input's non-zero entries
-    # task multivector: each input's token vectors, float32 [tokens, d], normalized (task
-    # states: its token states [tokens, hidden], as computed)
-    multivector: list[np.ndarray] | None = None
+    sparse: list[SparseRow] | None = None  # SPARSE: each input's non-zero entries
+    # TOKEN_VECTORS: each input's token vectors, float32 [tokens, d], normalized;
+    # TOKEN_STATES: its token states [tokens, hidden], as computed
+    tokens: list[np.ndarray] | None = None
 
     @property
     def scores(self) -> np.ndarray:
@@ -199,7 +200,7 @@ class JobDone:
     queue_time: float
     inference_time: float
     sparse: list[SparseRow] | None = None  # SPARSE: each input's rows
-    multivector: list[np.ndarray] | None = None  # TOKEN_VECTORS or TOKEN_STATES: each input's
+    tokens: list[np.ndarray] | None = None  # TOKEN_VECTORS or TOKEN_STATES: each input's
 
 
 @dataclass(slots=True)
