@@ -47,7 +47,9 @@ def test_every_bench_script_is_listed() -> None:
     assert scripts == set(RUNS) | {f"{m}.py" for m in MODULES}
 
 
-@pytest.mark.parametrize("script", sorted(RUNS))
+# gpu_check.py runs once, in test_gpu_check_dry_run_writes_its_report (with its report
+# checked): a second run of the same 40 seconds would test nothing more.
+@pytest.mark.parametrize("script", sorted(set(RUNS) - {"gpu_check.py"}))
 def test_bench_script_runs(script: str) -> None:
     args = RUNS[script] or ["--help"]
     r = subprocess.run(
@@ -89,3 +91,4 @@ def test_gpu_check_dry_run_writes_its_report(tmp_path: Path) -> None:
     assert ratio["value"] > 0 and ratio["met"] == (ratio["value"] >= 0.9)
     table = report.with_suffix(".md").read_text()
     assert "| gpu_check | engine / offline, 1-input short queries |" in table
+    assert r.stdout.strip(), "it printed nothing"
