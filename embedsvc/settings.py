@@ -113,7 +113,9 @@ class Settings:
         "of this size so one big client batch cannot monopolize the model",
     )
     auto_truncate: bool = _setting(
-        False, "truncate over-long inputs when a request does not say (else 422)"
+        True,
+        "truncate over-long inputs when a request does not say, as TEI does by default "
+        "(the answer's x-truncated-inputs header counts them); false: 422",
     )
     tokenization_workers: int = _setting(
         2,

@@ -103,7 +103,12 @@ def create_app(
             allow_origins=origins,
             allow_methods=["GET", "POST"],
             allow_headers=["authorization", "content-type", "x-request-id"],
-            expose_headers=["x-request-id", "x-total-time", "x-compute-tokens"],
+            expose_headers=[
+                "x-request-id",
+                "x-total-time",
+                "x-compute-tokens",
+                "x-truncated-inputs",
+            ],
         )
     # The embedding routes straight from embedsvc's HTTP protocol (http/protocol.py);
     # with CORS on, every answer needs the CORS middleware's headers: no direct route.

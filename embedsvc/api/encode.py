@@ -111,11 +111,13 @@ _TIMING = (
 
 def timing_lines(r: EmbedResult) -> bytes:
     """Timing headers on every embedding response (milliseconds, as TEI sends them), as
-    header lines: one formatting for all of them."""
-    return _TIMING % (
+    header lines: one formatting for all of them; and x-truncated-inputs, the number of
+    inputs cut to the model's limit, when any was (the default truncates, as TEI's)."""
+    lines = _TIMING % (
         r.total_time * 1000,
         r.tokenization_time * 1000,
         r.queue_time * 1000,
         r.inference_time * 1000,
         r.prompt_tokens,
     )
+    return lines + b"x-truncated-inputs: %d\r\n" % r.truncated if r.truncated else lines

@@ -170,7 +170,9 @@ class Frontend:
         for p, d in zip(answered, results, strict=True):
             times = (p.t1 - p.t0, d.queue_time, d.inference_time, now - p.t0)
             p.future.set_result(
-                EmbedResult(d.vectors, p.tokens, *times, p.lengths, d.sparse, d.tokens)
+                EmbedResult(
+                    d.vectors, p.tokens, *times, p.lengths, d.sparse, d.tokens, p.req.truncated
+                )
             )
         for f in failed:
             p = self._take(f.key)

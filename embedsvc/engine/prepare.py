@@ -273,6 +273,7 @@ class Preparer:
                 param=req.input_param,
             )
         self._check_total(sum(min(n, limit) for n in lengths), req.input_param)
+        req.truncated = sum(n > limit for n in lengths)
         if self._template is not None:
             return pair_ids(self._template, query, docs, limit)
         both = [(pairs.query, d) for d in pairs.documents]
@@ -366,6 +367,8 @@ class Preparer:
             self._check_icl_lengths(req, ids)
         elif isinstance(inputs, Texts):
             colbert = self._colbert
+            limit = colbert.length(self.is_query(req)) if colbert else self.tokenizer.max_length
+            req.truncated = sum(len(x) > limit for x in ids)
             ids = self.tokenizer.fit(
                 ids,
                 full,
@@ -373,9 +376,10 @@ class Preparer:
                 truncate=truncate,
                 direction=direction,
                 param=req.input_param,
-                limit=colbert.length(self.is_query(req)) if colbert else None,
+                limit=limit,
             )
         else:
+            req.truncated = sum(len(x) > self.tokenizer.max_length for x in inputs.ids)
             ids = self.tokenizer.check_ids(
                 inputs.ids, truncate=truncate, direction=direction, param=req.input_param
             )

@@ -104,6 +104,7 @@ class EmbedRequest:
     # Characters the tokenizer is handed, each text with its prompt, instruction or
     # examples (set when the request is validated, before any tokenizing).
     chars: int = 0
+    truncated: int = 0  # inputs cut to the model's limit (set when tokenized)
 
     @property
     def size(self) -> int:
@@ -130,6 +131,7 @@ class EmbedResult:
     # TOKEN_VECTORS: each input's token vectors, float32 [tokens, d], normalized;
     # TOKEN_STATES: its token states [tokens, hidden], as computed
     tokens: list[np.ndarray] | None = None
+    truncated: int = 0  # inputs cut to the model's limit (EmbedRequest.truncated)
 
     @property
     def scores(self) -> np.ndarray:

@@ -351,9 +351,12 @@ def test_similarity_is_bounded_like_embedding(server: Server) -> None:
         body = {"inputs": {"source_sentence": "a " * 100_001, "sentences": ["b"]}}
         r = c.post("/similarity", json=body)
         assert r.status_code == 422 and "max_input_chars (200000)" in r.json()["error"]
-        body = {"inputs": {"source_sentence": "a", "sentences": ["a " * 99_999] * 9}}
+        long = {"source_sentence": "a", "sentences": ["a " * 99_999] * 9}
+        body = {"inputs": long, "parameters": {"truncate": False}}
         r = c.post("/similarity", json=body)  # each one past the model's 256 tokens
         assert r.status_code == 422 and "more than" in r.json()["error"], r.text
         assert "256" in r.json()["error"]
+        r = c.post("/similarity", json={"inputs": long})  # cut by default, and said so
+        assert r.status_code == 200 and r.headers["x-truncated-inputs"] == "9", r.text
         ok = c.post("/similarity", json={"inputs": {"source_sentence": "a", "sentences": ["a"]}})
         assert ok.status_code == 200 and abs(ok.json()[0] - 1.0) < 1e-5

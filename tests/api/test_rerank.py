@@ -166,7 +166,7 @@ def test_a_long_query_with_many_documents_is_bounded_before_pairs_are_built(
     long_query = "capital " * 25_000
     docs = ["a"] * 4096
     with rserver.client() as c:
-        r = c.post("/rerank", json={"query": long_query, "texts": docs})
+        r = c.post("/rerank", json={"query": long_query, "texts": docs, "truncate": False})
         assert r.status_code == 422, r.text
         assert r.json()["error"].startswith("texts[0] with the query has 25004 tokens")
         r = c.post("/v1/rerank", json={"query": long_query, "documents": docs})
@@ -174,6 +174,7 @@ def test_a_long_query_with_many_documents_is_bounded_before_pairs_are_built(
         assert "max_request_tokens (300000)" in r.json()["error"]["message"]
         r = c.post("/rerank", json={"query": long_query, "texts": DOCS, "truncate": True})
         assert r.status_code == 200, r.text
+        assert r.headers["x-truncated-inputs"] == str(len(DOCS))  # every pair was cut
         got = {g["index"]: g["score"] for g in r.json()}
         assert c.post("/rerank", json={"query": QUERY, "texts": DOCS}).status_code == 200
     want = ce.predict([(long_query, d) for d in DOCS])  # cut "longest_first" to 512

@@ -89,6 +89,27 @@ def test_embed_matches_teis_embed_response(server: Server) -> None:
     assert len(many.json()) == 2 and len(many.json()[0]) == 384
 
 
+def test_long_inputs_are_cut_by_default_as_tei_cuts_them_and_the_answer_says_so(
+    server: Server,
+) -> None:
+    """TEI 1.9 truncates by default (--auto-truncate true): a long input gets the vector
+    of its first 256 tokens here too, as with truncate=true, and x-truncated-inputs
+    counts the inputs cut (absent when none was); truncate=false still refuses."""
+    long = "the river flows past the old mill " * 80  # far over MiniLM's 256 tokens
+    with server.client() as c:
+        cut = c.post("/embed", json={"inputs": ["short", long]})
+        asked = c.post("/embed", json={"inputs": ["short", long], "truncate": True})
+        refused = c.post("/embed", json={"inputs": long, "truncate": False})
+        whole = c.post("/embed", json={"inputs": "short"})
+        openai = c.post("/v1/embeddings", json={"input": [long, long, "x"]})
+    assert cut.status_code == 200 and cut.headers["x-truncated-inputs"] == "1"
+    assert cut.json() == asked.json()
+    assert refused.status_code == 422 and "truncate=true" in refused.json()["error"]
+    assert whole.status_code == 200 and "x-truncated-inputs" not in whole.headers
+    assert openai.status_code == 200 and openai.headers["x-truncated-inputs"] == "2"
+    assert openai.json()["usage"]["prompt_tokens"] == 256 + 256 + 3
+
+
 @pytest.mark.parametrize(
     ("body", "status"),
     [
