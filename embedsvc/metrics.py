@@ -110,6 +110,20 @@ class Metrics:
             registry=r,
             multiprocess_mode="livemax",
         )
+        self.cache = Counter(
+            "embedsvc_cache",
+            "inputs looked up in the vector cache (--cache-bytes): hit, miss; evicted: "
+            "entries dropped for room",
+            ["model", "outcome"],
+            registry=r,
+        )
+        self.cache_bytes = Gauge(
+            "embedsvc_cache_bytes",
+            "bytes held by the vector cache (each front-end process holds its own)",
+            ["model"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.refusals = Counter(
             "embedsvc_refusals",
             "requests refused (429) by admission: capacity (inputs in flight), queue_time "
@@ -205,6 +219,10 @@ class ModelMetrics:
 
     def __init__(self, m: Metrics, model: str) -> None:
         self.ready = m.model_ready.labels(model)
+        self.cache_hits = m.cache.labels(model, "hit")
+        self.cache_misses = m.cache.labels(model, "miss")
+        self.cache_evictions = m.cache.labels(model, "evicted")
+        self.cache_bytes = m.cache_bytes.labels(model)
         self.queue_size = m.queue_size.labels(model)
         self.inflight = m.inflight_inputs.labels(model)
         self.batches = m.batches.labels(model)

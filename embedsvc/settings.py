@@ -117,6 +117,12 @@ class Settings:
         "truncate over-long inputs when a request does not say, as TEI does by default "
         "(the answer's x-truncated-inputs header counts them); false: 422",
     )
+    cache_bytes: int = _setting(
+        0,
+        "bytes of memory per model and front-end process for an exact-match cache of "
+        "dense vectors (a request whose every input was answered before skips the "
+        "model); 0 = off",
+    )
     tokenization_workers: int = _setting(
         2,
         "threads per front-end process that tokenize large requests (small ones are "
@@ -277,6 +283,8 @@ class Settings:
             raise ConfigError(f"threads must be 0 (auto) or more, got {self.threads}")
         if self.api_workers < 0:
             raise ConfigError(f"api_workers must be 0 (auto) or more, got {self.api_workers}")
+        if self.cache_bytes < 0:
+            raise ConfigError(f"cache_bytes must be 0 (off) or more, got {self.cache_bytes}")
         positive = (
             "max_batch_size",
             "max_multivector_values",

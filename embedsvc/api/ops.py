@@ -123,6 +123,7 @@ def ops_router() -> APIRouter:
             "max_batch_tokens": default.info.max_batch_tokens,
             "max_batch_requests": s.max_batch_size,
             "max_client_batch_size": s.max_client_batch_size,
+            "cache_bytes": s.cache_bytes,
             "auto_truncate": s.auto_truncate,
             "tokenization_workers": s.tokenization_workers,
             "threads": s.cpu_threads(),

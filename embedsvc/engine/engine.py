@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 from embedsvc.backends.base import LoadedModel
 from embedsvc.engine.admission import retry_after
+from embedsvc.engine.cache import VectorCache
 from embedsvc.engine.core import LocalCore
 from embedsvc.engine.frontend import Callback, Frontend, OnDone, Pending
 from embedsvc.engine.prepare import Preparer
@@ -57,6 +58,10 @@ class ModelEngine:
         self.settings = settings
         self.metrics = front.metrics.for_model(info.name)
         self.prep = Preparer(info, settings)
+        self.cache: VectorCache | None = None
+        if settings.cache_bytes and info.task == "embed" and not info.spec.icl:
+            namespace = f"{info.name}@{info.spec.revision}:{info.precision or info.dtype}"
+            self.cache = VectorCache(namespace, settings.cache_bytes, self.metrics)
         self._front = front
         self._pending: list[Pending] = []
         self._flush_scheduled = False
@@ -137,6 +142,13 @@ class ModelEngine:
         outcome: Callback | None = None,
     ) -> Pending:
         self.validate(req)
+        keys = None
+        if self.cache is not None:
+            truncate = self.settings.auto_truncate if req.truncate is None else req.truncate
+            keys = self.cache.keys(req, self.prep.prefix(req), truncate)
+            cached = self.cache.lookup(keys) if keys is not None else None
+            if cached is not None:  # every input answered before: no model work at all
+                return self._answer_cached(req, cached, outcome)
         # The core decides admission; these checks, on the core's last figures and an
         # estimate of the tokens, refuse before tokenizing: a 429 costs next to nothing.
         limit = self.settings.max_concurrent_inputs
@@ -165,12 +177,23 @@ class ModelEngine:
         future = outcome or loop.create_future()
         p = Pending(self, req, future, time.perf_counter(), disconnected)
         p.estimate = estimate
+        p.cache_keys = keys
         self._unsent_tokens += estimate
         self._unsent_inputs += req.size
         self._pending.append(p)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             loop.call_soon(self._flush)
+        return p
+
+    def _answer_cached(
+        self, req: EmbedRequest, result: EmbedResult, outcome: Callback | None
+    ) -> Pending:
+        """A request answered from the vector cache, now, on the event loop."""
+        loop = self._front.loop or asyncio.get_running_loop()
+        future = outcome or loop.create_future()
+        p = Pending(self, req, future, time.perf_counter(), None)
+        future.set_result(result)
         return p
 
     def max_wait(self, req: EmbedRequest) -> float:

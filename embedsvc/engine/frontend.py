@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from embedsvc.engine.cache import Key, VectorCache
 from embedsvc.engine.core import CoreLink
 from embedsvc.engine.types import CoreJob, EmbedRequest, EmbedResult, JobDone, JobFailed
 from embedsvc.errors import (
@@ -87,6 +88,7 @@ class Owner(Protocol):
 
     name: str
     metrics: ModelMetrics
+    cache: VectorCache | None
 
 
 @dataclass(eq=False, slots=True)
@@ -103,6 +105,7 @@ class Pending:
     lengths: list[int] = field(default_factory=list)  # tokens per input
     t1: float = 0.0
     estimate: int = 0  # tokens expected, counted in ModelEngine._unsent until sent
+    cache_keys: list[Key] | None = None  # its inputs' keys in the model's vector cache
 
 
 class Frontend:
@@ -169,11 +172,12 @@ class Frontend:
             observe_many(phase["total"], [now - p.t0 for p in pendings])
         for p, d in zip(answered, results, strict=True):
             times = (p.t1 - p.t0, d.queue_time, d.inference_time, now - p.t0)
-            p.future.set_result(
-                EmbedResult(
-                    d.vectors, p.tokens, *times, p.lengths, d.sparse, d.tokens, p.req.truncated
-                )
+            result = EmbedResult(
+                d.vectors, p.tokens, *times, p.lengths, d.sparse, d.tokens, p.req.truncated
             )
+            if p.cache_keys is not None and p.engine.cache is not None:
+                p.engine.cache.store(p.cache_keys, result)
+            p.future.set_result(result)
         for f in failed:
             p = self._take(f.key)
             if p is not None:

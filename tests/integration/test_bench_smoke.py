@@ -35,6 +35,7 @@ RUNS: dict[str, list[str] | None] = {
     "rerank.py": None,  # downloads nothing, but times seconds per batch size
     "soak.py": None,  # minutes by design
     "startup.py": None,  # starts the server --runs times
+    "cache.py": None,  # wrk against two servers, rounds of seconds each
     "ab_frontend.py": None,  # two servers from two source trees, wrk in rounds
     "matrix_units.py": None,  # wrk against two servers, offline engines at three batch sizes
     "shapes.py": None,  # builds two models of 0.6B parameters with random weights
