@@ -70,10 +70,11 @@ def create_app(
 
     app.add_exception_handler(ClientDisconnected, disconnected)
     routes = EngineRoutes(service)
+    app.state.engine_routes = routes
     for route in ROUTES.values():
         app.add_api_route(
             route.path,
-            routes.fastapi_endpoint(route.path),
+            EngineRoutes.fastapi_endpoint(route.path),
             methods=["POST"],
             summary=route.summary,
             tags=[route.tag],

@@ -140,12 +140,18 @@ class EngineRoutes:
         except Exception as e:
             respond(self.failure(path, e, rid))
 
-    def fastapi_endpoint(self, path: str) -> Callable[[Request], Awaitable[Response]]:
-        """The route as a FastAPI endpoint (the app without the request middleware)."""
+    @staticmethod
+    def fastapi_endpoint(path: str) -> Callable[[Request], Awaitable[Response]]:
+        """The route as a FastAPI endpoint (the app without the request middleware).
+
+        It finds the app's EngineRoutes in app.state rather than holding them: FastAPI
+        keeps every endpoint it has classified in a process-wide cache, so an endpoint
+        that held them would keep a dropped app's models alive for the process's life."""
 
         async def endpoint(request: Request) -> Response:
+            routes: EngineRoutes = request.app.state.engine_routes
             state = request.scope.get("state", {})
-            status, lines, out = await self.run(
+            status, lines, out = await routes.run(
                 path,
                 await request.body(),
                 str(state.get("request_id", "")),

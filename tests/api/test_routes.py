@@ -4,6 +4,8 @@ route added without a sample body here fails the first assertion."""
 
 from __future__ import annotations
 
+import gc
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -92,3 +94,15 @@ def test_an_alias_counts_under_its_route_label(server: Server) -> None:
     with server.client() as c:
         assert c.post("/v1/rerank", json=SAMPLES["/v1/rerank"]).status_code == 200
     assert server.metric("embedsvc_requests_total", **labels) == before + 1
+
+
+def test_a_stopped_app_leaves_no_model_behind(registry: Any) -> None:
+    """FastAPI keeps every endpoint it has classified in a process-wide cache: an endpoint
+    holding the app's engines kept each stopped app's models in memory for good (the test
+    suite, which starts a server per module, grew by about 190 MB per server)."""
+    with run_server(registry, ["tiny-bge"]) as s:
+        assert s.client().post("/embed", json={"inputs": "a river"}).status_code == 200
+        engines = weakref.ref(s.engines)
+    del s
+    gc.collect()
+    assert engines() is None, [type(r).__name__ for r in gc.get_referrers(engines())]
