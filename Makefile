@@ -37,7 +37,7 @@ install-bench: install-test
 
 lock: $(PY)
 	$(PIP) install -q uv==$(UV_VERSION)
-	$(PY) requirements/lock.py $(VENV)/bin/uv
+	$(PY) requirements/lock.py $(VENV)/bin/uv $(ARGS)
 
 serve: install
 	$(VENV)/bin/embedsvc serve $(ARGS)

@@ -16,7 +16,8 @@ dependencies (sympy, networkx, ...) are locked like any other package.
     bulk.lock  the bulk image (embedsvc embed, Ray): cpu.lock's set with bulk and ray
 
 Every lock after dev.lock is resolved with dev.lock as constraints, so a package has one
-version in all of them.
+version in all of them. `make lock ARGS=--keep` keeps every version the locks already pin
+where the new requirements allow it (a dependency added moves nothing else).
 """
 
 from __future__ import annotations
@@ -40,10 +41,14 @@ WITH_TORCH = re.compile(r"^(torch|triton|nvidia-[a-z0-9-]+|cuda-[a-z0-9-]+)$")
 MIN_PYTHON = "3.11"
 
 
-def compile_lock(uv: str, name: str, extras: list[str], constraints: Path | None) -> None:
+def compile_lock(
+    uv: str, name: str, extras: list[str], constraints: Path | None, keep: bool = False
+) -> None:
     out = HERE / name
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / name
+        if keep and out.exists():
+            raw.write_text(out.read_text())  # uv prefers the versions its output file pins
         cmd = [
             uv, "pip", "compile", str(ROOT / "pyproject.toml"),
             "--universal", "--python-version", MIN_PYTHON,
@@ -82,11 +87,13 @@ def without_torch(text: str) -> str:
 
 
 def main() -> int:
-    uv = sys.argv[1] if len(sys.argv) > 1 else "uv"
-    compile_lock(uv, "dev.lock", LOCKS["dev.lock"], None)
+    args = sys.argv[1:]
+    keep = "--keep" in args
+    uv = next((a for a in args if a != "--keep"), "uv")
+    compile_lock(uv, "dev.lock", LOCKS["dev.lock"], None, keep)
     for name, extras in LOCKS.items():
         if name != "dev.lock":
-            compile_lock(uv, name, extras, HERE / "dev.lock")
+            compile_lock(uv, name, extras, HERE / "dev.lock", keep)
     return 0
 
 
