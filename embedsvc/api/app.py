@@ -16,7 +16,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from embedsvc import __version__
 from embedsvc.api.bodies import documented, json_schema
-from embedsvc.api.errors import dump_json, error_body, install_error_handlers, is_openai_path
+from embedsvc.api.errors import dialect_of, dump_json, error_body, install_error_handlers
 from embedsvc.api.middleware import RequestMiddleware
 from embedsvc.api.openai import openai_router
 from embedsvc.api.ops import ops_router
@@ -197,7 +197,7 @@ class EmbedsvcApp:
     def error_answer(self, path: str, kind: ErrorKind, message: str) -> Answer:
         """An error in the dialect of `path`, for the HTTP protocol to write when it refuses
         a connection or a request head before the app sees it."""
-        status, body = error_body(is_openai_path(path), kind, message)
+        status, body = error_body(dialect_of(path), kind, message)
         out = dump_json(body)
         return status, b"content-type: application/json\r\ncontent-length: %d\r\n" % len(out), out
 

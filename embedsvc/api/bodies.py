@@ -224,6 +224,29 @@ class RerankBody(msgspec.Struct):
     truncate: bool = True  # Cohere and Jina cut long documents
 
 
+CohereEmbeddingType = Literal["float", "int8", "uint8", "binary", "ubinary", "base64"]
+CohereInputType = Literal["search_document", "search_query", "classification", "clustering"]
+
+
+class CohereEmbedBody(msgspec.Struct):
+    """Cohere's embed API v2 (what its `ClientV2.embed` sends). Texts only: `images` and
+    `inputs` are refused with a 422 that says so. `input_type` picks the model's prompt
+    (api/cohere.py); `priority` is accepted and has no effect (one queue serves all)."""
+
+    texts: list[str] | None = None
+    model: str | None = None
+    input_type: CohereInputType | None = None
+    embedding_types: Annotated[
+        list[CohereEmbeddingType], msgspec.Meta(min_length=1, max_length=6)
+    ] = msgspec.field(default_factory=lambda: ["float"])
+    output_dimension: PositiveInt | None = None
+    max_tokens: PositiveInt | None = None
+    truncate: Literal["NONE", "START", "END"] | None = None
+    images: list[Any] | None = None
+    inputs: list[Any] | None = None
+    priority: Annotated[int, msgspec.Meta(ge=0)] = 0
+
+
 B = TypeVar("B", bound=msgspec.Struct)
 _DECODERS: dict[type[Any], msgspec.json.Decoder[Any]] = {}
 # The bodies the routes read, in the order they were declared (`documented`): OpenAPI's

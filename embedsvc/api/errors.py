@@ -2,6 +2,7 @@
 
 TEI routes:    {"error": "...", "error_type": "Validation|Empty|..."}
 OpenAI routes: {"error": {"message", "type", "param", "code"}}
+Cohere routes: {"message": "..."} (/v2/embed; Cohere's API answers errors so)
 FastAPI's own request-parsing errors and unknown routes get the same shapes. A 500 never
 carries exception text; it carries the request id, and the details go to the log.
 """
@@ -9,7 +10,7 @@ carries exception text; it carries the request id, and the details go to the log
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 from fastapi import FastAPI, Request
@@ -22,10 +23,15 @@ from embedsvc.errors import STATUS_TABLE, EmbedsvcError, ErrorKind
 log = logging.getLogger(__name__)
 
 OPENAI_PREFIXES = ("/v1/", "/embeddings")
+COHERE_PREFIXES = ("/v2/",)
+Dialect = Literal["tei", "openai", "cohere"]
 
 
-def is_openai_path(path: str) -> bool:
-    return path.startswith(OPENAI_PREFIXES)
+def dialect_of(path: str) -> Dialect:
+    """Whose error shape a route answers in."""
+    if path.startswith(OPENAI_PREFIXES):
+        return "openai"
+    return "cohere" if path.startswith(COHERE_PREFIXES) else "tei"
 
 
 def error_response(
@@ -35,20 +41,22 @@ def error_response(
     param: str | None = None,
     headers: dict[str, str] | None = None,
 ) -> Response:
-    status, body = error_body(is_openai_path(path), kind, message, param)
+    status, body = error_body(dialect_of(path), kind, message, param)
     return Response(
         dump_json(body), status_code=status, media_type="application/json", headers=headers
     )
 
 
 def error_body(
-    openai: bool, kind: ErrorKind, message: str, param: str | None = None
+    dialect: Dialect, kind: ErrorKind, message: str, param: str | None = None
 ) -> tuple[int, dict[str, Any]]:
-    """Status and body of an error in the OpenAI or the TEI dialect."""
+    """Status and body of an error in `dialect`."""
     r = STATUS_TABLE[kind]
-    if openai:
+    if dialect == "openai":
         error = {"message": message, "type": r.openai_type, "param": param, "code": r.openai_code}
         return r.openai_status, {"error": error}
+    if dialect == "cohere":
+        return r.openai_status, {"message": message}
     return r.tei_status, {"error": message, "error_type": r.tei_type}
 
 
@@ -110,11 +118,14 @@ def install_error_handlers(app: FastAPI, on_failure: Any) -> None:
         else:
             message = str(exc.detail)
         body: dict[str, Any]
-        if is_openai_path(path):
+        dialect = dialect_of(path)
+        if dialect == "openai":
             body = {
                 "error": {"message": message, "type": "invalid_request_error", "param": None,
                           "code": None}
             }  # fmt: skip
+        elif dialect == "cohere":
+            body = {"message": message}
         else:
             body = {"error": message, "error_type": "Validation"}
         return Response(

@@ -1,5 +1,5 @@
 """Every engine route (POST /embed, /, /embed_sparse, /similarity, /v1/embeddings,
-/embeddings, /rerank, /v1/rerank) answered one way, whoever takes the request in:
+/embeddings, /rerank, /v1/rerank, /v2/embed, ...) answered one way, whoever takes the request in:
 
 - the HTTP protocol's direct route (http/protocol.py -> middleware.direct -> `begin`),
   which answers from a callback without a task or ASGI messages;
@@ -23,6 +23,7 @@ from starlette.types import Send
 
 from embedsvc.api.bodies import decode
 from embedsvc.api.calls import Call, Context, Route
+from embedsvc.api.cohere import ROUTES as COHERE_ROUTES
 from embedsvc.api.encode import timing_lines
 from embedsvc.api.errors import embedsvc_error_response, internal_error_response
 from embedsvc.api.openai import ROUTES as OPENAI_ROUTES
@@ -36,7 +37,9 @@ from embedsvc.logs import request_id_var
 
 log = logging.getLogger(__name__)
 
-ROUTES: dict[str, Route] = {r.path: r for r in (*TEI_ROUTES, *OPENAI_ROUTES, *RERANK_ROUTES)}
+ROUTES: dict[str, Route] = {
+    r.path: r for r in (*TEI_ROUTES, *OPENAI_ROUTES, *RERANK_ROUTES, *COHERE_ROUTES)
+}
 
 _JSON = b"content-type: application/json\r\n"
 

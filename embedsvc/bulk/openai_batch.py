@@ -113,7 +113,7 @@ async def answer(service: Service, line: bytes, n: int) -> tuple[bool, bytes]:
         engine, req = openai_request(service, body, rid, None)
         result = await engine.embed(req)
     except EmbedsvcError as e:
-        status, payload = error_body(True, e.kind, e.message, e.param)
+        status, payload = error_body("openai", e.kind, e.message, e.param)
         return False, _line(
             rid, custom_id, {"status_code": status, "request_id": rid, "body": payload}, None
         )

@@ -8,15 +8,15 @@ the decision keeps one path for a request's rows, and the repeats that matter, s
 queries, are whole).
 
 The key is everything that changes a vector: the text as the tokenizer is handed it
-(prompt or instruction included), whether and from which side it is cut, `dimensions`
-and `normalize`; the cache belongs to one loaded model (its name, revision and the
-precision that serves it: `namespace`) and lives in memory, so a new model or revision,
-loaded by a restart, never answers from an old one's cache. Only plain text asking for
-the pooled vector is cached (not token ids, pairs, per-token outputs, or the in-context
-queries of an icl model), and a request with an input cut to the model's limit is not
-kept (its answer says so in a header that a cached answer could not repeat exactly).
-Bounded in bytes (`--cache-bytes`, 0 = off): least recently
-used entries go first.
+(prompt or instruction included), whether, where (`max_tokens`) and from which side it
+is cut, `dimensions` and `normalize`; the cache belongs to one loaded model (its name,
+revision and the precision that serves it: `namespace`) and lives in memory, so a new
+model or revision, loaded by a restart, never answers from an old one's cache. Only
+plain text asking for the pooled vector is cached (not token ids, pairs, per-token
+outputs, or the in-context queries of an icl model), and a request with an input cut to
+the model's limit is not kept (its answer says so in a header that a cached answer could
+not repeat exactly). Bounded in bytes (`--cache-bytes`, 0 = off): least recently used
+entries go first.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import numpy as np
 from embedsvc.engine.types import EmbedRequest, EmbedResult, Texts, Want
 from embedsvc.metrics import ModelMetrics
 
-Key = tuple[str, bool, str, int | None, bool]
+Key = tuple[str, bool, str, int | None, int | None, bool]
 # What an entry costs besides its vector and text: the tuple, the dict slot, the array
 # header (measured with sys.getsizeof on CPython 3.11; a bound, not an exact figure).
 ENTRY_OVERHEAD = 360
@@ -56,7 +56,8 @@ class VectorCache:
         if not isinstance(inputs, Texts) or req.want is not Want.DENSE or req.examples:
             return None
         direction, dims, normalize = req.truncation_direction, req.dimensions, req.normalize
-        return [(prefix + t, truncate, direction, dims, normalize) for t in inputs.texts]
+        cut = req.max_tokens
+        return [(prefix + t, truncate, direction, cut, dims, normalize) for t in inputs.texts]
 
     def lookup(self, keys: list[Key]) -> EmbedResult | None:
         """The answer when every input is cached (each counted a hit), else None (each

@@ -364,10 +364,18 @@ class Preparer:
         if isinstance(inputs, Pairs):
             ids = self._pair_ids(req, inputs)
         elif whole:
+            if req.max_tokens is not None:
+                raise ValidationError(
+                    f"model {self.name} builds each query with in-context examples and cuts "
+                    "them by its own rule; max_tokens does not apply to it, leave it out",
+                    param="max_tokens",
+                )
             self._check_icl_lengths(req, ids)
         elif isinstance(inputs, Texts):
             colbert = self._colbert
             limit = colbert.length(self.is_query(req)) if colbert else self.tokenizer.max_length
+            if req.max_tokens is not None:
+                limit = min(limit, req.max_tokens)
             req.truncated = sum(len(x) > limit for x in ids)
             ids = self.tokenizer.fit(
                 ids,

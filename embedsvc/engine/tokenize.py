@@ -104,10 +104,10 @@ class TextTokenizer:
         if not truncate:
             i = too_long[0]
             where = f"{param}[{i}]" if len(ids) > 1 else param
+            bound = "this model's limit" if limit == self.max_length else "the limit"
             raise ValidationError(
                 f"{where} has {len(ids[i])} tokens (including prompt and special tokens), "
-                f"more than this model's limit of {limit}; shorten it or send "
-                "truncate=true",
+                f"more than {bound} of {limit}; shorten it or send truncate=true",
                 param=param,
             )
         ids = list(ids)

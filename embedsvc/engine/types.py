@@ -97,6 +97,9 @@ class EmbedRequest:
     normalize: bool = True
     truncate: bool | None = None
     truncation_direction: str = "right"
+    # Tokens each text may have (prompt and special tokens included) below the model's
+    # limit: Cohere's max_tokens. Cut or refused by `truncate` as at the model's limit.
+    max_tokens: int | None = None
     dimensions: int | None = None
     input_param: str = "inputs"
     request_id: str = ""

@@ -141,6 +141,10 @@ def test_limits(server_factory: Any) -> None:
         assert r.status_code == 422 and "inputs[1] has 600 characters" in r.json()["error"]
         r = c.post("/embed", json={"inputs": ["d e f g h " * 10] * 3})
         assert r.status_code == 413 and "more than max_request_tokens (100)" in r.json()["error"]
+        r = c.post("/v2/embed", json={"texts": ["d e f g h " * 10] * 3})
+        assert r.status_code == 413 and "more than max_request_tokens (100)" in r.json()["message"]
+        r = c.post("/v2/embed", json={"texts": ["a" * 20_000]})
+        assert r.status_code == 413 and "max_payload_bytes (10000)" in r.json()["message"]
         info = c.get("/info").json()
         assert (info["max_payload_bytes"], info["max_input_chars"]) == (10_000, 500)
         assert c.post("/embed", json={"inputs": "fine"}).status_code == 200
@@ -291,6 +295,8 @@ def test_openapi_fuzz_never_5xx(server: Server) -> None:
                 body = response.json()
                 if case.path.startswith(("/v1/", "/embeddings")):
                     assert set(body["error"]) == {"message", "type", "param", "code"}
+                elif case.path.startswith("/v2/"):
+                    assert set(body) == {"message"}
                 else:
                     assert set(body) == {"error", "error_type"}
 

@@ -35,6 +35,7 @@ SAMPLES: dict[str, dict[str, Any]] = {
     "/embeddings": {"input": "a river", "model": "tiny-bge"},
     "/rerank": {"query": "a river", "texts": ["the sea", "a hill"], "model": "tiny-reranker"},
     "/v1/rerank": {"query": "a river", "documents": ["the sea"], "model": "tiny-reranker"},
+    "/v2/embed": {"texts": ["a river"], "model": "tiny-bge", "input_type": "search_query"},
 }
 
 
