@@ -83,6 +83,8 @@ class ModelSpec:
     lexical_weights: bool = False
     # BGE-M3: the folder's colbert_linear head gives token vectors on /embed_multivector.
     multivector: bool = False
+    # An LLM reranker (task rerank): a causal LM asked for yes or no (backends/judge.py).
+    judge: JudgePrompt | None = None
     onnx_variant: OnnxVariant = "auto"  # auto: int8 on CPU, fp16 on CUDA
     onnx_dir: str | None = None  # where `embedsvc export` put the model (default: see export.py)
     description: str = ""
@@ -154,6 +156,20 @@ LOADERS: dict[tuple[Task, BackendName], str] = {
 }
 
 
+class JudgePrompt(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """How an LLM reranker (Qwen3-Reranker) is asked whether a document meets a query, as
+    its model card asks it: `prefix` + `pair` (with {instruction}, {query}, {document}
+    filled in, cut to fit) + `suffix`, each tokenized on its own; the score is the
+    probability of `yes` against `no` at the last position."""
+
+    prefix: str
+    pair: str
+    suffix: str
+    instruction: str  # when a request sends none
+    yes: str = "yes"
+    no: str = "no"
+
+
 class Example(msgspec.Struct, forbid_unknown_fields=True):
     """An in-context example of an `icl: true` entry."""
 
@@ -192,6 +208,7 @@ class Entry(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     code_revision: str | None = None
     lexical_weights: bool = False
     multivector: bool = False
+    judge: JudgePrompt | None = None
     onnx_variant: OnnxVariant = "auto"
     onnx_dir: str | None = None
     description: str = ""
@@ -212,6 +229,7 @@ _HINTS = {
     "query_max_tokens": "must be an integer of at least 16",
     "prompts": "must map names to prefix strings",
     "examples": "must be a list of {instruct, query, response} strings",
+    "judge": "must be {prefix, pair, suffix, instruction} strings (yes, no optional)",
     "default_models": "must be a list of model names",
     "models": "must be a non-empty list",
 }
@@ -383,6 +401,12 @@ def _check(e: Entry, where: str) -> None:
     if (e.task, e.backend) not in LOADERS:
         on = sorted(b for t, b in LOADERS if t == e.task)
         raise ConfigError(f"{where}: task {e.task} runs on the {' or '.join(on)} backend")
+    if e.judge is not None:
+        if (e.task, e.backend) != ("rerank", "torch"):
+            raise ConfigError(f"{where}: judge makes an LLM reranker: task rerank, torch backend")
+        missing = [k for k in ("{instruction}", "{query}", "{document}") if k not in e.judge.pair]
+        if missing:
+            raise ConfigError(f"{where}: judge.pair must hold {', '.join(missing)}")
     if e.lexical_weights and (e.task, e.backend) != ("embed", "torch"):
         raise ConfigError(f"{where}: lexical_weights needs task embed on the torch backend")
     if e.multivector and (e.task, e.backend) != ("embed", "torch"):

@@ -199,6 +199,15 @@ class OpenAIEmbeddingsBody(msgspec.Struct):
     truncate: bool | None = None
 
 
+RerankInstruction = Annotated[
+    str,
+    msgspec.Meta(
+        description="the task an LLM reranker judges the documents for, in place of its "
+        "default (models with a judge prompt; see /info)"
+    ),
+]
+
+
 class TEIRerankBody(msgspec.Struct):
     query: str
     texts: list[str]
@@ -207,6 +216,7 @@ class TEIRerankBody(msgspec.Struct):
     truncate: bool | None = None
     truncation_direction: Literal["Right", "right"] = "Right"
     model: str | None = None
+    instruction: RerankInstruction | None = None
 
 
 class DocumentText(msgspec.Struct):
@@ -222,6 +232,7 @@ class RerankBody(msgspec.Struct):
     top_n: PositiveInt | None = None
     return_documents: bool = False
     truncate: bool = True  # Cohere and Jina cut long documents
+    instruction: RerankInstruction | None = None
 
 
 CohereEmbeddingType = Literal["float", "int8", "uint8", "binary", "ubinary", "base64"]

@@ -1,4 +1,4 @@
-"""Reranking with cross-encoders (models with `task: rerank`).
+"""Reranking with cross-encoders and LLM rerankers (models with `task: rerank`).
 
 - TEI `POST /rerank`: `{query, texts, raw_scores, return_text, truncate,
   truncation_direction, model}` -> `[{index, score, text?}]`, best first.
@@ -9,7 +9,8 @@
 The pairs go through the engine like any other inputs (admission, batching under the token
 budget, a large request queued a chunk at a time). Scores are the model's logit through its
 activation (sigmoid for one label, as `CrossEncoder.predict`); TEI's `raw_scores` returns the
-logit itself.
+logit itself. An LLM reranker's logit is its "yes" logit less its "no" logit (its sigmoid:
+the card's probability of "yes"); `instruction` replaces its default task on both routes.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ def pairs_request(
     truncate: bool | None,
     param: str,
     ctx: Context,
+    instruction: str | None = None,
 ) -> tuple[ModelEngine, EmbedRequest]:
     engine = service.engine_set().get(model, task="rerank")
     if not docs:
@@ -50,6 +52,7 @@ def pairs_request(
     req = EmbedRequest(
         Pairs(query, docs),
         prompt_name=None,
+        instruction=instruction,
         normalize=False,
         truncate=truncate,
         input_param=param,
@@ -61,7 +64,7 @@ def pairs_request(
 
 def tei_rerank(service: Service, body: TEIRerankBody, ctx: Context) -> Call:
     engine, req = pairs_request(
-        service, body.model, body.query, body.texts, body.truncate, "texts", ctx
+        service, body.model, body.query, body.texts, body.truncate, "texts", ctx, body.instruction
     )
 
     def render(result: EmbedResult) -> bytes:
@@ -80,7 +83,7 @@ def tei_rerank(service: Service, body: TEIRerankBody, ctx: Context) -> Call:
 def rerank(service: Service, body: RerankBody, ctx: Context) -> Call:
     docs = [d if isinstance(d, str) else d.text for d in body.documents]
     engine, req = pairs_request(
-        service, body.model, body.query, docs, body.truncate, "documents", ctx
+        service, body.model, body.query, docs, body.truncate, "documents", ctx, body.instruction
     )
 
     def render(result: EmbedResult) -> bytes:

@@ -15,6 +15,7 @@ from embedsvc.registry import (
     BackendName,
     Device,
     Dtype,
+    JudgePrompt,
     ModelSpec,
     OnnxVariant,
     Pooling,
@@ -114,6 +115,7 @@ class BackendSpec:
     multivector: bool = False
     cuda_graphs: bool = False  # small passes on a CUDA device as CUDA graphs (cuda_graphs.py)
     code_revision: str | None = None  # the commit of the remote code, when pinned
+    judge: JudgePrompt | None = None  # an LLM reranker's yes and no (backends/judge.py)
 
     def remote_code(self) -> dict[str, Any]:
         """from_pretrained's arguments for remote code: allowed (or not), at which commit."""

@@ -30,6 +30,7 @@ from embedsvc.backends.torch_common import (
     TorchThreads,
     guarded,
     load_sentence_transformers,
+    log_loaded,
     place,
     trace_states,
 )
@@ -99,20 +100,14 @@ def load_colbert(spec: BackendSpec, path: Path) -> LoadedModel:
     tokenizer.no_truncation()
     pad_id = mve.tokenizer.pad_token_id
     dimension = _dimension(spec.name, modules)
-    log.info(
-        "loaded %s (%s@%s) from %s on %s/%s: ColBERT, %d dims per token, queries %d tokens "
-        "(expansion to %d), documents %d tokens, %d skiplist tokens",
-        spec.name,
-        spec.hf_id,
-        spec.revision[:12],
+    log_loaded(
+        spec,
         path,
         device,
         dtype,
-        dimension,
-        fmt.query_length,
-        fmt.expansion,
-        fmt.document_length,
-        len(fmt.skip_ids),
+        f"ColBERT, {dimension} dims per token, queries {fmt.query_length} tokens (expansion "
+        f"to {fmt.expansion}), documents {fmt.document_length} tokens, {len(fmt.skip_ids)} "
+        "skiplist tokens",
     )
     return LoadedModel(
         path=path,

@@ -10,7 +10,6 @@ the API applies the model's activation (sigmoid unless its configuration says ot
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +19,10 @@ from embedsvc.backends.torch_common import (
     TorchThreads,
     guarded,
     load_transformers_model,
+    log_loaded,
     pad_token_id_of,
 )
 from embedsvc.errors import ConfigError
-
-log = logging.getLogger(__name__)
 
 ACTIVATIONS = {"Sigmoid": "sigmoid", "Identity": "identity"}
 
@@ -108,17 +106,8 @@ def load_cross_encoder(spec: BackendSpec, path: Path) -> LoadedModel:
         limits.append(positions - offset)
     max_len = min(v for v in limits if v)
     backend = CrossEncoderBackend(model, device, dtype, sep_id)
-    log.info(
-        "loaded %s (%s@%s) from %s on %s/%s: reranker, score %s, max_seq_length=%d",
-        spec.name,
-        spec.hf_id,
-        spec.revision[:12],
-        path,
-        device,
-        dtype,
-        activation,
-        max_len,
-    )
+    what = f"reranker, score {activation}, max_seq_length={max_len}"
+    log_loaded(spec, path, device, dtype, what)
     return LoadedModel(
         path=path,
         backend=backend,

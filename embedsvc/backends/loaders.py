@@ -12,6 +12,7 @@ from embedsvc.backends.precision import Loader, load_auto
 from embedsvc.registry import LOADERS, ModelSpec
 
 log = logging.getLogger(__name__)
+JUDGE_LOADER = "embedsvc.backends.judge:load_judge"
 
 
 def load_model(
@@ -20,7 +21,8 @@ def load_model(
     """Load the model in `path` on the calling thread (torch's thread count is per
     thread: call it on the thread that will run the forward passes)."""
     spec = entry if isinstance(entry, BackendSpec) else BackendSpec.of(entry, threads, cuda_graphs)
-    target = LOADERS.get((spec.task, spec.backend))
+    # A reranker with a judge prompt is an LLM reranker: a causal LM, not a classifier.
+    target = JUDGE_LOADER if spec.judge is not None else LOADERS.get((spec.task, spec.backend))
     if target is None:  # the registry refuses these combinations first
         raise ValueError(f"no loader for task {spec.task} on backend {spec.backend}")
     module, _, function = target.partition(":")

@@ -7,7 +7,6 @@ sends its non-zero entries.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +18,10 @@ from embedsvc.backends.torch_common import (
     TorchThreads,
     guarded,
     load_transformers_model,
+    log_loaded,
     pad_token_id_of,
 )
 from embedsvc.errors import ConfigError
-
-log = logging.getLogger(__name__)
 
 
 class SpladeBackend(TorchThreads):
@@ -79,18 +77,8 @@ def load_splade(spec: BackendSpec, path: Path) -> LoadedModel:
     limits.append(int(getattr(model.config, "max_position_embeddings", 0) or 0))
     max_len = min(int(v) for v in limits if v)
     backend = SpladeBackend(model, device, dtype, pooling, activation == "log1p_relu")
-    log.info(
-        "loaded %s (%s@%s) from %s on %s/%s: SPLADE, %s pooling, %d dims, max_seq_length=%d",
-        spec.name,
-        spec.hf_id,
-        spec.revision[:12],
-        path,
-        device,
-        dtype,
-        pooling,
-        backend.dimension,
-        max_len,
-    )
+    what = f"SPLADE, {pooling} pooling, {backend.dimension} dims, max_seq_length={max_len}"
+    log_loaded(spec, path, device, dtype, what)
     config = read_json(path / "config.json") or {}
     return LoadedModel(
         path=path,

@@ -32,6 +32,7 @@ from embedsvc.backends.torch_common import (
     guarded,
     load_sentence_transformers,
     load_transformers_model,
+    log_loaded,
     pad_token_id_of,
     place,
     trace_states,
@@ -299,19 +300,8 @@ def load_torch_model(spec: BackendSpec, path: Path) -> LoadedModel:
     )
     if spec.cuda_graphs and parts.eager is not None and device.startswith("cuda"):
         backend.graphs = BucketGraphs(parts.eager, device, parts.pad_token_id or 0, max_len)
-    log.info(
-        "loaded %s (%s@%s) from %s on %s/%s with %s: dim=%d pooling=%s max_seq_length=%d",
-        spec.name,
-        spec.hf_id,
-        spec.revision[:12],
-        path,
-        device,
-        dtype,
-        parts.via,
-        parts.dimension,
-        parts.pooling,
-        max_len,
-    )
+    what = f"{parts.via}, dim={parts.dimension} pooling={parts.pooling} max_seq_length={max_len}"
+    log_loaded(spec, path, device, dtype, what)
     return LoadedModel(
         path=path,
         backend=backend,

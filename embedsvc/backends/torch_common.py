@@ -132,6 +132,14 @@ class TorchThreads:
         return int(torch.get_num_threads())
 
 
+def log_loaded(spec: BackendSpec, path: Path, device: str, dtype: str, what: str) -> None:
+    """The one line each loaded model logs: which, from where, on what, and `what` it is."""
+    log.info(
+        "loaded %s (%s@%s) from %s on %s/%s: %s",
+        spec.name, spec.hf_id, spec.revision[:12], path, device, dtype, what,
+    )  # fmt: skip
+
+
 def guarded(device: str, fn: Callable[[], T]) -> T:
     """Run `fn` in inference mode; torch's out-of-memory error becomes BackendOutOfMemory
     (the worker then splits the batch), with CUDA's cache emptied first."""

@@ -1,4 +1,5 @@
-"""(query, document) pairs for rerankers, tokenized with the query once per request.
+"""(query, document) pairs for rerankers, tokenized with the query once per request (and
+an LLM reranker's, built from its prompt: `JudgeTemplate`).
 
 A pair's ids are what the tokenizer gives for `encode((query, document))` with
 "longest_first" truncation (as sentence-transformers' CrossEncoder cuts them), built here
@@ -12,6 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tokenizers import Tokenizer
+
+from embedsvc.engine.types import Pairs
+from embedsvc.errors import ConfigError
+from embedsvc.registry import JudgePrompt
 
 
 @dataclass(frozen=True)
@@ -71,3 +76,59 @@ def pair_ids(
         nq, nd = cut_lengths(len(query), len(doc), budget)
         out.append(template.before + query[:nq] + template.between + doc[:nd] + template.after)
     return out
+
+
+class JudgeTemplate:
+    """An LLM reranker's pairs (registry.JudgePrompt), built as its model card builds
+    them: the prefix's ids, then the pair text (instruction, query and document filled in)
+    tokenized as the card's tokenizer call does (special tokens as the tokenizer adds them)
+    and cut at its end to what the prefix and suffix leave of the model's length, then the
+    suffix's ids. The query is in every pair text, so each pair is tokenized whole."""
+
+    def __init__(self, tokenizer_json: str, prompt: JudgePrompt, max_length: int) -> None:
+        self.prompt = prompt
+        plain = Tokenizer.from_str(tokenizer_json)
+        plain.no_padding()
+        plain.no_truncation()
+        self.prefix = plain.encode(prompt.prefix, add_special_tokens=False).ids
+        self.suffix = plain.encode(prompt.suffix, add_special_tokens=False).ids
+        self.special = len(self.prefix) + len(self.suffix)
+        room = max_length - self.special
+        if room < 8:
+            raise ConfigError(
+                f"an LLM reranker's prompt leaves {room} of its {max_length} tokens for the "
+                "pair; raise its max_seq_length"
+            )
+        self._plain = plain
+        self._cut = Tokenizer.from_str(tokenizer_json)
+        self._cut.no_padding()
+        self._cut.enable_truncation(room, strategy="longest_first")
+        self._room = room
+
+    def chars(self, instruction: str | None) -> int:
+        """Characters each pair text adds to its query and document."""
+        template = self.prompt.pair
+        for key in ("{instruction}", "{query}", "{document}"):
+            template = template.replace(key, "")
+        return len(template) + len(self.instruction(instruction))
+
+    def instruction(self, given: str | None) -> str:
+        return self.prompt.instruction if given is None else given
+
+    def texts(self, pairs: Pairs, instruction: str | None) -> list[str]:
+        fill = {"instruction": self.instruction(instruction), "query": pairs.query}
+        return [self.prompt.pair.format_map({**fill, "document": d}) for d in pairs.documents]
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        """Each pair text's ids, whole (their lengths decide the request's bounds)."""
+        return [e.ids for e in self._plain.encode_batch(texts)]
+
+    def build(self, texts: list[str], bodies: list[list[int]]) -> list[list[int]]:
+        """Each pair's ids, its text cut where it is longer than the room left."""
+        over = [i for i, b in enumerate(bodies) if len(b) > self._room]
+        if over:
+            bodies = list(bodies)
+            cut = self._cut.encode_batch([texts[i] for i in over])
+            for i, e in zip(over, cut, strict=True):
+                bodies[i] = e.ids
+        return [self.prefix + b + self.suffix for b in bodies]

@@ -11,7 +11,7 @@ from __future__ import annotations
 from tokenizers import Tokenizer
 
 from embedsvc.engine.icl import SUFFIX, IclQueries, examples_prefix
-from embedsvc.engine.pairs import PairTemplate, pair_ids
+from embedsvc.engine.pairs import JudgeTemplate, PairTemplate, pair_ids
 from embedsvc.engine.tokenize import TextTokenizer
 from embedsvc.engine.types import NO_PROMPT, EmbedRequest, ModelInfo, Pairs, Texts, Want
 from embedsvc.engine.wants import check_want
@@ -34,8 +34,7 @@ class Preparer:
         tok.no_padding()
         tok.no_truncation()
         self.tokenizer = TextTokenizer(tok, info.max_seq_length)
-        # Pairs (task rerank) are cut as sentence-transformers' CrossEncoder cuts them:
-        # the longer of the two loses a token at a time ("longest_first"), built from the
+        # Pairs (task rerank) are cut as CrossEncoder cuts them ("longest_first"), from the
         # query tokenized once (engine/pairs.py); a tokenizer whose pair template is not
         # special tokens around the two texts tokenizes each pair whole instead.
         self._plain = tok
@@ -45,6 +44,8 @@ class Preparer:
         self._icl = (
             IclQueries.of(tok, info.path, self.spec.query_max_tokens) if self.spec.icl else None
         )
+        judge, limit = self.spec.judge, info.max_seq_length  # an LLM reranker's prompt
+        self._judge = JudgeTemplate(info.tokenizer_json, judge, limit) if judge else None
         self._template: PairTemplate | None
         try:
             self._template = PairTemplate.of(tok)
@@ -93,10 +94,11 @@ class Preparer:
         instruction = req.instruction
         if instruction is None:
             return
-        if self.spec.instruction_template is None:
+        if self.spec.instruction_template is None and self._judge is None:
             raise ValidationError(
-                f"model {self.name} takes no task instruction (it has no "
-                "instruction_template); use prompt_name, or a model that does",
+                f"model {self.name} takes no task instruction (an embedding model needs an "
+                "instruction_template, a reranker must be an LLM reranker); leave it out, or "
+                "use a model that takes one",
                 param="instruction",
             )
         if req.prompt_name is not None:
@@ -195,8 +197,10 @@ class Preparer:
             chars = own + n * (each + examples)
         elif isinstance(inputs, Pairs):  # the query is tokenized once (_pair_ids), but
             docs = inputs.documents  # into each pair where the tokenizer builds them whole
-            copies = 1 if self._template is not None else len(docs)
-            chars = len(inputs.query) * copies + sum(map(len, docs))
+            judge = self._judge  # and an LLM reranker's prompt and instruction into each
+            copies = 1 if self._template is not None and judge is None else len(docs)
+            each = len(inputs.query) + (judge.chars(req.instruction) if judge else 0)
+            chars = each * copies + sum(map(len, docs))
         else:
             return
         req.chars = chars
@@ -256,15 +260,20 @@ class Preparer:
         request's bounds checked on the pairs' lengths before any pair is built."""
         truncate = self.settings.auto_truncate if req.truncate is None else req.truncate
         limit = self.info.max_seq_length
-        tok = self._plain
-        query = tok.encode(pairs.query, add_special_tokens=False).ids
-        docs = [e.ids for e in tok.encode_batch(pairs.documents, add_special_tokens=False)]
-        special = (
-            self._template.special
-            if self._template is not None
-            else tok.num_special_tokens_to_add(is_pair=True)
-        )
-        lengths = [len(query) + len(d) + special for d in docs]
+        tok, judge = self._plain, self._judge
+        if judge is not None:
+            texts = judge.texts(pairs, req.instruction)
+            bodies = judge.encode(texts)
+            lengths = [len(b) + judge.special for b in bodies]
+        else:
+            query = tok.encode(pairs.query, add_special_tokens=False).ids
+            docs = [e.ids for e in tok.encode_batch(pairs.documents, add_special_tokens=False)]
+            special = (
+                self._template.special
+                if self._template is not None
+                else tok.num_special_tokens_to_add(is_pair=True)
+            )
+            lengths = [len(query) + len(d) + special for d in docs]
         if not truncate and max(lengths) > limit:
             i = next(i for i, n in enumerate(lengths) if n > limit)
             raise ValidationError(
@@ -274,6 +283,8 @@ class Preparer:
             )
         self._check_total(sum(min(n, limit) for n in lengths), req.input_param)
         req.truncated = sum(n > limit for n in lengths)
+        if judge is not None:
+            return judge.build(texts, bodies)
         if self._template is not None:
             return pair_ids(self._template, query, docs, limit)
         both = [(pairs.query, d) for d in pairs.documents]

@@ -242,7 +242,9 @@ _CORPUS = (
 )
 
 
-def build_byte_level_tokenizer(out: Path, eos: str, *, bos: str | None = None) -> Any:
+def build_byte_level_tokenizer(
+    out: Path, eos: str, *, bos: str | None = None, corpus: str = _CORPUS
+) -> Any:
     """A byte-level BPE tokenizer as Qwen3's and Mistral's behave: any text encodes, `eos`
     is appended to every sequence by the post-processor (and `bos` put first when given),
     and it is special. Trained here on a few sentences (a small vocabulary)."""
@@ -258,7 +260,7 @@ def build_byte_level_tokenizer(out: Path, eos: str, *, bos: str | None = None) -
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator([_CORPUS] * 4, trainer)
+    tok.train_from_iterator([corpus] * 4, trainer)
     ids = {t: tok.token_to_id(t) for t in specials}
     single = f"{bos} $A {eos}" if bos else f"$A {eos}"
     tok.post_processor = processors.TemplateProcessing(
@@ -279,6 +281,26 @@ def build_byte_level_tokenizer(out: Path, eos: str, *, bos: str | None = None) -
     return tok
 
 
+def tiny_decoder_config(
+    config_class: Any, tok: Any, *, eos: int, bos: int | None = None, hidden: int = 32, **kw: Any
+) -> Any:
+    """A 2-layer decoder's configuration (4 heads, 2 key-value heads) for `tok`'s vocabulary;
+    `eos` pads, and starts where no `bos` is given."""
+    return config_class(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=hidden // 4,
+        eos_token_id=eos,
+        pad_token_id=eos,
+        bos_token_id=eos if bos is None else bos,
+        **kw,
+    )
+
+
 def build_tiny_qwen3(out: Path, *, seed: int, hidden: int = 32) -> Path:
     """A Qwen3-Embedding-shaped folder with random weights: a 2-layer Qwen3 decoder, a
     byte-level tokenizer that appends <|endoftext|>, last-token pooling, the card's query
@@ -288,18 +310,8 @@ def build_tiny_qwen3(out: Path, *, seed: int, hidden: int = 32) -> Path:
 
     tok = build_byte_level_tokenizer(out, "<|endoftext|>")
     eos = tok.token_to_id("<|endoftext|>")
-    config = Qwen3Config(
-        vocab_size=tok.get_vocab_size(),
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=hidden // 4,
-        max_position_embeddings=512,
-        eos_token_id=eos,
-        pad_token_id=eos,
-        bos_token_id=eos,
+    config = tiny_decoder_config(
+        Qwen3Config, tok, eos=eos, hidden=hidden, max_position_embeddings=512
     )
     torch.manual_seed(seed)
     Qwen3Model(config).eval().save_pretrained(str(out), safe_serialization=True)
@@ -316,6 +328,34 @@ def build_tiny_qwen3(out: Path, *, seed: int, hidden: int = 32) -> Path:
     return out
 
 
+# What an LLM reranker's prompt says (Qwen3-Reranker's card), and "yes" and "no" on lines of
+# their own often enough that its tiny tokenizer learns each as one token.
+JUDGE_CORPUS = _CORPUS + (
+    "<|im_start|>system\nJudge whether the Document meets the requirements based on the Query "
+    'and the Instruct provided. Note that the answer can only be "yes" or "no".<|im_end|>\n'
+    "<Instruct>: <Query>: <Document>: <think>\n\n</think>\n\n" + "\nyes\nno" * 40
+)
+
+
+def build_tiny_qwen3_reranker(out: Path, *, seed: int) -> Path:
+    """A Qwen3-Reranker-shaped folder with random weights: a 2-layer Qwen3 causal LM with
+    its own (untied) head, a byte-level tokenizer in which "yes" and "no" are one token
+    each."""
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    tok = build_byte_level_tokenizer(out, "<|endoftext|>", corpus=JUDGE_CORPUS)
+    for word in ("yes", "no"):
+        assert len(tok.encode(word, add_special_tokens=False).ids) == 1, word
+    eos = tok.token_to_id("<|endoftext|>")
+    config = tiny_decoder_config(
+        Qwen3Config, tok, eos=eos, max_position_embeddings=512, tie_word_embeddings=False
+    )
+    torch.manual_seed(seed)
+    Qwen3ForCausalLM(config).eval().save_pretrained(str(out), safe_serialization=True)
+    return out
+
+
 def build_tiny_mistral(out: Path, *, seed: int) -> Path:
     """A bge-en-icl-shaped folder with random weights: a 2-layer Mistral decoder, a
     byte-level tokenizer that puts <s> first and </s> last, last-token pooling, as
@@ -324,19 +364,10 @@ def build_tiny_mistral(out: Path, *, seed: int) -> Path:
     from transformers import MistralConfig, MistralModel
 
     tok = build_byte_level_tokenizer(out, "</s>", bos="<s>")
-    config = MistralConfig(
-        vocab_size=tok.get_vocab_size(),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
+    config = tiny_decoder_config(
+        MistralConfig, tok, eos=tok.token_to_id("</s>"), bos=tok.token_to_id("<s>"),
         max_position_embeddings=2048,
-        bos_token_id=tok.token_to_id("<s>"),
-        eos_token_id=tok.token_to_id("</s>"),
-        pad_token_id=tok.token_to_id("</s>"),
-    )
+    )  # fmt: skip
     torch.manual_seed(seed)
     MistralModel(config).eval().save_pretrained(str(out), safe_serialization=True)
     _sentence_transformers_files(out, dimension=32, max_seq_length=1024)
