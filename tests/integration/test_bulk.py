@@ -23,10 +23,10 @@ from tests.support import Server, cosine
 WORDS = "the of and to in is was for on that with as by at from river city museum".split()
 
 
-def corpus(n: int, seed: int = 0) -> list[dict[str, Any]]:
+def corpus(n: int, seed: int = 0, longest: int = 40) -> list[dict[str, Any]]:
     rng = np.random.default_rng(seed)
     return [
-        {"id": f"doc-{i}", "text": " ".join(rng.choice(WORDS, int(rng.integers(3, 40))))}
+        {"id": f"doc-{i}", "text": " ".join(rng.choice(WORDS, int(rng.integers(3, longest))))}
         for i in range(n)
     ]
 
@@ -234,7 +234,7 @@ def test_mismatch_message_names_the_difference(
 
 
 def test_sigkill_mid_run_then_rerun_gives_every_row_once(model_dir: Path, tmp_path: Path) -> None:
-    rows = corpus(6000, seed=7)
+    rows = corpus(1200, seed=7)
     src = write_jsonl(tmp_path / "in.jsonl", rows)
     out = tmp_path / "out"
     cmd = [
@@ -248,7 +248,7 @@ def test_sigkill_mid_run_then_rerun_gives_every_row_once(model_dir: Path, tmp_pa
         "--model",
         "all-minilm-l6-v2",
         "--shard-rows",
-        "500",
+        "100",
         "--models-file",
         str(model_dir / "models.yaml"),
     ]
@@ -260,7 +260,7 @@ def test_sigkill_mid_run_then_rerun_gives_every_row_once(model_dir: Path, tmp_pa
         if manifest.exists() and len(json.loads(manifest.read_text())["shards"]) >= 2:
             break
         assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
-        time.sleep(0.05)
+        time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done_before = len(json.loads(manifest.read_text())["shards"])
@@ -283,7 +283,7 @@ def test_sigkill_mid_run_then_rerun_gives_every_row_once(model_dir: Path, tmp_pa
             "--model",
             "all-minilm-l6-v2",
             "--shard-rows",
-            "500",
+            "100",
         )
         == 0
     )
@@ -562,10 +562,12 @@ def test_a_signal_stops_the_job_cleanly_and_it_resumes(
     is still committed every --commit-seconds; SIGINT (Ctrl-C) or SIGTERM stops the job
     with 128 + the signal's number, committing what was embedded, one line saying how to
     resume and no traceback; the same command then finishes with every row once."""
-    rows = corpus(5000, seed=11)
+    # More rows than the job keeps in flight (bulk/spec.py: CHUNK * WINDOW), so that chunks
+    # finish while others are still read; short ones, so that embedding them is quick.
+    rows = corpus(5000, seed=11, longest=8)
     src = write_jsonl(tmp_path / "in.jsonl", rows)
     out = tmp_path / "out"
-    cmd = _embed_cmd(model_dir, src, out, "--commit-seconds", "1")
+    cmd = _embed_cmd(model_dir, src, out, "--commit-seconds", "0.2")
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     manifest = out / "_manifest.json"
@@ -573,7 +575,7 @@ def test_a_signal_stops_the_job_cleanly_and_it_resumes(
     while _committed_rows(manifest) == 0:  # a time commit, long before 100,000 rows
         assert time.monotonic() < deadline, "no commit within the time"
         assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
-        time.sleep(0.05)
+        time.sleep(0.01)
     committed = _committed_rows(manifest)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
