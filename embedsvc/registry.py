@@ -28,7 +28,7 @@ BackendName = Literal["torch", "onnx"]
 # (query, document) pair: a sequence-classification model with one label); sparse: a SPLADE
 # model (sentence-transformers SparseEncoder: a weight per vocabulary entry); multivector: a
 # ColBERT model (sentence-transformers MultiVectorEncoder, PyLate's format: a vector per token).
-Task = Literal["embed", "rerank", "sparse", "multivector"]
+Task = Literal["embed", "rerank", "sparse", "multivector", "classify"]
 OnnxVariant = Literal["auto", "fp32", "int8", "fp16"]
 Device = Literal["auto", "cpu", "cuda"]
 Dtype = Literal["auto", "float32", "float16", "bfloat16"]
@@ -103,7 +103,7 @@ class ModelSpec:
     def outputs(self) -> tuple[str, ...]:
         """What the model gives per input: `dense` vectors, `sparse` weights (SPLADE,
         BGE-M3's lexical head), `multivector` token vectors (ColBERT, BGE-M3's ColBERT
-        head); none for a reranker (a score per pair)."""
+        head); none for a reranker (a score per pair) or a classifier (scores per label)."""
         if self.task == "embed":
             extra = {"sparse": self.lexical_weights, "multivector": self.multivector}
             return ("dense", *(name for name, has in extra.items() if has))
@@ -151,6 +151,7 @@ LOADERS: dict[tuple[Task, BackendName], str] = {
     ("embed", "torch"): "embedsvc.backends.torch_backend:load_torch_model",
     ("embed", "onnx"): "embedsvc.backends.onnx_backend:load_onnx_model",
     ("rerank", "torch"): "embedsvc.backends.cross_encoder:load_cross_encoder",
+    ("classify", "torch"): "embedsvc.backends.cross_encoder:load_classifier",
     ("sparse", "torch"): "embedsvc.backends.splade:load_splade",
     ("multivector", "torch"): "embedsvc.backends.colbert:load_colbert",
 }
@@ -390,7 +391,7 @@ def _check(e: Entry, where: str) -> None:
         raise ConfigError(f"{where}: give either local_dir or package, not both")
     if e.task != "embed":
         embedding_only = ["matryoshka_dims", "pooling"]
-        if e.task in ("rerank", "multivector"):
+        if e.task in ("rerank", "multivector", "classify"):
             # A ColBERT model's query and document markers come from its folder.
             embedding_only += ["prompts", "query_prompt", "passage_prompt"]
         given = [k for k in embedding_only if getattr(e, k)]

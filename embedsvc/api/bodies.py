@@ -235,6 +235,36 @@ class RerankBody(msgspec.Struct):
     instruction: RerankInstruction | None = None
 
 
+PREDICT_SCHEMA: dict[str, Any] = {
+    "anyOf": [
+        {"type": "string", "description": "one text"},
+        {"type": "array", "items": {"type": "string"}, "minItems": 2, "maxItems": 2,
+         "description": "one pair of texts"},
+        {"type": "array", "items": {"type": "array", "items": {"type": "string"},
+         "minItems": 1, "maxItems": 2}, "description": "a batch of texts ([text]) and pairs"},
+    ]
+}  # fmt: skip
+
+
+class TEIPredictBody(msgspec.Struct):
+    """TEI's /predict: a text, a pair [text, text], or a batch [[text] | [text, text], ...]
+    for a classifier (task classify); per input each label's score, best first."""
+
+    inputs: Annotated[Any, msgspec.Meta(extra_json_schema=PREDICT_SCHEMA)]
+    raw_scores: bool = False
+    truncate: bool | None = None
+    truncation_direction: Direction = "Right"
+    model: str | None = None
+
+
+class ClassifyBody(msgspec.Struct):
+    """vLLM's and Infinity's /classify: a text or a list of texts for a classifier."""
+
+    input: Annotated[Any, msgspec.Meta(extra_json_schema=INPUTS_SCHEMA)]
+    model: str | None = None
+    truncate: bool | None = None
+
+
 CohereEmbeddingType = Literal["float", "int8", "uint8", "binary", "ubinary", "base64"]
 CohereInputType = Literal["search_document", "search_query", "classification", "clustering"]
 

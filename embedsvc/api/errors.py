@@ -1,7 +1,7 @@
 """Render errors in the dialect of the route that was called.
 
 TEI routes:    {"error": "...", "error_type": "Validation|Empty|..."}
-OpenAI routes: {"error": {"message", "type", "param", "code"}}
+OpenAI routes: {"error": {"message", "type", "param", "code"}} (and vLLM's /classify)
 Cohere routes: {"message": "..."} (/v2/embed; Cohere's API answers errors so)
 FastAPI's own request-parsing errors and unknown routes get the same shapes. A 500 never
 carries exception text; it carries the request id, and the details go to the log.
@@ -22,7 +22,7 @@ from embedsvc.errors import STATUS_TABLE, EmbedsvcError, ErrorKind
 
 log = logging.getLogger(__name__)
 
-OPENAI_PREFIXES = ("/v1/", "/embeddings")
+OPENAI_PREFIXES = ("/v1/", "/embeddings", "/classify")  # /classify: vLLM's OpenAI server
 COHERE_PREFIXES = ("/v2/",)
 Dialect = Literal["tei", "openai", "cohere"]
 

@@ -77,6 +77,7 @@ def model_info(e: ModelEngine) -> dict[str, Any]:
         if spec.task == "embed"
         else None,
         "score_activation": info.score_activation or None,
+        "labels": list(info.labels) or None,  # a classifier's, in logit order
         # An LLM reranker: the instruction its pairs get when a request sends none.
         "rerank_instruction": spec.judge.instruction if spec.judge else None,
     }

@@ -23,6 +23,7 @@ from starlette.types import Send
 
 from embedsvc.api.bodies import decode
 from embedsvc.api.calls import Call, Context, Route
+from embedsvc.api.classify import ROUTES as CLASSIFY_ROUTES
 from embedsvc.api.cohere import ROUTES as COHERE_ROUTES
 from embedsvc.api.encode import timing_lines
 from embedsvc.api.errors import embedsvc_error_response, internal_error_response
@@ -38,7 +39,8 @@ from embedsvc.logs import request_id_var
 log = logging.getLogger(__name__)
 
 ROUTES: dict[str, Route] = {
-    r.path: r for r in (*TEI_ROUTES, *OPENAI_ROUTES, *RERANK_ROUTES, *COHERE_ROUTES)
+    r.path: r
+    for r in (*TEI_ROUTES, *OPENAI_ROUTES, *RERANK_ROUTES, *COHERE_ROUTES, *CLASSIFY_ROUTES)
 }
 
 _JSON = b"content-type: application/json\r\n"

@@ -173,6 +173,7 @@ class LoadedModel:
     pooling: str
     # task rerank: what turns the model's logit into a score by default (sigmoid | identity)
     score_activation: str = ""
+    labels: tuple[str, ...] = ()  # task classify: each score's label, in logit order
     colbert: ColbertFormat | None = None  # task multivector
     # The dtype that serves it and why (dtype auto: backends/precision.py), for the log
     # and /info.

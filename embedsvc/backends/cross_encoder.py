@@ -1,5 +1,6 @@
 """Cross-encoders (task: rerank): a sequence-classification model with one label that
-scores a (query, document) pair, as sentence-transformers' `CrossEncoder` loads it.
+scores a (query, document) pair, as sentence-transformers' `CrossEncoder` loads it; and
+sequence classifiers (task: classify), the same model class with a score per label.
 
 The engine sends pairs as one id sequence each (`[CLS] query [SEP] document [SEP]`, or
 XLM-R's `<s> q </s></s> d </s>`), like any other input. For a model with segment embeddings
@@ -12,6 +13,8 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+
+from tokenizers import Tokenizer
 
 from embedsvc.backends.base import BackendSpec, ForwardOutput, LoadedModel, PaddedBatch
 from embedsvc.backends.bert import read_json
@@ -32,7 +35,7 @@ class CrossEncoderBackend(TorchThreads):
         self._model = model
         self.device = device
         self.dtype = dtype
-        self.dimension = 1
+        self.dimension = 1  # the number of labels
         self._sep_id = sep_id  # None: the model has no segment embeddings
 
     def forward(self, batch: PaddedBatch) -> ForwardOutput:
@@ -69,23 +72,49 @@ def activation_of(config: dict[str, Any]) -> str:
 
 
 def load_cross_encoder(spec: BackendSpec, path: Path) -> LoadedModel:
-    from transformers import AutoModelForSequenceClassification
-
-    if spec.backend != "torch":
-        raise ConfigError(f"model {spec.name}: task rerank runs on the torch backend")
-    model, device, dtype, tokenizer = load_transformers_model(
-        spec, path, AutoModelForSequenceClassification
-    )
-    config = _read(path / "config.json")
+    model, backend, tokenizer, config, max_len = _sequence_classifier(spec, path)
     if model.config.num_labels != 1:
         raise ConfigError(
             f"model {spec.name}: a reranker scores with one label; {path} has "
-            f"{model.config.num_labels}"
+            f"{model.config.num_labels} (a classifier is task classify)"
         )
     try:
         activation = activation_of(config)
     except ConfigError as e:
         raise ConfigError(f"model {spec.name}: {e}") from None
+    what = f"reranker, score {activation}, max_seq_length={max_len}"
+    log_loaded(spec, path, backend.device, backend.dtype, what)
+    return _loaded(path, backend, tokenizer, config, max_len, activation)
+
+
+def load_classifier(spec: BackendSpec, path: Path) -> LoadedModel:
+    """A sequence classifier (task classify): per input a score per label, through the
+    function transformers' text-classification pipeline applies by default (sigmoid for
+    one label or a multi-label model, else softmax)."""
+    model, backend, tokenizer, config, max_len = _sequence_classifier(spec, path)
+    n = int(model.config.num_labels)
+    id2label = getattr(model.config, "id2label", None) or {}
+    labels = tuple(str(id2label.get(i, id2label.get(str(i), f"LABEL_{i}"))) for i in range(n))
+    multi = getattr(model.config, "problem_type", None) == "multi_label_classification"
+    activation = "sigmoid" if n == 1 or multi else "softmax"
+    what = f"classifier, {n} labels, score {activation}, max_seq_length={max_len}"
+    log_loaded(spec, path, backend.device, backend.dtype, what)
+    return _loaded(path, backend, tokenizer, config, max_len, activation, labels)
+
+
+def _sequence_classifier(
+    spec: BackendSpec, path: Path
+) -> tuple[Any, CrossEncoderBackend, Tokenizer, dict[str, Any], int]:
+    """A transformers sequence classifier as a backend (its logits per input), its
+    tokenizer, its config.json, and the length it takes."""
+    from transformers import AutoModelForSequenceClassification
+
+    if spec.backend != "torch":
+        raise ConfigError(f"model {spec.name}: task {spec.task} runs on the torch backend")
+    model, device, dtype, tokenizer = load_transformers_model(
+        spec, path, AutoModelForSequenceClassification
+    )
+    config = _read(path / "config.json")
     tok_config = _read(path / "tokenizer_config.json")
     sep_id = None
     if int(getattr(model.config, "type_vocab_size", 1) or 1) > 1:
@@ -106,8 +135,19 @@ def load_cross_encoder(spec: BackendSpec, path: Path) -> LoadedModel:
         limits.append(positions - offset)
     max_len = min(v for v in limits if v)
     backend = CrossEncoderBackend(model, device, dtype, sep_id)
-    what = f"reranker, score {activation}, max_seq_length={max_len}"
-    log_loaded(spec, path, device, dtype, what)
+    backend.dimension = int(model.config.num_labels)
+    return model, backend, tokenizer, config, max_len
+
+
+def _loaded(
+    path: Path,
+    backend: CrossEncoderBackend,
+    tokenizer: Tokenizer,
+    config: dict[str, Any],
+    max_len: int,
+    activation: str,
+    labels: tuple[str, ...] = (),
+) -> LoadedModel:
     return LoadedModel(
         path=path,
         backend=backend,
@@ -116,4 +156,5 @@ def load_cross_encoder(spec: BackendSpec, path: Path) -> LoadedModel:
         pad_token_id=pad_token_id_of(path, tokenizer, config) or 0,
         pooling="classifier",
         score_activation=activation,
+        labels=labels,
     )

@@ -30,6 +30,7 @@ from embedsvc.engine.types import (
     EmbedResult,
     ModelInfo,
     Pairs,
+    Sequences,
     Texts,
     TokenIds,
 )
@@ -210,6 +211,8 @@ class ModelEngine:
             return sum(map(len, inputs.ids))
         if isinstance(inputs, Pairs):
             return int(req.chars * self._tokens_per_char) + 4 * len(inputs.documents)
+        if isinstance(inputs, Sequences):
+            return int(req.chars * self._tokens_per_char) + 3 * len(inputs.items)
         return int(req.chars * self._tokens_per_char) + 2 * len(inputs.texts)
 
     def _flush(self) -> None:

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 from tokenizers import Tokenizer
 
-from embedsvc.engine.types import Pairs
-from embedsvc.errors import ConfigError
+from embedsvc.engine.types import EmbedRequest, Pairs, Sequences
+from embedsvc.errors import ConfigError, EmptyInputError, ValidationError
 from embedsvc.registry import JudgePrompt
 
 
@@ -132,3 +132,58 @@ class JudgeTemplate:
             for i, e in zip(over, cut, strict=True):
                 bodies[i] = e.ids
         return [self.prefix + b + self.suffix for b in bodies]
+
+
+class SequenceTokens:
+    """A classifier's inputs (`Sequences`): each text or text pair tokenized as its
+    tokenizer takes one or two sequences (special tokens added, as transformers' pipeline
+    tokenizes them), and one longer than the model takes cut: a pair "longest_first", a
+    text from the request's side."""
+
+    def __init__(self, tokenizer_json: str, max_length: int) -> None:
+        self.max_length = max_length
+        self._plain = Tokenizer.from_str(tokenizer_json)
+        self._plain.no_padding()
+        self._plain.no_truncation()
+        self._cut: dict[str, Tokenizer] = {}
+        for side in ("right", "left"):
+            cut = Tokenizer.from_str(tokenizer_json)
+            cut.no_padding()
+            cut.enable_truncation(max_length, strategy="longest_first", direction=side)
+            self._cut[side] = cut
+
+    def encode(self, items: list[str | tuple[str, str]]) -> list[list[int]]:
+        """Each item's ids, whole (their lengths decide the request's bounds)."""
+        return [e.ids for e in self._plain.encode_batch(items)]
+
+    def fit(
+        self, req: EmbedRequest, inputs: Sequences, truncate: bool, model: str
+    ) -> list[list[int]]:
+        """Each item's ids; one over the model's length cut, or refused (truncate false)."""
+        items, limit = inputs.items, self.max_length
+        ids = self.encode(items)
+        over = [i for i, x in enumerate(ids) if len(x) > limit]
+        req.truncated = len(over)
+        if not over:
+            return ids
+        if not truncate:
+            i, param = over[0], req.input_param
+            raise ValidationError(
+                f"{param}[{i}] has {len(ids[i])} tokens (special tokens included), more than "
+                f"model {model} takes ({limit}); shorten it, or set truncate: true",
+                param=param,
+            )
+        ids = list(ids)
+        cut = self._cut[req.truncation_direction].encode_batch([items[i] for i in over])
+        for i, e in zip(over, cut, strict=True):
+            ids[i] = e.ids
+        return ids
+
+
+def sequence_texts(inputs: Sequences, param: str) -> list[str]:
+    """Each item's text (a pair's two joined), for the character bounds; an empty side of a
+    pair is refused here (an empty text by the bounds)."""
+    for i, x in enumerate(inputs.items):
+        if isinstance(x, tuple) and not all(x):
+            raise EmptyInputError(f"{param}[{i}] pairs an empty string", param=param)
+    return [x if isinstance(x, str) else x[0] + x[1] for x in inputs.items]

@@ -1,19 +1,27 @@
 """Request preparation in the front end: validation, prompts, Matryoshka dimensions and
 tokenization of many requests in one tokenizer call.
 
-One class of about 450 lines, kept whole: each check reads the same request against the
-same model and settings, and the bounds before tokenizing (characters, inputs) and after
-(tokens, answer sizes) are best read side by side. The tokenizer's own work is elsewhere:
-tokenize.py (truncation, token ids), icl.py (bge-en-icl queries), pairs.py (rerank pairs)."""
+One class of somewhat over 450 lines, kept whole: each check reads the same request
+against the same model and settings, and the bounds before tokenizing (characters,
+inputs) and after (tokens, answer sizes) are best read side by side, for every kind of
+input (texts, token ids, rerank pairs, a classifier's texts and pairs). The tokenizer's own
+work is elsewhere: tokenize.py (truncation, token ids), icl.py (bge-en-icl queries),
+pairs.py (rerank pairs, LLM rerankers' prompts, a classifier's sequences)."""
 
 from __future__ import annotations
 
 from tokenizers import Tokenizer
 
 from embedsvc.engine.icl import SUFFIX, IclQueries, examples_prefix
-from embedsvc.engine.pairs import JudgeTemplate, PairTemplate, pair_ids
+from embedsvc.engine.pairs import (
+    JudgeTemplate,
+    PairTemplate,
+    SequenceTokens,
+    pair_ids,
+    sequence_texts,
+)
 from embedsvc.engine.tokenize import TextTokenizer
-from embedsvc.engine.types import NO_PROMPT, EmbedRequest, ModelInfo, Pairs, Texts, Want
+from embedsvc.engine.types import NO_PROMPT, EmbedRequest, ModelInfo, Pairs, Sequences, Texts, Want
 from embedsvc.engine.wants import check_want
 from embedsvc.errors import (
     EmbedsvcError,
@@ -46,6 +54,8 @@ class Preparer:
         )
         judge, limit = self.spec.judge, info.max_seq_length  # an LLM reranker's prompt
         self._judge = JudgeTemplate(info.tokenizer_json, judge, limit) if judge else None
+        classify = self.spec.task == "classify"  # a classifier's texts and text pairs
+        self._sequences = SequenceTokens(info.tokenizer_json, limit) if classify else None
         self._template: PairTemplate | None
         try:
             self._template = PairTemplate.of(tok)
@@ -163,6 +173,8 @@ class Preparer:
             self._check_texts(inputs.documents, req.input_param)
         elif isinstance(inputs, Texts):
             self._check_texts(inputs.texts, req.input_param)
+        elif isinstance(inputs, Sequences):
+            self._check_texts(sequence_texts(inputs, req.input_param), req.input_param)
         elif self._colbert is not None:
             raise ValidationError(
                 f"model {self.name} is a ColBERT model: it takes text, to which it adds its "
@@ -201,6 +213,8 @@ class Preparer:
             copies = 1 if self._template is not None and judge is None else len(docs)
             each = len(inputs.query) + (judge.chars(req.instruction) if judge else 0)
             chars = each * copies + sum(map(len, docs))
+        elif isinstance(inputs, Sequences):
+            chars = sum(map(len, sequence_texts(inputs, req.input_param)))
         else:
             return
         req.chars = chars
@@ -374,6 +388,9 @@ class Preparer:
         inputs = req.inputs
         if isinstance(inputs, Pairs):
             ids = self._pair_ids(req, inputs)
+        elif isinstance(inputs, Sequences):
+            assert self._sequences is not None  # check_want: they go to classifiers only
+            ids = self._sequences.fit(req, inputs, truncate, self.name)
         elif whole:
             if req.max_tokens is not None:
                 raise ValidationError(

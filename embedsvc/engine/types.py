@@ -78,8 +78,16 @@ class Pairs:
     documents: list[str]
 
 
+@dataclass(slots=True, frozen=True)
+class Sequences:
+    """Texts and text pairs to classify (task classify): each a string or a (first,
+    second) pair, tokenized as the model's tokenizer takes one or two sequences."""
+
+    items: list[str | tuple[str, str]]
+
+
 # What a request holds: exactly one of these kinds.
-Inputs = Texts | TokenIds | Pairs
+Inputs = Texts | TokenIds | Pairs | Sequences
 
 
 @dataclass(slots=True)
@@ -114,6 +122,8 @@ class EmbedRequest:
         inputs = self.inputs
         if isinstance(inputs, Texts):
             return len(inputs.texts)
+        if isinstance(inputs, Sequences):
+            return len(inputs.items)
         return len(inputs.ids) if isinstance(inputs, TokenIds) else len(inputs.documents)
 
 
@@ -162,7 +172,8 @@ class ModelInfo:
     # int8/uint8 output: per served size, each dimension's (min, max) over the calibration
     # texts (engine/calibration.py), measured at warm-up.
     calibration: dict[int, tuple[list[float], list[float]]] = field(default_factory=dict)
-    score_activation: str = ""  # task rerank: sigmoid | identity
+    score_activation: str = ""  # task rerank: sigmoid | identity; classify: softmax too
+    labels: tuple[str, ...] = ()  # task classify: each score's label, in logit order
     files_verified: bool = False  # every file's sha256 as the models lock records it
     colbert: ColbertFormat | None = None  # task multivector: markers, lengths, expansion
     states_dimension: int = 0  # the token states' width (/embed_all); 0: the backend has none

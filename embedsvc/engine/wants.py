@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import NoReturn
 
-from embedsvc.engine.types import OUTPUT_WANTS, EmbedRequest, ModelInfo, Pairs, Want
+from embedsvc.engine.types import OUTPUT_WANTS, EmbedRequest, ModelInfo, Pairs, Sequences, Want
 from embedsvc.errors import ValidationError
 from embedsvc.registry import ModelSpec
 
@@ -14,6 +14,10 @@ def check_want(info: ModelInfo, req: EmbedRequest) -> None:
     """The model of `info` gives what `req` wants (a reranker: pairs only); else a 422
     that names a model or route that does."""
     task, want = info.spec.task, req.want
+    if isinstance(req.inputs, Sequences) or task == "classify":
+        if isinstance(req.inputs, Sequences) and task == "classify":
+            return
+        _wrong_task(info, req)
     if isinstance(req.inputs, Pairs):
         if task == "rerank":
             return
@@ -72,13 +76,21 @@ def gives(spec: ModelSpec) -> Want:
 
 
 def _wrong_task(info: ModelInfo, req: EmbedRequest) -> NoReturn:
-    asked = "rerank" if isinstance(req.inputs, Pairs) else _ASKED.get(req.want, "encode")
+    inputs = req.inputs
+    asked = (
+        "rerank"
+        if isinstance(inputs, Pairs)
+        else "classify"
+        if isinstance(inputs, Sequences)
+        else _ASKED.get(req.want, "encode")
+    )
     what = {
         "embed": "an embedding model (task embed): it answers /embed and /v1/embeddings",
         "rerank": "a reranker (task rerank): it scores (query, document) pairs on /rerank "
         "and /v1/rerank",
         "sparse": "a sparse encoder (task sparse): it answers /embed_sparse",
         "multivector": "a ColBERT model (task multivector): it answers /embed_multivector",
+        "classify": "a classifier (task classify): it answers /predict and /classify",
     }[info.spec.task]
     raise ValidationError(
         f"model {info.name} is {what}, not task {asked}; choose a model of that task (see /info)",

@@ -146,6 +146,7 @@ class ModelWorker:
             tokens_per_second=self.rate.rate,
             calibration=self.calibration,
             score_activation=m.score_activation,
+            labels=m.labels,
             files_verified=self.files_verified,
             colbert=m.colbert,
             states_dimension=m.backend.states_dimension,

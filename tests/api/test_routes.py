@@ -17,7 +17,7 @@ from embedsvc.api.bodies import decode
 from embedsvc.api.routes import ROUTES
 from embedsvc.registry import load_registry
 from tests.support import Server, run_server
-from tests.support.models import build_tiny_m3
+from tests.support.models import build_tiny_cross_encoder, build_tiny_m3
 
 # One valid body per declared path.
 SAMPLES: dict[str, dict[str, Any]] = {
@@ -36,6 +36,8 @@ SAMPLES: dict[str, dict[str, Any]] = {
     "/rerank": {"query": "a river", "texts": ["the sea", "a hill"], "model": "tiny-reranker"},
     "/v1/rerank": {"query": "a river", "documents": ["the sea"], "model": "tiny-reranker"},
     "/v2/embed": {"texts": ["a river"], "model": "tiny-bge", "input_type": "search_query"},
+    "/predict": {"inputs": [["a river"], ["a river", "the sea"]], "model": "tiny-cls"},
+    "/classify": {"input": ["a river"], "model": "tiny-cls"},
 }
 
 
@@ -43,13 +45,17 @@ SAMPLES: dict[str, dict[str, Any]] = {
 def server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     root = tmp_path_factory.mktemp("routes")
     m3 = build_tiny_m3(root / "tiny-m3", model_dir / "tiny-bge")
+    labels = {0: "no", 1: "yes"}
+    classifier = build_tiny_cross_encoder(root / "tiny-cls", seed=9, num_labels=2, id2label=labels)
     yaml = (model_dir / "models.yaml").read_text() + (
         f"  - name: tiny-m3\n    hf_id: test/tiny-m3\n    revision: '{'0' * 40}'\n"
         f"    local_dir: {m3}\n    pooling: cls\n    max_seq_length: 64\n"
         "    lexical_weights: true\n    multivector: true\n"
+        f"  - name: tiny-cls\n    hf_id: test/tiny-cls\n    revision: '{'0' * 40}'\n"
+        f"    local_dir: {classifier}\n    task: classify\n"
     )
     (root / "models.yaml").write_text(yaml)
-    models = ["tiny-bge", "tiny-m3", "tiny-splade", "tiny-reranker"]
+    models = ["tiny-bge", "tiny-m3", "tiny-splade", "tiny-reranker", "tiny-cls"]
     with run_server(load_registry(root / "models.yaml"), models) as s:
         yield s
 

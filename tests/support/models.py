@@ -116,14 +116,15 @@ def build_tiny_bert(
     return out
 
 
-def build_tiny_cross_encoder(out: Path, *, seed: int) -> Path:
+def build_tiny_cross_encoder(out: Path, *, seed: int, **config: Any) -> Path:
     """A 2-layer BERT sequence classifier with one label: the folder layout
-    sentence-transformers' CrossEncoder saves and loads (random weights, real tokenizer)."""
+    sentence-transformers' CrossEncoder saves and loads (random weights, real tokenizer).
+    With `num_labels`, `id2label`, `problem_type`: a classifier of those labels."""
     import torch
     from transformers import BertForSequenceClassification
 
     torch.manual_seed(seed)
-    model = BertForSequenceClassification(tiny_config(num_labels=1))
+    model = BertForSequenceClassification(tiny_config(**({"num_labels": 1} | config)))
     model.save_pretrained(str(out), safe_serialization=True)
     for name in TOKENIZER_FILES:
         shutil.copy(minilm_path() / name, out / name)
