@@ -123,6 +123,15 @@ class Settings:
         "dense vectors (a request whose every input was answered before skips the "
         "model); 0 = off",
     )
+    otlp_endpoint: str = _setting(
+        "",
+        "OpenTelemetry collector to send a trace of every engine request to, over OTLP/HTTP "
+        "(http://host:4318; /v1/traces is added when no path is given); the standard "
+        "OTEL_EXPORTER_OTLP_ENDPOINT variables turn tracing on too; empty = off",
+    )
+    otlp_service_name: str = _setting(
+        "embedsvc", "service.name of the traces (OTEL_SERVICE_NAME, when set, wins)"
+    )
     tokenization_workers: int = _setting(
         2,
         "threads per front-end process that tokenize large requests (small ones are "

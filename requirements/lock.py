@@ -11,7 +11,7 @@ version `torch.txt` pins. The CUDA runtime packages that a CUDA torch brings wit
 dependencies (sympy, networkx, ...) are locked like any other package.
 
     dev.lock   make test / make bench: every extra the tests and benchmarks use
-    cpu.lock   make serve and the CPU image: the server, onnxruntime, cl100k
+    cpu.lock   make serve and the CPU image: the server, onnxruntime, cl100k, OpenTelemetry
     gpu.lock   the GPU image: the server, onnxruntime-gpu, cl100k
     bulk.lock  the bulk image (embedsvc embed, Ray): cpu.lock's set with bulk and ray
 
@@ -32,9 +32,9 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 LOCKS = {
     "dev.lock": ["test", "bench"],
-    "cpu.lock": ["onnx", "cl100k"],
-    "gpu.lock": ["onnx-gpu", "cl100k"],
-    "bulk.lock": ["onnx", "cl100k", "bulk", "ray"],
+    "cpu.lock": ["onnx", "cl100k", "otel"],
+    "gpu.lock": ["onnx-gpu", "cl100k", "otel"],
+    "bulk.lock": ["onnx", "cl100k", "otel", "bulk", "ray"],
 }
 # Installed with torch, by torch's own index: never pinned here.
 WITH_TORCH = re.compile(r"^(torch|triton|nvidia-[a-z0-9-]+|cuda-[a-z0-9-]+)$")

@@ -159,6 +159,8 @@ def _lifespan(
                 load_task.cancel()
             if service.engines is not None and engines is None:
                 service.engines.stop()
+            if service.tracer is not None:
+                service.tracer.shutdown()  # the spans not yet exported go now
 
     return lifespan
 

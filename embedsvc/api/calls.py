@@ -31,12 +31,13 @@ class Context:
 class Call:
     """A request on its way: the engine, what it asks of it, and how its result is
     answered. `metric`: the label embedsvc_requests counts it under (routes.py sets
-    its Route's `label`)."""
+    its Route's `label`); `trace`: the caller's traceparent, when tracing is on."""
 
     engine: ModelEngine
     req: EmbedRequest
     render: Callable[[EmbedResult], bytes]
     metric: str = ""
+    trace: str = ""  # the request's W3C traceparent header, for its span (tracing.py)
 
 
 @dataclass(frozen=True)

@@ -72,10 +72,11 @@ class RequestMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        rid, auth, timeout_header, length, headers = _scan(scope.get("headers", ()))
+        rid, auth, timeout_header, length, headers, trace = _scan(scope.get("headers", ()))
         rid = rid or f"{self._rid_prefix}{next(self._rid_counter):016x}"  # 32 hex digits
         state = scope.setdefault("state", {})
         state["request_id"] = rid
+        state["traceparent"] = trace
         probe = state["disconnected"] = disconnect_probe(receive)
         request_id_var.set(rid)
         id_header = (b"x-request-id", rid.encode("latin-1"))
@@ -167,7 +168,7 @@ class RequestMiddleware:
         body_read = True
         body = b"".join(chunks)
         if path in ROUTES:
-            await self.routes.handle(path, body, send_with_id, rid, probe, timeout)
+            await self.routes.handle(path, body, send_with_id, rid, probe, timeout, trace)
             return
         replayed = False
 
@@ -199,7 +200,7 @@ class RequestMiddleware:
         x-request-id header among the answer's."""
         if path not in ROUTES or self.service.draining:
             return False
-        rid, auth, timeout_header, _, _ = _scan(headers, keep=False)
+        rid, auth, timeout_header, _, _, trace = _scan(headers, keep=False)
         if self.keys and not self._authorized(auth):
             return False
         timeout = None
@@ -220,7 +221,7 @@ class RequestMiddleware:
         # share one context: set, then put back).
         token = request_id_var.set(rid)
         try:
-            self.routes.begin(path, body, rid, timeout, disconnected, with_id)
+            self.routes.begin(path, body, rid, timeout, disconnected, with_id, trace)
             return True
         finally:
             request_id_var.reset(token)
@@ -261,17 +262,20 @@ class RequestMiddleware:
 
 def _scan(
     raw: Iterable[tuple[bytes, bytes]], keep: bool = True
-) -> tuple[str, bytes, bytes, int | None, list[tuple[bytes, bytes]]]:
+) -> tuple[str, bytes, bytes, int | None, list[tuple[bytes, bytes]], str]:
     """Request id, authorization, x-request-timeout and content-length from the headers,
-    and (`keep`) the headers without content-type."""
+    (`keep`) the headers without content-type, and the W3C traceparent."""
     rid = ""
     auth = b""
     timeout_header = b""
+    trace = ""
     length: int | None = None
     headers = []
     for name, value in raw:
         if name == b"x-request-id":
             rid = value.decode("latin-1")[:128]
+        elif name == b"traceparent":
+            trace = value.decode("latin-1")[:128]
         elif name == b"authorization":
             auth = value
         elif name == b"x-request-timeout":
@@ -285,7 +289,7 @@ def _scan(
             continue
         if keep:
             headers.append((name, value))
-    return rid, auth, timeout_header, length, headers
+    return rid, auth, timeout_header, length, headers, trace
 
 
 def _expects_continue(scope: Scope) -> bool:

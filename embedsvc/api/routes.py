@@ -15,6 +15,7 @@ run it through the engine, render the 200 or the error in the route's dialect.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 from starlette.requests import Request
@@ -50,21 +51,47 @@ class EngineRoutes:
     def __init__(self, service: Service) -> None:
         self.service = service
         self.metrics = service.metrics
+        self.tracer = service.tracer  # None unless tracing is on
 
-    def prepare(self, path: str, body: bytes, rid: str, timeout: float | None) -> Call:
+    def prepare(
+        self, path: str, body: bytes, rid: str, timeout: float | None, trace: str = ""
+    ) -> Call:
         """The call a body asks for; raises EmbedsvcError for one to refuse."""
         route = ROUTES[path]
         call = route.call(self.service, decode(route.body, body), Context(path, rid, timeout))
         call.metric = route.label
+        call.trace = trace
         return call
 
     def answer(self, call: Call, result: EmbedResult) -> Answer:
         """The 200 for a finished call."""
+        started = time.perf_counter() if self.tracer is not None else 0.0
         out = call.render(result)
         requests, response_bytes = call.engine.metrics.route(call.metric)
         requests.inc()
         response_bytes.inc(len(out))
+        if self.tracer is not None:
+            self._trace(call, result, started, len(out))
         return 200, _JSON + b"content-length: %d\r\n" % len(out) + timing_lines(result), out
+
+    def _trace(self, call: Call, result: EmbedResult, started: float, size: int) -> None:
+        assert self.tracer is not None
+        req = call.req
+        attributes = {
+            "embedsvc.model": call.engine.name,
+            "embedsvc.inputs": req.size,
+            "embedsvc.tokens": result.prompt_tokens,
+            "embedsvc.truncated_inputs": req.truncated,
+            "embedsvc.request_id": req.request_id,
+            "http.response.body.size": size,
+        }
+        phases = (
+            result.tokenization_time,
+            result.queue_time,
+            result.inference_time,
+            result.total_time,
+        )
+        self.tracer.request(call.metric, call.trace, phases, started, attributes)
 
     def failure(self, path: str, exc: BaseException, rid: str) -> Answer:
         """The error answer for `exc` (a typed error, or a fault: 500, logged), counted."""
@@ -86,10 +113,11 @@ class EngineRoutes:
         rid: str,
         disconnected: Callable[[], bool] | None,
         timeout: float | None = None,
+        trace: str = "",
     ) -> Answer:
         """The answer to a request, as a coroutine."""
         try:
-            call = self.prepare(path, body, rid, timeout)
+            call = self.prepare(path, body, rid, timeout, trace)
             return self.answer(call, await call.engine.embed(call.req, disconnected))
         except Exception as e:
             return self.failure(path, e, rid)
@@ -102,9 +130,10 @@ class EngineRoutes:
         rid: str,
         disconnected: Callable[[], bool] | None,
         timeout: float | None = None,
+        trace: str = "",
     ) -> None:
         """`run`, answered with ASGI messages."""
-        status, lines, out = await self.run(path, body, rid, disconnected, timeout)
+        status, lines, out = await self.run(path, body, rid, disconnected, timeout, trace)
         headers = header_pairs(lines)
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": out})
@@ -117,12 +146,13 @@ class EngineRoutes:
         timeout: float | None,
         disconnected: Callable[[], bool],
         respond: Callable[[Answer], None],
+        trace: str = "",
     ) -> None:
         """`run` without a coroutine, for the HTTP protocol's direct route:
         `respond(answer)` is called once, now or when the vectors are ready (on the
         event loop)."""
         try:
-            call = self.prepare(path, body, rid, timeout)
+            call = self.prepare(path, body, rid, timeout, trace)
         except Exception as e:
             respond(self.failure(path, e, rid))
             return
@@ -162,6 +192,7 @@ class EngineRoutes:
                 str(state.get("request_id", "")),
                 state.get("disconnected"),
                 state.get("request_timeout"),
+                str(state.get("traceparent", "")),
             )
             response = Response(out, status_code=status)
             response.raw_headers = header_pairs(lines)

@@ -14,6 +14,7 @@ from embedsvc.engine import EngineSet
 from embedsvc.errors import ClientDisconnected, UnhealthyError
 from embedsvc.metrics import Metrics
 from embedsvc.settings import Settings
+from embedsvc.tracing import Tracer
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,8 @@ class Service:
         self.draining = False
         # OpenAI-route token ids read as cl100k_base (--openai-token-ids cl100k).
         self.cl100k = Cl100kDecoder.load() if settings.openai_token_ids == "cl100k" else None
+        # A span per request over OTLP (--otlp-endpoint or OTEL_EXPORTER_OTLP_*), else None.
+        self.tracer = Tracer.from_settings(settings.otlp_endpoint, settings.otlp_service_name)
 
     @property
     def ready(self) -> bool:
