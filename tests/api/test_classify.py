@@ -149,6 +149,18 @@ def test_bad_requests_get_a_clear_4xx(
     assert httpx.post(server.url + "/predict", json={"inputs": "ok"}).status_code == 200
 
 
+def test_classification_is_bounded_like_embedding(folders: dict[str, Path]) -> None:
+    registry = load_registry(folders["yaml"])
+    with run_server(registry, ["tiny-nli"], max_request_chars=1000, max_request_tokens=100) as s:
+        pairs = [["a" * 300, "b" * 300]] * 2  # 1,200 characters to tokenize
+        r = httpx.post(s.url + "/predict", json={"inputs": pairs})
+        assert r.status_code == 413 and "max_request_chars (1000)" in r.json()["error"]
+        r = httpx.post(s.url + "/classify", json={"input": ["d e f g h " * 10] * 3})
+        assert r.status_code == 413
+        assert "max_request_tokens (100)" in r.json()["error"]["message"]
+        assert httpx.post(s.url + "/classify", json={"input": "fine"}).status_code == 200
+
+
 def test_a_classifier_answers_only_its_routes(server: Server, registry: Any) -> None:
     r = httpx.post(server.url + "/embed", json={"inputs": "x", "model": "tiny-nli"})
     assert r.status_code == 422 and "/predict and /classify" in r.json()["error"]
