@@ -224,6 +224,8 @@ class Preparer:
         param = req.input_param
         if isinstance(inputs, Pairs):
             what = "each document with the query"
+        elif isinstance(inputs, Sequences):
+            what = "the texts, a pair's two together"
         else:
             kind = "instruction" if req.instruction is not None else "prompt"
             what = f"each input with its {kind} ({each} characters)"
