@@ -408,6 +408,13 @@ def _check(e: Entry, where: str) -> None:
         missing = [k for k in ("{instruction}", "{query}", "{document}") if k not in e.judge.pair]
         if missing:
             raise ConfigError(f"{where}: judge.pair must hold {', '.join(missing)}")
+        try:
+            e.judge.pair.format(instruction="", query="", document="")
+        except (KeyError, IndexError, ValueError) as error:
+            raise ConfigError(
+                f"{where}: judge.pair has a field other than {{instruction}}, {{query}} and "
+                f"{{document}} ({error}); write a literal brace twice: {{{{ }}}}"
+            ) from None
     if e.lexical_weights and (e.task, e.backend) != ("embed", "torch"):
         raise ConfigError(f"{where}: lexical_weights needs task embed on the torch backend")
     if e.multivector and (e.task, e.backend) != ("embed", "torch"):

@@ -158,3 +158,6 @@ def test_a_judge_prompt_is_checked_when_the_models_file_loads(tmp_path: Path) ->
     (tmp_path / "bad2.yaml").write_text(base.replace("<Document>: {document}", "<Document>:"))
     with pytest.raises(ConfigError, match=r"judge.pair must hold \{document\}"):
         load_registry(tmp_path / "bad2.yaml")
+    (tmp_path / "bad3.yaml").write_text(base.replace("<Query>: {query}", "<Query>: {query} {x}"))
+    with pytest.raises(ConfigError, match=r"judge.pair has a field other than"):
+        load_registry(tmp_path / "bad3.yaml")
