@@ -151,8 +151,12 @@ def test_registry_refuses_embedding_keys_on_a_reranker(tmp_path: Path, model_dir
     )
     with pytest.raises(ConfigError, match="lexical_weights needs task embed"):
         load_registry(tmp_path / "m.yaml")
+    (tmp_path / "m.yaml").write_text(text.replace("task: rerank", "task: summarize"))
+    with pytest.raises(ConfigError, match="task 'summarize' is not one of embed, rerank, sparse"):
+        load_registry(tmp_path / "m.yaml")
+    # A classifier (task classify) takes no embedding keys either.
     (tmp_path / "m.yaml").write_text(text.replace("task: rerank", "task: classify"))
-    with pytest.raises(ConfigError, match="task 'classify' is not one of embed, rerank, sparse"):
+    with pytest.raises(ConfigError, match="pooling apply to embedding models, not task classify"):
         load_registry(tmp_path / "m.yaml")
 
 
