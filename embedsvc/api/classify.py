@@ -77,17 +77,22 @@ def predict_items(value: Any) -> tuple[list[Item], bool]:
 
 
 def classify_request(
-    service: Service, model: str | None, items: list[Item], body: Any, param: str, ctx: Context
+    service: Service,
+    model: str | None,
+    items: list[Item],
+    truncate: bool | None,
+    direction: str,
+    param: str,
+    ctx: Context,
 ) -> tuple[ModelEngine, EmbedRequest]:
     engine = service.engine_set().get(model, task="classify")
     if not items:
         raise EmptyInputError(f"{param} is empty", param=param)
-    direction = getattr(body, "truncation_direction", "right").lower()
     req = EmbedRequest(
         Sequences(items),
         normalize=False,
-        truncate=body.truncate,
-        truncation_direction=direction,
+        truncate=truncate,
+        truncation_direction=direction.lower(),
         input_param=param,
         request_id=ctx.request_id,
         timeout=ctx.timeout,
@@ -97,7 +102,9 @@ def classify_request(
 
 def predict(service: Service, body: TEIPredictBody, ctx: Context) -> Call:
     items, batch = predict_items(body.inputs)
-    engine, req = classify_request(service, body.model, items, body, "inputs", ctx)
+    engine, req = classify_request(
+        service, body.model, items, body.truncate, body.truncation_direction, "inputs", ctx
+    )
     labels = engine.info.labels
 
     def render(result: EmbedResult) -> bytes:
@@ -118,7 +125,7 @@ def classify(service: Service, body: ClassifyBody, ctx: Context) -> Call:
     if not ok:
         raise ValidationError("input must be a string or a list of strings", param="input")
     items: list[Item] = [value] if isinstance(value, str) else list(value)
-    engine, req = classify_request(service, body.model, items, body, "input", ctx)
+    engine, req = classify_request(service, body.model, items, body.truncate, "right", "input", ctx)
     labels, name = engine.info.labels, body.model or engine.name
 
     def render(result: EmbedResult) -> bytes:
